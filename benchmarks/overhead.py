@@ -1,0 +1,551 @@
+"""Overhead benchmark: what lightning_gradhealth costs, next to a one-kernel floor and the usual recipes.
+
+Run from the repository root::
+
+    python benchmarks/overhead.py           # full run, a few minutes on 2 CPU cores
+    python benchmarks/overhead.py --quick   # fewer repetitions, under a minute
+
+Everything runs on the CPU with ``torch.set_num_threads(1)``. Every candidate is warmed up, then timed
+over repetitions; in each repetition the candidates of a table run one after another, round-robin, with the
+starting candidate rotated, so that machine noise hits all of them alike. Medians are reported, with the
+inter-quartile range as a noise estimate.
+
+Three model shapes are measured:
+
+- ``mlp``: 10 x ``Linear(1000, 1000)`` with ReLU between, batch 64, MSE loss (few large tensors).
+- ``transformer``: ``nn.Embedding(4096, 352)``, a 16-layer ``nn.TransformerEncoder`` (d_model 352, 8 heads,
+  feed-forward 1408, batch first) and a ``Linear(352, 4096)`` head; 8 x 128 tokens, cross-entropy loss.
+- ``many``: 500 x ``Linear(64, 64)`` with ReLU between (1,000 parameter tensors), batch 64, MSE loss.
+
+For each shape, one real forward and backward pass gives real gradients, and the kernel table times, as a
+ratio to the FLOOR (``torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).sum().item()``: one
+foreach kernel and one transfer):
+
+1. ``GradStatsEngine.compute`` + ``finish`` + ``record_to_metrics`` with ``stats="basic"``;
+2. the same with ``stats="full"``;
+3. the callback on a step that is not logged (its gating only);
+4. Lightning's ``grad_norm`` recipe with every value turned into a Python float (what ``log_dict`` does per
+   key, minus ``log_dict``'s own bookkeeping);
+5. a hand-written per-tensor monitor (five ``.item()`` per parameter).
+
+The end-to-end table compares a plain training step (forward, backward, ``AdamW.step``, ``zero_grad``;
+plain torch, no Trainer) with the callback's hooks, called with a stand-in Trainer, and reports the default
+settings (one logged step in 50) as a percentage of a plain step. A last table times writing one logged
+step's metrics to TensorBoard, kept apart from the kernel ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import os
+import platform
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import lightning
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import grad_norm
+from torch import nn
+
+from lightning_gradhealth import GradientHealthMonitor
+from lightning_gradhealth.engine import GradStatsEngine, StepMeta
+from lightning_gradhealth.layout import build_layout
+from lightning_gradhealth.metrics import record_to_metrics
+
+EVERY = 50  # the default log_every_n_steps of the Trainer (and so of the callback)
+LOG_DICT_MS_PER_KEY = 0.35  # measured elsewhere; NOT included in the grad_norm row
+
+# Targets.
+FULL_MAX_RATIO = 2.5
+NOT_LOGGED_MAX_FRAC = 0.001  # "nothing measurable": below 0.1% of a plain step
+DEFAULT_MAX_FRAC = {"transformer": 0.01, "many": 0.03}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How much to repeat."""
+
+    kernel_reps: int
+    kernel_min_sample_s: float
+    e2e_reps: dict[str, int]
+    e2e_warmup: int
+    tb_reps: int
+
+
+FULL = Settings(
+    kernel_reps=25,
+    kernel_min_sample_s=0.02,
+    e2e_reps={"mlp": 21, "transformer": 7, "many": 21},
+    e2e_warmup=2,
+    tb_reps=9,
+)
+QUICK = Settings(
+    kernel_reps=5,
+    kernel_min_sample_s=0.005,
+    e2e_reps={"mlp": 5, "transformer": 2, "many": 5},
+    e2e_warmup=1,
+    tb_reps=3,
+)
+
+
+# ---------------------------------------------------------------------------------------------- models
+class Holder(LightningModule):
+    """A LightningModule around a plain network, so that the callback's hooks can be called on it."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+
+class TinyLM(nn.Module):
+    """Embedding, TransformerEncoder, vocabulary head."""
+
+    def __init__(self, vocab: int = 4096, d_model: int = 352, layers: int = 16) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d_model)
+        layer = nn.TransformerEncoderLayer(d_model, nhead=8, dim_feedforward=1408, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d_model, vocab)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.enc(self.emb(tokens)))
+
+
+def _stack(n: int, width: int) -> nn.Sequential:
+    mods: list[nn.Module] = []
+    for i in range(n):
+        mods.append(nn.Linear(width, width))
+        if i < n - 1:
+            mods.append(nn.ReLU())
+    return nn.Sequential(*mods)
+
+
+def build_shape(key: str) -> tuple[nn.Module, Callable[[], torch.Tensor]]:
+    """A network and a closure returning its loss on a fixed batch."""
+    if key == "mlp":
+        net: nn.Module = _stack(10, 1000)
+        x, y = torch.randn(64, 1000), torch.randn(64, 1000)
+        return net, lambda: nn.functional.mse_loss(net(x), y)
+    if key == "many":
+        net = _stack(500, 64)
+        x, y = torch.randn(64, 64), torch.randn(64, 64)
+        return net, lambda: nn.functional.mse_loss(net(x), y)
+    if key == "transformer":
+        net = TinyLM()
+        tokens, target = torch.randint(0, 4096, (8, 128)), torch.randint(0, 4096, (8, 128))
+        return net, lambda: nn.functional.cross_entropy(net(tokens).reshape(-1, 4096), target.reshape(-1))
+    raise ValueError(key)
+
+
+SHAPES = {
+    "mlp": "MLP 10 x Linear(1000,1000), batch 64",
+    "transformer": "TransformerEncoder d352 x16 + emb/head 4096, 8x128 tokens",
+    "many": "500 x Linear(64,64) (1,000 tensors), batch 64",
+}
+
+
+# ---------------------------------------------------------------------------------------------- timing
+def bench(
+    cands: dict[str, Callable[[], object]],
+    reps: int,
+    min_sample_s: float,
+    warmup: int = 2,
+) -> dict[str, list[float]]:
+    """Time candidates side by side; return per-call seconds for every repetition.
+
+    Each candidate is warmed up, then an inner loop count is chosen so that one sample lasts at least
+    ``min_sample_s`` (1 when ``min_sample_s`` is 0). Every repetition runs all candidates once each, starting
+    from a rotating position.
+    """
+    names = list(cands)
+    inner: dict[str, int] = {}
+    for name in names:
+        fn = cands[name]
+        for _ in range(warmup):
+            fn()
+        if min_sample_s <= 0:
+            inner[name] = 1
+            continue
+        n = 1
+        while True:
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            dt = time.perf_counter() - t0
+            if dt >= min_sample_s / 4 or n >= 1 << 16:
+                break
+            n *= 2
+        inner[name] = max(1, math.ceil(n * min_sample_s / max(dt, 1e-9)))
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for rep in range(reps):
+        k = rep % len(names)
+        for name in names[k:] + names[:k]:
+            fn, m = cands[name], inner[name]
+            t0 = time.perf_counter()
+            for _ in range(m):
+                fn()
+            samples[name].append((time.perf_counter() - t0) / m)
+    return samples
+
+
+def med(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def iqr_pct(xs: list[float]) -> float:
+    """Inter-quartile range as a percentage of the median (0 with fewer than 4 samples)."""
+    if len(xs) < 4:
+        return float("nan")
+    q = statistics.quantiles(xs, n=4)
+    return 100.0 * (q[2] - q[0]) / statistics.median(xs)
+
+
+def fmt_t(seconds: float) -> str:
+    if abs(seconds) >= 1e-3:
+        return f"{seconds * 1e3:10.3f} ms"
+    return f"{seconds * 1e6:10.2f} µs"
+
+
+def fmt_pct(frac: float) -> str:
+    return f"{100 * frac:.4f}%" if abs(frac) < 0.001 else f"{100 * frac:.3f}%"
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+# ---------------------------------------------------------------------------------------------- stand-ins
+def stub_trainer(step: int, optimizer: torch.optim.Optimizer | None = None) -> SimpleNamespace:
+    """The Trainer attributes the callback reads, with ``_batches_that_stepped = step``."""
+    return SimpleNamespace(
+        fast_dev_run=False,
+        log_every_n_steps=EVERY,
+        fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(_batches_that_stepped=step)),
+        accumulate_grad_batches=1,
+        optimizers=[optimizer] if optimizer is not None else [],
+        precision_plugin=SimpleNamespace(),
+        global_step=step,
+        current_epoch=0,
+        gradient_clip_val=None,
+        callback_metrics={},
+        is_global_zero=True,
+        loggers=[],  # logger cost is measured separately (TensorBoard table)
+        strategy=SimpleNamespace(),
+    )
+
+
+LOGGED_STEP = EVERY - 1  # (step + 1) % EVERY == 0
+NOT_LOGGED_STEP = 0
+
+
+def all_hooks(monitor: GradientHealthMonitor, trainer: SimpleNamespace, module: LightningModule,
+              opt: torch.optim.Optimizer) -> None:
+    """Every hook the callback implements for one training batch, gradients already present."""
+    monitor.on_train_batch_start(trainer, module, None, 0)  # type: ignore[arg-type]
+    monitor.on_after_backward(trainer, module)  # type: ignore[arg-type]
+    monitor.on_before_optimizer_step(trainer, module, opt)  # type: ignore[arg-type]
+    monitor.on_train_batch_end(trainer, module, None, None, 0)  # type: ignore[arg-type]
+
+
+def make_monitor(step: int, module: LightningModule, opt: torch.optim.Optimizer
+                 ) -> tuple[GradientHealthMonitor, SimpleNamespace]:
+    monitor = GradientHealthMonitor(log_every_n_steps=EVERY)
+    trainer = stub_trainer(step, opt)
+    monitor.setup(trainer, module, "fit")  # type: ignore[arg-type]
+    return monitor, trainer
+
+
+# ---------------------------------------------------------------------------------------------- per shape
+@dataclass
+class ShapeResult:
+    """Numbers kept for the summary."""
+
+    key: str
+    ratios: dict[str, float]
+    plain_step: float
+    logged_hooks: float
+    not_logged_hooks: float
+    gating: float
+    default_frac: float
+    default_frac_engine: float
+    tb: dict[str, tuple[int, float]]
+
+
+def run_shape(key: str, cfg: Settings) -> ShapeResult:
+    torch.manual_seed(0)
+    net, loss_fn = build_shape(key)
+    holder = Holder(net)
+    loss_fn().backward()  # real gradients, kept fixed for the kernel table
+    named = [(n, p) for n, p in holder.named_parameters() if p.grad is not None]
+    grads = [p.grad for _, p in named]
+    n_tensors = len(named)
+    n_elems = sum(p.numel() for _, p in named)
+    layout = build_layout(holder.named_parameters())
+
+    eng_basic = GradStatsEngine(norm_type=2.0, stats="basic", per_layer=True)
+    eng_full = GradStatsEngine(norm_type=2.0, stats="full", per_layer=True)
+
+    def floor() -> float:
+        return torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).sum().item()
+
+    def ours(eng: GradStatsEngine) -> Callable[[], dict[str, float]]:
+        def run() -> dict[str, float]:
+            pending = eng.compute(layout)
+            assert pending is not None
+            return record_to_metrics(eng.finish(pending, StepMeta()))
+
+        return run
+
+    # 3. gating alone, with the stand-in the brief describes (only what _should_compute reads).
+    gate_monitor = GradientHealthMonitor(log_every_n_steps=EVERY)
+    gate_trainer = SimpleNamespace(
+        fast_dev_run=False,
+        log_every_n_steps=EVERY,
+        fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(_batches_that_stepped=NOT_LOGGED_STEP)),
+    )
+
+    def gating() -> None:
+        gate_monitor.on_before_optimizer_step(gate_trainer, None, None)  # type: ignore[arg-type]
+
+    # The callback's real hooks, on a logged and on a not-logged step (stand-in Trainer, no logger).
+    hook_opt = torch.optim.AdamW(net.parameters(), lr=1e-4)  # never stepped: only identifies the params
+    mon_log, tr_log = make_monitor(LOGGED_STEP, holder, hook_opt)
+    mon_skip, tr_skip = make_monitor(NOT_LOGGED_STEP, holder, hook_opt)
+
+    def hooks_logged() -> None:
+        all_hooks(mon_log, tr_log, holder, hook_opt)
+
+    def hooks_not_logged() -> None:
+        all_hooks(mon_skip, tr_skip, holder, hook_opt)
+
+    def lightning_recipe() -> dict[str, float]:
+        return {k: v.item() for k, v in grad_norm(holder, norm_type=2).items()}
+
+    def naive() -> dict[str, tuple[float, ...]]:
+        out = {}
+        for name, p in named:
+            g = p.grad
+            out[name] = (
+                g.norm().item(),
+                p.data.norm().item(),
+                (g == 0).sum().item(),
+                torch.isnan(g).sum().item(),
+                torch.isinf(g).sum().item(),
+            )
+        return out
+
+    # Sanity checks before timing: the gating returns early, the logged hooks compute.
+    gating()
+    hooks_not_logged()
+    assert gate_monitor.last_record is None and mon_skip.last_record is None, "gating computed on a skip step"
+    hooks_logged()
+    assert mon_log.last_record is not None, "logged step did not compute"
+    keys_basic = len(ours(eng_basic)())
+    keys_full = len(ours(eng_full)())
+    n_recipe = len(lightning_recipe())
+
+    rows: list[tuple[str, str, str]] = [
+        ("floor", "FLOOR: stack(_foreach_norm).sum().item()", "1"),
+        ("basic", "1. ours, logged step (basic)", "1"),
+        ("full", "2. ours, logged step (full)", "1"),
+        ("gating", "3. ours, step not logged (on_before_optimizer_step)", "0"),
+        ("hooks_skip", "3b. ours, step not logged, all 4 hooks", "0"),
+        ("hooks_log", "1b. ours, logged step, all 4 real hooks (basic)", "1"),
+        ("recipe", f"4. Lightning grad_norm + .item() ({n_recipe} keys)", str(n_recipe)),
+        ("naive", "5. naive per-tensor bundle (5 x .item()/tensor)", str(5 * n_tensors)),
+    ]
+    cands: dict[str, Callable[[], object]] = {
+        "floor": floor,
+        "basic": ours(eng_basic),
+        "full": ours(eng_full),
+        "gating": gating,
+        "hooks_skip": hooks_not_logged,
+        "hooks_log": hooks_logged,
+        "recipe": lightning_recipe,
+        "naive": naive,
+    }
+    gc.collect()
+    samples = bench(cands, cfg.kernel_reps, cfg.kernel_min_sample_s)
+    meds = {k: med(v) for k, v in samples.items()}
+    f = meds["floor"]
+    ratios = {k: v / f for k, v in meds.items()}
+
+    print()
+    print(f"=== {key}: {SHAPES[key]}")
+    print(f"    {n_tensors} parameter tensors, {n_elems:,} elements, {layout.num_layers} layers; "
+          f"metric keys per logged step: {keys_basic} (basic), {keys_full} (full)")
+    print(f"    kernel table: median of {cfg.kernel_reps} round-robin repetitions on fixed real gradients")
+    print(f"    {'candidate':<56} {'median':>13} {'x FLOOR':>10} {'IQR':>7} {'host xfers':>11}")
+    for k, label, xfers in rows:
+        print(f"    {label:<56} {fmt_t(meds[k])} {ratios[k]:>9.3f}x {iqr_pct(samples[k]):>6.1f}% {xfers:>11}")
+    print(f"    note: row 4 excludes self.log_dict's own per-key cost (~{LOG_DICT_MS_PER_KEY} ms/key measured "
+          f"elsewhere, i.e. ~{LOG_DICT_MS_PER_KEY * n_recipe:.0f} ms more for {n_recipe} keys).")
+    print("    note: rows 1b/3b are the callback's own hook bodies; Lightning's per-callback hook dispatch "
+          "is not included.")
+
+    # ------------------------------------------------------------------ end to end
+    torch.manual_seed(1)
+    e2e_net, e2e_loss = build_shape(key)
+    e2e_holder = Holder(e2e_net)
+    opt = torch.optim.AdamW(e2e_net.parameters(), lr=1e-4)
+    e_log, e_tr_log = make_monitor(LOGGED_STEP, e2e_holder, opt)
+    e_skip, e_tr_skip = make_monitor(NOT_LOGGED_STEP, e2e_holder, opt)
+
+    def plain_step() -> None:
+        e2e_loss().backward()
+        opt.step()
+        opt.zero_grad()
+
+    def hooked_step(monitor: GradientHealthMonitor, trainer: SimpleNamespace) -> Callable[[], None]:
+        def run() -> None:
+            monitor.on_train_batch_start(trainer, e2e_holder, None, 0)  # type: ignore[arg-type]
+            e2e_loss().backward()
+            monitor.on_after_backward(trainer, e2e_holder)  # type: ignore[arg-type]
+            monitor.on_before_optimizer_step(trainer, e2e_holder, opt)  # type: ignore[arg-type]
+            opt.step()
+            opt.zero_grad()
+            monitor.on_train_batch_end(trainer, e2e_holder, None, None, 0)  # type: ignore[arg-type]
+
+        return run
+
+    e2e_cands: dict[str, Callable[[], object]] = {
+        "plain": plain_step,
+        "step_logged": hooked_step(e_log, e_tr_log),
+        "step_skip": hooked_step(e_skip, e_tr_skip),
+        # isolated hook costs on the fixed gradients, interleaved with the steps
+        "hooks_log": hooks_logged,
+        "hooks_skip": hooks_not_logged,
+        "gating": gating,
+        "basic": ours(eng_basic),
+    }
+    gc.collect()
+    reps = cfg.e2e_reps[key]
+    es = bench(e2e_cands, reps, 0.0, warmup=cfg.e2e_warmup)
+    # the tiny isolated candidates ran once per repetition: re-time them with inner loops, still side by side
+    small = bench({k: e2e_cands[k] for k in ("hooks_skip", "gating")}, reps, cfg.kernel_min_sample_s)
+    es.update(small)
+    em = {k: med(v) for k, v in es.items()}
+    plain = em["plain"]
+    rec = e_log.last_record
+    if rec is None or not math.isfinite(rec.total_norm):
+        print("    WARNING: the end-to-end model's gradients became non-finite; numbers are not representative")
+
+    logged = em["hooks_log"]
+    not_logged = em["hooks_skip"]
+    default = (logged + (EVERY - 1) * not_logged) / EVERY
+    default_engine = (em["basic"] + (EVERY - 1) * em["gating"]) / EVERY
+    d_logged = em["step_logged"] - plain
+    d_skip = em["step_skip"] - plain
+    plain_iqr = iqr_pct(es["plain"])
+    print(f"    end to end: plain step = forward + backward + AdamW.step + zero_grad (plain torch), "
+          f"median of {reps}")
+    print(f"    {'plain step':<56} {fmt_t(plain)}  (IQR {plain_iqr:.1f}%)")
+    print(f"    {'logged step, 4 real hooks (basic), isolated':<56} {fmt_t(logged)}  "
+          f"= {fmt_pct(logged / plain)} of a step")
+    print(f"    {'   cross-check: in-step delta (noisy)':<56} {fmt_t(d_logged)}  "
+          f"= {fmt_pct(d_logged / plain)} of a step")
+    print(f"    {'step not logged, 4 hooks, isolated':<56} {fmt_t(not_logged)}  "
+          f"= {fmt_pct(not_logged / plain)} of a step")
+    print(f"    {'   cross-check: in-step delta (noise only)':<56} {fmt_t(d_skip)}  "
+          f"= {fmt_pct(d_skip / plain)} of a step")
+    print(f"    {'DEFAULT (1 logged + 49 not logged) / 50, real hooks':<56} {fmt_t(default)}  "
+          f"= {fmt_pct(default / plain)} of a step")
+    print(f"    {'   engine-only: (basic + 49 x gating) / 50':<56} {fmt_t(default_engine)}  "
+          f"= {fmt_pct(default_engine / plain)} of a step")
+
+    # ------------------------------------------------------------------ TensorBoard (separate)
+    from torch.utils.tensorboard import SummaryWriter
+
+    metrics_basic = ours(eng_basic)()
+    metrics_full = ours(eng_full)()
+    tb: dict[str, tuple[int, float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        writer = SummaryWriter(tmp)
+        counter = [0]
+
+        def write(metrics: dict[str, float]) -> Callable[[], None]:
+            def run() -> None:
+                counter[0] += 1
+                for name, value in metrics.items():
+                    writer.add_scalar(name, value, counter[0])
+                writer.flush()
+
+            return run
+
+        ts = bench({"basic": write(metrics_basic), "full": write(metrics_full)}, cfg.tb_reps, 0.0, warmup=1)
+        writer.close()
+    for level, metrics in (("basic", metrics_basic), ("full", metrics_full)):
+        t = med(ts[level])
+        tb[level] = (len(metrics), t)
+        print(f"    TensorBoard add_scalar x {len(metrics):>4} keys + flush ({level:<5})"
+              f"{'':<11} {fmt_t(t)}  = {1e6 * t / len(metrics):6.1f} µs/key, {fmt_pct(t / plain)} of a step, "
+              f"{fmt_pct(t / EVERY / plain)} amortised /50")
+
+    return ShapeResult(
+        key=key,
+        ratios=ratios,
+        plain_step=plain,
+        logged_hooks=logged,
+        not_logged_hooks=not_logged,
+        gating=meds["gating"],
+        default_frac=default / plain,
+        default_frac_engine=default_engine / plain,
+        tb=tb,
+    )
+
+
+def summary(results: list[ShapeResult]) -> None:
+    print()
+    print("=== Targets")
+    print(f"    {'target':<58} {'shape':<12} {'measured':>12}  verdict")
+    for r in results:
+        ok = r.ratios["full"] <= FULL_MAX_RATIO
+        print(f"    {f'full stats <= {FULL_MAX_RATIO}x FLOOR':<58} {r.key:<12} {r.ratios['full']:>11.2f}x  "
+              f"{verdict(ok)}")
+    for r in results:
+        ok = r.ratios["basic"] <= FULL_MAX_RATIO
+        print(f"    {f'(info) basic stats <= {FULL_MAX_RATIO}x FLOOR':<58} {r.key:<12} "
+              f"{r.ratios['basic']:>11.2f}x  {verdict(ok)}")
+    for r in results:
+        frac = r.not_logged_hooks / r.plain_step
+        label = f"step not logged: nothing measurable (< {100 * NOT_LOGGED_MAX_FRAC:g}% of a step)"
+        print(f"    {label:<58} {r.key:<12} {fmt_pct(frac):>12}  {verdict(frac < NOT_LOGGED_MAX_FRAC)}")
+    for r in results:
+        limit = DEFAULT_MAX_FRAC.get(r.key)
+        label = f"default settings <= {100 * limit:g}% of a step" if limit else "default settings (no target)"
+        v = verdict(r.default_frac <= limit) if limit else "-"
+        print(f"    {label:<58} {r.key:<12} {fmt_pct(r.default_frac):>12}  {v}")
+    print("    ('default settings' = callback hooks, 1 logged step (basic, per-layer) + 49 not logged, / 50,")
+    print("     as a fraction of a plain forward+backward+AdamW step; logger writes not included.)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions (under a minute)")
+    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES),
+                        help="which shapes to run (default: all)")
+    args = parser.parse_args()
+    cfg = QUICK if args.quick else FULL
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    print("lightning_gradhealth overhead benchmark" + (" (--quick)" if args.quick else ""))
+    print(f"torch {torch.__version__}, lightning {lightning.__version__}, python {platform.python_version()}, "
+          f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, device cpu")
+    print(f"kernel reps {cfg.kernel_reps} (min {cfg.kernel_min_sample_s * 1e3:g} ms/sample), "
+          f"end-to-end reps {cfg.e2e_reps}, TensorBoard reps {cfg.tb_reps}")
+    results = [run_shape(key, cfg) for key in args.shapes]
+    summary(results)
+    print(f"\ntotal wall time {time.perf_counter() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

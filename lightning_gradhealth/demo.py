@@ -1,0 +1,175 @@
+"""The built-in demo: an unhealthy deep sigmoid MLP beside a healthy residual ReLU MLP (seed 002's examples)."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_gradhealth.callback import GradientHealthMonitor
+from lightning_gradhealth.record import StepStats
+
+__all__ = ["DeepSigmoidMLP", "DemoRun", "RegressionTask", "ResidualReLUMLP", "run_demo"]
+
+
+class DeepSigmoidMLP(nn.Module):
+    """Seed 002's vanishing-gradient net: ``depth`` × (Linear, Sigmoid), default PyTorch init."""
+
+    def __init__(self, depth: int = 20, width: int = 100, in_dim: int = 100) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for i in range(depth):
+            layers += [nn.Linear(in_dim if i == 0 else width, width), nn.Sigmoid()]
+        layers.append(nn.Linear(width, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the network."""
+        return self.net(x)
+
+
+class _ResidualBlock(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, dim)
+        self.fc2 = nn.Linear(dim, dim)
+        nn.init.kaiming_normal_(self.fc1.weight, nonlinearity="relu")
+        nn.init.kaiming_normal_(self.fc2.weight, nonlinearity="relu")
+        self.fc2.weight.data.mul_(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x + self.fc2(torch.relu(self.fc1(x))))
+
+
+class ResidualReLUMLP(nn.Module):
+    """Seed 002's healthy alternative: residual ReLU blocks with He (Kaiming) initialisation."""
+
+    def __init__(self, blocks: int = 10, width: int = 100, in_dim: int = 100) -> None:
+        super().__init__()
+        self.stem = nn.Linear(in_dim, width)
+        nn.init.kaiming_normal_(self.stem.weight, nonlinearity="relu")
+        self.blocks = nn.Sequential(*(_ResidualBlock(width) for _ in range(blocks)))
+        self.head = nn.Linear(width, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the network."""
+        return self.head(self.blocks(torch.relu(self.stem(x))))
+
+
+class RegressionTask(LightningModule):
+    """Fit ``model`` to a fixed random regression target with MSE and Adam."""
+
+    def __init__(self, model: nn.Module, lr: float = 1e-3) -> None:
+        super().__init__()
+        self.model = model
+        self.lr = lr
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """MSE on one batch, logged as ``train_loss``."""
+        x, y = batch
+        loss = nn.functional.mse_loss(self.model(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """Adam."""
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+class _Collect(Callback):
+    def __init__(self, monitor: GradientHealthMonitor) -> None:
+        self.monitor = monitor
+        self.records: list[StepStats] = []
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        rec = self.monitor.last_record
+        if rec is not None and (not self.records or self.records[-1] is not rec):
+            self.records.append(rec)
+
+
+@dataclass(frozen=True)
+class DemoRun:
+    """What one demo run produced."""
+
+    name: str
+    log_dir: str
+    records: tuple[StepStats, ...]
+    final_loss: float
+
+    def summary(self) -> str:
+        """A few lines: global norm, depth profile, zero fraction."""
+        if not self.records:
+            return f"{self.name}: no record (too few steps)"
+        norms = [r.total_norm for r in self.records]
+        last = self.records[-1]
+        first_l, last_l = last.layers[0], last.layers[-1]
+        depth_ratio = first_l.grad_norm / last_l.grad_norm if last_l.grad_norm > 0 else math.inf
+        return "\n".join(
+            [
+                f"{self.name}  ({len(self.records)} records, final loss {self.final_loss:.4f})",
+                f"  global grad norm: median {statistics.median(norms):.3g}, last {last.total_norm:.3g}",
+                f"  first layer {first_l.name}: {first_l.grad_norm:.3g}   last layer {last_l.name}: "
+                f"{last_l.grad_norm:.3g}   first/last = {depth_ratio:.2g}",
+                f"  largest/smallest layer norm: {last.layer_norm_ratio:.3g}   zero fraction: {last.zero_frac:.1%}   "
+                f"NaN/Inf: {last.nan_count}/{last.inf_count}",
+            ]
+        )
+
+
+def _data(n: int, in_dim: int, seed: int) -> TensorDataset:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, in_dim, generator=gen)
+    w = torch.randn(in_dim, 1, generator=gen) / math.sqrt(in_dim)
+    y = torch.sin(x @ w) + 0.1 * torch.randn(n, 1, generator=gen)
+    return TensorDataset(x, y)
+
+
+def run_demo(out_dir: str | Path = "gradhealth_demo", steps: int = 200, log_every_n_steps: int = 5) -> list[DemoRun]:
+    """Train the two demo nets with :class:`GradientHealthMonitor` and TensorBoard logs.
+
+    Args:
+        out_dir: Where the TensorBoard logs go (``<out_dir>/deep_sigmoid``, ``<out_dir>/residual_relu``).
+        steps: Optimizer steps per run.
+        log_every_n_steps: Logging interval of the Trainer (and so of the monitor).
+
+    Returns:
+        One :class:`DemoRun` per net, the unhealthy one first.
+    """
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    runs: list[DemoRun] = []
+    for name, make in (("deep_sigmoid", DeepSigmoidMLP), ("residual_relu", ResidualReLUMLP)):
+        seed_everything(0, verbose=False)
+        monitor = GradientHealthMonitor()
+        collect = _Collect(monitor)
+        logger = TensorBoardLogger(str(out_dir), name=name, version="")
+        trainer = Trainer(
+            max_steps=steps,
+            callbacks=[monitor, collect],
+            logger=logger,
+            log_every_n_steps=log_every_n_steps,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            accelerator="cpu",
+            devices=1,
+        )
+        loader = DataLoader(_data(2048, 100, seed=1), batch_size=64, shuffle=True)
+        trainer.fit(RegressionTask(make()), loader)
+        loss = trainer.callback_metrics.get("train_loss")
+        runs.append(
+            DemoRun(
+                name=name,
+                log_dir=logger.log_dir,
+                records=tuple(collect.records),
+                final_loss=float(loss) if loss is not None else math.nan,
+            )
+        )
+    return runs

@@ -1,0 +1,29 @@
+"""A real 2-process DDP run (gloo, CPU): only rank zero writes, every rank computes the same record."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_ddp_two_processes_rank_zero_logs_only(tmp_path):
+    here = Path(__file__).parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, str(here / "ddp_script.py"), str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0 = json.loads((tmp_path / "rank0.json").read_text())
+    r1 = json.loads((tmp_path / "rank1.json").read_text())
+    assert r0["log_calls"] == 4  # log_every_n_steps=1, max_steps=4
+    assert r1["log_calls"] == 0
+    # gradients are averaged across ranks before on_before_optimizer_step: identical records
+    assert r0["step"] == r1["step"] == 3
+    assert r0["total_norm"] == r1["total_norm"]

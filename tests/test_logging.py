@@ -1,0 +1,216 @@
+"""What reaches the loggers: real TensorBoard event files read back, step alignment, call counts, costs."""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+import re
+from pathlib import Path
+
+import lightning_gradhealth
+import pytest
+import torch
+from conftest import Records, TinyMLP, loader, make_trainer
+from lightning.pytorch.callbacks import EarlyStopping
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.plugins import MixedPrecision
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.overrides import TorchFunctionMode
+
+from lightning_gradhealth import SUMMARY_KEYS, GradientHealthMonitor
+
+PKG_DIR = os.path.dirname(lightning_gradhealth.__file__)
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def read_scalars(log_dir) -> dict[str, dict[int, float]]:
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
+def test_tensorboard_events_on_trainer_steps(tmp_path):
+    monitor = GradientHealthMonitor()
+    records = Records(monitor)
+    trainer = make_trainer(tmp_path, callbacks=[monitor, records], max_steps=8, log_every_n_steps=2)
+    trainer.fit(TinyMLP(), loader())
+    scalars = read_scalars(trainer.logger.log_dir)
+    # our points land exactly on the steps of the Trainer's own scalars
+    assert sorted(scalars["grad_health/total_norm"]) == sorted(scalars["train_loss"]) == [1, 3, 5, 7]
+    for key in SUMMARY_KEYS:
+        assert sorted(scalars[key]) == [1, 3, 5, 7], key
+    for layer in ("net.0", "net.2", "net.4"):
+        for prefix in ("grad_norm", "grad_ratio", "grad_zero_frac"):
+            assert f"{prefix}/{layer}" in scalars
+    assert not any(tag.startswith(("grad_nan/", "grad_inf/", "grad_max/")) for tag in scalars)
+    by_step = {r.step: r for r in records.records}
+    for step, value in scalars["grad_health/total_norm"].items():
+        assert value == pytest.approx(by_step[step].total_norm, rel=1e-6)
+    for step, value in scalars["grad_ratio/net.2"].items():
+        assert value == pytest.approx(by_step[step].layer("net.2").ratio, rel=1e-6)
+
+
+def test_own_interval_is_counted_in_optimizer_steps(tmp_path):
+    monitor = GradientHealthMonitor(log_every_n_steps=3)
+    trainer = make_trainer(tmp_path, callbacks=[monitor], max_steps=6, log_every_n_steps=1, accumulate_grad_batches=2)
+    trainer.fit(TinyMLP(), loader())
+    scalars = read_scalars(trainer.logger.log_dir)
+    assert sorted(scalars["grad_health/total_norm"]) == [2, 5]
+    assert set(scalars["grad_health/total_norm"]) <= set(scalars["train_loss"])
+
+
+class CountingTB(TensorBoardLogger):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls: list[tuple[int, frozenset[str]]] = []
+
+    def log_metrics(self, metrics, step=None):
+        self.calls.append((step, frozenset(metrics)))
+        super().log_metrics(metrics, step)
+
+
+class CountingCSV(CSVLogger):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls: list[tuple[int, frozenset[str]]] = []
+
+    def log_metrics(self, metrics, step=None):
+        self.calls.append((step, frozenset(metrics)))
+        super().log_metrics(metrics, step)
+
+
+def test_one_log_metrics_call_per_logged_step_to_every_logger(tmp_path):
+    tb, csv = CountingTB(str(tmp_path), name="tb"), CountingCSV(str(tmp_path), name="csv")
+    monitor = GradientHealthMonitor(log_every_n_steps=2)
+    trainer = make_trainer(callbacks=[monitor], logger=[tb, csv], max_steps=6, log_every_n_steps=50)
+    trainer.fit(TinyMLP(), loader())
+    for logger in (tb, csv):
+        ours = [(step, keys) for step, keys in logger.calls if "grad_health/total_norm" in keys]
+        assert [step for step, _ in ours] == [1, 3, 5]
+        assert all(keys >= set(SUMMARY_KEYS) and "grad_norm/net.0" in keys for _, keys in ours)
+    csv_text = (Path(csv.log_dir) / "metrics.csv").read_text()
+    assert "grad_health/total_norm" in csv_text.splitlines()[0]
+
+
+def test_callback_metrics_feed_early_stopping():
+    monitor = GradientHealthMonitor()
+    stopper = EarlyStopping(monitor="grad_health/total_norm", stopping_threshold=1e9, check_on_train_epoch_end=True)
+    trainer = make_trainer(callbacks=[monitor, stopper], max_epochs=5, max_steps=-1)
+    trainer.fit(TinyMLP(), loader())
+    assert trainer.current_epoch == 1  # stopped after the first epoch, on our key
+    assert trainer.callback_metrics["grad_health/total_norm"].item() == pytest.approx(monitor.last_record.total_norm)
+
+
+def test_early_stopping_without_the_monitor_fails_proving_the_key_comes_from_it():
+    stopper = EarlyStopping(monitor="grad_health/total_norm", stopping_threshold=1e9, check_on_train_epoch_end=True)
+    trainer = make_trainer(callbacks=[stopper], max_epochs=2, max_steps=-1)
+    with pytest.raises(RuntimeError, match="grad_health/total_norm"):
+        trainer.fit(TinyMLP(), loader())
+
+
+# ---------------------------------------------------------------- cost: transfers and skipped work
+SYNC_METHODS = {"tolist", "item", "numpy", "__bool__", "__float__", "__int__", "__index__", "cpu", "nonzero"}
+
+
+class CallCounter(TorchFunctionMode):
+    """Records every torch call made from this package's code, with the trainer's logging step."""
+
+    def __init__(self, trainer):
+        super().__init__()
+        self.trainer = trainer
+        self.calls: list[tuple[int, str]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        frame = inspect.currentframe().f_back
+        ours = False
+        while frame is not None:
+            filename = frame.f_code.co_filename
+            if filename.startswith(PKG_DIR):
+                ours = True
+                break
+            frame = frame.f_back
+        if ours:
+            name = getattr(func, "__name__", str(func))
+            if name == "to" and any(str(a) == "cpu" for a in [*args[1:], *kwargs.values()]):
+                name = "cpu"
+            self.calls.append((self.trainer.fit_loop.epoch_loop._batches_that_stepped, name))
+        return func(*args, **kwargs)
+
+
+def _count_calls(model, **kwargs):
+    monitor = GradientHealthMonitor(log_every_n_steps=3)
+    records = Records(monitor)
+    trainer = make_trainer(callbacks=[monitor, records], **kwargs)
+    counter = CallCounter(trainer)
+    with counter:
+        trainer.fit(model, loader())
+    return counter.calls, records.records
+
+
+@pytest.mark.parametrize("accumulate", [1, 4])
+def test_exactly_one_host_transfer_per_computed_step_and_nothing_on_other_steps(accumulate):
+    calls, records = _count_calls(TinyMLP(), max_steps=6, accumulate_grad_batches=accumulate)
+    computed = {r.step for r in records}
+    assert computed == {2, 5}
+    for step in range(6):
+        step_calls = [name for s, name in calls if s == step]
+        syncs = [name for name in step_calls if name in SYNC_METHODS]
+        if step in computed:
+            assert syncs == ["tolist"], (step, syncs)
+            # exact NaN/Inf counts are not computed on a healthy step
+            assert "isnan" not in step_calls and "isinf" not in step_calls
+        else:
+            assert step_calls == [], (step, step_calls)  # a step that is not logged does no torch work at all
+
+
+def test_nonfinite_step_counts_exactly_with_one_more_transfer():
+    # micro-batch 5 is optimizer step 5, a computed step with log_every_n_steps=3
+    calls, records = _count_calls(TinyMLP(poison={5: ("net.0.bias", math.nan)}), max_steps=6)
+    bad = [r for r in records if not r.is_finite]
+    assert [r.step for r in bad] == [5]
+    assert bad[0].nan_count == 1 and bad[0].layer("net.0").nan_count == 1
+    assert bad[0].first_nonfinite_micro_batch == 0
+    syncs = [name for s, name in calls if s == 5 and name in SYNC_METHODS]
+    assert syncs == ["tolist", "tolist"]
+
+
+def test_scaler_adds_no_transfer_and_trainer_clipping_adds_one_for_the_post_clip_norm():
+    calls, records = _count_calls(TinyMLP(optimizer="adam", lr=1e-3), max_steps=6, plugins=[MixedPrecision("16-mixed", "cpu")])
+    assert all(r.amp_scale is not None for r in records)
+    for step in {r.step for r in records}:
+        assert [name for s, name in calls if s == step and name in SYNC_METHODS] == ["tolist"]
+    # the post-clip norm can only be read after Lightning clips, inside the optimizer step: one more scalar
+    calls, records = _count_calls(TinyMLP(), max_steps=6, gradient_clip_val=0.5)
+    assert all(r.post_clip_norm is not None for r in records)
+    for step in {r.step for r in records}:
+        assert [name for s, name in calls if s == step and name in SYNC_METHODS] == ["tolist", "item"]
+
+
+# ---------------------------------------------------------------- every key is documented
+def _all_keys(tmp_path):
+    monitor = GradientHealthMonitor(stats="full")
+    tb = CountingTB(str(tmp_path), name="tb")
+    trainer = make_trainer(
+        callbacks=[monitor],
+        logger=tb,
+        max_steps=4,
+        gradient_clip_val=1e6,
+        plugins=[MixedPrecision("16-mixed", "cpu")],
+    )
+    trainer.fit(TinyMLP(optimizer="adam", poison={1: ("net.2.weight", math.nan), 2: ("net.2.weight", math.inf)}), loader())
+    keys: set[str] = set()
+    for _, k in tb.calls:
+        keys |= {key for key in k if key.startswith(("grad_health/", "grad_"))}
+    return {re.sub(r"/net\.\d$", "/<layer>", key) for key in keys}
+
+
+def test_every_logged_key_is_in_the_docstring_and_readme(tmp_path):
+    keys = _all_keys(tmp_path)
+    assert {"grad_nan/<layer>", "grad_inf/<layer>", "grad_max/<layer>", "grad_health/post_clip_norm"} <= keys
+    doc = GradientHealthMonitor.__doc__
+    readme = README.read_text()
+    for key in keys:
+        assert f"``{key}``" in doc, key
+        assert f"`{key}`" in readme, key
