@@ -208,6 +208,11 @@ def iqr_pct(xs: list[float]) -> float:
     return 100.0 * (q[2] - q[0]) / statistics.median(xs)
 
 
+def fmt_iqr(xs: list[float]) -> str:
+    spread = iqr_pct(xs)
+    return "n/a" if math.isnan(spread) else f"{spread:.1f}%"
+
+
 def fmt_t(seconds: float) -> str:
     if abs(seconds) >= 1e-3:
         return f"{seconds * 1e3:10.3f} ms"
@@ -216,6 +221,10 @@ def fmt_t(seconds: float) -> str:
 
 def fmt_pct(frac: float) -> str:
     return f"{100 * frac:.4f}%" if abs(frac) < 0.001 else f"{100 * frac:.3f}%"
+
+
+def fmt_ratio(ratio: float) -> str:
+    return f"{ratio:9.1e}x" if ratio < 0.01 else f"{ratio:9.3f}x"
 
 
 def verdict(ok: bool) -> str:
@@ -246,8 +255,9 @@ LOGGED_STEP = EVERY - 1  # (step + 1) % EVERY == 0
 NOT_LOGGED_STEP = 0
 
 
-def all_hooks(monitor: GradientHealthMonitor, trainer: SimpleNamespace, module: LightningModule,
-              opt: torch.optim.Optimizer) -> None:
+def all_hooks(
+    monitor: GradientHealthMonitor, trainer: SimpleNamespace, module: LightningModule, opt: torch.optim.Optimizer
+) -> None:
     """Every hook the callback implements for one training batch, gradients already present."""
     monitor.on_train_batch_start(trainer, module, None, 0)  # type: ignore[arg-type]
     monitor.on_after_backward(trainer, module)  # type: ignore[arg-type]
@@ -255,8 +265,9 @@ def all_hooks(monitor: GradientHealthMonitor, trainer: SimpleNamespace, module: 
     monitor.on_train_batch_end(trainer, module, None, None, 0)  # type: ignore[arg-type]
 
 
-def make_monitor(step: int, module: LightningModule, opt: torch.optim.Optimizer
-                 ) -> tuple[GradientHealthMonitor, SimpleNamespace]:
+def make_monitor(
+    step: int, module: LightningModule, opt: torch.optim.Optimizer
+) -> tuple[GradientHealthMonitor, SimpleNamespace]:
     monitor = GradientHealthMonitor(log_every_n_steps=EVERY)
     trainer = stub_trainer(step, opt)
     monitor.setup(trainer, module, "fit")  # type: ignore[arg-type]
@@ -380,16 +391,22 @@ def run_shape(key: str, cfg: Settings) -> ShapeResult:
 
     print()
     print(f"=== {key}: {SHAPES[key]}")
-    print(f"    {n_tensors} parameter tensors, {n_elems:,} elements, {layout.num_layers} layers; "
-          f"metric keys per logged step: {keys_basic} (basic), {keys_full} (full)")
+    print(
+        f"    {n_tensors} parameter tensors, {n_elems:,} elements, {layout.num_layers} layers; "
+        f"metric keys per logged step: {keys_basic} (basic), {keys_full} (full)"
+    )
     print(f"    kernel table: median of {cfg.kernel_reps} round-robin repetitions on fixed real gradients")
     print(f"    {'candidate':<56} {'median':>13} {'x FLOOR':>10} {'IQR':>7} {'host xfers':>11}")
     for k, label, xfers in rows:
-        print(f"    {label:<56} {fmt_t(meds[k])} {ratios[k]:>9.3f}x {iqr_pct(samples[k]):>6.1f}% {xfers:>11}")
-    print(f"    note: row 4 excludes self.log_dict's own per-key cost (~{LOG_DICT_MS_PER_KEY} ms/key measured "
-          f"elsewhere, i.e. ~{LOG_DICT_MS_PER_KEY * n_recipe:.0f} ms more for {n_recipe} keys).")
-    print("    note: rows 1b/3b are the callback's own hook bodies; Lightning's per-callback hook dispatch "
-          "is not included.")
+        print(f"    {label:<56} {fmt_t(meds[k])} {fmt_ratio(ratios[k])} {fmt_iqr(samples[k]):>7} {xfers:>11}")
+    print(
+        f"    note: row 4 excludes self.log_dict's own per-key cost (~{LOG_DICT_MS_PER_KEY} ms/key "
+        f"measured elsewhere, i.e. ~{LOG_DICT_MS_PER_KEY * n_recipe:.0f} ms more for {n_recipe} keys)."
+    )
+    print(
+        "    note: rows 1b/3b are the callback's own hook bodies; Lightning's per-callback hook dispatch "
+        "is not included."
+    )
 
     # ------------------------------------------------------------------ end to end
     torch.manual_seed(1)
@@ -444,22 +461,29 @@ def run_shape(key: str, cfg: Settings) -> ShapeResult:
     default_engine = (em["basic"] + (EVERY - 1) * em["gating"]) / EVERY
     d_logged = em["step_logged"] - plain
     d_skip = em["step_skip"] - plain
-    plain_iqr = iqr_pct(es["plain"])
-    print(f"    end to end: plain step = forward + backward + AdamW.step + zero_grad (plain torch), "
-          f"median of {reps}")
-    print(f"    {'plain step':<56} {fmt_t(plain)}  (IQR {plain_iqr:.1f}%)")
-    print(f"    {'logged step, 4 real hooks (basic), isolated':<56} {fmt_t(logged)}  "
-          f"= {fmt_pct(logged / plain)} of a step")
-    print(f"    {'   cross-check: in-step delta (noisy)':<56} {fmt_t(d_logged)}  "
-          f"= {fmt_pct(d_logged / plain)} of a step")
-    print(f"    {'step not logged, 4 hooks, isolated':<56} {fmt_t(not_logged)}  "
-          f"= {fmt_pct(not_logged / plain)} of a step")
-    print(f"    {'   cross-check: in-step delta (noise only)':<56} {fmt_t(d_skip)}  "
-          f"= {fmt_pct(d_skip / plain)} of a step")
-    print(f"    {'DEFAULT (1 logged + 49 not logged) / 50, real hooks':<56} {fmt_t(default)}  "
-          f"= {fmt_pct(default / plain)} of a step")
-    print(f"    {'   engine-only: (basic + 49 x gating) / 50':<56} {fmt_t(default_engine)}  "
-          f"= {fmt_pct(default_engine / plain)} of a step")
+    print(f"    end to end: plain step = forward + backward + AdamW.step + zero_grad (plain torch), median of {reps}")
+    print(f"    {'plain step':<56} {fmt_t(plain)}  (IQR {fmt_iqr(es['plain'])})")
+    print(
+        f"    {'logged step, 4 real hooks (basic), isolated':<56} {fmt_t(logged)}  "
+        f"= {fmt_pct(logged / plain)} of a step"
+    )
+    print(
+        f"    {'   cross-check: in-step delta (noisy)':<56} {fmt_t(d_logged)}  = {fmt_pct(d_logged / plain)} of a step"
+    )
+    print(
+        f"    {'step not logged, 4 hooks, isolated':<56} {fmt_t(not_logged)}  = {fmt_pct(not_logged / plain)} of a step"
+    )
+    print(
+        f"    {'   cross-check: in-step delta (noise only)':<56} {fmt_t(d_skip)}  = {fmt_pct(d_skip / plain)} of a step"
+    )
+    print(
+        f"    {'DEFAULT (1 logged + 49 not logged) / 50, real hooks':<56} {fmt_t(default)}  "
+        f"= {fmt_pct(default / plain)} of a step"
+    )
+    print(
+        f"    {'   engine-only: (basic + 49 x gating) / 50':<56} {fmt_t(default_engine)}  "
+        f"= {fmt_pct(default_engine / plain)} of a step"
+    )
 
     # ------------------------------------------------------------------ TensorBoard (separate)
     from torch.utils.tensorboard import SummaryWriter
@@ -485,9 +509,11 @@ def run_shape(key: str, cfg: Settings) -> ShapeResult:
     for level, metrics in (("basic", metrics_basic), ("full", metrics_full)):
         t = med(ts[level])
         tb[level] = (len(metrics), t)
-        print(f"    TensorBoard add_scalar x {len(metrics):>4} keys + flush ({level:<5})"
-              f"{'':<11} {fmt_t(t)}  = {1e6 * t / len(metrics):6.1f} µs/key, {fmt_pct(t / plain)} of a step, "
-              f"{fmt_pct(t / EVERY / plain)} amortised /50")
+        print(
+            f"    TensorBoard add_scalar x {len(metrics):>4} keys + flush ({level:<5})"
+            f"{'':<11} {fmt_t(t)}  = {1e6 * t / len(metrics):6.1f} µs/key, {fmt_pct(t / plain)} of a step, "
+            f"{fmt_pct(t / EVERY / plain)} amortised /50"
+        )
 
     return ShapeResult(
         key=key,
@@ -508,12 +534,15 @@ def summary(results: list[ShapeResult]) -> None:
     print(f"    {'target':<58} {'shape':<12} {'measured':>12}  verdict")
     for r in results:
         ok = r.ratios["full"] <= FULL_MAX_RATIO
-        print(f"    {f'full stats <= {FULL_MAX_RATIO}x FLOOR':<58} {r.key:<12} {r.ratios['full']:>11.2f}x  "
-              f"{verdict(ok)}")
+        print(
+            f"    {f'full stats <= {FULL_MAX_RATIO}x FLOOR':<58} {r.key:<12} {r.ratios['full']:>11.2f}x  {verdict(ok)}"
+        )
     for r in results:
         ok = r.ratios["basic"] <= FULL_MAX_RATIO
-        print(f"    {f'(info) basic stats <= {FULL_MAX_RATIO}x FLOOR':<58} {r.key:<12} "
-              f"{r.ratios['basic']:>11.2f}x  {verdict(ok)}")
+        print(
+            f"    {f'(info) basic stats <= {FULL_MAX_RATIO}x FLOOR':<58} {r.key:<12} "
+            f"{r.ratios['basic']:>11.2f}x  {verdict(ok)}"
+        )
     for r in results:
         frac = r.not_logged_hooks / r.plain_step
         label = f"step not logged: nothing measurable (< {100 * NOT_LOGGED_MAX_FRAC:g}% of a step)"
@@ -530,18 +559,24 @@ def summary(results: list[ShapeResult]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (under a minute)")
-    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES),
-                        help="which shapes to run (default: all)")
+    parser.add_argument(
+        "--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES), help="which shapes to run (default: all)"
+    )
     args = parser.parse_args()
     cfg = QUICK if args.quick else FULL
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     start = time.perf_counter()
     print("lightning_gradhealth overhead benchmark" + (" (--quick)" if args.quick else ""))
-    print(f"torch {torch.__version__}, lightning {lightning.__version__}, python {platform.python_version()}, "
-          f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, device cpu")
-    print(f"kernel reps {cfg.kernel_reps} (min {cfg.kernel_min_sample_s * 1e3:g} ms/sample), "
-          f"end-to-end reps {cfg.e2e_reps}, TensorBoard reps {cfg.tb_reps}")
+    print(
+        f"torch {torch.__version__}, lightning {lightning.__version__}, "
+        f"python {platform.python_version()}, {os.cpu_count()} CPUs, "
+        f"torch threads {torch.get_num_threads()}, device cpu"
+    )
+    print(
+        f"kernel reps {cfg.kernel_reps} (min {cfg.kernel_min_sample_s * 1e3:g} ms/sample), "
+        f"end-to-end reps {cfg.e2e_reps}, TensorBoard reps {cfg.tb_reps}"
+    )
     results = [run_shape(key, cfg) for key in args.shapes]
     summary(results)
     print(f"\ntotal wall time {time.perf_counter() - start:.1f} s")

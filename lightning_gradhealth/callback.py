@@ -188,8 +188,11 @@ class GradientHealthMonitor(Callback):
         fused = bool(getattr(optimizer, "_step_supports_amp_scaling", False))
         pending = self._engine.compute(layout, grad_scale=scale if fused else None)
         if pending is None:
-            self._warn_once("no-grad-at-all", "GradientHealthMonitor: no watched parameter has a gradient at this "
-                            "optimizer step; nothing is recorded for it.")
+            self._warn_once(
+                "no-grad-at-all",
+                "GradientHealthMonitor: no watched parameter has a gradient at this "
+                "optimizer step; nothing is recorded for it.",
+            )
             self._tracker.reset()
             return
         if scale is not None:
@@ -301,5 +304,3 @@ class GradientHealthMonitor(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
         self._warned = set(state_dict.get("warned", ()))
-
-

@@ -235,8 +235,11 @@ class GradStatsEngine:
         sums_t = torch.stack(sums)
         sq = self.norms(grads, 2.0).square()
         if inv_scale is not None:
-            max_abs, min_abs, sums_t, sq = max_abs * inv_scale, min_abs * inv_scale, sums_t * inv_scale, sq * (
-                inv_scale * inv_scale
+            max_abs, min_abs, sums_t, sq = (
+                max_abs * inv_scale,
+                min_abs * inv_scale,
+                sums_t * inv_scale,
+                sq * (inv_scale * inv_scale),
             )
         layer_max = torch.zeros(n_layers, dtype=acc, device=device).scatter_reduce_(
             0, index, max_abs, reduce="amax", include_self=False

@@ -80,6 +80,11 @@ class TinyMLP(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
+@pytest.fixture(autouse=True)
+def _deterministic() -> None:
+    torch.manual_seed(0)
+
+
 def loader(n: int = 64, batch_size: int = 8, seed: int = 0) -> DataLoader:
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 8, generator=gen)
@@ -96,7 +101,9 @@ def make_trainer(tmp_path: Any = None, **kwargs: Any) -> L.Trainer:
         "enable_progress_bar": False,
         "enable_model_summary": False,
         "enable_checkpointing": False,
-        "logger": False if tmp_path is None else L.pytorch.loggers.TensorBoardLogger(str(tmp_path), name="", version=""),
+        "logger": False
+        if tmp_path is None
+        else L.pytorch.loggers.TensorBoardLogger(str(tmp_path), name="", version=""),
     }
     defaults.update(kwargs)
     return L.Trainer(**defaults)

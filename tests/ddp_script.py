@@ -33,5 +33,10 @@ if __name__ == "__main__":
     )
     trainer.fit(TinyMLP(), loader(n=128))
     rec = monitor.last_record
-    result = {"rank": trainer.global_rank, "log_calls": CountingTB.calls, "total_norm": rec.total_norm, "step": rec.step}
+    result = {
+        "rank": trainer.global_rank,
+        "log_calls": CountingTB.calls,
+        "total_norm": rec.total_norm,
+        "step": rec.step,
+    }
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))

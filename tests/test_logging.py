@@ -8,9 +8,7 @@ import os
 import re
 from pathlib import Path
 
-import lightning_gradhealth
 import pytest
-import torch
 from conftest import Records, TinyMLP, loader, make_trainer
 from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
@@ -18,6 +16,7 @@ from lightning.pytorch.plugins import MixedPrecision
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.overrides import TorchFunctionMode
 
+import lightning_gradhealth
 from lightning_gradhealth import SUMMARY_KEYS, GradientHealthMonitor
 
 PKG_DIR = os.path.dirname(lightning_gradhealth.__file__)
@@ -177,7 +176,9 @@ def test_nonfinite_step_counts_exactly_with_one_more_transfer():
 
 
 def test_scaler_adds_no_transfer_and_trainer_clipping_adds_one_for_the_post_clip_norm():
-    calls, records = _count_calls(TinyMLP(optimizer="adam", lr=1e-3), max_steps=6, plugins=[MixedPrecision("16-mixed", "cpu")])
+    calls, records = _count_calls(
+        TinyMLP(optimizer="adam", lr=1e-3), max_steps=6, plugins=[MixedPrecision("16-mixed", "cpu")]
+    )
     assert all(r.amp_scale is not None for r in records)
     for step in {r.step for r in records}:
         assert [name for s, name in calls if s == step and name in SYNC_METHODS] == ["tolist"]
@@ -199,7 +200,9 @@ def _all_keys(tmp_path):
         gradient_clip_val=1e6,
         plugins=[MixedPrecision("16-mixed", "cpu")],
     )
-    trainer.fit(TinyMLP(optimizer="adam", poison={1: ("net.2.weight", math.nan), 2: ("net.2.weight", math.inf)}), loader())
+    trainer.fit(
+        TinyMLP(optimizer="adam", poison={1: ("net.2.weight", math.nan), 2: ("net.2.weight", math.inf)}), loader()
+    )
     keys: set[str] = set()
     for _, k in tb.calls:
         keys |= {key for key in k if key.startswith(("grad_health/", "grad_"))}

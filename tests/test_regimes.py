@@ -142,18 +142,18 @@ def test_gradient_clipping_stats_are_pre_clip_and_post_clip_norm_is_logged():
         assert rec.post_clip_norm == pytest.approx(pre * min(1.0, 0.05 / (pre + 1e-6)), rel=1e-5)
 
 
-def test_gradient_clipping_nonfinite_counts_are_pre_clip():
+@pytest.mark.parametrize(("layer", "value"), [("net.2", math.inf), ("net.0", math.nan)])
+def test_gradient_clipping_nonfinite_counts_are_pre_clip(layer, value):
     # clipping an Inf/NaN gradient by norm turns every entry into NaN or 0; the counts must be the pre-clip ones
     monitor = GradientHealthMonitor()
-    trainer, capture, records = _fit(
-        TinyMLP(poison={1: ("net.2.weight", math.inf), 2: ("net.0.bias", math.nan)}), monitor, gradient_clip_val=1.0
-    )
-    by_step = {r.step: r for r in records}
-    assert (by_step[1].nan_count, by_step[1].inf_count) == (0, 1)
-    assert by_step[1].layer("net.2").inf_count == 1
-    assert (by_step[2].nan_count, by_step[2].inf_count) == (1, 0)
-    assert by_step[2].layer("net.0").nan_count == 1
-    assert math.isnan(by_step[1].post_clip_norm)
+    param = f"{layer}.weight"
+    trainer, capture, records = _fit(TinyMLP(poison={1: (param, value)}), monitor, gradient_clip_val=1.0, max_steps=2)
+    bad = records[1]
+    expected = (0, 1) if math.isinf(value) else (1, 0)
+    assert (bad.nan_count, bad.inf_count) == expected
+    assert (bad.layer(layer).nan_count, bad.layer(layer).inf_count) == expected
+    assert [lay.name for lay in bad.nonfinite_layers] == [layer]
+    assert math.isnan(bad.post_clip_norm)  # after the clip everything is NaN: why counts are taken before it
 
 
 def test_gradient_clipping_by_value_post_clip_norm():
@@ -220,7 +220,9 @@ def test_single_optimizer_keys_have_no_index():
 
 def test_unused_parameters_counted_and_named_once():
     monitor = GradientHealthMonitor()
-    with pytest.warns(UserWarning, match=r"2 trainable parameter\(s\) got no gradient.*unused.weight, unused.bias") as w:
+    with pytest.warns(
+        UserWarning, match=r"2 trainable parameter\(s\) got no gradient.*unused.weight, unused.bias"
+    ) as w:
         trainer, capture, records = _fit(TinyMLP(unused=True), monitor, max_steps=3)
     assert sum("got no gradient" in str(x.message) for x in w) == 1
     assert all(r.no_grad_count == 2 and r.no_grad_params == ("unused.weight", "unused.bias") for r in records)

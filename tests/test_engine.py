@@ -1,0 +1,139 @@
+"""The engine and layout on their own (plain torch, no Trainer), against float64 references."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import reference
+from torch import nn
+
+from lightning_gradhealth import GradStatsEngine, build_layout
+from lightning_gradhealth.engine import NonFiniteTracker, StepMeta
+
+
+def _model_with_grads(dtype=torch.float32, scale=1.0, seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4)).to(dtype)
+    for p in model.parameters():
+        p.grad = (torch.randn_like(p, dtype=torch.float32) * scale).to(dtype)
+        p.grad[p.grad.abs() < 0.2 * scale] = 0  # some exact zeros
+    return model
+
+
+def _run(model, **engine_kwargs):
+    engine = GradStatsEngine(**engine_kwargs)
+    layout = build_layout(model.named_parameters())
+    pending = engine.compute(layout)
+    return engine.finish(pending, StepMeta())
+
+
+def _captured(model):
+    grads = {n: p.grad.double() for n, p in model.named_parameters() if p.grad is not None}
+    params = {n: p.detach().double() for n, p in model.named_parameters()}
+    return grads, params
+
+
+def test_fp16_gradients_accumulate_in_float32_and_do_not_overflow():
+    # entries of ~1000 over thousands of elements: the norm itself exceeds the fp16 range (max 65504)
+    model = _model_with_grads(torch.float16, scale=1000.0)
+    fp16_norms = torch._foreach_norm([p.grad for p in model.parameters()], 2)
+    # the trap: a global norm taken in the grads' own dtype overflows
+    assert torch.isinf(torch.linalg.vector_norm(torch.stack(fp16_norms)))
+    rec = _run(model, stats="full")
+    grads, params = _captured(model)
+    ref = reference(grads, params)
+    assert math.isfinite(rec.total_norm) and rec.total_norm > 65504
+    assert rec.nan_count == rec.inf_count == 0
+    assert rec.total_norm == pytest.approx(ref["total_norm"], rel=1e-5)
+    for lay in rec.layers:
+        assert lay.grad_norm == pytest.approx(ref["layers"][lay.name]["grad_norm"], rel=1e-5)
+        assert lay.std == pytest.approx(ref["layers"][lay.name]["std"], rel=1e-4)
+
+
+def test_bf16_gradients_match_reference():
+    model = _model_with_grads(torch.bfloat16)
+    rec = _run(model, stats="full")
+    ref = reference(*_captured(model))
+    assert rec.total_norm == pytest.approx(ref["total_norm"], rel=1e-5)
+    assert rec.zero_frac == pytest.approx(ref["zero_frac"], abs=1e-12)
+
+
+def test_grad_scale_is_divided_out_of_every_magnitude():
+    model = _model_with_grads()
+    ref = reference(*_captured(model))
+    for p in model.parameters():
+        p.grad.mul_(1024.0)
+    engine = GradStatsEngine(stats="full")
+    layout = build_layout(model.named_parameters())
+    rec = engine.finish(engine.compute(layout, grad_scale=torch.tensor(1024.0)), StepMeta())
+    assert rec.total_norm == pytest.approx(ref["total_norm"], rel=1e-6)
+    for lay in rec.layers:
+        r = ref["layers"][lay.name]
+        assert lay.grad_norm == pytest.approx(r["grad_norm"], rel=1e-6)
+        assert lay.max_abs == pytest.approx(r["max_abs"], rel=1e-6)
+        assert lay.min_abs_nonzero == pytest.approx(r["min_abs_nonzero"], rel=1e-6)
+        assert lay.std == pytest.approx(r["std"], rel=1e-5)
+        assert lay.zero_frac == pytest.approx(r["zero_frac"], abs=1e-12)
+
+
+def test_nan_and_inf_counts_are_exact_per_layer():
+    model = _model_with_grads()
+    model[2].weight.grad[0, :3] = math.nan
+    model[2].bias.grad[5] = math.inf
+    model[4].weight.grad[1, 1] = -math.inf
+    rec = _run(model)
+    ref = reference(*_captured(model))
+    assert not rec.is_finite
+    assert [lay.name for lay in rec.nonfinite_layers] == ["2", "4"]
+    for lay in rec.layers:
+        assert (lay.nan_count, lay.inf_count) == (ref["layers"][lay.name]["nan"], ref["layers"][lay.name]["inf"])
+    assert (rec.nan_count, rec.inf_count) == (3, 2)
+
+
+def test_layer_norm_ratio_ignores_zero_layers_and_true_global_norm_is_not_a_sum():
+    model = _model_with_grads()
+    model[4].weight.grad.zero_()
+    model[4].bias.grad.zero_()
+    rec = _run(model)
+    ref = reference(*_captured(model))
+    assert rec.layer_norm_ratio == pytest.approx(ref["layer_norm_ratio"], rel=1e-6)
+    assert rec.total_norm == pytest.approx(ref["total_norm"], rel=1e-6)
+    assert rec.total_norm < sum(lay.grad_norm for lay in rec.layers)
+    assert rec.layer("4").zero_frac == 1.0
+
+
+def test_layout_groups_by_owner_module_in_definition_order_and_skips_frozen_and_shared():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(1))
+            self.enc = nn.Linear(4, 4)
+            self.frozen = nn.Linear(4, 4).requires_grad_(False)
+            self.dec = nn.Linear(4, 4)
+            self.tied = self.enc  # shared module: its parameters appear once
+
+    layout = build_layout(Net().named_parameters())
+    assert layout.layer_names == ("scale", "enc", "dec")
+    assert layout.param_names == ("scale", "enc.weight", "enc.bias", "dec.weight", "dec.bias")
+    assert layout.layer_numel == (1, 20, 20)
+
+
+def test_no_gradient_at_all_gives_no_record():
+    model = nn.Linear(3, 3)
+    engine = GradStatsEngine()
+    assert engine.compute(build_layout(model.named_parameters())) is None
+
+
+def test_tracker_remembers_first_bad_micro_batch_without_sync():
+    p = nn.Parameter(torch.zeros(4))
+    tracker = NonFiniteTracker()
+    for micro, value in enumerate([0.0, 1.0, math.nan, 2.0]):
+        g = torch.full((4,), value)
+        p.grad = g if p.grad is None else p.grad + g
+        tracker.observe([p])
+        assert tracker.micro_batches == micro + 1
+    assert tracker.first_bad.item() == 2
+    tracker.reset()
+    assert tracker.first_bad is None
