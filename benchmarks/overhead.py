@@ -353,6 +353,23 @@ def run_shape(key: str, cfg: Settings) -> ShapeResult:
             )
         return out
 
+    # Components of a logged step, to show where its cost goes (each a separate pass over memory on CPU).
+    grads_list = [p.grad for _, p in named if p.grad is not None]
+    params_list = [p.detach() for _, p in named if p.grad is not None]
+
+    def comp_param_norms() -> float:
+        return torch.stack(torch._foreach_norm(params_list, 2, dtype=torch.float32)).sum().item()
+
+    def comp_zero_counts() -> int:
+        return torch.stack([torch.count_nonzero(g) for g in grads_list]).sum().item()
+
+    def comp_min_nonzero() -> float:
+        out = []
+        for g in grads_list:
+            a = g.abs()
+            out.append(a.masked_fill_(a == 0, math.inf).amin())
+        return torch.stack(out).sum().item()
+
     # Sanity checks before timing: the gating returns early, the logged hooks compute.
     gating()
     hooks_not_logged()
@@ -372,6 +389,9 @@ def run_shape(key: str, cfg: Settings) -> ShapeResult:
         ("hooks_log", "1b. ours, logged step, all 4 real hooks (basic)", "1"),
         ("recipe", f"4. Lightning grad_norm + .item() ({n_recipe} keys)", str(n_recipe)),
         ("naive", "5. naive per-tensor bundle (5 x .item()/tensor)", str(5 * n_tensors)),
+        ("c_param", "c1. component: parameter norms (_foreach_norm)", "1"),
+        ("c_zero", "c2. component: exact zero counts (count_nonzero/tensor)", "1"),
+        ("c_minnz", "c3. component: min non-zero |g| (full only)", "1"),
     ]
     cands: dict[str, Callable[[], object]] = {
         "floor": floor,
@@ -382,6 +402,9 @@ def run_shape(key: str, cfg: Settings) -> ShapeResult:
         "hooks_log": hooks_logged,
         "recipe": lightning_recipe,
         "naive": naive,
+        "c_param": comp_param_norms,
+        "c_zero": comp_zero_counts,
+        "c_minnz": comp_min_nonzero,
     }
     gc.collect()
     samples = bench(cands, cfg.kernel_reps, cfg.kernel_min_sample_s)
@@ -550,10 +573,16 @@ def summary(results: list[ShapeResult]) -> None:
     for r in results:
         limit = DEFAULT_MAX_FRAC.get(r.key)
         label = f"default settings <= {100 * limit:g}% of a step" if limit else "default settings (no target)"
-        v = verdict(r.default_frac <= limit) if limit else "-"
-        print(f"    {label:<58} {r.key:<12} {fmt_pct(r.default_frac):>12}  {v}")
-    print("    ('default settings' = callback hooks, 1 logged step (basic, per-layer) + 49 not logged, / 50,")
-    print("     as a fraction of a plain forward+backward+AdamW step; logger writes not included.)")
+        # judged with the TensorBoard write of the logged step's keys included: that is what a user pays
+        with_tb = r.default_frac + r.tb["basic"][1] / EVERY / r.plain_step
+        v = verdict(with_tb <= limit) if limit else "-"
+        print(f"    {label:<58} {r.key:<12} {fmt_pct(with_tb):>12}  {v}")
+        print(
+            f"    {'   of which the callback itself (no logger write)':<58} {r.key:<12} {fmt_pct(r.default_frac):>12}"
+        )
+    print("    ('default settings' = callback hooks, 1 logged step (basic, per-layer) + 49 not logged, plus the")
+    print("     TensorBoard write of the logged step's keys, / 50, as a fraction of a plain forward+backward+AdamW")
+    print("     step.)")
 
 
 def main() -> None:

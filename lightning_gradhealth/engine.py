@@ -174,7 +174,7 @@ class GradStatsEngine:
         n_layers = layout.num_layers
         index = self._layer_index(layout, present, device)
 
-        g_norm = self.norms(grads)  # type: ignore[arg-type]
+        g_norm = raw_g_norm = self.norms(grads)  # type: ignore[arg-type]
         p_norm = self.norms(params)
         acc = g_norm.dtype
         nonzero = torch.stack([torch.count_nonzero(g) for g in grads]).to(acc)  # type: ignore[arg-type]
@@ -203,7 +203,8 @@ class GradStatsEngine:
             layer_nz = torch.zeros(n_layers, dtype=acc, device=device).index_add_(0, index, nonzero)
             parts += [layer_g, layer_p, layer_nz]
         if self.full:
-            parts += self._full_stats(grads, index, n_layers, acc, inv_scale)  # type: ignore[arg-type]
+            l2 = raw_g_norm if self.norm_type == 2.0 else None  # reuse the L2 norms already taken
+            parts += self._full_stats(grads, index, n_layers, acc, inv_scale, l2)  # type: ignore[arg-type]
         return PendingStats(
             layout=layout,
             present=present,
@@ -219,21 +220,20 @@ class GradStatsEngine:
         n_layers: int,
         acc: torch.dtype,
         inv_scale: torch.Tensor | None,
+        l2_norms: torch.Tensor | None,
     ) -> list[torch.Tensor]:
         device = index.device
-        inf = torch.tensor(math.inf, dtype=acc, device=device)
-        mins, maxs, sums, min_nz = [], [], [], []
+        max_l, min_nz_l, sums = [], [], []
         for g in grads:
-            lo, hi = torch.aminmax(g)
-            mins.append(lo)
-            maxs.append(hi)
-            sums.append(g.sum(dtype=acc))
+            # one |g| temporary per tensor, reused in place: max, then min over the non-zero entries
             absg = g.abs()
-            min_nz.append(torch.where(absg > 0, absg, inf.to(absg.dtype)).amin())
-        max_abs = torch.maximum(torch.stack(maxs).to(acc), -torch.stack(mins).to(acc))
-        min_abs = torch.stack(min_nz).to(acc)
-        sums_t = torch.stack(sums)
-        sq = self.norms(grads, 2.0).square()
+            max_l.append(absg.amax())
+            min_nz_l.append(absg.masked_fill_(absg == 0, math.inf).amin())
+            sums.append(g.sum(dtype=torch.float32))  # float32 cascade sum; combined across tensors in `acc`
+        max_abs = torch.stack(max_l).to(acc)
+        min_abs = torch.stack(min_nz_l).to(acc)
+        sums_t = torch.stack(sums).to(acc)
+        sq = (l2_norms if l2_norms is not None else self.norms(grads, 2.0)).square()
         if inv_scale is not None:
             max_abs, min_abs, sums_t, sq = (
                 max_abs * inv_scale,

@@ -59,7 +59,9 @@ def test_own_interval_is_counted_in_optimizer_steps(tmp_path):
     assert set(scalars["grad_health/total_norm"]) <= set(scalars["train_loss"])
 
 
-class CountingTB(TensorBoardLogger):
+class _CountCalls:
+    """Mixin for a real logger: remembers the step and the keys of every log_metrics call."""
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.calls: list[tuple[int, frozenset[str]]] = []
@@ -69,14 +71,12 @@ class CountingTB(TensorBoardLogger):
         super().log_metrics(metrics, step)
 
 
-class CountingCSV(CSVLogger):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.calls: list[tuple[int, frozenset[str]]] = []
+class CountingTB(_CountCalls, TensorBoardLogger):
+    pass
 
-    def log_metrics(self, metrics, step=None):
-        self.calls.append((step, frozenset(metrics)))
-        super().log_metrics(metrics, step)
+
+class CountingCSV(_CountCalls, CSVLogger):
+    pass
 
 
 def test_one_log_metrics_call_per_logged_step_to_every_logger(tmp_path):
