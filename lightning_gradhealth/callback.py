@@ -1,24 +1,41 @@
-"""The Lightning callback: decides *when* statistics are taken and where they go. No maths here."""
+"""The Lightning callback: decides *when* statistics are taken, what is done about them and where they go.
+
+No maths here: statistics come from :mod:`~lightning_gradhealth.engine`, checks from
+:mod:`~lightning_gradhealth.checks`, decisions from :mod:`~lightning_gradhealth.safety`, clipping from
+:mod:`~lightning_gradhealth.clipping` and spike tests from :mod:`~lightning_gradhealth.spikes`.
+"""
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch import nn
 from torch.optim import Optimizer
 
-from lightning_gradhealth.engine import GradStatsEngine, NonFiniteTracker, StepMeta
-from lightning_gradhealth.layout import ParamLayout, build_layout
+from lightning_gradhealth.alerts import Alert, AlertManager
+from lightning_gradhealth.checks import check_global_norm, check_record
+from lightning_gradhealth.clipping import AGCClipper, AutoClipper, Clipper, NormClipper, ValueClipper, ZClipper
+from lightning_gradhealth.engine import GradStatsEngine, NonFiniteTracker, PendingStats, StepMeta
+from lightning_gradhealth.errors import GradientHealthError
+from lightning_gradhealth.fixes import FIXES
+from lightning_gradhealth.layout import ParamLayout, build_layout, layer_name
 from lightning_gradhealth.metrics import record_to_metrics, summary_metrics
 from lightning_gradhealth.record import StepStats
+from lightning_gradhealth.safety import NonFinitePolicy, format_nonfinite_message
+from lightning_gradhealth.spikes import SpikeDetector
+from lightning_gradhealth.thresholds import Severity, Thresholds
 from lightning_gradhealth.validation import (
     check_choice,
+    check_float,
     check_group_by,
     check_int,
     check_norm_type,
@@ -29,6 +46,8 @@ from lightning_gradhealth.validation import (
 __all__ = ["GradientHealthMonitor"]
 
 _SHARDED_STRATEGIES = ("FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy")
+_SPARSE_MODULES = (nn.Embedding, nn.EmbeddingBag)
+ClipKind = Literal["norm", "value", "agc", "autoclip", "zclip"]
 
 
 class GradientHealthMonitor(Callback):
@@ -65,6 +84,19 @@ class GradientHealthMonitor(Callback):
     - ``grad_nan/<layer>``, ``grad_inf/<layer>``: NaN / Inf entries (only on steps where they are non-zero).
     - ``grad_max/<layer>``, ``grad_min/<layer>``, ``grad_mean/<layer>``, ``grad_std/<layer>``: largest
       ``|g|``, smallest non-zero ``|g|``, mean and standard deviation (only with ``stats="full"``).
+    - ``grad_health/alerts``: alerts raised so far (including those held back by the rate limit).
+    - ``grad_health/skipped_steps``: updates skipped so far (``on_nonfinite="skip"`` or ``on_spike="skip"``).
+    - ``grad_health/amp_overflow``: GradScaler overflow steps so far (only with a scaler).
+    - ``grad_health/spikes``: gradient-norm spikes detected so far (only with spike detection on).
+    - ``grad_health/clip_coef``: the global clipping coefficient of the step (norm-based clippers).
+    - ``grad_health/clipped_norm``: the global norm after our clipping.
+    - ``grad_health/clip_frac``: fraction of optimizer steps clipped so far.
+
+    Safety, on *every* optimizer step (one foreach norm and one transfer on steps that are not logged): a
+    non-finite gradient is caught at the step it appears (``on_nonfinite``), gradient-norm spikes are detected
+    (``spike_z_thresh``), threshold checks raise rate-limited alerts (``thresholds``), and the gradient can be
+    clipped (``clip``) after the statistics are taken. Parameters are checked through their gradients on every
+    step (a non-finite weight makes the next gradient non-finite) and directly on logged and failing steps.
 
     The summary keys (``grad_health/*``) also go into ``trainer.callback_metrics`` on every rank, so
     ``EarlyStopping(monitor="grad_health/total_norm")`` and ``ModelCheckpoint`` can use them. The latest record
@@ -81,12 +113,46 @@ class GradientHealthMonitor(Callback):
         exclude: Ignore parameters whose name matches this regex.
         per_layer: ``False`` logs only the global metrics (for very large models, where per-layer keys
             dominate the cost of logging).
-        stats: ``"basic"`` or ``"full"`` (adds max, min non-zero, mean and std of the gradient per layer; one
-            extra small kernel per tensor).
+        stats: ``"basic"`` or ``"full"`` (adds max, min non-zero, mean and std of the gradient per layer; a few
+            extra kernels and one ``|g|`` temporary per tensor).
+
+        thresholds: Alert thresholds (:class:`~lightning_gradhealth.thresholds.Thresholds`); ``None``: no
+            threshold alerts.
+        on_alert: Called with each emitted :class:`~lightning_gradhealth.alerts.Alert` on rank zero (a pager or
+            chat hook). Alerts also go to the ``lightning_gradhealth`` Python logger.
+        alert_window: An alert of a given kind and layer is emitted at most once per this many steps; the
+            others are counted and reported with the next one.
+        on_nonfinite: What a non-finite gradient does when no GradScaler is active: ``"raise"`` a
+            :class:`~lightning_gradhealth.errors.GradientHealthError` naming the layers (after logging the step and
+            flushing the loggers), ``"skip"`` the update (gradients set to ``None``), or ``"warn"``. ``None`` turns
+            the per-step guard off: non-finite steps are then only seen (and recorded) on logged steps, and with
+            ``clip=None`` and ``spike_z_thresh=None`` a step that is not logged runs no torch operation at all.
+        max_consecutive_skips: With ``"skip"``, raise after this many skipped steps in a row.
+        amp_max_consecutive_overflows: Under a GradScaler, overflows are the scaler's business (it skips the
+            step); raise after this many in a row.
+        amp_min_scale: Under a GradScaler, raise when an overflow happens with the loss scale below this (the
+            unscaled gradients themselves overflow: an explosion, not an AMP transient).
+        clip: ``None`` or the clipper applied after the statistics: ``"norm"`` (``max_norm``), ``"value"``
+            (``clip_value``), ``"agc"`` (unit-wise adaptive clipping), ``"autoclip"`` (percentile of the norm
+            history), ``"zclip"`` (z-score against an EMA of the norm).
+        max_norm: Global L2 norm for ``clip="norm"``.
+        clip_value: Bound for ``clip="value"``.
+        agc_clip_factor: AGC's λ (NFNets, timm: 0.01).
+        agc_eps: AGC's floor on the unit weight norm (1e-3).
+        autoclip_percentile: AutoClip's percentile of the norm history (10).
+        autoclip_history: How many recent norms AutoClip keeps.
+        zclip_alpha: ZClip's EMA factor (0.97).
+        zclip_z_thresh: ZClip's z-score threshold (2.5).
+        zclip_warmup_steps: Steps ZClip collects norms before clipping (25).
+        spike_z_thresh: Spike detection: a global norm whose log lies more than this many EMA standard deviations
+            above the EMA mean is a spike (6, as OLMo-core's step skipping). ``None`` turns detection off.
+        spike_warmup_steps: Finite steps observed before spike detection starts.
+        on_spike: ``"warn"``, ``"skip"`` the update, or ``"raise"``.
+        spike_dir: If set, the batches of a spiking step are saved there (``torch.save``) to reproduce it.
 
     Raises:
         TypeError: An argument has the wrong type.
-        ValueError: An argument has an invalid value.
+        ValueError: An argument has an invalid value, or the arguments contradict each other.
     """
 
     def __init__(
@@ -98,6 +164,27 @@ class GradientHealthMonitor(Callback):
         exclude: str | re.Pattern[str] | None = None,
         per_layer: bool = True,
         stats: Literal["basic", "full"] = "basic",
+        thresholds: Thresholds | None = Thresholds(),  # noqa: B008 - frozen dataclass
+        on_alert: Callable[[Alert], Any] | None = None,
+        alert_window: int = 100,
+        on_nonfinite: Literal["raise", "skip", "warn"] | None = "raise",
+        max_consecutive_skips: int = 5,
+        amp_max_consecutive_overflows: int = 20,
+        amp_min_scale: float = 1.0,
+        clip: ClipKind | None = None,
+        max_norm: float = 1.0,
+        clip_value: float | None = None,
+        agc_clip_factor: float = 0.01,
+        agc_eps: float = 1e-3,
+        autoclip_percentile: float = 10.0,
+        autoclip_history: int = 10_000,
+        zclip_alpha: float = 0.97,
+        zclip_z_thresh: float = 2.5,
+        zclip_warmup_steps: int = 25,
+        spike_z_thresh: float | None = 6.0,
+        spike_warmup_steps: int = 50,
+        on_spike: Literal["warn", "skip", "raise"] = "warn",
+        spike_dir: str | Path | None = None,
     ) -> None:
         check_int("log_every_n_steps", log_every_n_steps, minimum=1, allow_none=True)
         self.group_by = check_group_by("group_by", group_by)
@@ -106,17 +193,74 @@ class GradientHealthMonitor(Callback):
         self.exclude = check_regex("exclude", exclude)
         check_type("per_layer", per_layer, bool, "a bool")
         check_choice("stats", stats, ("basic", "full"))
+        if thresholds is not None:
+            check_type("thresholds", thresholds, Thresholds, "a lightning_gradhealth.Thresholds or None")
+        if on_alert is not None and not callable(on_alert):
+            raise TypeError(f"`on_alert` must be None or a callable (alert) -> Any, got {on_alert!r}.")
+        check_int("alert_window", alert_window, minimum=1)
+        check_choice("on_nonfinite", on_nonfinite, ("raise", "skip", "warn", None))
+        check_int("max_consecutive_skips", max_consecutive_skips, minimum=1)
+        check_int("amp_max_consecutive_overflows", amp_max_consecutive_overflows, minimum=1)
+        check_float("amp_min_scale", amp_min_scale, low=0)
+        check_choice("clip", clip, (None, "norm", "value", "agc", "autoclip", "zclip"))
+        check_float("max_norm", max_norm, low=0, low_open=True)
+        check_float("clip_value", clip_value, low=0, low_open=True, allow_none=True)
+        check_float("agc_clip_factor", agc_clip_factor, low=0, low_open=True)
+        check_float("agc_eps", agc_eps, low=0, low_open=True)
+        check_float("autoclip_percentile", autoclip_percentile, low=0, high=100)
+        check_int("autoclip_history", autoclip_history, minimum=1)
+        check_float("zclip_alpha", zclip_alpha, low=0, high=1, low_open=True)
+        check_float("zclip_z_thresh", zclip_z_thresh, low=0, low_open=True)
+        check_int("zclip_warmup_steps", zclip_warmup_steps, minimum=1)
+        check_float("spike_z_thresh", spike_z_thresh, low=0, low_open=True, allow_none=True)
+        check_int("spike_warmup_steps", spike_warmup_steps, minimum=1)
+        check_choice("on_spike", on_spike, ("warn", "skip", "raise"))
+        if spike_dir is not None:
+            check_type("spike_dir", spike_dir, (str, Path), "None, a str or a pathlib.Path")
+        if clip == "value" and clip_value is None:
+            raise ValueError("`clip_value` must be a float > 0 when `clip='value'`, got None.")
+        if clip is not None and self.norm_type != 2.0:
+            raise ValueError(
+                f"`clip={clip!r}` works on the L2 norm of the gradient: `norm_type` must be 2.0 with clipping, got "
+                f"{self.norm_type!r}."
+            )
         self.log_every_n_steps = log_every_n_steps
         self.per_layer = per_layer
         self.stats = stats
+        self.thresholds = thresholds
+        self.on_nonfinite = on_nonfinite
+        self.clip = clip
+        self.on_spike = on_spike
+        self.spike_dir = None if spike_dir is None else Path(spike_dir)
         self._engine = GradStatsEngine(norm_type=self.norm_type, stats=stats, per_layer=per_layer)
         self._tracker = NonFiniteTracker()
+        self._alerts = AlertManager(window=alert_window, on_alert=on_alert)
+        self._policy = NonFinitePolicy(
+            on_nonfinite, max_consecutive_skips, amp_max_consecutive_overflows, amp_min_scale
+        )
+        self._spikes = (
+            None if spike_z_thresh is None else SpikeDetector(spike_z_thresh, warmup_steps=spike_warmup_steps)
+        )
+        self._clipper: Clipper | None = {
+            None: lambda: None,
+            "norm": lambda: NormClipper(max_norm),
+            "value": lambda: ValueClipper(clip_value),  # type: ignore[arg-type]
+            "agc": lambda: AGCClipper(agc_clip_factor, agc_eps),
+            "autoclip": lambda: AutoClipper(autoclip_percentile, autoclip_history),
+            "zclip": lambda: ZClipper(zclip_alpha, zclip_z_thresh, zclip_warmup_steps),
+        }[clip]()
         self._layouts: dict[int, ParamLayout] = {}
         self._model_layout: ParamLayout | None = None
+        self._sparse_layers: frozenset[str] = frozenset()
         self._awaiting_clip: dict[int, tuple[StepStats, ParamLayout]] = {}
         self._unlogged: dict[int, dict[str, float]] = {}
         self._warned: set[str] = set()
         self._batch_idx = 0
+        self._step_batches: list[Any] = []
+        self._steps_seen = 0
+        self._clipped_steps = 0
+        self._spike_count = 0
+        self._last_clip: dict[str, float] = {}
         self._disabled = False
         self._trainer: Trainer | None = None
         self.last_record: StepStats | None = None
@@ -124,7 +268,7 @@ class GradientHealthMonitor(Callback):
 
     # ------------------------------------------------------------------ when
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        """Reset per-run state; refuse sharded strategies (their local gradients are not the global ones)."""
+        """Reset per-run state; check the configuration against the Trainer's."""
         if stage != "fit":
             return
         self._layouts.clear()
@@ -132,7 +276,14 @@ class GradientHealthMonitor(Callback):
         self._awaiting_clip.clear()
         self._unlogged.clear()
         self._tracker.reset()
+        self._step_batches.clear()
         self._trainer = trainer
+        if self.clip is not None and trainer.gradient_clip_val:
+            raise ValueError(
+                f"GradientHealthMonitor(clip={self.clip!r}) and Trainer(gradient_clip_val={trainer.gradient_clip_val})"
+                " would clip the gradients twice: keep one of them (set `gradient_clip_val=None` to let the monitor "
+                "clip, or `clip=None` to keep Lightning's clipping)."
+            )
         strategy = type(trainer.strategy).__name__
         self._disabled = strategy in _SHARDED_STRATEGIES
         if self._disabled:
@@ -141,6 +292,25 @@ class GradientHealthMonitor(Callback):
                 "this run: per-rank gradient shards would give wrong norms. DDP and single-device runs are "
                 "supported."
             )
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Check that something is watched; find the layers whose gradients are sparse by design (embeddings)."""
+        if self._disabled:
+            return
+        self._model_layout = self._build_layout(pl_module, None)
+        if not len(self._model_layout):
+            names = [n for n, p in pl_module.named_parameters() if p.requires_grad][:5]
+            raise ValueError(
+                "GradientHealthMonitor watches no parameter: no trainable parameter passes `include`="
+                f"{getattr(self.include, 'pattern', None)!r} and `exclude`={getattr(self.exclude, 'pattern', None)!r}"
+                f" (trainable parameters start with {names})."
+            )
+        sparse = set()
+        for mod_name, module in pl_module.named_modules():
+            if isinstance(module, _SPARSE_MODULES):
+                for p_name, _ in module.named_parameters(recurse=False):
+                    sparse.add(layer_name(f"{mod_name}.{p_name}" if mod_name else p_name, self.group_by))
+        self._sparse_layers = frozenset(sparse)
 
     def _every(self, trainer: Trainer) -> int:
         return trainer.log_every_n_steps if self.log_every_n_steps is None else self.log_every_n_steps
@@ -158,26 +328,36 @@ class GradientHealthMonitor(Callback):
         every = self._every(trainer)
         return every > 0 and (self._log_step(trainer) + 1) % every == 0
 
+    @property
+    def _guards_every_step(self) -> bool:
+        # The per-step guard (one foreach norm, one transfer) runs when something must act on every step.
+        return self.on_nonfinite is not None or self._clipper is not None or self._spikes is not None
+
     def _tracks_micro_batches(self, trainer: Trainer, pl_module: LightningModule) -> bool:
         return trainer.accumulate_grad_batches > 1 or not pl_module.automatic_optimization
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        """Remember the batch index for the record."""
+        """Remember the batch index (and, with ``spike_dir``, the batch) for the record."""
         self._batch_idx = batch_idx
+        if self.spike_dir is not None:
+            self._step_batches.append(batch)
 
     def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Under accumulation, note on the device whether this micro-batch made the gradient non-finite."""
-        if not self._tracks_micro_batches(trainer, pl_module) or not self._should_compute(trainer):
+        if self._disabled or not self._tracks_micro_batches(trainer, pl_module):
+            return
+        if not (self._guards_every_step or self._should_compute(trainer)):
             return
         if self._model_layout is None:
             self._model_layout = self._build_layout(pl_module, None)
         self._tracker.observe(self._model_layout.params)
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
-        """Launch the statistics of this step on the device (accumulated, unscaled, pre-clip gradients)."""
+        """Check, measure, decide and clip, on the accumulated, unscaled, pre-clip gradient of this step."""
         self._flush_pending()
-        if not self._should_compute(trainer):
-            self._tracker.reset()
+        logged = self._should_compute(trainer)
+        if self._disabled or not (logged or self._guards_every_step):
+            self._end_step()
             return
         opt_idx = next((i for i, opt in enumerate(trainer.optimizers) if opt is optimizer), 0)
         layout = self._layouts.get(id(optimizer))
@@ -186,22 +366,17 @@ class GradientHealthMonitor(Callback):
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         scale = getattr(scaler, "_scale", None) if scaler is not None else None
         fused = bool(getattr(optimizer, "_step_supports_amp_scaling", False))
-        pending = self._engine.compute(layout, grad_scale=scale if fused else None)
+        grad_scale = scale if fused else None
+        pending = self._engine.compute(layout, grad_scale) if logged else self._engine.guard(layout, grad_scale)
         if pending is None:
             self._warn_once(
                 "no-grad-at-all",
                 "GradientHealthMonitor: no watched parameter has a gradient at this "
                 "optimizer step; nothing is recorded for it.",
             )
-            self._tracker.reset()
+            self._end_step()
             return
-        if scale is not None:
-            pending.extras["amp_scale"] = scale
-        if self._tracker.first_bad is not None:
-            pending.extras["first_nonfinite_micro_batch"] = self._tracker.first_bad
-        else:  # a single micro-batch: it is micro-batch 0 that went non-finite, if any
-            pending.extras["first_nonfinite_micro_batch"] = (~torch.isfinite(pending.packed[0])).long() - 1
-        self._tracker.reset()
+        self._add_extras(pending, scale)
         meta = StepMeta(
             step=self._log_step(trainer),
             global_step=trainer.global_step,
@@ -209,7 +384,68 @@ class GradientHealthMonitor(Callback):
             batch_idx=self._batch_idx,
             optimizer_idx=opt_idx,
         )
-        record = self._engine.finish(pending, meta)
+        record: StepStats | None = None
+        if logged:
+            record = self._engine.finish(pending, meta)
+            total = record.total_norm
+        else:
+            total, _ = self._engine.read_guard(pending)
+        self._steps_seen += 1
+
+        skip = False
+        if not math.isfinite(total):
+            if record is None:  # the failure path: full statistics with exact counts (rare, extra transfers)
+                full = self._engine.compute(layout, grad_scale)
+                assert full is not None
+                self._add_extras(full, scale)
+                record = self._engine.finish(full, meta)
+            if self.on_nonfinite is not None or scaler is not None:
+                skip = self._on_nonfinite(trainer, record, amp=scaler is not None)
+        else:
+            self._policy.finite()
+            if self.thresholds is not None:
+                for alert in check_global_norm(
+                    total,
+                    meta.step,
+                    self.thresholds,
+                    steps_seen=self._steps_seen,
+                    epoch=meta.epoch,
+                    batch_idx=meta.batch_idx,
+                ):
+                    self._alert(trainer, alert)
+            if self._spikes is not None:
+                skip = self._on_spike(trainer, pl_module, layout, grad_scale, meta, record, total)
+        if skip:
+            for group in optimizer.param_groups:  # all of the optimizer's parameters, watched or not
+                for p in group["params"]:
+                    p.grad = None
+        elif self._clipper is not None and math.isfinite(total):
+            self._apply_clip(layout, grad_scale, total, logged)
+
+        if record is not None:
+            if self.thresholds is not None:
+                for alert in check_record(
+                    record, self.thresholds, steps_seen=self._steps_seen, sparse_layers=self._sparse_layers
+                ):
+                    self._alert(trainer, alert)
+            self._hand_over(trainer, pl_module, optimizer, record, layout)
+        self._end_step()
+
+    def _add_extras(self, pending: PendingStats, scale: torch.Tensor | None) -> None:
+        if scale is not None:
+            pending.extras["amp_scale"] = scale
+        if self._tracker.first_bad is not None:
+            pending.extras["first_nonfinite_micro_batch"] = self._tracker.first_bad
+        else:  # a single micro-batch: it is micro-batch 0 that went non-finite, if any
+            pending.extras["first_nonfinite_micro_batch"] = (~torch.isfinite(pending.packed[0])).long() - 1
+
+    def _end_step(self) -> None:
+        self._tracker.reset()
+        self._step_batches.clear()
+
+    def _hand_over(
+        self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer, record: StepStats, layout: ParamLayout
+    ) -> None:
         clips = pl_module.automatic_optimization and (
             bool(trainer.gradient_clip_val) or is_overridden("configure_gradient_clipping", pl_module)
         )
@@ -238,6 +474,151 @@ class GradientHealthMonitor(Callback):
             self._flush_pending()
         finally:
             self._emit(trainer)
+
+    # ------------------------------------------------------------------ decisions
+    def _on_nonfinite(self, trainer: Trainer, record: StepStats, *, amp: bool) -> bool:
+        """Act on a non-finite step. Returns whether to skip the update."""
+        decision = self._policy.nonfinite(record.amp_scale if amp else None)
+        if decision == "amp_overflow":
+            return False  # the scaler skips the update and lowers its scale: normal mixed-precision behaviour
+        if decision == "amp_collapse":
+            reason = (
+                f"GradScaler overflow persists ({self._policy.consecutive_overflows} overflow step(s) in a row, loss "
+                f"scale now {record.amp_scale:g}): the gradients overflow fp16 even unscaled"
+            )
+            self._fail(trainer, record, reason)
+        if decision in ("raise", "skip_limit"):
+            reason = "Non-finite gradients"
+            if decision == "skip_limit":
+                reason += f" for {self._policy.consecutive_skips} steps in a row (on_nonfinite='skip')"
+            self._fail(trainer, record, reason)
+        names = ", ".join(lay.name for lay in record.nonfinite_layers[:5]) or "?"
+        action = "update skipped" if decision == "skip" else "update applied (on_nonfinite='warn')"
+        self._alert(
+            trainer,
+            Alert(
+                kind="nonfinite",
+                severity=Severity.CRITICAL,
+                step=record.step,
+                epoch=record.epoch,
+                batch_idx=record.batch_idx,
+                value=float(record.nan_count + record.inf_count),
+                message=f"non-finite gradients ({record.nan_count} NaN, {record.inf_count} Inf) in {names}; {action}. "
+                f"Fix: {FIXES['nonfinite'][0]}.",
+            ),
+        )
+        return decision == "skip"
+
+    def _on_spike(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        layout: ParamLayout,
+        grad_scale: torch.Tensor | None,
+        meta: StepMeta,
+        record: StepStats | None,
+        total: float,
+    ) -> bool:
+        assert self._spikes is not None
+        z = self._spikes.observe(total)
+        if z is None:
+            return False
+        self._spike_count += 1
+        saved = self._save_spike_batches(trainer, meta, total, z)
+        msg = (
+            f"gradient-norm spike: {total:.3g} is {z:.1f} sigma above its running (log) mean, at step {meta.step} "
+            f"(epoch {meta.epoch}, batch {meta.batch_idx})"
+            + (f"; batch saved to {saved}" if saved else "")
+            + f". Fix: {FIXES['spike'][0]}."
+        )
+        if self.on_spike == "raise":
+            if record is None:
+                full = self._engine.compute(layout, grad_scale)
+                assert full is not None
+                record = self._engine.finish(full, meta)
+            self._fail(trainer, record, f"Gradient-norm spike (z = {z:.1f}, norm {total:.3g})", kind="spike")
+        self._alert(
+            trainer,
+            Alert(
+                kind="spike",
+                severity=Severity.WARNING,
+                step=meta.step,
+                epoch=meta.epoch,
+                batch_idx=meta.batch_idx,
+                value=total,
+                message=msg,
+            ),
+        )
+        if self.on_spike == "skip":
+            self._policy.skipped()
+            return True
+        return False
+
+    def _save_spike_batches(self, trainer: Trainer, meta: StepMeta, total: float, z: float) -> Path | None:
+        if self.spike_dir is None:
+            return None
+        self.spike_dir.mkdir(parents=True, exist_ok=True)
+        path = self.spike_dir / f"spike_step{meta.step}_rank{trainer.global_rank}.pt"
+        batches = [_to_cpu(b) for b in self._step_batches]
+        torch.save(
+            {
+                "step": meta.step,
+                "global_step": meta.global_step,
+                "epoch": meta.epoch,
+                "batch_idx": meta.batch_idx,
+                "total_norm": total,
+                "zscore": z,
+                "batches": batches,
+            },
+            path,
+        )
+        return path
+
+    def _apply_clip(self, layout: ParamLayout, grad_scale: torch.Tensor | None, total: float, logged: bool) -> None:
+        assert self._clipper is not None
+        present = [p for p in layout.params if p.grad is not None]
+        outcome = self._clipper.clip([p.grad for p in present], present, total, grad_scale)  # type: ignore[misc]
+        if outcome.clipped:
+            self._clipped_steps += 1
+        self._last_clip = {}
+        if outcome.coef is not None:
+            self._last_clip["grad_health/clip_coef"] = outcome.coef
+        if outcome.clipped_norm is not None:
+            self._last_clip["grad_health/clipped_norm"] = outcome.clipped_norm
+        elif outcome.clipped_norm_device is not None and logged:  # value / AGC: one more scalar, logged steps only
+            self._last_clip["grad_health/clipped_norm"] = outcome.clipped_norm_device.item()
+
+    def _alert(self, trainer: Trainer, alert: Alert) -> None:
+        self._alerts(alert, rank_zero=trainer.is_global_zero)
+
+    def _fail(self, trainer: Trainer, record: StepStats, reason: str, kind: str = "nonfinite") -> None:
+        """Log the step, flush the loggers, raise :class:`GradientHealthError`."""
+        message = format_nonfinite_message(record, reason)
+        self._alert(
+            trainer,
+            Alert(
+                kind=kind,
+                severity=Severity.CRITICAL,
+                step=record.step,
+                epoch=record.epoch,
+                batch_idx=record.batch_idx,
+                message=message.splitlines()[0],
+            ),
+        )
+        self._publish(record)
+        self._emit(trainer)
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.save()
+                flush = getattr(getattr(logger, "experiment", None), "flush", None)
+                if callable(flush):
+                    flush()
+        raise GradientHealthError(
+            message,
+            record=record,
+            step=record.step,
+            layers=[lay.name for lay in record.nonfinite_layers],
+        )
 
     # ------------------------------------------------------------------ where
     def _build_layout(self, pl_module: LightningModule, optimizer: Optimizer | None) -> ParamLayout:
@@ -276,10 +657,27 @@ class GradientHealthMonitor(Callback):
         several = trainer is not None and len(trainer.optimizers) > 1
         opt_idx = record.optimizer_idx if several else None
         metrics = record_to_metrics(record, opt_idx) if self.per_layer else summary_metrics(record, opt_idx)
+        summary = summary_metrics(record, opt_idx)
+        safety = self._safety_metrics(trainer)
+        metrics.update(safety)
+        summary.update(safety)
         self._unlogged.setdefault(record.step, {}).update(metrics)
         if trainer is not None:
-            summary = summary_metrics(record, opt_idx)
             trainer.callback_metrics.update({k: torch.tensor(v) for k, v in summary.items()})
+
+    def _safety_metrics(self, trainer: Trainer | None) -> dict[str, float]:
+        """Cumulative counters of the safety features (only those that are on)."""
+        out = {"grad_health/alerts": float(self._alerts.total)}
+        if self.on_nonfinite == "skip" or self.on_spike == "skip":
+            out["grad_health/skipped_steps"] = float(self._policy.skipped_steps)
+        if trainer is not None and getattr(trainer.precision_plugin, "scaler", None) is not None:
+            out["grad_health/amp_overflow"] = float(self._policy.amp_overflows)
+        if self._spikes is not None:
+            out["grad_health/spikes"] = float(self._spike_count)
+        if self._clipper is not None:
+            out.update(self._last_clip)
+            out["grad_health/clip_frac"] = self._clipped_steps / max(self._steps_seen, 1)
+        return out
 
     def _emit(self, trainer: Trainer) -> None:
         if not self._unlogged:
@@ -298,9 +696,42 @@ class GradientHealthMonitor(Callback):
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """Callback state for checkpoints (which warnings were already given)."""
-        return {"warned": sorted(self._warned)}
+        """All running state, so that a resumed run makes the same decisions as an uninterrupted one."""
+        return {
+            "warned": sorted(self._warned),
+            "steps_seen": self._steps_seen,
+            "clipped_steps": self._clipped_steps,
+            "spike_count": self._spike_count,
+            "policy": self._policy.state_dict(),
+            "alerts": self._alerts.state_dict(),
+            "spikes": None if self._spikes is None else self._spikes.state_dict(),
+            "clipper": None if self._clipper is None else self._clipper.state_dict(),
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
         self._warned = set(state_dict.get("warned", ()))
+        self._steps_seen = int(state_dict.get("steps_seen", 0))
+        self._clipped_steps = int(state_dict.get("clipped_steps", 0))
+        self._spike_count = int(state_dict.get("spike_count", 0))
+        self._policy.load_state_dict(state_dict.get("policy") or {})
+        self._alerts.load_state_dict(state_dict.get("alerts") or {})
+        if self._spikes is not None and state_dict.get("spikes") is not None:
+            self._spikes.load_state_dict(state_dict["spikes"])
+        if self._clipper is not None and state_dict.get("clipper") is not None:
+            self._clipper.load_state_dict(state_dict["clipper"])
+
+
+def _to_cpu(batch: Any) -> Any:
+    """A copy of ``batch`` with every tensor detached and on the CPU (for ``torch.save``)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.detach().cpu()
+    if isinstance(batch, (list, tuple)):
+        return (
+            type(batch)(_to_cpu(b) for b in batch)
+            if not hasattr(batch, "_fields")
+            else type(batch)(*(_to_cpu(b) for b in batch))
+        )
+    if isinstance(batch, dict):
+        return {k: _to_cpu(v) for k, v in batch.items()}
+    return batch

@@ -16,7 +16,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message=".*(does not have many workers|smaller than the logging).*")
+    warnings.filterwarnings("ignore", message=".*(does not have many workers|smaller than the logging|LeafSpec).*")
     print(f"Training two nets for {args.steps} steps each (CPU); logs go to {args.out}/ ...")
     runs = run_demo(args.out, steps=args.steps, log_every_n_steps=args.log_every_n_steps)
     print()

@@ -37,31 +37,33 @@ class DeepSigmoidMLP(nn.Module):
 
 
 class _ResidualBlock(nn.Module):
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, blocks: int) -> None:
         super().__init__()
+        self.norm = nn.LayerNorm(dim)
         self.fc1 = nn.Linear(dim, dim)
         self.fc2 = nn.Linear(dim, dim)
         nn.init.kaiming_normal_(self.fc1.weight, nonlinearity="relu")
-        nn.init.kaiming_normal_(self.fc2.weight, nonlinearity="relu")
-        self.fc2.weight.data.mul_(0.5)
+        # a small residual branch at init (scaled by depth), so the sum of blocks keeps a stable scale
+        nn.init.normal_(self.fc2.weight, std=1.0 / (dim * 2 * blocks) ** 0.5)
+        nn.init.zeros_(self.fc2.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(x + self.fc2(torch.relu(self.fc1(x))))
+        return x + self.fc2(torch.relu(self.fc1(self.norm(x))))
 
 
 class ResidualReLUMLP(nn.Module):
-    """Seed 002's healthy alternative: residual ReLU blocks with He (Kaiming) initialisation."""
+    """Seed 002's healthy alternative: pre-LayerNorm residual ReLU blocks with He (Kaiming) initialisation."""
 
     def __init__(self, blocks: int = 10, width: int = 100, in_dim: int = 100) -> None:
         super().__init__()
         self.stem = nn.Linear(in_dim, width)
-        nn.init.kaiming_normal_(self.stem.weight, nonlinearity="relu")
-        self.blocks = nn.Sequential(*(_ResidualBlock(width) for _ in range(blocks)))
+        self.blocks = nn.Sequential(*(_ResidualBlock(width, blocks) for _ in range(blocks)))
+        self.norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the network."""
-        return self.head(self.blocks(torch.relu(self.stem(x))))
+        return self.head(self.norm(self.blocks(self.stem(x))))
 
 
 class RegressionTask(LightningModule):

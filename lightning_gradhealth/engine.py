@@ -251,6 +251,47 @@ class GradStatsEngine:
         layer_sq = torch.zeros(n_layers, dtype=acc, device=device).index_add_(0, index, sq)
         return [layer_max, layer_min, layer_sum, layer_sq]
 
+    def guard(self, layout: ParamLayout, grad_scale: torch.Tensor | None = None) -> PendingStats | None:
+        """The cheapest useful check of a step: the global gradient norm alone (one foreach kernel).
+
+        Its finiteness catches any NaN/Inf in any gradient; :meth:`read_guard` copies it (and the extras) to the
+        host in one transfer.
+
+        Args:
+            layout: The parameters to look at.
+            grad_scale: Loss scale still contained in the gradients, divided out of the norm.
+
+        Returns:
+            The pending guard, or ``None`` when no watched parameter has a gradient.
+        """
+        present = tuple(i for i, p in enumerate(layout.params) if p.grad is not None)
+        if not present:
+            return None
+        grads: list[torch.Tensor] = [layout.params[i].grad for i in present]  # type: ignore[misc]
+        g_norm = self.norms(grads)
+        if grad_scale is not None:
+            g_norm = g_norm * grad_scale.detach().to(g_norm.dtype).reshape(()).reciprocal()
+        total = self._combine(g_norm, None, 1).reshape(1)
+        return PendingStats(layout=layout, present=present, packed=total, grads=grads, grad_scale=grad_scale)
+
+    @staticmethod
+    def _transfer(pending: PendingStats) -> tuple[list[float], dict[str, float]]:
+        """The one device-to-host copy: the packed tensor with the extras appended."""
+        names = list(pending.extras)
+        packed = pending.packed
+        if names:
+            extra = torch.stack([pending.extras[k].detach().to(packed.dtype).reshape(()) for k in names])
+            packed = torch.cat([packed, extra])
+        values: list[float] = packed.tolist()
+        if not names:
+            return values, {}
+        return values[: -len(names)], dict(zip(names, values[-len(names) :], strict=True))
+
+    def read_guard(self, pending: PendingStats) -> tuple[float, dict[str, float]]:
+        """Copy a guard's global norm and extras to the host (one transfer). Returns ``(total_norm, extras)``."""
+        values, extras = self._transfer(pending)
+        return values[0], extras
+
     def nonfinite_counts(self, pending: PendingStats) -> torch.Tensor:
         """Exact per-layer NaN and Inf counts, packed ``[nan_0..nan_L, inf_0..inf_L]`` (device tensor)."""
         layout = pending.layout
@@ -275,16 +316,9 @@ class GradStatsEngine:
         Returns:
             The typed record.
         """
-        extra_names = list(pending.extras)
-        packed = pending.packed
-        if extra_names:
-            extra = torch.stack([pending.extras[k].detach().to(packed.dtype).reshape(()) for k in extra_names])
-            packed = torch.cat([packed, extra])
-        values: list[float] = packed.tolist()  # the one device -> host transfer of the step
-
+        values, extras = self._transfer(pending)  # the one device -> host transfer of the step
         head = dict(zip(_HEAD, values[: len(_HEAD)], strict=True))
         pos = len(_HEAD)
-        extras = dict(zip(extra_names, values[len(values) - len(extra_names) :], strict=True))
         layout = pending.layout
         n = layout.num_layers
         present_numel = [0] * n

@@ -19,3 +19,8 @@ class GradientHealthError(RuntimeError):
     def __init__(self, message: str, **context: Any) -> None:
         super().__init__(message)
         self.context: dict[str, Any] = context
+
+    @property
+    def record(self) -> Any:
+        """The :class:`~lightning_gradhealth.record.StepStats` of the failing step, when there is one."""
+        return self.context.get("record")

@@ -7,7 +7,7 @@ import re
 from collections.abc import Callable, Collection
 from typing import Any
 
-__all__ = ["check_choice", "check_int", "check_norm_type", "check_regex", "check_type"]
+__all__ = ["check_choice", "check_float", "check_group_by", "check_int", "check_norm_type", "check_regex", "check_type"]
 
 
 def _received(value: Any) -> str:
@@ -64,5 +64,34 @@ def check_group_by(name: str, value: Any) -> str | Callable[[str], str]:
     """Validate ``group_by``: ``"module"``, ``"parameter"`` or a callable ``(param_name) -> layer_name``."""
     if callable(value):
         return value  # type: ignore[no-any-return]
+    allowed = "'module' | 'parameter' | a callable (param_name: str) -> str"
+    check_type(name, value, str, f"one of {allowed}")
     check_choice(name, value, ("module", "parameter"), also="a callable (param_name: str) -> str")
     return value  # type: ignore[no-any-return]
+
+
+def check_float(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    allow_none: bool = False,
+) -> float | None:
+    """Validate a real number in ``[low, high]`` (``(low, high]`` with ``low_open``). Returns it as a float."""
+    parts = []
+    if low is not None:
+        parts.append(f"{'>' if low_open else '>='} {low:g}")
+    if high is not None:
+        parts.append(f"<= {high:g}")
+    allowed = "a finite float" + (" " + " and ".join(parts) if parts else "") + (" or None" if allow_none else "")
+    if value is None and allow_none:
+        return None
+    check_type(name, value, (int, float), allowed)
+    bad = math.isnan(value) or math.isinf(value)
+    bad = bad or (low is not None and (value <= low if low_open else value < low))
+    bad = bad or (high is not None and value > high)
+    if bad:
+        raise ValueError(f"`{name}` must be {allowed}, got {_received(value)}.")
+    return float(value)

@@ -40,3 +40,7 @@ if __name__ == "__main__":
         "step": rec.step,
     }
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
+    # tear the gloo process group down explicitly: left to interpreter exit, it can abort the process
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

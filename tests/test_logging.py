@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Records, TinyMLP, loader, make_trainer
+from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins import MixedPrecision
@@ -119,9 +120,12 @@ class CallCounter(TorchFunctionMode):
         super().__init__()
         self.trainer = trainer
         self.calls: list[tuple[int, str]] = []
+        self.active = False  # set once training starts: setup work (building the layout) is not per-step cost
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if not self.active:
+            return func(*args, **kwargs)
         frame = inspect.currentframe().f_back
         ours = False
         while frame is not None:
@@ -138,11 +142,22 @@ class CallCounter(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _count_calls(model, **kwargs):
-    monitor = GradientHealthMonitor(log_every_n_steps=3)
+class StartCounting(Callback):
+    counter: CallCounter
+
+    def on_train_start(self, trainer, pl_module):
+        self.counter.active = True
+
+
+MONITOR_ONLY = {"on_nonfinite": None, "spike_z_thresh": None}  # issue-2 behaviour: no per-step guard
+
+
+def _count_calls(model, monitor_kwargs=MONITOR_ONLY, **kwargs):
+    monitor = GradientHealthMonitor(log_every_n_steps=3, **monitor_kwargs)
     records = Records(monitor)
-    trainer = make_trainer(callbacks=[monitor, records], **kwargs)
-    counter = CallCounter(trainer)
+    start = StartCounting()
+    trainer = make_trainer(callbacks=[start, monitor, records], **kwargs)
+    counter = start.counter = CallCounter(trainer)
     with counter:
         trainer.fit(model, loader())
     return counter.calls, records.records
@@ -164,9 +179,22 @@ def test_exactly_one_host_transfer_per_computed_step_and_nothing_on_other_steps(
             assert step_calls == [], (step, step_calls)  # a step that is not logged does no torch work at all
 
 
+def test_guard_every_step_is_one_foreach_norm_and_one_transfer():
+    calls, records = _count_calls(TinyMLP(), monitor_kwargs={}, max_steps=6)  # defaults: guard on
+    assert {r.step for r in records} == {2, 5}
+    for step in range(6):
+        step_calls = [name for s, name in calls if s == step]
+        assert [name for name in step_calls if name in SYNC_METHODS] == ["tolist"], step
+        if step not in {2, 5}:
+            assert step_calls.count("_foreach_norm") == 1
+            assert not {"count_nonzero", "isnan", "isinf", "index_add_"} & set(step_calls), step_calls
+
+
 def test_nonfinite_step_counts_exactly_with_one_more_transfer():
     # micro-batch 5 is optimizer step 5, a computed step with log_every_n_steps=3
-    calls, records = _count_calls(TinyMLP(poison={5: ("net.0.bias", math.nan)}), max_steps=6)
+    calls, records = _count_calls(
+        TinyMLP(poison={5: ("net.0.bias", math.nan)}), monitor_kwargs={"on_nonfinite": "warn"}, max_steps=6
+    )
     bad = [r for r in records if not r.is_finite]
     assert [r.step for r in bad] == [5]
     assert bad[0].nan_count == 1 and bad[0].layer("net.0").nan_count == 1
@@ -191,27 +219,32 @@ def test_scaler_adds_no_transfer_and_trainer_clipping_adds_one_for_the_post_clip
 
 # ---------------------------------------------------------------- every key is documented
 def _all_keys(tmp_path):
-    monitor = GradientHealthMonitor(stats="full")
-    tb = CountingTB(str(tmp_path), name="tb")
-    trainer = make_trainer(
-        callbacks=[monitor],
-        logger=tb,
-        max_steps=4,
-        gradient_clip_val=1e6,
-        plugins=[MixedPrecision("16-mixed", "cpu")],
-    )
-    trainer.fit(
-        TinyMLP(optimizer="adam", poison={1: ("net.2.weight", math.nan), 2: ("net.2.weight", math.inf)}), loader()
-    )
     keys: set[str] = set()
-    for _, k in tb.calls:
-        keys |= {key for key in k if key.startswith(("grad_health/", "grad_"))}
+    configs = [
+        ({"stats": "full"}, {"gradient_clip_val": 1e6, "plugins": [MixedPrecision("16-mixed", "cpu")]}),
+        ({"on_nonfinite": "skip", "clip": "norm", "spike_warmup_steps": 1, "spike_z_thresh": 1e-3}, {}),
+    ]
+    for i, (monitor_kwargs, trainer_kwargs) in enumerate(configs):
+        tb = CountingTB(str(tmp_path), name=f"tb{i}")
+        trainer = make_trainer(
+            callbacks=[GradientHealthMonitor(**monitor_kwargs)], logger=tb, max_steps=4, **trainer_kwargs
+        )
+        model = TinyMLP(optimizer="adam", poison={1: ("net.2.weight", math.nan), 2: ("net.2.weight", math.inf)})
+        trainer.fit(model, loader())
+        for _, k in tb.calls:
+            keys |= {key for key in k if key.startswith(("grad_health/", "grad_"))}
     return {re.sub(r"/net\.\d$", "/<layer>", key) for key in keys}
 
 
 def test_every_logged_key_is_in_the_docstring_and_readme(tmp_path):
     keys = _all_keys(tmp_path)
     assert {"grad_nan/<layer>", "grad_inf/<layer>", "grad_max/<layer>", "grad_health/post_clip_norm"} <= keys
+    assert {
+        "grad_health/amp_overflow",
+        "grad_health/skipped_steps",
+        "grad_health/clip_frac",
+        "grad_health/spikes",
+    } <= keys
     doc = GradientHealthMonitor.__doc__
     readme = README.read_text()
     for key in keys:

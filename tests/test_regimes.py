@@ -117,7 +117,7 @@ def test_accumulation_one_record_per_optimizer_step_from_accumulated_grads():
 @pytest.mark.parametrize("bad_value", [math.nan, math.inf])
 def test_accumulation_names_first_nonfinite_micro_batch(bad_value):
     # micro-batch 6 = the 3rd micro-batch (index 2) of optimizer step 1
-    monitor = GradientHealthMonitor()
+    monitor = GradientHealthMonitor(on_nonfinite="warn")
     model = TinyMLP(poison={6: ("net.2.weight", bad_value)})
     trainer, capture, records = _fit(model, monitor, accumulate_grad_batches=4, max_steps=2)
     rec = records[1]
@@ -145,7 +145,7 @@ def test_gradient_clipping_stats_are_pre_clip_and_post_clip_norm_is_logged():
 @pytest.mark.parametrize(("layer", "value"), [("net.2", math.inf), ("net.0", math.nan)])
 def test_gradient_clipping_nonfinite_counts_are_pre_clip(layer, value):
     # clipping an Inf/NaN gradient by norm turns every entry into NaN or 0; the counts must be the pre-clip ones
-    monitor = GradientHealthMonitor()
+    monitor = GradientHealthMonitor(on_nonfinite="warn")
     param = f"{layer}.weight"
     trainer, capture, records = _fit(TinyMLP(poison={1: (param, value)}), monitor, gradient_clip_val=1.0, max_steps=2)
     bad = records[1]

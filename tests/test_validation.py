@@ -21,7 +21,7 @@ from lightning_gradhealth import GradientHealthMonitor
             ValueError,
             r"`group_by` must be one of 'module' \| 'parameter' \| a callable.*got 'layer'",
         ),
-        ({"group_by": 3}, ValueError, r"`group_by` must be one of .*got 3"),
+        ({"group_by": 3}, TypeError, r"`group_by` must be one of .*got 3 \(type int\)"),
         ({"norm_type": 0.5}, ValueError, r"`norm_type` must be a float >= 1 .*or float\('inf'\), got 0.5"),
         ({"norm_type": math.nan}, ValueError, r"`norm_type` must be .*got nan"),
         ({"norm_type": "fro"}, TypeError, r"`norm_type` must be .*got 'fro' \(type str\)"),

@@ -1,0 +1,113 @@
+"""What to do about a non-finite step: the decision logic of ``on_nonfinite``, kept apart from Lightning."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from lightning_gradhealth.fixes import FIXES
+from lightning_gradhealth.record import StepStats
+
+__all__ = ["NonFinitePolicy", "format_nonfinite_message"]
+
+Decision = Literal["raise", "skip", "warn", "amp_overflow", "amp_collapse", "skip_limit"]
+
+
+class NonFinitePolicy:
+    """Decide, step by step, what a non-finite gradient means and what to do.
+
+    Under a GradScaler a non-finite step is the scaler's business (it skips the update and lowers its scale):
+    it is counted, and escalated only when overflows persist (``amp_max_consecutive_overflows`` in a row) or the
+    scale collapses below ``amp_min_scale`` (then the unscaled gradients themselves overflow: an explosion, not
+    an AMP transient). Without a scaler, ``on_nonfinite`` decides; ``"skip"`` escalates to a raise after
+    ``max_consecutive_skips`` skipped steps in a row.
+    """
+
+    def __init__(
+        self,
+        on_nonfinite: Literal["raise", "skip", "warn"] = "raise",
+        max_consecutive_skips: int = 5,
+        amp_max_consecutive_overflows: int = 20,
+        amp_min_scale: float = 1.0,
+    ) -> None:
+        self.on_nonfinite = on_nonfinite
+        self.max_consecutive_skips = max_consecutive_skips
+        self.amp_max_consecutive_overflows = amp_max_consecutive_overflows
+        self.amp_min_scale = amp_min_scale
+        self.skipped_steps = 0
+        self.consecutive_skips = 0
+        self.amp_overflows = 0
+        self.consecutive_overflows = 0
+
+    def nonfinite(self, amp_scale: float | None) -> Decision:
+        """Decide for a step whose gradient norm is non-finite. ``amp_scale``: the loss scale, if a scaler is on."""
+        if amp_scale is not None:
+            self.amp_overflows += 1
+            self.consecutive_overflows += 1
+            if self.consecutive_overflows >= self.amp_max_consecutive_overflows or amp_scale < self.amp_min_scale:
+                return "amp_collapse"
+            return "amp_overflow"
+        if self.on_nonfinite == "skip":
+            self.skipped_steps += 1
+            self.consecutive_skips += 1
+            return "skip_limit" if self.consecutive_skips >= self.max_consecutive_skips else "skip"
+        return self.on_nonfinite
+
+    def skipped(self) -> None:
+        """Count a step skipped for another reason (a spike)."""
+        self.skipped_steps += 1
+
+    def finite(self) -> None:
+        """A healthy step: reset the consecutive counters."""
+        self.consecutive_skips = 0
+        self.consecutive_overflows = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """Counters."""
+        return {
+            "skipped_steps": self.skipped_steps,
+            "consecutive_skips": self.consecutive_skips,
+            "amp_overflows": self.amp_overflows,
+            "consecutive_overflows": self.consecutive_overflows,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        for key in ("skipped_steps", "consecutive_skips", "amp_overflows", "consecutive_overflows"):
+            setattr(self, key, int(state.get(key, 0)))
+
+
+def format_nonfinite_message(record: StepStats, reason: str, max_layers: int = 5) -> str:
+    """The message of a fail-fast error: where, which layers, what to do.
+
+    Args:
+        record: The full record of the failing step (with exact NaN/Inf counts).
+        reason: Why the run stops (first line).
+        max_layers: How many offending layers to name.
+
+    Returns:
+        A multi-line message.
+    """
+    lines = [
+        f"{reason} at step {record.step} (global step {record.global_step}, epoch {record.epoch}, batch "
+        f"{record.batch_idx}"
+    ]
+    if record.first_nonfinite_micro_batch is not None:
+        lines[0] += f", micro-batch {record.first_nonfinite_micro_batch} of the accumulated step"
+    lines[0] += ")."
+    bad = [lay for lay in record.layers if lay.nan_count or lay.inf_count]
+    if bad:
+        lines.append("First offending layers, in definition order:")
+        for lay in bad[:max_layers]:
+            lines.append(f"  {lay.name}: {lay.nan_count} NaN, {lay.inf_count} Inf of {lay.numel:,} gradient entries")
+        if len(bad) > max_layers:
+            lines.append(f"  ... and {len(bad) - max_layers} more layer(s)")
+    corrupt = [lay.name for lay in record.layers if not math.isfinite(lay.param_norm)]
+    if corrupt:
+        lines.append(
+            "The parameters of " + ", ".join(corrupt[:max_layers]) + " are non-finite: an earlier update corrupted "
+            "them (a non-finite weight makes every later gradient non-finite)."
+        )
+    lines.append("Fixes:")
+    lines += [f"  {i}. {fix}" for i, fix in enumerate(FIXES["nonfinite"], 1)]
+    return "\n".join(lines)

@@ -1,0 +1,147 @@
+"""Alert thresholds: a frozen, validated dataclass whose defaults come from the seeds, calibrated on healthy runs.
+
+Every check has a *warning* and a *critical* line. Where the seeds disagree, or where a seed's line fires on a
+healthy baseline (a He-initialised ReLU MLP, a small pre-LayerNorm transformer, a pre-LayerNorm residual MLP,
+each trained with AdamW and with SGD), the choice and its reason are in :data:`THRESHOLD_SOURCES` and in the
+README.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from enum import Enum
+
+__all__ = ["THRESHOLD_SOURCES", "Severity", "Thresholds"]
+
+
+class Severity(str, Enum):
+    """How bad a check's result is."""
+
+    OK = "ok"
+    WARNING = "warning"
+    CRITICAL = "critical"
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Warning and critical lines of every gradient-health check.
+
+    "High" checks fire when the value is *above* the line, "low" checks when it is *below*; a critical line
+    is always further out than its warning line. Checks that depend on the parameters' scale (ratios, zero
+    fractions, low norms) wait ``warmup_steps`` optimizer steps: freshly (often zero-) initialised layers have
+    legitimately extreme values at the very start.
+
+    Attributes:
+        total_norm_high_warning: Global gradient norm above this: potentially exploding (seed 003: > 100).
+        total_norm_high_critical: Global gradient norm above this: exploding (seed 003: > 1000).
+        total_norm_low_warning: Global gradient norm below this: potentially vanishing (seed 003: < 0.001).
+        total_norm_low_critical: Global gradient norm below this: no learning (seed 000: < 1e-8).
+        layer_norm_low_warning: A layer's gradient norm below this: vanishing in that layer (seed 004: < 1e-5).
+        layer_norm_low_critical: A layer's gradient norm below this: that layer does not learn (seed 000: 1e-7).
+        layer_norm_ratio_warning: Largest / smallest layer norm above this: a gradient-flow problem (seed 002:
+            "more than 3-4 orders of magnitude").
+        layer_norm_ratio_critical: Largest / smallest layer norm above this (seed 002, 4 orders).
+        zero_frac_warning: Fraction of exactly-zero gradient entries (embeddings excluded) above this: many dead
+            parameters (seed 003: > 50%).
+        zero_frac_critical: The same, critical (0.9: our line; see README).
+        grad_param_ratio_high_warning: A layer's ``||g|| / ||θ||`` above this: updates too large, reduce the LR
+            (seed 000 says 1; measured up to 23 on healthy nets, so 100).
+        grad_param_ratio_high_critical: The same, critical (1e4).
+        grad_param_ratio_low_warning: A layer's ``||g|| / ||θ||`` below this: gradients too small (seed 000: 1e-6).
+        grad_param_ratio_low_critical: The same, critical (1e-9).
+        warmup_steps: Optimizer steps before the scale-dependent checks start.
+    """
+
+    total_norm_high_warning: float = 100.0
+    total_norm_high_critical: float = 1000.0
+    total_norm_low_warning: float = 1e-3
+    total_norm_low_critical: float = 1e-8
+    layer_norm_low_warning: float = 1e-5
+    layer_norm_low_critical: float = 1e-7
+    layer_norm_ratio_warning: float = 1e3
+    layer_norm_ratio_critical: float = 1e4
+    zero_frac_warning: float = 0.5
+    zero_frac_critical: float = 0.9
+    grad_param_ratio_high_warning: float = 1e2
+    grad_param_ratio_high_critical: float = 1e4
+    grad_param_ratio_low_warning: float = 1e-6
+    grad_param_ratio_low_critical: float = 1e-9
+    warmup_steps: int = 10
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "warmup_steps":
+                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                    raise ValueError(f"`Thresholds.warmup_steps` must be an int >= 0, got {value!r}.")
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
+                raise ValueError(f"`Thresholds.{f.name}` must be a finite float > 0, got {value!r}.")
+        for name in ("total_norm_high", "layer_norm_ratio", "zero_frac", "grad_param_ratio_high"):
+            self._ordered(name, high=True)
+        for name in ("total_norm_low", "layer_norm_low", "grad_param_ratio_low"):
+            self._ordered(name, high=False)
+        if self.zero_frac_critical > 1:
+            raise ValueError(f"`Thresholds.zero_frac_critical` must be <= 1, got {self.zero_frac_critical!r}.")
+
+    def _ordered(self, name: str, *, high: bool) -> None:
+        warning, critical = getattr(self, f"{name}_warning"), getattr(self, f"{name}_critical")
+        if (warning >= critical) if high else (warning <= critical):
+            relation = "<" if high else ">"
+            raise ValueError(
+                f"`Thresholds.{name}_warning` must be {relation} `Thresholds.{name}_critical` (a critical line is "
+                f"further out than its warning line), got warning={warning!r}, critical={critical!r}."
+            )
+
+    def grade_high(self, name: str, value: float) -> Severity:
+        """Severity of ``value`` against the ``<name>_warning`` / ``<name>_critical`` lines of a "high" check."""
+        if value > getattr(self, f"{name}_critical"):
+            return Severity.CRITICAL
+        if value > getattr(self, f"{name}_warning"):
+            return Severity.WARNING
+        return Severity.OK
+
+    def grade_low(self, name: str, value: float) -> Severity:
+        """Severity of ``value`` against the lines of a "low" check."""
+        if value < getattr(self, f"{name}_critical"):
+            return Severity.CRITICAL
+        if value < getattr(self, f"{name}_warning"):
+            return Severity.WARNING
+        return Severity.OK
+
+
+#: Where each default comes from: (check, warning, critical, source and reason).
+THRESHOLD_SOURCES: tuple[tuple[str, str, str, str], ...] = (
+    (
+        "global norm too large",
+        "> 100",
+        "> 1000",
+        "seed 003's table (seed 000's 10-100 warning band fires on a "
+        "healthy He-init MLP at initialisation: measured 21)",
+    ),
+    ("global norm too small", "< 1e-3", "< 1e-8", "seed 003 (warning), seed 000's `is_healthy` (critical)"),
+    ("layer vanishing", "< 1e-5", "< 1e-7", "seed 004 (warning), seed 000 (critical)"),
+    (
+        "layer-norm ratio",
+        "> 1e3",
+        "> 1e4",
+        "seed 002 (3-4 orders of magnitude); seed 000's 10x / 100x fires on "
+        "healthy nets: measured up to 513 on a pre-LayerNorm residual MLP",
+    ),
+    (
+        "zero fraction (embeddings excluded)",
+        "> 50%",
+        "> 90%",
+        "seed 003 (warning); seed 000's 5% / 20% fire on "
+        "a healthy ReLU MLP (up to 30% per batch); 90% critical is ours",
+    ),
+    (
+        "grad/param ratio too large",
+        "> 100",
+        "> 1e4",
+        "seed 000 says > 1; measured up to 23 on a healthy MLP's output layer under AdamW, so ours",
+    ),
+    ("grad/param ratio too small", "< 1e-6", "< 1e-9", "seed 000 (warning); critical is ours"),
+    ("non-finite gradients", "-", "any NaN/Inf", "seeds 000, 003"),
+)
