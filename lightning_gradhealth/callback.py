@@ -259,6 +259,7 @@ class GradientHealthMonitor(Callback):
         self._step_batches: list[Any] = []
         self._steps_seen = 0
         self._clipped_steps = 0
+        self._clipped_dev: torch.Tensor | None = None
         self._spike_count = 0
         self._last_clip: dict[str, float] = {}
         self._disabled = False
@@ -402,7 +403,10 @@ class GradientHealthMonitor(Callback):
             if self.on_nonfinite is not None or scaler is not None:
                 skip = self._on_nonfinite(trainer, record, amp=scaler is not None)
         else:
-            self._policy.finite()
+            if self._spikes is not None:
+                skip = self._on_spike(trainer, pl_module, layout, grad_scale, meta, record, total)
+            if not skip:
+                self._policy.finite()
             if self.thresholds is not None:
                 for alert in check_global_norm(
                     total,
@@ -413,8 +417,6 @@ class GradientHealthMonitor(Callback):
                     batch_idx=meta.batch_idx,
                 ):
                     self._alert(trainer, alert)
-            if self._spikes is not None:
-                skip = self._on_spike(trainer, pl_module, layout, grad_scale, meta, record, total)
         if skip:
             for group in optimizer.param_groups:  # all of the optimizer's parameters, watched or not
                 for p in group["params"]:
@@ -436,8 +438,7 @@ class GradientHealthMonitor(Callback):
             pending.extras["amp_scale"] = scale
         if self._tracker.first_bad is not None:
             pending.extras["first_nonfinite_micro_batch"] = self._tracker.first_bad
-        else:  # a single micro-batch: it is micro-batch 0 that went non-finite, if any
-            pending.extras["first_nonfinite_micro_batch"] = (~torch.isfinite(pending.packed[0])).long() - 1
+        # else: a single micro-batch; the engine reports micro-batch 0 for a non-finite step
 
     def _end_step(self) -> None:
         self._tracker.reset()
@@ -465,6 +466,7 @@ class GradientHealthMonitor(Callback):
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Write anything still buffered."""
+        self._resolve_clip_count()
         self._flush_pending()
         self._emit(trainer)
 
@@ -531,12 +533,20 @@ class GradientHealthMonitor(Callback):
             + (f"; batch saved to {saved}" if saved else "")
             + f". Fix: {FIXES['spike'][0]}."
         )
+        reason = None
         if self.on_spike == "raise":
+            reason = f"Gradient-norm spike (z = {z:.1f}, norm {total:.3g})"
+        elif self.on_spike == "skip" and self._policy.skipped() == "skip_limit":
+            reason = (
+                f"Gradient-norm spikes for {self._policy.consecutive_skips} steps in a row (on_spike='skip'; "
+                f"norm {total:.3g}, z = {z:.1f}): the gradient scale changed for good"
+            )
+        if reason is not None:
             if record is None:
                 full = self._engine.compute(layout, grad_scale)
                 assert full is not None
                 record = self._engine.finish(full, meta)
-            self._fail(trainer, record, f"Gradient-norm spike (z = {z:.1f}, norm {total:.3g})", kind="spike")
+            self._fail(trainer, record, reason, kind="spike")
         self._alert(
             trainer,
             Alert(
@@ -549,10 +559,7 @@ class GradientHealthMonitor(Callback):
                 message=msg,
             ),
         )
-        if self.on_spike == "skip":
-            self._policy.skipped()
-            return True
-        return False
+        return self.on_spike == "skip"
 
     def _save_spike_batches(self, trainer: Trainer, meta: StepMeta, total: float, z: float) -> Path | None:
         if self.spike_dir is None:
@@ -580,13 +587,24 @@ class GradientHealthMonitor(Callback):
         outcome = self._clipper.clip([p.grad for p in present], present, total, grad_scale)  # type: ignore[misc]
         if outcome.clipped:
             self._clipped_steps += 1
+        if outcome.clipped_device is not None:  # value / AGC: counted on the device, read on logged steps
+            count = outcome.clipped_device.long()
+            self._clipped_dev = count if self._clipped_dev is None else self._clipped_dev + count
         self._last_clip = {}
         if outcome.coef is not None:
             self._last_clip["grad_health/clip_coef"] = outcome.coef
         if outcome.clipped_norm is not None:
             self._last_clip["grad_health/clipped_norm"] = outcome.clipped_norm
-        elif outcome.clipped_norm_device is not None and logged:  # value / AGC: one more scalar, logged steps only
-            self._last_clip["grad_health/clipped_norm"] = outcome.clipped_norm_device.item()
+        elif outcome.clipped_norm_device is not None and logged:  # value / AGC: one more transfer, logged steps
+            post, count = torch.stack([outcome.clipped_norm_device.double(), self._clipped_dev.double()]).tolist()  # type: ignore[union-attr]
+            self._last_clip["grad_health/clipped_norm"] = post
+            self._clipped_steps += int(count)
+            self._clipped_dev = None
+
+    def _resolve_clip_count(self) -> None:
+        if self._clipped_dev is not None:
+            self._clipped_steps += int(self._clipped_dev.item())
+            self._clipped_dev = None
 
     def _alert(self, trainer: Trainer, alert: Alert) -> None:
         self._alerts(alert, rank_zero=trainer.is_global_zero)
@@ -697,6 +715,7 @@ class GradientHealthMonitor(Callback):
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """All running state, so that a resumed run makes the same decisions as an uninterrupted one."""
+        self._resolve_clip_count()
         return {
             "warned": sorted(self._warned),
             "steps_seen": self._steps_seen,

@@ -35,18 +35,20 @@ class ClipOutcome:
     """What a clipper did at one step.
 
     Attributes:
-        clipped: Whether any gradient was changed.
+        clipped: Whether any gradient was changed, when known on the host; ``None`` when it is only known on the
+            device (``clipped_device``), for clippers that decide per entry or per unit (value, AGC).
         coef: The global scaling coefficient (``<= 1``) for norm-based clippers, else ``None``.
         threshold: The norm the gradient was clipped to (norm-based clippers), else ``None``.
         clipped_norm: Global norm after clipping, when known without another pass over the gradients.
         clipped_norm_device: Global norm after clipping as a device scalar, when it needs a pass (value, AGC).
     """
 
-    clipped: bool
+    clipped: bool | None
     coef: float | None = None
     threshold: float | None = None
     clipped_norm: float | None = None
     clipped_norm_device: torch.Tensor | None = None
+    clipped_device: torch.Tensor | None = None
 
 
 class Clipper:
@@ -113,6 +115,10 @@ class ValueClipper(Clipper):
     def clip(self, grads, params, total_norm, scale=None):  # noqa: D102, ANN001, ANN201
         grads = list(grads)
         limit: float | torch.Tensor = self.clip_value
+        bound = self.clip_value if scale is None else float(self.clip_value) * scale.detach().float().reshape(())
+        # whether any entry is out of bounds, before clamping (aminmax: one vectorised pass per tensor)
+        extremes = torch.stack([torch.stack(torch.aminmax(g)).float() for g in grads])
+        clipped = ((extremes[:, 1] > bound) | (extremes[:, 0] < -bound)).any()
         if scale is not None:
             limit = float(self.clip_value) * scale.detach().float().reshape(())
             for g in grads:
@@ -124,7 +130,7 @@ class ValueClipper(Clipper):
         post = norms.square().sum().sqrt()
         if scale is not None:
             post = post / scale.detach().double().reshape(())
-        return ClipOutcome(clipped=True, clipped_norm_device=post)
+        return ClipOutcome(clipped=None, clipped_norm_device=post, clipped_device=clipped)
 
 
 class AGCClipper(Clipper):
@@ -148,7 +154,7 @@ class AGCClipper(Clipper):
         return torch.linalg.vector_norm(x.float(), dim=tuple(range(1, x.ndim)), keepdim=True)
 
     def clip(self, grads, params, total_norm, scale=None):  # noqa: D102, ANN001, ANN201
-        sq = []
+        sq, any_clipped = [], []
         factor = self.clip_factor if scale is None else self.clip_factor * scale.detach().float().reshape(())
         for g, p in zip(grads, params, strict=True):
             max_norm = self.unitwise_norm(p.detach()).clamp(min=self.eps) * factor
@@ -156,10 +162,11 @@ class AGCClipper(Clipper):
             coef = torch.where(g_norm > max_norm, max_norm / g_norm.clamp(min=_EPS), torch.ones_like(g_norm))
             g.mul_(coef.to(g.dtype))
             sq.append((g_norm * coef.clamp(max=1.0)).double().square().sum())
+            any_clipped.append((coef < 1).any())
         post = torch.stack(sq).sum().sqrt()
         if scale is not None:
             post = post / scale.detach().double().reshape(())
-        return ClipOutcome(clipped=True, clipped_norm_device=post)
+        return ClipOutcome(clipped=None, clipped_norm_device=post, clipped_device=torch.stack(any_clipped).any())
 
 
 def percentile(values: Sequence[float], q: float) -> float:

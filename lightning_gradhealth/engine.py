@@ -264,15 +264,17 @@ class GradStatsEngine:
         Returns:
             The pending guard, or ``None`` when no watched parameter has a gradient.
         """
-        present = tuple(i for i, p in enumerate(layout.params) if p.grad is not None)
-        if not present:
+        grads: list[torch.Tensor] = [g for p in layout.params if (g := p.grad) is not None]  # one pass
+        if not grads:
             return None
-        grads: list[torch.Tensor] = [layout.params[i].grad for i in present]  # type: ignore[misc]
-        g_norm = self.norms(grads)
+        # float32 per-tensor norms combined by one more norm kernel: the value only needs to be finite-or-not and
+        # good to float32 precision here (clipping thresholds, spike z-scores)
+        norms = torch.stack(torch._foreach_norm(grads, self.norm_type, dtype=torch.float32))
+        total = torch.linalg.vector_norm(norms, self.norm_type)
         if grad_scale is not None:
-            g_norm = g_norm * grad_scale.detach().to(g_norm.dtype).reshape(()).reciprocal()
-        total = self._combine(g_norm, None, 1).reshape(1)
-        return PendingStats(layout=layout, present=present, packed=total, grads=grads, grad_scale=grad_scale)
+            total = total / grad_scale.detach().float().reshape(())
+        # `present` stays empty: a guard never becomes a record (a failing step recomputes everything)
+        return PendingStats(layout=layout, present=(), packed=total.reshape(1), grads=grads, grad_scale=grad_scale)
 
     @staticmethod
     def _transfer(pending: PendingStats) -> tuple[list[float], dict[str, float]]:
@@ -369,6 +371,8 @@ class GradStatsEngine:
         no_grad = tuple(name for i, name in enumerate(layout.param_names) if i not in present)
         grad_scale = extras.get("amp_scale")
         micro = extras.get("first_nonfinite_micro_batch")
+        if micro is None and not math.isfinite(total):
+            micro = 0  # no micro-batch tracking (a single micro-batch): it is the one that went non-finite
         return StepStats(
             step=meta.step,
             global_step=meta.global_step,

@@ -53,9 +53,11 @@ class NonFinitePolicy:
             return "skip_limit" if self.consecutive_skips >= self.max_consecutive_skips else "skip"
         return self.on_nonfinite
 
-    def skipped(self) -> None:
-        """Count a step skipped for another reason (a spike)."""
+    def skipped(self) -> Decision:
+        """Count a step skipped for another reason (a spike); ``"skip_limit"`` after too many in a row."""
         self.skipped_steps += 1
+        self.consecutive_skips += 1
+        return "skip_limit" if self.consecutive_skips >= self.max_consecutive_skips else "skip"
 
     def finite(self) -> None:
         """A healthy step: reset the consecutive counters."""

@@ -21,15 +21,24 @@ class SpikeDetector:
         warmup_steps: Finite norms observed before the first decision.
         min_std: Floor on the standard deviation of the log-norm, so that a perfectly flat history does not
             turn noise into spikes (0.05: a 5% change is one sigma at most).
+        rebaseline_after: After this many spikes in a row the jump is a new level, not a spike: the statistics
+            restart from the current norm (a new warm-up), so that a lasting change does not flag every later step.
     """
 
     def __init__(
-        self, z_thresh: float = 6.0, alpha: float = 0.98, warmup_steps: int = 50, min_std: float = 0.05
+        self,
+        z_thresh: float = 6.0,
+        alpha: float = 0.98,
+        warmup_steps: int = 50,
+        min_std: float = 0.05,
+        rebaseline_after: int = 10,
     ) -> None:
         self.z_thresh = z_thresh
         self.alpha = alpha
         self.warmup_steps = warmup_steps
         self.min_std = min_std
+        self.rebaseline_after = rebaseline_after
+        self.consecutive = 0
         self.count = 0
         self.mean = 0.0
         self.var = 0.0
@@ -47,7 +56,17 @@ class SpikeDetector:
             return None
         z = self.zscore(total_norm)
         if z is not None and z > self.z_thresh:
+            self.consecutive += 1
+            if self.consecutive >= self.rebaseline_after:  # a new level: restart the statistics from it
+                self.consecutive = 0
+                self.count = 0
+                self._update(total_norm)
             return z
+        self.consecutive = 0
+        self._update(total_norm)
+        return None
+
+    def _update(self, total_norm: float) -> None:
         x = math.log(total_norm)
         if self.count == 0:
             self.mean, self.var = x, 0.0
@@ -60,14 +79,14 @@ class SpikeDetector:
             self.mean += (1 - self.alpha) * delta
             self.var = self.alpha * (self.var + (1 - self.alpha) * delta * delta)
         self.count += 1
-        return None
 
     def state_dict(self) -> dict[str, Any]:
         """Running statistics."""
-        return {"count": self.count, "mean": self.mean, "var": self.var}
+        return {"count": self.count, "mean": self.mean, "var": self.var, "consecutive": self.consecutive}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
         self.count = int(state.get("count", 0))
         self.mean = float(state.get("mean", 0.0))
         self.var = float(state.get("var", 0.0))
+        self.consecutive = int(state.get("consecutive", 0))

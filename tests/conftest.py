@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -104,6 +105,8 @@ def make_trainer(tmp_path: Any = None, **kwargs: Any) -> L.Trainer:
         "logger": False
         if tmp_path is None
         else L.pytorch.loggers.TensorBoardLogger(str(tmp_path), name="", version=""),
+        # never write into the working tree (checkpoints of trainers without a logger go here)
+        "default_root_dir": str(tmp_path) if tmp_path is not None else tempfile.mkdtemp(prefix="gradhealth-test-"),
     }
     defaults.update(kwargs)
     return L.Trainer(**defaults)
