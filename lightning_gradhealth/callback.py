@@ -394,17 +394,25 @@ class GradientHealthMonitor(Callback):
         self._steps_seen += 1
 
         skip = False
-        if not math.isfinite(total):
-            if record is None:  # the failure path: full statistics with exact counts (rare, extra transfers)
+
+        def full_record() -> StepStats:
+            # a guarded step that fails gets the full statistics with exact counts (rare: extra transfers)
+            nonlocal record
+            if record is None:
                 full = self._engine.compute(layout, grad_scale)
                 assert full is not None
                 self._add_extras(full, scale)
                 record = self._engine.finish(full, meta)
+            return record
+
+        if not math.isfinite(total):
+            full_record()
+            assert record is not None
             if self.on_nonfinite is not None or scaler is not None:
                 skip = self._on_nonfinite(trainer, record, amp=scaler is not None)
         else:
             if self._spikes is not None:
-                skip = self._on_spike(trainer, pl_module, layout, grad_scale, meta, record, total)
+                skip = self._on_spike(trainer, meta, total, full_record)
             if not skip:
                 self._policy.finite()
             if self.thresholds is not None:
@@ -511,16 +519,8 @@ class GradientHealthMonitor(Callback):
         )
         return decision == "skip"
 
-    def _on_spike(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        layout: ParamLayout,
-        grad_scale: torch.Tensor | None,
-        meta: StepMeta,
-        record: StepStats | None,
-        total: float,
-    ) -> bool:
+    def _on_spike(self, trainer: Trainer, meta: StepMeta, total: float, full_record: Callable[[], StepStats]) -> bool:
+        """Test the step's global norm for a spike and act on it. Returns whether to skip the update."""
         assert self._spikes is not None
         z = self._spikes.observe(total)
         if z is None:
@@ -542,11 +542,7 @@ class GradientHealthMonitor(Callback):
                 f"norm {total:.3g}, z = {z:.1f}): the gradient scale changed for good"
             )
         if reason is not None:
-            if record is None:
-                full = self._engine.compute(layout, grad_scale)
-                assert full is not None
-                record = self._engine.finish(full, meta)
-            self._fail(trainer, record, reason, kind="spike")
+            self._fail(trainer, full_record(), reason, kind="spike")
         self._alert(
             trainer,
             Alert(

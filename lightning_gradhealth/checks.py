@@ -13,8 +13,42 @@ from lightning_gradhealth.thresholds import Severity, Thresholds
 __all__ = ["check_global_norm", "check_record"]
 
 
-def _alert(kind: str, sev: Severity, rec_step: int, msg: str, fix_kind: str, **kw: object) -> Alert:
-    return Alert(kind=kind, severity=sev, step=rec_step, message=f"{msg} Fix: {FIXES[fix_kind][0]}.", **kw)  # type: ignore[arg-type]
+def _check(
+    out: list[Alert],
+    th: Thresholds,
+    check: str,
+    value: float,
+    *,
+    high: bool,
+    kind: str,
+    fix: str,
+    message: str,
+    step: int,
+    epoch: int,
+    batch_idx: int,
+    layer: str | None = None,
+) -> None:
+    """Grade ``value`` against the ``<check>_warning`` / ``<check>_critical`` lines; append an alert if it fires.
+
+    ``message`` is formatted with ``value``, ``line`` (the line crossed) and ``layer``.
+    """
+    sev = th.grade_high(check, value) if high else th.grade_low(check, value)
+    if sev is Severity.OK:
+        return
+    line = getattr(th, f"{check}_{sev.value}")
+    out.append(
+        Alert(
+            kind=kind,
+            severity=sev,
+            step=step,
+            message=message.format(value=value, line=line, layer=layer) + f" Fix: {FIXES[fix][0]}.",
+            layer=layer,
+            value=value,
+            threshold=line,
+            epoch=epoch,
+            batch_idx=batch_idx,
+        )
+    )
 
 
 def check_global_norm(
@@ -23,7 +57,7 @@ def check_global_norm(
     """Checks of the global gradient norm (available on every optimizer step).
 
     Args:
-        total_norm: The global gradient norm (finite; non-finite steps are handled by the non-finite policy).
+        total_norm: The global gradient norm (non-finite steps are handled by the non-finite policy).
         step: The Trainer's logging step.
         th: Thresholds.
         steps_seen: Optimizer steps seen so far in the run (for the warm-up of the "too small" check).
@@ -36,19 +70,24 @@ def check_global_norm(
     out: list[Alert] = []
     if not math.isfinite(total_norm):
         return out
-    where = {"epoch": epoch, "batch_idx": batch_idx, "value": total_norm}
-    sev = th.grade_high("total_norm_high", total_norm)
-    if sev is not Severity.OK:
-        line = th.total_norm_high_critical if sev is Severity.CRITICAL else th.total_norm_high_warning
-        what = "exploding" if sev is Severity.CRITICAL else "potentially exploding"
-        msg = f"global gradient norm {total_norm:.3g} > {line:g}: {what} gradients."
-        out.append(_alert("total_norm_high", sev, step, msg, "exploding", threshold=line, **where))
+    where = {"step": step, "epoch": epoch, "batch_idx": batch_idx}
+    msg = "global gradient norm {value:.3g} > {line:g}: exploding gradients."
+    _check(
+        out, th, "total_norm_high", total_norm, high=True, kind="total_norm_high", fix="exploding", message=msg, **where
+    )
     if steps_seen >= th.warmup_steps:
-        sev = th.grade_low("total_norm_low", total_norm)
-        if sev is not Severity.OK:
-            line = th.total_norm_low_critical if sev is Severity.CRITICAL else th.total_norm_low_warning
-            msg = f"global gradient norm {total_norm:.3g} < {line:g}: vanishing gradients, little or no learning."
-            out.append(_alert("total_norm_low", sev, step, msg, "vanishing", threshold=line, **where))
+        msg = "global gradient norm {value:.3g} < {line:g}: vanishing gradients, little or no learning."
+        _check(
+            out,
+            th,
+            "total_norm_low",
+            total_norm,
+            high=False,
+            kind="total_norm_low",
+            fix="vanishing",
+            message=msg,
+            **where,
+        )
     return out
 
 
@@ -69,92 +108,30 @@ def check_record(
     out: list[Alert] = []
     if not record.is_finite:
         return out
-    where = {"epoch": record.epoch, "batch_idx": record.batch_idx}
-    sev = th.grade_high("layer_norm_ratio", record.layer_norm_ratio)
-    if sev is not Severity.OK:
-        line = getattr(th, f"layer_norm_ratio_{sev.value}")
-        msg = (
-            f"layer gradient norms span a factor of {record.layer_norm_ratio:.3g} (> {line:g}): gradients do not flow "
-            "evenly through the network."
-        )
-        out.append(
-            _alert(
-                "layer_norm_ratio",
-                sev,
-                record.step,
-                msg,
-                "layer_imbalance",
-                value=record.layer_norm_ratio,
-                threshold=line,
-                **where,
-            )
-        )
+    where = {"step": record.step, "epoch": record.epoch, "batch_idx": record.batch_idx}
+    msg = "layer gradient norms span a factor of {value:.3g} (> {line:g}): gradients do not flow evenly."
+    _check(out, th, "layer_norm_ratio", record.layer_norm_ratio, high=True, kind="layer_norm_ratio",
+           fix="layer_imbalance", message=msg, **where)  # fmt: skip
     if steps_seen < th.warmup_steps:
         return out
-    dense = [lay for lay in record.layers if lay.name not in sparse_layers]
+    zero_frac = record.zero_frac
     if record.layers:
-        zeros = sum(lay.zero_frac * lay.numel for lay in dense)
+        dense = [lay for lay in record.layers if lay.name not in sparse_layers]
         numel = sum(lay.numel for lay in dense)
-        zero_frac = zeros / numel if numel else 0.0
-    else:
-        zero_frac = record.zero_frac
-    sev = th.grade_high("zero_frac", zero_frac)
-    if sev is not Severity.OK:
-        line = getattr(th, f"zero_frac_{sev.value}")
-        msg = f"{zero_frac:.0%} of gradient entries are exactly zero (> {line:.0%}): many dead units."
-        out.append(_alert("zero_frac", sev, record.step, msg, "dead", value=zero_frac, threshold=line, **where))
+        zero_frac = sum(lay.zero_frac * lay.numel for lay in dense) / numel if numel else 0.0
+    msg = "{value:.0%} of gradient entries are exactly zero (> {line:.0%}): many dead units."
+    _check(out, th, "zero_frac", zero_frac, high=True, kind="zero_frac", fix="dead", message=msg, **where)
     for lay in record.layers:
-        sev = th.grade_low("layer_norm_low", lay.grad_norm)
-        if sev is not Severity.OK:
-            line = getattr(th, f"layer_norm_low_{sev.value}")
-            msg = f"layer {lay.name}: gradient norm {lay.grad_norm:.3g} < {line:g}: vanishing gradient in this layer."
-            out.append(
-                _alert(
-                    "layer_vanishing",
-                    sev,
-                    record.step,
-                    msg,
-                    "vanishing",
-                    layer=lay.name,
-                    value=lay.grad_norm,
-                    threshold=line,
-                    **where,
-                )
-            )
+        msg = "layer {layer}: gradient norm {value:.3g} < {line:g}: vanishing gradient in this layer."
+        _check(out, th, "layer_norm_low", lay.grad_norm, high=False, kind="layer_vanishing", fix="vanishing",
+               message=msg, layer=lay.name, **where)  # fmt: skip
         if lay.param_norm <= 0:
             continue
-        sev = th.grade_high("grad_param_ratio_high", lay.ratio)
-        if sev is not Severity.OK:
-            line = getattr(th, f"grad_param_ratio_high_{sev.value}")
-            msg = f"layer {lay.name}: grad/param ratio {lay.ratio:.3g} > {line:g}: updates too large for the weights."
-            out.append(
-                _alert(
-                    "ratio_high",
-                    sev,
-                    record.step,
-                    msg,
-                    "ratio_high",
-                    layer=lay.name,
-                    value=lay.ratio,
-                    threshold=line,
-                    **where,
-                )
-            )
-        sev = th.grade_low("grad_param_ratio_low", lay.ratio)
-        if sev is not Severity.OK and lay.grad_norm > 0:
-            line = getattr(th, f"grad_param_ratio_low_{sev.value}")
-            msg = f"layer {lay.name}: grad/param ratio {lay.ratio:.3g} < {line:g}: gradients too small to matter."
-            out.append(
-                _alert(
-                    "ratio_low",
-                    sev,
-                    record.step,
-                    msg,
-                    "ratio_low",
-                    layer=lay.name,
-                    value=lay.ratio,
-                    threshold=line,
-                    **where,
-                )
-            )
+        msg = "layer {layer}: grad/param ratio {value:.3g} > {line:g}: updates too large for the weights."
+        _check(out, th, "grad_param_ratio_high", lay.ratio, high=True, kind="ratio_high", fix="ratio_high",
+               message=msg, layer=lay.name, **where)  # fmt: skip
+        if lay.grad_norm > 0:
+            msg = "layer {layer}: grad/param ratio {value:.3g} < {line:g}: gradients too small to matter."
+            _check(out, th, "grad_param_ratio_low", lay.ratio, high=False, kind="ratio_low", fix="ratio_low",
+                   message=msg, layer=lay.name, **where)  # fmt: skip
     return out

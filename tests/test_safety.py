@@ -359,3 +359,21 @@ def test_spike_skip_escalates_when_spikes_persist():
         trainer.fit(TinyMLP(loss_scale_at={i: 1e4 for i in range(8, 30)}), loader(n=256))
     assert exc.value.record.step == 10
     assert trainer.global_step == 10
+
+
+def test_readme_threshold_table_is_the_code_s():
+    from pathlib import Path
+
+    from lightning_gradhealth.thresholds import THRESHOLD_SOURCES
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for check, warning, critical, source in THRESHOLD_SOURCES:
+        assert f"| {check} | {warning} | {critical} | {source} |" in readme, check
+    th = Thresholds()  # the table's numbers are the defaults
+    assert (th.total_norm_high_warning, th.total_norm_high_critical) == (100, 1000)
+    assert (th.total_norm_low_warning, th.total_norm_low_critical) == (1e-3, 1e-8)
+    assert (th.layer_norm_low_warning, th.layer_norm_low_critical) == (1e-5, 1e-7)
+    assert (th.layer_norm_ratio_warning, th.layer_norm_ratio_critical) == (1e3, 1e4)
+    assert (th.zero_frac_warning, th.zero_frac_critical) == (0.5, 0.9)
+    assert (th.grad_param_ratio_high_warning, th.grad_param_ratio_high_critical) == (1e2, 1e4)
+    assert (th.grad_param_ratio_low_warning, th.grad_param_ratio_low_critical) == (1e-6, 1e-9)
