@@ -504,19 +504,11 @@ class GradientHealthMonitor(Callback):
             self._fail(trainer, record, reason)
         names = ", ".join(lay.name for lay in record.nonfinite_layers[:5]) or "?"
         action = "update skipped" if decision == "skip" else "update applied (on_nonfinite='warn')"
-        self._alert(
-            trainer,
-            Alert(
-                kind="nonfinite",
-                severity=Severity.CRITICAL,
-                step=record.step,
-                epoch=record.epoch,
-                batch_idx=record.batch_idx,
-                value=float(record.nan_count + record.inf_count),
-                message=f"non-finite gradients ({record.nan_count} NaN, {record.inf_count} Inf) in {names}; {action}. "
-                f"Fix: {FIXES['nonfinite'][0]}.",
-            ),
+        msg = (
+            f"non-finite gradients ({record.nan_count} NaN, {record.inf_count} Inf) in {names}; {action}. "
+            f"Fix: {FIXES['nonfinite'][0]}."
         )
+        self._alert_at(trainer, "nonfinite", Severity.CRITICAL, record, msg, float(record.nan_count + record.inf_count))
         return decision == "skip"
 
     def _on_spike(self, trainer: Trainer, meta: StepMeta, total: float, full_record: Callable[[], StepStats]) -> bool:
@@ -543,18 +535,7 @@ class GradientHealthMonitor(Callback):
             )
         if reason is not None:
             self._fail(trainer, full_record(), reason, kind="spike")
-        self._alert(
-            trainer,
-            Alert(
-                kind="spike",
-                severity=Severity.WARNING,
-                step=meta.step,
-                epoch=meta.epoch,
-                batch_idx=meta.batch_idx,
-                value=total,
-                message=msg,
-            ),
-        )
+        self._alert_at(trainer, "spike", Severity.WARNING, meta, msg, total)
         return self.on_spike == "skip"
 
     def _save_spike_batches(self, trainer: Trainer, meta: StepMeta, total: float, z: float) -> Path | None:
@@ -605,20 +586,24 @@ class GradientHealthMonitor(Callback):
     def _alert(self, trainer: Trainer, alert: Alert) -> None:
         self._alerts(alert, rank_zero=trainer.is_global_zero)
 
+    def _alert_at(
+        self,
+        trainer: Trainer,
+        kind: str,
+        severity: Severity,
+        at: StepMeta | StepStats,
+        message: str,
+        value: float | None = None,
+    ) -> None:
+        """An alert about the step ``at`` (its step, epoch and batch index)."""
+        alert = Alert(kind=kind, severity=severity, step=at.step, epoch=at.epoch, batch_idx=at.batch_idx,
+                      value=value, message=message)  # fmt: skip
+        self._alert(trainer, alert)
+
     def _fail(self, trainer: Trainer, record: StepStats, reason: str, kind: str = "nonfinite") -> None:
         """Log the step, flush the loggers, raise :class:`GradientHealthError`."""
         message = format_nonfinite_message(record, reason)
-        self._alert(
-            trainer,
-            Alert(
-                kind=kind,
-                severity=Severity.CRITICAL,
-                step=record.step,
-                epoch=record.epoch,
-                batch_idx=record.batch_idx,
-                message=message.splitlines()[0],
-            ),
-        )
+        self._alert_at(trainer, kind, Severity.CRITICAL, record, message.splitlines()[0])
         self._publish(record)
         self._emit(trainer)
         if trainer.is_global_zero:
