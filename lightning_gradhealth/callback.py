@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 from torch.optim import Optimizer
@@ -27,9 +27,12 @@ from lightning_gradhealth.clipping import AGCClipper, AutoClipper, Clipper, Norm
 from lightning_gradhealth.engine import GradStatsEngine, NonFiniteTracker, PendingStats, StepMeta
 from lightning_gradhealth.errors import GradientHealthError
 from lightning_gradhealth.fixes import FIXES
+from lightning_gradhealth.history import History
 from lightning_gradhealth.layout import ParamLayout, build_layout, layer_name
 from lightning_gradhealth.metrics import record_to_metrics, summary_metrics
 from lightning_gradhealth.record import StepStats
+from lightning_gradhealth.report import console_summary, write_report
+from lightning_gradhealth.rules import Finding, diagnose
 from lightning_gradhealth.safety import NonFinitePolicy, format_nonfinite_message
 from lightning_gradhealth.spikes import SpikeDetector
 from lightning_gradhealth.thresholds import Severity, Thresholds
@@ -149,6 +152,9 @@ class GradientHealthMonitor(Callback):
         spike_warmup_steps: Finite steps observed before spike detection starts.
         on_spike: ``"warn"``, ``"skip"`` the update, or ``"raise"``.
         spike_dir: If set, the batches of a spiking step are saved there (``torch.save``) to reproduce it.
+        report: At the end of fit (and when failing fast), diagnose the run (:attr:`findings`) and write
+            ``gradient_health_report.md`` / ``.json`` on rank zero, with a summary on the console.
+        report_dir: Where the report goes; default: the first logger's ``log_dir``, else ``default_root_dir``.
 
     Raises:
         TypeError: An argument has the wrong type.
@@ -185,6 +191,8 @@ class GradientHealthMonitor(Callback):
         spike_warmup_steps: int = 50,
         on_spike: Literal["warn", "skip", "raise"] = "warn",
         spike_dir: str | Path | None = None,
+        report: bool = True,
+        report_dir: str | Path | None = None,
     ) -> None:
         check_int("log_every_n_steps", log_every_n_steps, minimum=1, allow_none=True)
         self.group_by = check_group_by("group_by", group_by)
@@ -217,6 +225,9 @@ class GradientHealthMonitor(Callback):
         check_choice("on_spike", on_spike, ("warn", "skip", "raise"))
         if spike_dir is not None:
             check_type("spike_dir", spike_dir, (str, Path), "None, a str or a pathlib.Path")
+        check_type("report", report, bool, "a bool")
+        if report_dir is not None:
+            check_type("report_dir", report_dir, (str, Path), "None, a str or a pathlib.Path")
         if clip == "value" and clip_value is None:
             raise ValueError("`clip_value` must be a float > 0 when `clip='value'`, got None.")
         if clip is not None and self.norm_type != 2.0:
@@ -232,6 +243,11 @@ class GradientHealthMonitor(Callback):
         self.clip = clip
         self.on_spike = on_spike
         self.spike_dir = None if spike_dir is None else Path(spike_dir)
+        self.report = report
+        self.report_dir = None if report_dir is None else Path(report_dir)
+        self._history = History()
+        self.findings: list[Finding] = []
+        """The findings of the last report (filled at the end of fit, or when failing fast)."""
         self._engine = GradStatsEngine(norm_type=self.norm_type, stats=stats, per_layer=per_layer)
         self._tracker = NonFiniteTracker()
         self._alerts = AlertManager(window=alert_window, on_alert=on_alert)
@@ -278,6 +294,8 @@ class GradientHealthMonitor(Callback):
         self._unlogged.clear()
         self._tracker.reset()
         self._step_batches.clear()
+        self._history = History()
+        self.findings = []
         self._trainer = trainer
         if self.clip is not None and trainer.gradient_clip_val:
             raise ValueError(
@@ -473,10 +491,11 @@ class GradientHealthMonitor(Callback):
         self._emit(trainer)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Write anything still buffered."""
+        """Write anything still buffered, then the Gradient Health Report."""
         self._resolve_clip_count()
         self._flush_pending()
         self._emit(trainer)
+        self._write_report(trainer)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         """Write what was computed before the failure, so that nothing already measured is lost."""
@@ -518,6 +537,7 @@ class GradientHealthMonitor(Callback):
         if z is None:
             return False
         self._spike_count += 1
+        self._history.add_spike(meta.step, z)
         saved = self._save_spike_batches(trainer, meta, total, z)
         msg = (
             f"gradient-norm spike: {total:.3g} is {z:.1f} sigma above its running (log) mean, at step {meta.step} "
@@ -606,6 +626,7 @@ class GradientHealthMonitor(Callback):
         self._alert_at(trainer, kind, Severity.CRITICAL, record, message.splitlines()[0])
         self._publish(record)
         self._emit(trainer)
+        self._write_report(trainer)
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.save()
@@ -642,6 +663,7 @@ class GradientHealthMonitor(Callback):
 
     def _publish(self, record: StepStats) -> None:
         self.last_record = record
+        self._history.add(record)
         if record.no_grad_params:
             names = ", ".join(record.no_grad_params[:10])
             more = len(record.no_grad_params) - 10
@@ -687,6 +709,20 @@ class GradientHealthMonitor(Callback):
         for step, metrics in sorted(batches.items()):
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=step)
+
+    def _write_report(self, trainer: Trainer) -> None:
+        """Diagnose the run; on rank zero write the report next to the logs and print a summary."""
+        if self._disabled or not self._history.records_seen:
+            return
+        self.findings = diagnose(self._history, self.thresholds or Thresholds(), sparse_layers=self._sparse_layers)
+        if not self.report or not trainer.is_global_zero:
+            return
+        directory = self.report_dir
+        if directory is None:
+            log_dir = next((lg.log_dir for lg in trainer.loggers if getattr(lg, "log_dir", None)), None)
+            directory = Path(log_dir if log_dir is not None else trainer.default_root_dir)
+        path = write_report(directory, self._history, self.findings, self.thresholds or Thresholds())
+        rank_zero_info(console_summary(self.findings, path))
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

@@ -104,6 +104,12 @@ def format_nonfinite_message(record: StepStats, reason: str, max_layers: int = 5
             lines.append(f"  {lay.name}: {lay.nan_count} NaN, {lay.inf_count} Inf of {lay.numel:,} gradient entries")
         if len(bad) > max_layers:
             lines.append(f"  ... and {len(bad) - max_layers} more layer(s)")
+    elif record.layers:
+        huge = [lay.name for lay in record.layers if not lay.is_finite]
+        lines.append(
+            "No gradient entry is NaN or Inf: the gradients are finite but so large that their norm overflows "
+            f"float32 (exploding gradients), first in {', '.join(huge[:max_layers]) or 'the global norm'}."
+        )
     corrupt = [lay.name for lay in record.layers if not math.isfinite(lay.param_norm)]
     if corrupt:
         lines.append(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 
@@ -158,16 +159,22 @@ HEALTHY = {
 
 
 @pytest.mark.parametrize("name", list(HEALTHY))
-def test_healthy_runs_raise_no_alert(name, caplog):
+def test_healthy_runs_raise_no_alert_and_get_a_clean_report(name, caplog, tmp_path):
     model, data = HEALTHY[name]()
     seen = []
     monitor = GradientHealthMonitor(on_alert=seen.append)
-    trainer = make_trainer(callbacks=[monitor], max_steps=150, log_every_n_steps=1)
+    trainer = make_trainer(tmp_path, callbacks=[monitor], max_steps=150, log_every_n_steps=1)
     with caplog.at_level(logging.WARNING, logger="lightning_gradhealth"):
         trainer.fit(model, DataLoader(data, batch_size=64, shuffle=True))
     assert seen == [], [a.message for a in seen]
     assert "grad_health" not in caplog.text
     assert trainer.callback_metrics["grad_health/alerts"].item() == 0
+    # the end-of-fit diagnosis agrees: no finding, a clean report next to the logs
+    assert monitor.findings == [], [f.summary for f in monitor.findings]
+    report = json.loads((tmp_path / "gradient_health_report.json").read_text())
+    assert report["findings"] == [] and report["records"] == 150
+    assert all(row["status"] == "ok" for row in report["summary"])
+    assert "None: no rule fired over the run. ✅" in (tmp_path / "gradient_health_report.md").read_text()
 
 
 def test_pathological_run_raises_alerts_with_structured_records(caplog):

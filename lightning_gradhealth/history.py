@@ -1,0 +1,103 @@
+"""A compact, bounded history of records on the host, for the rules and the report."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from lightning_gradhealth.record import StepStats
+
+__all__ = ["History"]
+
+
+@dataclass
+class History:
+    """Global series and per-layer snapshots of the computed steps, bounded in memory.
+
+    When more than ``max_snapshots`` records have been kept, every other one is dropped (the first and the
+    non-finite ones are always kept), so a run of any length keeps an evenly thinned picture of itself.
+
+    Attributes:
+        max_snapshots: Upper bound on the number of records kept.
+        layer_names: Every layer seen, in definition order of first appearance.
+        steps: Step of each kept record.
+        total_norm: Global gradient norm of each kept record.
+        zero_frac: Global zero fraction of each kept record.
+        layer_norm_ratio: Largest / smallest layer norm of each kept record.
+        layer_norm: Per kept record, the gradient norm of each layer (``nan`` where the layer had no gradient).
+        layer_zero_frac: Per kept record, the zero fraction of each layer.
+        layer_ratio: Per kept record, the grad/param ratio of each layer.
+        first_nonfinite: The first non-finite record, if any.
+        no_grad_params: Parameters that never got a gradient in any kept record.
+        spikes: ``(step, z)`` of every spike reported to :meth:`add_spike`.
+        records_seen: Records offered to :meth:`add`, kept or not.
+    """
+
+    max_snapshots: int = 512
+    layer_names: list[str] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)
+    total_norm: list[float] = field(default_factory=list)
+    zero_frac: list[float] = field(default_factory=list)
+    layer_norm_ratio: list[float] = field(default_factory=list)
+    layer_norm: list[list[float]] = field(default_factory=list)
+    layer_zero_frac: list[list[float]] = field(default_factory=list)
+    layer_ratio: list[list[float]] = field(default_factory=list)
+    first_nonfinite: StepStats | None = None
+    no_grad_params: set[str] | None = None
+    spikes: list[tuple[int, float]] = field(default_factory=list)
+    records_seen: int = 0
+    _keep_every: int = 1
+
+    def add(self, record: StepStats) -> None:
+        """Keep ``record`` (or thin it out), in the order the steps come."""
+        self.records_seen += 1
+        finite = record.is_finite
+        if not finite and self.first_nonfinite is None:
+            self.first_nonfinite = record
+        names = set(record.no_grad_params)
+        self.no_grad_params = names if self.no_grad_params is None else self.no_grad_params & names
+        if finite and (self.records_seen - 1) % self._keep_every:
+            return
+        index = {name: i for i, name in enumerate(self.layer_names)}
+        for lay in record.layers:
+            if lay.name not in index:
+                index[lay.name] = len(self.layer_names)
+                self.layer_names.append(lay.name)
+        n = len(self.layer_names)
+        norm, zero, ratio = [math.nan] * n, [math.nan] * n, [math.nan] * n
+        for lay in record.layers:
+            j = index[lay.name]
+            norm[j], zero[j], ratio[j] = lay.grad_norm, lay.zero_frac, lay.ratio
+        self.steps.append(record.step)
+        self.total_norm.append(record.total_norm)
+        self.zero_frac.append(record.zero_frac)
+        self.layer_norm_ratio.append(record.layer_norm_ratio)
+        self.layer_norm.append(norm)
+        self.layer_zero_frac.append(zero)
+        self.layer_ratio.append(ratio)
+        if len(self.steps) > self.max_snapshots:
+            self._thin()
+
+    def add_spike(self, step: int, z: float) -> None:
+        """Note a spike (kept in full: spikes are rare)."""
+        self.spikes.append((step, z))
+
+    def _thin(self) -> None:
+        keep = [i for i in range(len(self.steps)) if i % 2 == 0 or not math.isfinite(self.total_norm[i])]
+        for name in ("steps", "total_norm", "zero_frac", "layer_norm_ratio", "layer_norm", "layer_zero_frac",
+                     "layer_ratio"):  # fmt: skip
+            series = getattr(self, name)
+            setattr(self, name, [series[i] for i in keep])
+        self._keep_every *= 2
+
+    def layer_series(self, name: str, which: str = "norm") -> list[float]:
+        """One layer's values over the kept records (``which``: ``"norm"``, ``"zero_frac"`` or ``"ratio"``)."""
+        j = self.layer_names.index(name)
+        rows = {"norm": self.layer_norm, "zero_frac": self.layer_zero_frac, "ratio": self.layer_ratio}[which]
+        return [row[j] if j < len(row) else math.nan for row in rows]
+
+    def recent(self, fraction: float = 0.25, minimum: int = 3) -> slice:
+        """The slice of the most recent kept records (the last ``fraction``, at least ``minimum``)."""
+        n = len(self.steps)
+        k = min(n, max(minimum, math.ceil(n * fraction)))
+        return slice(n - k, n)

@@ -1,0 +1,232 @@
+"""Rules over the history of records: findings with evidence, fixes and code. Pure functions."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+from itertools import pairwise
+from typing import Any
+
+from lightning_gradhealth.fixes import FIXES
+from lightning_gradhealth.history import History
+from lightning_gradhealth.thresholds import Severity, Thresholds
+
+__all__ = ["CODE", "Finding", "diagnose"]
+
+#: Code to add, per finding kind (seeds 002, 003).
+CODE: dict[str, str] = {
+    "nonfinite": "GradientHealthMonitor(on_nonfinite='raise', clip='norm', max_norm=1.0)\n"
+    "loss = F.cross_entropy(logits, targets, label_smoothing=0.1)",
+    "exploding": "GradientHealthMonitor(clip='norm', max_norm=1.0)  # or Trainer(gradient_clip_val=1.0)",
+    "vanishing": "def init_weights(m):\n    if isinstance(m, nn.Linear):\n"
+    "        nn.init.kaiming_normal_(m.weight, nonlinearity='relu')\n\nmodel.apply(init_weights)",
+    "dead": "nn.LeakyReLU(negative_slope=0.01)  # instead of nn.ReLU()",
+    "layer_imbalance": "x = x + block(norm(x))  # residual connection around a normalised block",
+    "spike": "GradientHealthMonitor(clip='zclip', on_spike='skip', spike_dir='spikes/')",
+    "rising_trend": "GradientHealthMonitor(clip='norm', max_norm=1.0)",
+    "decaying_trend": "# check the learning rate schedule and the architecture (see vanishing)",
+    "ratio_high": "# lower the learning rate of the optimizer",
+    "ratio_low": "# raise the learning rate, or check that these layers are not frozen by mistake",
+    "no_gradient": "for name, p in model.named_parameters():\n    if p.grad is None:\n"
+    "        print('no gradient:', name)",
+}
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One diagnosis.
+
+    Attributes:
+        kind: ``nonfinite``, ``exploding``, ``vanishing``, ``dead``, ``layer_imbalance``, ``ratio_high``,
+            ``ratio_low``, ``spike``, ``rising_trend``, ``decaying_trend`` or ``no_gradient``.
+        severity: ``warning`` or ``critical``.
+        summary: One sentence.
+        layers: Layers concerned, in depth (definition) order.
+        evidence: Numbers and steps behind the finding.
+        fixes: Recommended fixes, most useful first.
+        code: Code to add.
+    """
+
+    kind: str
+    severity: Severity
+    summary: str
+    layers: tuple[str, ...] = ()
+    evidence: dict[str, Any] = field(default_factory=dict)
+    fixes: tuple[str, ...] = ()
+    code: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return {
+            "kind": self.kind,
+            "severity": self.severity.value,
+            "summary": self.summary,
+            "layers": list(self.layers),
+            "evidence": self.evidence,
+            "fixes": list(self.fixes),
+            "code": self.code,
+        }
+
+
+def _finding(kind: str, severity: Severity, summary: str, fix_kind: str | None = None, **kw: Any) -> Finding:
+    return Finding(kind, severity, summary, fixes=FIXES[fix_kind or kind], code=CODE.get(kind, ""), **kw)
+
+
+def _median(values: Sequence[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return statistics.median(finite) if finite else math.nan
+
+
+def diagnose(
+    history: History, th: Thresholds, *, sparse_layers: Collection[str] = (), min_snapshots: int = 3
+) -> list[Finding]:
+    """Run every rule over ``history``.
+
+    Rules look at the recent quarter of the run (at least ``min_snapshots`` records) for states, and at the
+    whole run for trends; a state that only showed in one record is not a finding.
+
+    Args:
+        history: The kept records.
+        th: The thresholds the states are judged by.
+        sparse_layers: Layers with sparse gradients by design (embeddings), left out of the "dead" rule.
+        min_snapshots: Fewer kept records than this: only non-finite and no-gradient findings.
+
+    Returns:
+        Findings, critical first, then in the order of the rules above.
+    """
+    out: list[Finding] = []
+    first_bad = history.first_nonfinite
+    if first_bad is not None:
+        layers = tuple(lay.name for lay in first_bad.nonfinite_layers)
+        out.append(_finding(
+            "nonfinite", Severity.CRITICAL,
+            f"non-finite gradients at step {first_bad.step} ({first_bad.nan_count} NaN, {first_bad.inf_count} Inf)"
+            + (f", first in {layers[0]}" if layers else "") + ".",
+            layers=layers,
+            evidence={"step": first_bad.step, "nan_count": first_bad.nan_count, "inf_count": first_bad.inf_count,
+                      "amp_overflow": first_bad.amp_overflow},
+        ))  # fmt: skip
+    if history.no_grad_params:
+        names = tuple(sorted(history.no_grad_params))
+        out.append(_finding(
+            "no_gradient", Severity.WARNING, f"{len(names)} trainable parameter(s) never got a gradient.",
+            fix_kind="vanishing", layers=names, evidence={"parameters": list(names)},
+        ))  # fmt: skip
+    if len(history.steps) < min_snapshots:
+        return _ordered(out)
+
+    recent = history.recent()
+    names = history.layer_names
+    steps = history.steps
+    # -------------------------------------------------------------- exploding: large norms, now or growing
+    total_recent = _median(history.total_norm[recent])
+    sev = th.grade_high("total_norm_high", total_recent)
+    if sev is not Severity.OK:
+        norms = [_median([row[j] for row in history.layer_norm[recent]]) for j in range(len(names))]
+        finite = [(n, name) for n, name in zip(norms, names, strict=True) if math.isfinite(n)]
+        top = tuple(name for _, name in sorted(finite, reverse=True)[:3])
+        out.append(_finding(
+            "exploding", sev, f"the global gradient norm is {total_recent:.3g} over the recent steps "
+            f"(> {getattr(th, f'total_norm_high_{sev.value}'):g}).",
+            layers=tuple(n for n in names if n in top),
+            evidence={"median_total_norm": total_recent, "steps": [steps[recent.start], steps[-1]],
+                      "largest_layers": list(top)},
+        ))  # fmt: skip
+    # -------------------------------------------------------------- vanishing: depth decay or tiny layers
+    depth = [_median([row[j] for row in history.layer_norm[recent] if j < len(row)]) for j in range(len(names))]
+    present = [(name, n) for name, n in zip(names, depth, strict=True) if math.isfinite(n)]
+    if len(present) >= 2:
+        head = present[: max(1, len(present) // 4)]
+        tail = present[-max(1, len(present) // 4) :]
+        early, late = _median([n for _, n in head]), _median([n for _, n in tail])
+        decay = early / late if late > 0 else math.inf
+        tiny = [name for name, n in present if th.grade_low("layer_norm_low", n) is not Severity.OK]
+        if decay < 1.0 / th.layer_norm_ratio_warning or tiny:
+            critical = decay < 1.0 / th.layer_norm_ratio_critical or any(
+                th.grade_low("layer_norm_low", n) is Severity.CRITICAL for _, n in present
+            )
+            affected = tuple(name for name, n in present if n < late / th.layer_norm_ratio_warning) or tuple(tiny)
+            out.append(_finding(
+                "vanishing", Severity.CRITICAL if critical else Severity.WARNING,
+                f"gradients vanish toward the input: the first layers get {decay:.1e} of the last layers' gradient"
+                + (f"; {len(tiny)} layer(s) below {th.layer_norm_low_warning:g}" if tiny else "") + ".",
+                layers=affected,
+                evidence={"early_over_late": decay, "early_norm": early, "late_norm": late,
+                          "layer_norms": {name: n for name, n in present}},
+            ))  # fmt: skip
+        elif max(n for _, n in present) / max(min(n for _, n in present), 1e-300) > th.layer_norm_ratio_warning:
+            ratio = _median(history.layer_norm_ratio[recent])
+            if th.grade_high("layer_norm_ratio", ratio) is not Severity.OK:
+                out.append(_finding(
+                    "layer_imbalance", th.grade_high("layer_norm_ratio", ratio),
+                    f"layer gradient norms span a factor of {ratio:.3g}.",
+                    layers=(min(present, key=lambda p: p[1])[0], max(present, key=lambda p: p[1])[0]),
+                    evidence={"median_layer_norm_ratio": ratio},
+                ))  # fmt: skip
+    # -------------------------------------------------------------- dead: persistently zero gradients
+    dead = []
+    for j, name in enumerate(names):
+        if name in sparse_layers:
+            continue
+        zeros = [row[j] for row in history.layer_zero_frac[recent] if j < len(row) and math.isfinite(row[j])]
+        if len(zeros) >= min_snapshots and min(zeros) > th.zero_frac_warning:
+            dead.append((name, statistics.mean(zeros)))
+    if dead:
+        worst = max(z for _, z in dead)
+        out.append(_finding(
+            "dead", Severity.CRITICAL if worst > th.zero_frac_critical else Severity.WARNING,
+            f"{len(dead)} layer(s) keep more than {th.zero_frac_warning:.0%} of their gradient exactly zero "
+            "in every recent step: dead units.",
+            layers=tuple(name for name, _ in dead), evidence={"mean_zero_frac": dict(dead)},
+        ))  # fmt: skip
+    # -------------------------------------------------------------- grad/param ratios, persistently
+    for kind, check, high in (
+        ("ratio_high", "grad_param_ratio_high", True),
+        ("ratio_low", "grad_param_ratio_low", False),
+    ):
+        hits = []
+        for j, name in enumerate(names):
+            values = [row[j] for row in history.layer_ratio[recent] if j < len(row) and math.isfinite(row[j])]
+            if len(values) < min_snapshots:
+                continue
+            m = statistics.median(values)
+            if (m > 0 or high) and (th.grade_high(check, m) if high else th.grade_low(check, m)) is not Severity.OK:
+                hits.append((name, m))
+        if hits:
+            out.append(_finding(
+                kind, Severity.WARNING,
+                f"{len(hits)} layer(s) have a grad/param ratio {'above' if high else 'below'} "
+                f"{getattr(th, f'{check}_warning'):g} over the recent steps.",
+                layers=tuple(name for name, _ in hits), evidence={"median_ratio": dict(hits)},
+            ))  # fmt: skip
+    # -------------------------------------------------------------- spikes and trends over the run
+    if history.spikes:
+        out.append(_finding(
+            "spike", Severity.WARNING, f"{len(history.spikes)} gradient-norm spike(s), first at step "
+            f"{history.spikes[0][0]}.", evidence={"spikes": [{"step": s, "z": z} for s, z in history.spikes]},
+        ))  # fmt: skip
+    finite = [(s, v) for s, v in zip(steps, history.total_norm, strict=True) if math.isfinite(v) and v > 0]
+    if len(finite) >= 2 * min_snapshots:
+        k = max(min_snapshots, len(finite) // 4)
+        early = _median([v for _, v in finite[:k]])
+        late = _median([v for _, v in finite[-k:]])
+        rising = [b >= a for (_, a), (_, b) in pairwise(finite)]
+        if late / early >= 10 and sum(rising) / len(rising) >= 0.6:
+            out.append(_finding(
+                "rising_trend", Severity.WARNING,
+                f"the global gradient norm rose steadily from {early:.3g} to {late:.3g}: building to an explosion.",
+                fix_kind="exploding", evidence={"early": early, "late": late},
+            ))  # fmt: skip
+        if late / early <= 1e-2 and th.grade_low("total_norm_low", late) is not Severity.OK:
+            out.append(_finding(
+                "decaying_trend", Severity.WARNING,
+                f"the global gradient norm decayed from {early:.3g} to {late:.3g}: training is stalling.",
+                fix_kind="vanishing", evidence={"early": early, "late": late},
+            ))  # fmt: skip
+    return _ordered(out)
+
+
+def _ordered(findings: list[Finding]) -> list[Finding]:
+    return sorted(findings, key=lambda f: f.severity is not Severity.CRITICAL)

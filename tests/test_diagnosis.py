@@ -1,0 +1,112 @@
+"""Rules and the Gradient Health Report on pathological and healthy runs (real Trainers)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import TinyMLP, loader, make_trainer
+from test_safety import Regression, regression_data
+from torch import nn
+from torch.utils.data import DataLoader
+
+from lightning_gradhealth import GradientHealthError, GradientHealthMonitor, Severity
+from lightning_gradhealth.demo import DeepSigmoidMLP
+from lightning_gradhealth.history import History
+from lightning_gradhealth.record import StepStats
+
+
+def _fit(model, data, tmp_path, steps=30, **monitor_kwargs):
+    monitor = GradientHealthMonitor(**monitor_kwargs)
+    trainer = make_trainer(tmp_path, callbacks=[monitor], max_steps=steps, log_every_n_steps=1)
+    trainer.fit(model, DataLoader(data, batch_size=64))
+    return monitor, trainer
+
+
+def _kinds(monitor):
+    return {f.kind: f for f in monitor.findings}
+
+
+def test_vanishing_deep_sigmoid_net(tmp_path):
+    monitor, _ = _fit(Regression(DeepSigmoidMLP(in_dim=32)), regression_data(), tmp_path)
+    finding = _kinds(monitor)["vanishing"]
+    assert finding.severity is Severity.CRITICAL
+    assert finding.layers[0] == "model.net.0"  # depth order: the first layer is the most affected
+    assert finding.evidence["early_over_late"] < 1e-6
+    assert "exploding" not in _kinds(monitor)
+
+
+class DeepLinear(nn.Module):
+    """Seed 002's exploding net: 20 Linear layers, init std 1.5/sqrt(width)."""
+
+    def __init__(self, depth=20, width=32):
+        super().__init__()
+        layers = []
+        for _ in range(depth):
+            layer = nn.Linear(width, width, bias=False)
+            nn.init.normal_(layer.weight, std=1.5 / math.sqrt(width))
+            layers.append(layer)
+        self.net = nn.Sequential(*layers, nn.Linear(width, 1))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_exploding_deep_linear_net(tmp_path):
+    monitor, _ = _fit(Regression(DeepLinear(), lr=1e-5), regression_data(), tmp_path, steps=10)
+    finding = _kinds(monitor)["exploding"]
+    assert finding.severity is Severity.CRITICAL
+    assert finding.evidence["median_total_norm"] > 1000
+
+
+def test_dead_relu_layers(tmp_path):
+    net = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
+    with torch.no_grad():
+        net[2].bias.fill_(-20.0)  # every unit of the 2nd layer is off for every input: its ReLU kills the gradient
+    monitor, _ = _fit(Regression(net), regression_data(), tmp_path, steps=20)
+    finding = _kinds(monitor)["dead"]
+    # the dead layer itself and everything upstream of its ReLUs get exactly-zero gradients
+    assert finding.layers[:2] == ("model.0", "model.2")
+    assert finding.evidence["mean_zero_frac"]["model.0"] == 1.0
+
+
+def test_nonfinite_report_is_written_when_failing_fast(tmp_path):
+    monitor = GradientHealthMonitor()
+    trainer = make_trainer(tmp_path, callbacks=[monitor], max_steps=10)
+    with pytest.raises(GradientHealthError):
+        trainer.fit(TinyMLP(poison={4: ("net.2.weight", math.nan)}), loader())
+    report = json.loads((tmp_path / "gradient_health_report.json").read_text())
+    (nonfinite,) = [f for f in report["findings"] if f["kind"] == "nonfinite"]
+    assert nonfinite["severity"] == "critical" and nonfinite["layers"] == ["net.2"]
+    assert nonfinite["evidence"]["step"] == 4
+    md = (tmp_path / "gradient_health_report.md").read_text()
+    assert md.startswith("## Gradient Health Report")
+    assert "| Layers with NaN/Inf gradients | 1 | ❌ |" in md
+    assert "### Code to Add" in md and "```python" in md
+
+
+def test_spike_finding(tmp_path):
+    monitor = GradientHealthMonitor(spike_warmup_steps=5, on_spike="skip")
+    trainer = make_trainer(tmp_path, callbacks=[monitor], max_steps=20)
+    trainer.fit(TinyMLP(loss_scale_at={15: 1e4}), loader(n=256))
+    finding = _kinds(monitor)["spike"]
+    assert finding.evidence["spikes"][0]["step"] == 15
+
+
+def test_history_is_bounded_and_keeps_the_first_and_nonfinite_records():
+    history = History(max_snapshots=64)
+
+    def record(step, total):
+        return StepStats(step=step, global_step=step, epoch=0, batch_idx=step, optimizer_idx=0, total_norm=total,
+                         param_norm=1.0, zero_frac=0.0, nan_count=0, inf_count=0, layer_norm_ratio=1.0,
+                         no_grad_count=0)  # fmt: skip
+
+    for step in range(5000):
+        history.add(record(step, math.nan if step == 3001 else 1.0))
+    assert len(history.steps) <= 64 and history.records_seen == 5000
+    assert history.steps[0] == 0 and 3001 in history.steps
+    assert history.first_nonfinite.step == 3001
+    gaps = [b - a for a, b in zip(history.steps, history.steps[1:], strict=False) if 3001 not in (a, b)]
+    assert max(gaps) <= 2 * min(gaps)  # evenly thinned
