@@ -138,7 +138,8 @@ class GradientHealthMonitor(Callback):
         clip: ``None`` or the clipper applied after the statistics: ``"norm"`` (``max_norm``), ``"value"``
             (``clip_value``), ``"agc"`` (unit-wise adaptive clipping), ``"autoclip"`` (percentile of the norm
             history), ``"zclip"`` (z-score against an EMA of the norm).
-        max_norm: Global L2 norm for ``clip="norm"``.
+        max_norm: Global L2 norm for ``clip="norm"`` (1.0). Each clipper parameter is refused with another
+            ``clip`` (it would do nothing).
         clip_value: Bound for ``clip="value"``.
         agc_clip_factor: AGC's λ (NFNets, timm: 0.01).
         agc_eps: AGC's floor on the unit weight norm (1e-3).
@@ -178,15 +179,15 @@ class GradientHealthMonitor(Callback):
         amp_max_consecutive_overflows: int = 20,
         amp_min_scale: float = 1.0,
         clip: ClipKind | None = None,
-        max_norm: float = 1.0,
+        max_norm: float | None = None,
         clip_value: float | None = None,
-        agc_clip_factor: float = 0.01,
-        agc_eps: float = 1e-3,
-        autoclip_percentile: float = 10.0,
-        autoclip_history: int = 10_000,
-        zclip_alpha: float = 0.97,
-        zclip_z_thresh: float = 2.5,
-        zclip_warmup_steps: int = 25,
+        agc_clip_factor: float | None = None,
+        agc_eps: float | None = None,
+        autoclip_percentile: float | None = None,
+        autoclip_history: int | None = None,
+        zclip_alpha: float | None = None,
+        zclip_z_thresh: float | None = None,
+        zclip_warmup_steps: int | None = None,
         spike_z_thresh: float | None = 6.0,
         spike_warmup_steps: int = 50,
         on_spike: Literal["warn", "skip", "raise"] = "warn",
@@ -211,15 +212,33 @@ class GradientHealthMonitor(Callback):
         check_int("amp_max_consecutive_overflows", amp_max_consecutive_overflows, minimum=1)
         check_float("amp_min_scale", amp_min_scale, low=0)
         check_choice("clip", clip, (None, "norm", "value", "agc", "autoclip", "zclip"))
-        check_float("max_norm", max_norm, low=0, low_open=True)
+        check_float("max_norm", max_norm, low=0, low_open=True, allow_none=True)
         check_float("clip_value", clip_value, low=0, low_open=True, allow_none=True)
-        check_float("agc_clip_factor", agc_clip_factor, low=0, low_open=True)
-        check_float("agc_eps", agc_eps, low=0, low_open=True)
-        check_float("autoclip_percentile", autoclip_percentile, low=0, high=100)
-        check_int("autoclip_history", autoclip_history, minimum=1)
-        check_float("zclip_alpha", zclip_alpha, low=0, high=1, low_open=True)
-        check_float("zclip_z_thresh", zclip_z_thresh, low=0, low_open=True)
-        check_int("zclip_warmup_steps", zclip_warmup_steps, minimum=1)
+        check_float("agc_clip_factor", agc_clip_factor, low=0, low_open=True, allow_none=True)
+        check_float("agc_eps", agc_eps, low=0, low_open=True, allow_none=True)
+        check_float("autoclip_percentile", autoclip_percentile, low=0, high=100, allow_none=True)
+        check_int("autoclip_history", autoclip_history, minimum=1, allow_none=True)
+        check_float("zclip_alpha", zclip_alpha, low=0, high=1, low_open=True, allow_none=True)
+        check_float("zclip_z_thresh", zclip_z_thresh, low=0, low_open=True, allow_none=True)
+        check_int("zclip_warmup_steps", zclip_warmup_steps, minimum=1, allow_none=True)
+        # a parameter of a clipper that is not the one chosen would silently do nothing: refuse it
+        owners = {"max_norm": "norm", "clip_value": "value", "agc_clip_factor": "agc", "agc_eps": "agc",
+                  "autoclip_percentile": "autoclip", "autoclip_history": "autoclip", "zclip_alpha": "zclip",
+                  "zclip_z_thresh": "zclip", "zclip_warmup_steps": "zclip"}  # fmt: skip
+        given = {"max_norm": max_norm, "clip_value": clip_value, "agc_clip_factor": agc_clip_factor,
+                 "agc_eps": agc_eps, "autoclip_percentile": autoclip_percentile, "autoclip_history": autoclip_history,
+                 "zclip_alpha": zclip_alpha, "zclip_z_thresh": zclip_z_thresh,
+                 "zclip_warmup_steps": zclip_warmup_steps}  # fmt: skip
+        for name, value in given.items():
+            if value is not None and owners[name] != clip:
+                raise ValueError(
+                    f"`{name}` only applies to `clip={owners[name]!r}`, got `{name}={value!r}` with `clip={clip!r}`."
+                )
+        if spike_z_thresh is None and (on_spike != "warn" or spike_dir is not None):
+            raise ValueError(
+                "`on_spike` and `spike_dir` need spike detection: got `spike_z_thresh=None` with "
+                f"`on_spike={on_spike!r}`, `spike_dir={spike_dir!r}`."
+            )
         check_float("spike_z_thresh", spike_z_thresh, low=0, low_open=True, allow_none=True)
         check_int("spike_warmup_steps", spike_warmup_steps, minimum=1)
         check_choice("on_spike", on_spike, ("warn", "skip", "raise"))
@@ -259,11 +278,20 @@ class GradientHealthMonitor(Callback):
         )
         self._clipper: Clipper | None = {
             None: lambda: None,
-            "norm": lambda: NormClipper(max_norm),
+            "norm": lambda: NormClipper(1.0 if max_norm is None else max_norm),
             "value": lambda: ValueClipper(clip_value),  # type: ignore[arg-type]
-            "agc": lambda: AGCClipper(agc_clip_factor, agc_eps),
-            "autoclip": lambda: AutoClipper(autoclip_percentile, autoclip_history),
-            "zclip": lambda: ZClipper(zclip_alpha, zclip_z_thresh, zclip_warmup_steps),
+            "agc": lambda: AGCClipper(
+                0.01 if agc_clip_factor is None else agc_clip_factor, 1e-3 if agc_eps is None else agc_eps
+            ),
+            "autoclip": lambda: AutoClipper(
+                10.0 if autoclip_percentile is None else autoclip_percentile,
+                10_000 if autoclip_history is None else autoclip_history,
+            ),
+            "zclip": lambda: ZClipper(
+                0.97 if zclip_alpha is None else zclip_alpha,
+                2.5 if zclip_z_thresh is None else zclip_z_thresh,
+                25 if zclip_warmup_steps is None else zclip_warmup_steps,
+            ),
         }[clip]()
         self._layouts: dict[int, ParamLayout] = {}
         self._model_layout: ParamLayout | None = None
@@ -282,6 +310,17 @@ class GradientHealthMonitor(Callback):
         self._trainer: Trainer | None = None
         self.last_record: StepStats | None = None
         """The most recent record (on every rank), or ``None`` before the first computed step."""
+
+    @property
+    def state_key(self) -> str:
+        """Unique per configuration, so that two monitors (e.g. on different parameter sets) can be checkpointed."""
+        return self._generate_state_key(
+            log_every_n_steps=self.log_every_n_steps,
+            group_by=self.group_by if isinstance(self.group_by, str) else getattr(self.group_by, "__name__", "fn"),
+            include=getattr(self.include, "pattern", None),
+            exclude=getattr(self.exclude, "pattern", None),
+            clip=self.clip,
+        )
 
     # ------------------------------------------------------------------ when
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -543,6 +582,7 @@ class GradientHealthMonitor(Callback):
             f"gradient-norm spike: {total:.3g} is {z:.1f} sigma above its running (log) mean, at step {meta.step} "
             f"(epoch {meta.epoch}, batch {meta.batch_idx})"
             + (f"; batch saved to {saved}" if saved else "")
+            + ("; update skipped" if self.on_spike == "skip" else "")
             + f". Fix: {FIXES['spike'][0]}."
         )
         reason = None
@@ -622,7 +662,8 @@ class GradientHealthMonitor(Callback):
 
     def _fail(self, trainer: Trainer, record: StepStats, reason: str, kind: str = "nonfinite") -> None:
         """Log the step, flush the loggers, raise :class:`GradientHealthError`."""
-        message = format_nonfinite_message(record, reason)
+        trainer_accumulates = trainer.accumulate_grad_batches > 1 or not trainer.lightning_module.automatic_optimization
+        message = format_nonfinite_message(record, reason, micro_batches=trainer_accumulates)
         self._alert_at(trainer, kind, Severity.CRITICAL, record, message.splitlines()[0])
         self._publish(record)
         self._emit(trainer)
@@ -742,6 +783,7 @@ class GradientHealthMonitor(Callback):
             "alerts": self._alerts.state_dict(),
             "spikes": None if self._spikes is None else self._spikes.state_dict(),
             "clipper": None if self._clipper is None else self._clipper.state_dict(),
+            "clip": self.clip,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -755,7 +797,13 @@ class GradientHealthMonitor(Callback):
         if self._spikes is not None and state_dict.get("spikes") is not None:
             self._spikes.load_state_dict(state_dict["spikes"])
         if self._clipper is not None and state_dict.get("clipper") is not None:
-            self._clipper.load_state_dict(state_dict["clipper"])
+            if state_dict.get("clip", self.clip) != self.clip:
+                rank_zero_warn(
+                    f"GradientHealthMonitor: the checkpoint was made with clip={state_dict.get('clip')!r}, this run "
+                    f"uses clip={self.clip!r}; the clipper starts afresh."
+                )
+            else:
+                self._clipper.load_state_dict(state_dict["clipper"])
 
 
 def _to_cpu(batch: Any) -> Any:

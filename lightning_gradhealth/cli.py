@@ -7,6 +7,7 @@ import logging
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 __all__ = ["main"]
 
@@ -36,6 +37,43 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from lightning_gradhealth.errors import GradientHealthError
+    from lightning_gradhealth.eventfiles import find_runs, history_from_events
+    from lightning_gradhealth.report import REPORT_JSON, REPORT_MD, console_summary, write_report
+    from lightning_gradhealth.rules import diagnose
+    from lightning_gradhealth.thresholds import Thresholds
+
+    try:
+        runs = find_runs(args.logdir)
+        histories = []
+        for run in runs:
+            try:
+                histories.append((run, history_from_events(run)))
+            except GradientHealthError:
+                continue  # another run in the same tree, not made with the monitor
+        if not histories:
+            raise GradientHealthError(
+                f"no run under {args.logdir} was logged with GradientHealthMonitor "
+                "(no 'grad_health/total_norm' scalars)"
+            )
+    except GradientHealthError as err:
+        print(f"gradhealth report: {err}", file=sys.stderr)
+        return 2
+    root = Path(args.logdir)
+    for run, history in histories:
+        out = Path(args.out) / run.relative_to(root) if args.out else run
+        findings = diagnose(history, Thresholds())
+        md = write_report(out, history, findings, Thresholds())
+        unwanted = {"md": REPORT_JSON, "json": REPORT_MD}.get(args.format)
+        if unwanted:
+            (out / unwanted).unlink()
+        path = md if args.format != "json" else out / REPORT_JSON
+        print(f"{run}:")
+        print(console_summary(findings, path))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``gradhealth``.
 
@@ -51,7 +89,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--out", default="gradhealth_demo", help="log directory (default: %(default)s)")
     demo.add_argument("--steps", type=int, default=200, help="optimizer steps per net (default: %(default)s)")
     demo.add_argument("--log-every-n-steps", type=int, default=5, help="logging interval (default: %(default)s)")
+    report = sub.add_parser("report", help="diagnose a run from its TensorBoard event files and write the report")
+    report.add_argument("logdir", help="the run's log directory (searched recursively for event files)")
+    report.add_argument("--out", default=None, help="where to write the report (default: next to the events)")
+    report.add_argument("--format", choices=("md", "json", "both"), default="both", help="(default: %(default)s)")
     args = parser.parse_args(argv)
+    if args.command == "report":
+        return _report(args)
     if args.steps < 1 or args.log_every_n_steps < 1:
         parser.error("--steps and --log-every-n-steps must be >= 1")
     return _demo(args)

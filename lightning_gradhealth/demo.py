@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradhealth.callback import GradientHealthMonitor
 from lightning_gradhealth.record import StepStats
+from lightning_gradhealth.rules import Finding
 
 __all__ = ["DeepSigmoidMLP", "DemoRun", "RegressionTask", "ResidualReLUMLP", "run_demo"]
 
@@ -105,6 +106,7 @@ class DemoRun:
     log_dir: str
     records: tuple[StepStats, ...]
     final_loss: float
+    findings: tuple[Finding, ...] = ()
 
     def summary(self) -> str:
         """A few lines: global norm, depth profile, zero fraction."""
@@ -122,6 +124,14 @@ class DemoRun:
                 f"{last_l.grad_norm:.3g}   first/last = {depth_ratio:.2g}",
                 f"  largest/smallest layer norm: {last.layer_norm_ratio:.3g}   zero fraction: {last.zero_frac:.1%}   "
                 f"NaN/Inf: {last.nan_count}/{last.inf_count}",
+                "  diagnosis: "
+                + (
+                    " ".join(f"[{f.severity.value}] {f.kind}: {f.summary}" for f in self.findings)
+                    if self.findings
+                    else "healthy, no issue detected"
+                ),
+                *([f"  fix: {self.findings[0].fixes[0]}"] if self.findings else []),
+                f"  report: {Path(self.log_dir) / 'gradient_health_report.md'}",
             ]
         )
 
@@ -172,6 +182,7 @@ def run_demo(out_dir: str | Path = "gradhealth_demo", steps: int = 200, log_ever
                 log_dir=logger.log_dir,
                 records=tuple(collect.records),
                 final_loss=float(loss) if loss is not None else math.nan,
+                findings=tuple(monitor.findings),
             )
         )
     return runs

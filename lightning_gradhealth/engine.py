@@ -366,7 +366,10 @@ class GradStatsEngine:
                     )
                 )
         n_ratio = int(head["num_ratio_layers"])
-        layer_norm_ratio = head["max_layer_norm"] / head["min_layer_norm"] if n_ratio >= 2 else 1.0
+        if not math.isfinite(total):
+            layer_norm_ratio = math.nan  # not a healthy 1.0: the layers cannot be compared on a non-finite step
+        else:
+            layer_norm_ratio = head["max_layer_norm"] / head["min_layer_norm"] if n_ratio >= 2 else 1.0
         present = set(pending.present)
         no_grad = tuple(name for i, name in enumerate(layout.param_names) if i not in present)
         grad_scale = extras.get("amp_scale")

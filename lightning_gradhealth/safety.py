@@ -79,13 +79,14 @@ class NonFinitePolicy:
             setattr(self, key, int(state.get(key, 0)))
 
 
-def format_nonfinite_message(record: StepStats, reason: str, max_layers: int = 5) -> str:
+def format_nonfinite_message(record: StepStats, reason: str, max_layers: int = 5, micro_batches: bool = True) -> str:
     """The message of a fail-fast error: where, which layers, what to do.
 
     Args:
         record: The full record of the failing step (with exact NaN/Inf counts).
         reason: Why the run stops (first line).
         max_layers: How many offending layers to name.
+        micro_batches: Whether the step accumulates several micro-batches (then the first bad one is named).
 
     Returns:
         A multi-line message.
@@ -94,7 +95,7 @@ def format_nonfinite_message(record: StepStats, reason: str, max_layers: int = 5
         f"{reason} at step {record.step} (global step {record.global_step}, epoch {record.epoch}, batch "
         f"{record.batch_idx}"
     ]
-    if record.first_nonfinite_micro_batch is not None:
+    if micro_batches and record.first_nonfinite_micro_batch is not None:
         lines[0] += f", micro-batch {record.first_nonfinite_micro_batch} of the accumulated step"
     lines[0] += ")."
     bad = [lay for lay in record.layers if lay.nan_count or lay.inf_count]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -48,3 +49,35 @@ def test_examples_run(script, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "grad_health/total_norm" in proc.stdout
+
+
+def test_report_from_event_files(tmp_path, capsys):
+    logs = tmp_path / "logs"
+    assert main(["demo", "--out", str(logs), "--steps", "30", "--log-every-n-steps", "5"]) == 0
+    out = tmp_path / "out"
+    assert main(["report", str(logs), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "vanishing" in printed and "no issue detected" in printed
+    sick = json.loads((out / "deep_sigmoid" / "gradient_health_report.json").read_text())
+    vanishing = [f for f in sick["findings"] if f["kind"] == "vanishing"]
+    assert vanishing and vanishing[0]["severity"] == "critical" and vanishing[0]["layers"][0] == "model.net.0"
+    healthy = json.loads((out / "residual_relu" / "gradient_health_report.json").read_text())
+    assert healthy["findings"] == []
+    assert (out / "deep_sigmoid" / "gradient_health_report.md").read_text().startswith("## Gradient Health Report")
+    # --format json writes only the JSON
+    assert main(["report", str(logs / "deep_sigmoid"), "--out", str(tmp_path / "j"), "--format", "json"]) == 0
+    assert sorted(p.name for p in (tmp_path / "j").iterdir()) == ["gradient_health_report.json"]
+
+
+def test_report_refuses_what_it_cannot_read(tmp_path, capsys):
+    from torch.utils.tensorboard import SummaryWriter
+
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    assert "no such log directory" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["report", str(tmp_path / "empty")]) == 2
+    assert "no TensorBoard event files" in capsys.readouterr().err
+    with SummaryWriter(str(tmp_path / "other")) as writer:
+        writer.add_scalar("loss", 1.0, 0)
+    assert main(["report", str(tmp_path / "other")]) == 2
+    assert "was logged with GradientHealthMonitor" in capsys.readouterr().err

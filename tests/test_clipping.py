@@ -279,7 +279,8 @@ def test_zclip_matches_its_definition_and_clips_an_injected_spike():
 @pytest.mark.parametrize("clip", ["zclip", "autoclip"])
 def test_nan_step_does_not_poison_the_adaptive_state(clip):
     nan_step, spike_step = 4, 6
-    monitor = GradientHealthMonitor(clip=clip, on_nonfinite="skip", zclip_warmup_steps=3, autoclip_percentile=50.0)
+    own = {"zclip": {"zclip_warmup_steps": 3}, "autoclip": {"autoclip_percentile": 50.0}}[clip]
+    monitor = GradientHealthMonitor(clip=clip, on_nonfinite="skip", **own)
     model = TinyMLP(poison={nan_step: ("net.2.weight", math.nan)}, loss_scale_at={spike_step: 30.0})
     trainer, pre, post, _, _ = _fit(model, monitor, max_steps=10)
     assert math.isnan(_norm(pre.steps[nan_step]["grads"]))

@@ -90,6 +90,7 @@ def test_nan_and_inf_counts_are_exact_per_layer():
     for lay in rec.layers:
         assert (lay.nan_count, lay.inf_count) == (ref["layers"][lay.name]["nan"], ref["layers"][lay.name]["inf"])
     assert (rec.nan_count, rec.inf_count) == (3, 2)
+    assert math.isnan(rec.layer_norm_ratio)  # not a healthy-looking 1.0 on a non-finite step
 
 
 def test_layer_norm_ratio_ignores_zero_layers_and_true_global_norm_is_not_a_sum():

@@ -49,3 +49,33 @@ def test_good_arguments():
     assert monitor.norm_type == math.inf
     assert monitor.include.pattern == "net" and monitor.exclude.pattern == "bias"
     assert GradientHealthMonitor(norm_type=1).norm_type == 1.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "pattern"),
+    [
+        ({"max_norm": 5.0}, r"`max_norm` only applies to `clip='norm'`, got `max_norm=5.0` with `clip=None`"),
+        ({"clip": "norm", "clip_value": 0.5}, r"`clip_value` only applies to `clip='value'`"),
+        ({"agc_clip_factor": 0.1}, r"`agc_clip_factor` only applies to `clip='agc'`"),
+        ({"clip": "zclip", "autoclip_history": 10}, r"`autoclip_history` only applies to `clip='autoclip'`"),
+        ({"spike_z_thresh": None, "on_spike": "skip"}, r"need spike detection: got `spike_z_thresh=None`"),
+        ({"spike_z_thresh": None, "spike_dir": "spikes"}, r"need spike detection"),
+    ],
+)
+def test_arguments_that_would_do_nothing_are_refused(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        GradientHealthMonitor(**kwargs)
+
+
+def test_two_monitors_in_one_trainer_have_distinct_state_keys(tmp_path):
+    from conftest import TinyMLP, loader, make_trainer
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    early = GradientHealthMonitor(include=r"^net\.0")
+    late = GradientHealthMonitor(include=r"^net\.4")
+    assert early.state_key != late.state_key
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer = make_trainer(callbacks=[early, late, ckpt], max_steps=2, enable_checkpointing=True)
+    trainer.fit(TinyMLP(), loader())
+    assert [lay.name for lay in early.last_record.layers] == ["net.0"]
+    assert [lay.name for lay in late.last_record.layers] == ["net.4"]
