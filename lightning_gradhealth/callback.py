@@ -21,6 +21,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 from torch.optim import Optimizer
 
+from lightning_gradhealth.activations import ActivationStats
 from lightning_gradhealth.alerts import Alert, AlertManager
 from lightning_gradhealth.checks import check_global_norm, check_record
 from lightning_gradhealth.clipping import AGCClipper, AutoClipper, Clipper, NormClipper, ValueClipper, ZClipper
@@ -94,6 +95,9 @@ class GradientHealthMonitor(Callback):
     - ``grad_health/clip_coef``: the global clipping coefficient of the step (norm-based clippers).
     - ``grad_health/clipped_norm``: the global norm after our clipping.
     - ``grad_health/clip_frac``: fraction of optimizer steps clipped so far.
+    - ``act_dead_frac/<module>``, ``act_zero_frac/<module>``: fraction of an activation module's units that are
+      zero for the whole sampled batch, and of its outputs that are zero (``activation_stats_every_n_steps``).
+    - ``act_saturated_frac/<module>``: fraction of a sigmoid/tanh module's outputs that are saturated (same).
 
     Safety, on *every* optimizer step (one foreach norm and one transfer on steps that are not logged): a
     non-finite gradient is caught at the step it appears (``on_nonfinite``), gradient-norm spikes are detected
@@ -156,6 +160,9 @@ class GradientHealthMonitor(Callback):
         report: At the end of fit (and when failing fast), diagnose the run (:attr:`findings`) and write
             ``gradient_health_report.md`` / ``.json`` on rank zero, with a summary on the console.
         report_dir: Where the report goes; default: the first logger's ``log_dir``, else ``default_root_dir``.
+        activation_stats_every_n_steps: Opt-in activation statistics every this many optimizer steps: forward hooks
+            on ReLU, LeakyReLU, GELU, SiLU, Sigmoid and Tanh modules for that step only (dead units, zero
+            activations, saturation), summed across ranks with torchmetrics, one more transfer on those steps.
 
     Raises:
         TypeError: An argument has the wrong type.
@@ -194,6 +201,7 @@ class GradientHealthMonitor(Callback):
         spike_dir: str | Path | None = None,
         report: bool = True,
         report_dir: str | Path | None = None,
+        activation_stats_every_n_steps: int | None = None,
     ) -> None:
         check_int("log_every_n_steps", log_every_n_steps, minimum=1, allow_none=True)
         self.group_by = check_group_by("group_by", group_by)
@@ -245,6 +253,7 @@ class GradientHealthMonitor(Callback):
         if spike_dir is not None:
             check_type("spike_dir", spike_dir, (str, Path), "None, a str or a pathlib.Path")
         check_type("report", report, bool, "a bool")
+        check_int("activation_stats_every_n_steps", activation_stats_every_n_steps, minimum=1, allow_none=True)
         if report_dir is not None:
             check_type("report_dir", report_dir, (str, Path), "None, a str or a pathlib.Path")
         if clip == "value" and clip_value is None:
@@ -263,6 +272,8 @@ class GradientHealthMonitor(Callback):
         self.on_spike = on_spike
         self.spike_dir = None if spike_dir is None else Path(spike_dir)
         self.report = report
+        self.activation_stats_every_n_steps = activation_stats_every_n_steps
+        self._act: ActivationStats | None = None
         self.report_dir = None if report_dir is None else Path(report_dir)
         self._history = History()
         self.findings: list[Finding] = []
@@ -363,6 +374,8 @@ class GradientHealthMonitor(Callback):
                 f"{getattr(self.include, 'pattern', None)!r} and `exclude`={getattr(self.exclude, 'pattern', None)!r}"
                 f" (trainable parameters start with {names})."
             )
+        if self.activation_stats_every_n_steps is not None:
+            self._act = ActivationStats(pl_module)
         sparse = set()
         for mod_name, module in pl_module.named_modules():
             if isinstance(module, _SPARSE_MODULES):
@@ -397,6 +410,9 @@ class GradientHealthMonitor(Callback):
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         """Remember the batch index (and, with ``spike_dir``, the batch) for the record."""
         self._batch_idx = batch_idx
+        every = self.activation_stats_every_n_steps
+        if self._act is not None and every is not None and (self._log_step(trainer) + 1) % every == 0:
+            self._act.attach()
         if self.spike_dir is not None:
             self._step_batches.append(batch)
 
@@ -413,6 +429,8 @@ class GradientHealthMonitor(Callback):
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
         """Check, measure, decide and clip, on the accumulated, unscaled, pre-clip gradient of this step."""
         self._flush_pending()
+        if self._act is not None and self._act.attached:
+            self._read_activations(trainer)
         logged = self._should_compute(trainer)
         if self._disabled or not (logged or self._guards_every_step):
             self._end_step()
@@ -498,6 +516,20 @@ class GradientHealthMonitor(Callback):
             self._hand_over(trainer, pl_module, optimizer, record, layout)
         self._end_step()
 
+    def _read_activations(self, trainer: Trainer) -> None:
+        assert self._act is not None
+        self._act.detach()
+        stats = self._act.read()  # collective under DDP: every rank reads
+        step = self._log_step(trainer)
+        self._history.add_activations(step, stats)
+        metrics: dict[str, float] = {}
+        for name, (dead, zero, sat) in stats.items():
+            metrics[f"act_dead_frac/{name}"] = dead
+            metrics[f"act_zero_frac/{name}"] = zero
+            if sat is not None:
+                metrics[f"act_saturated_frac/{name}"] = sat
+        self._unlogged.setdefault(step, {}).update(metrics)
+
     def _add_extras(self, pending: PendingStats, scale: torch.Tensor | None) -> None:
         if scale is not None:
             pending.extras["amp_scale"] = scale
@@ -538,6 +570,8 @@ class GradientHealthMonitor(Callback):
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         """Write what was computed before the failure, so that nothing already measured is lost."""
+        if self._act is not None:
+            self._act.detach()
         try:
             self._flush_pending()
         finally:

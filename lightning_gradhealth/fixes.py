@@ -26,6 +26,10 @@ FIXES: dict[str, tuple[str, ...]] = {
         "use LeakyReLU or GELU instead of ReLU",
         "lower the learning rate; check the initialisation (He init for ReLU)",
     ),
+    "saturation": (
+        "switch saturating sigmoid/tanh layers to ReLU/GELU",
+        "normalise their inputs (LayerNorm/BatchNorm) and use Xavier initialisation",
+    ),
     "ratio_high": ("reduce the learning rate: the updates are large relative to the weights",),
     "ratio_low": ("increase the learning rate or fix the architecture",),
     "layer_imbalance": (

@@ -45,6 +45,7 @@ class History:
     first_nonfinite: StepStats | None = None
     no_grad_params: set[str] | None = None
     spikes: list[tuple[int, float]] = field(default_factory=list)
+    activations: dict[str, list[tuple[int, float, float, float | None]]] = field(default_factory=dict)
     records_seen: int = 0
     _keep_every: int = 1
 
@@ -77,6 +78,13 @@ class History:
         self.layer_ratio.append(ratio)
         if len(self.steps) > self.max_snapshots:
             self._thin()
+
+    def add_activations(self, step: int, stats: dict[str, tuple[float, float, float | None]]) -> None:
+        """Keep one sample of activation statistics (the most recent ``max_snapshots`` per module)."""
+        for name, (dead, zero, sat) in stats.items():
+            samples = self.activations.setdefault(name, [])
+            samples.append((step, dead, zero, sat))
+            del samples[: max(0, len(samples) - self.max_snapshots)]
 
     def add_spike(self, step: int, z: float) -> None:
         """Note a spike (kept in full: spikes are rare)."""

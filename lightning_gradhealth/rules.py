@@ -23,6 +23,7 @@ CODE: dict[str, str] = {
     "vanishing": "def init_weights(m):\n    if isinstance(m, nn.Linear):\n"
     "        nn.init.kaiming_normal_(m.weight, nonlinearity='relu')\n\nmodel.apply(init_weights)",
     "dead": "nn.LeakyReLU(negative_slope=0.01)  # instead of nn.ReLU()",
+    "saturation": "nn.GELU()  # instead of nn.Sigmoid() / nn.Tanh() inside the network",
     "layer_imbalance": "x = x + block(norm(x))  # residual connection around a normalised block",
     "spike": "GradientHealthMonitor(clip='zclip', on_spike='skip', spike_dir='spikes/')",
     "rising_trend": "GradientHealthMonitor(clip='norm', max_norm=1.0)",
@@ -39,8 +40,8 @@ class Finding:
     """One diagnosis.
 
     Attributes:
-        kind: ``nonfinite``, ``exploding``, ``vanishing``, ``dead``, ``layer_imbalance``, ``ratio_high``,
-            ``ratio_low``, ``spike``, ``rising_trend``, ``decaying_trend`` or ``no_gradient``.
+        kind: ``nonfinite``, ``exploding``, ``vanishing``, ``dead``, ``saturation``, ``layer_imbalance``,
+            ``ratio_high``, ``ratio_low``, ``spike``, ``rising_trend``, ``decaying_trend`` or ``no_gradient``.
         severity: ``warning`` or ``critical``.
         summary: One sentence.
         layers: Layers concerned, in depth (definition) order.
@@ -173,6 +174,33 @@ def diagnose(
         zeros = [row[j] for row in history.layer_zero_frac[recent] if j < len(row) and math.isfinite(row[j])]
         if len(zeros) >= min_snapshots and min(zeros) > th.zero_frac_warning:
             dead.append((name, statistics.mean(zeros)))
+    # activation statistics, when sampled: units dead for whole batches, saturated outputs
+    act_dead, act_sat = [], []
+    for name, samples in history.activations.items():
+        last = samples[-3:]
+        if len(last) < 2:
+            continue
+        if min(s[1] for s in last) > th.dead_units_warning:
+            act_dead.append((name, statistics.mean(s[1] for s in last)))
+        sats = [s[3] for s in last if s[3] is not None]
+        if len(sats) == len(last) and min(sats) > th.saturation_warning:
+            act_sat.append((name, statistics.mean(sats)))
+    if act_dead:
+        worst = max(v for _, v in act_dead)
+        out.append(_finding(
+            "dead", Severity.CRITICAL if worst > th.dead_units_critical else Severity.WARNING,
+            f"{len(act_dead)} activation module(s) have more than {th.dead_units_warning:.0%} of their units zero "
+            "for whole batches: dead units.",
+            layers=tuple(name for name, _ in act_dead), evidence={"dead_unit_frac": dict(act_dead)},
+        ))  # fmt: skip
+    if act_sat:
+        worst = max(v for _, v in act_sat)
+        out.append(_finding(
+            "saturation", Severity.CRITICAL if worst > th.saturation_critical else Severity.WARNING,
+            f"{len(act_sat)} sigmoid/tanh module(s) keep more than {th.saturation_warning:.0%} of their outputs "
+            "saturated: their gradients vanish.",
+            layers=tuple(name for name, _ in act_sat), evidence={"saturated_frac": dict(act_sat)},
+        ))  # fmt: skip
     if dead:
         worst = max(z for _, z in dead)
         out.append(_finding(

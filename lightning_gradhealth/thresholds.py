@@ -50,6 +50,12 @@ class Thresholds:
         grad_param_ratio_high_critical: The same, critical (1e4).
         grad_param_ratio_low_warning: A layer's ``||g|| / ||θ||`` below this: gradients too small (seed 000: 1e-6).
         grad_param_ratio_low_critical: The same, critical (1e-9).
+        dead_units_warning: Fraction of an activation module's units that are zero for a whole sampled batch
+            (activation statistics; seeds 000, 001: > 20%).
+        dead_units_critical: The same, critical (seed 000: > 50%).
+        saturation_warning: Fraction of sigmoid/tanh outputs in the saturated range (ours: 20%, mirroring dead
+            units; seed 001 gives no number).
+        saturation_critical: The same, critical (50%).
         warmup_steps: Optimizer steps before the scale-dependent checks start.
     """
 
@@ -67,6 +73,10 @@ class Thresholds:
     grad_param_ratio_high_critical: float = 1e4
     grad_param_ratio_low_warning: float = 1e-6
     grad_param_ratio_low_critical: float = 1e-9
+    dead_units_warning: float = 0.2
+    dead_units_critical: float = 0.5
+    saturation_warning: float = 0.2
+    saturation_critical: float = 0.5
     warmup_steps: int = 10
 
     def __post_init__(self) -> None:
@@ -78,12 +88,20 @@ class Thresholds:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
                 raise ValueError(f"`Thresholds.{f.name}` must be a finite float > 0, got {value!r}.")
-        for name in ("total_norm_high", "layer_norm_ratio", "zero_frac", "grad_param_ratio_high"):
+        for name in (
+            "total_norm_high",
+            "layer_norm_ratio",
+            "zero_frac",
+            "grad_param_ratio_high",
+            "dead_units",
+            "saturation",
+        ):
             self._ordered(name, high=True)
         for name in ("total_norm_low", "layer_norm_low", "grad_param_ratio_low"):
             self._ordered(name, high=False)
-        if self.zero_frac_critical > 1:
-            raise ValueError(f"`Thresholds.zero_frac_critical` must be <= 1, got {self.zero_frac_critical!r}.")
+        for name in ("zero_frac_critical", "dead_units_critical", "saturation_critical"):
+            if getattr(self, name) > 1:
+                raise ValueError(f"`Thresholds.{name}` must be <= 1, got {getattr(self, name)!r}.")
 
     def _ordered(self, name: str, *, high: bool) -> None:
         warning, critical = getattr(self, f"{name}_warning"), getattr(self, f"{name}_critical")
@@ -143,5 +161,14 @@ THRESHOLD_SOURCES: tuple[tuple[str, str, str, str], ...] = (
         "seed 000 says > 1; measured up to 23 on a healthy MLP's output layer under AdamW, so ours",
     ),
     ("grad/param ratio too small", "< 1e-6", "< 1e-9", "seed 000 (warning); critical is ours"),
+    (
+        "dead units (activation statistics)",
+        "> 20%",
+        "> 50%",
+        "seeds 001 (warning) and 000 (critical), counted "
+        "as units zero for the whole batch: seed 001's 'zero activations > 20%' fires on every ReLU net (about half "
+        "of ReLU outputs are zero)",
+    ),
+    ("saturated sigmoid/tanh outputs", "> 20%", "> 50%", "ours (seed 001 names the symptom, not a number)"),
     ("non-finite gradients", "-", "any NaN/Inf", "seeds 000, 003"),
 )

@@ -23,7 +23,7 @@ class CountingTB(TensorBoardLogger):
 if __name__ == "__main__":
     out = Path(sys.argv[1])
     torch.manual_seed(0)
-    monitor = GradientHealthMonitor()
+    monitor = GradientHealthMonitor(activation_stats_every_n_steps=1)
     trainer = make_trainer(
         callbacks=[monitor],
         logger=CountingTB(str(out), name="tb", version=""),
@@ -38,6 +38,7 @@ if __name__ == "__main__":
         "log_calls": CountingTB.calls,
         "total_norm": rec.total_norm,
         "step": rec.step,
+        "activations": monitor._history.activations,
     }
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
     # tear the gloo process group down explicitly: left to interpreter exit, it can abort the process

@@ -1,4 +1,5 @@
-"""A real 2-process DDP run (gloo, CPU): only rank zero writes, every rank computes the same record."""
+"""A real 2-process DDP run (gloo, CPU): only rank zero writes, every rank computes the same record and the same
+activation statistics."""
 
 from __future__ import annotations
 
@@ -27,3 +28,7 @@ def test_ddp_two_processes_rank_zero_logs_only(tmp_path):
     # gradients are averaged across ranks before on_before_optimizer_step: identical records
     assert r0["step"] == r1["step"] == 3
     assert r0["total_norm"] == r1["total_norm"]
+    # activation statistics are summed across ranks (torchmetrics): both ranks see the global batch's numbers,
+    # although each ran its forward on a different half of it
+    assert r0["activations"] == r1["activations"]
+    assert len(r0["activations"]["net.1"]) == 4
