@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
@@ -30,7 +31,7 @@ from lightning_gradhealth.errors import GradientHealthError
 from lightning_gradhealth.fixes import FIXES
 from lightning_gradhealth.history import History
 from lightning_gradhealth.layout import ParamLayout, build_layout, layer_name
-from lightning_gradhealth.metrics import record_to_metrics, summary_metrics
+from lightning_gradhealth.metrics import SUMMARY_KEYS, record_to_metrics, summary_metrics
 from lightning_gradhealth.record import StepStats
 from lightning_gradhealth.report import console_summary, write_report
 from lightning_gradhealth.rules import Finding, diagnose
@@ -46,6 +47,7 @@ from lightning_gradhealth.validation import (
     check_regex,
     check_type,
 )
+from lightning_gradhealth.visuals import custom_scalars_layout, gradient_flow_figure, write_histograms
 
 __all__ = ["GradientHealthMonitor"]
 
@@ -160,6 +162,10 @@ class GradientHealthMonitor(Callback):
         report: At the end of fit (and when failing fast), diagnose the run (:attr:`findings`) and write
             ``gradient_health_report.md`` / ``.json`` on rank zero, with a summary on the console.
         report_dir: Where the report goes; default: the first logger's ``log_dir``, else ``default_root_dir``.
+        histogram_every_n_steps: Per-layer gradient histograms (``grad_hist/<layer>``, computed on the device) every
+            this many optimizer steps, to TensorBoard loggers; off by default (a pass over every gradient).
+        figure_every_n_steps: The gradient-flow figure (per-layer norm against depth, log scale;
+            ``grad_health/gradient_flow``) on logged steps that are multiples of this; needs matplotlib.
         activation_stats_every_n_steps: Opt-in activation statistics every this many optimizer steps: forward hooks
             on ReLU, LeakyReLU, GELU, SiLU, Sigmoid and Tanh modules for that step only (dead units, zero
             activations, saturation), summed across ranks with torchmetrics, one more transfer on those steps.
@@ -202,6 +208,8 @@ class GradientHealthMonitor(Callback):
         report: bool = True,
         report_dir: str | Path | None = None,
         activation_stats_every_n_steps: int | None = None,
+        histogram_every_n_steps: int | None = None,
+        figure_every_n_steps: int | None = None,
     ) -> None:
         check_int("log_every_n_steps", log_every_n_steps, minimum=1, allow_none=True)
         self.group_by = check_group_by("group_by", group_by)
@@ -254,6 +262,8 @@ class GradientHealthMonitor(Callback):
             check_type("spike_dir", spike_dir, (str, Path), "None, a str or a pathlib.Path")
         check_type("report", report, bool, "a bool")
         check_int("activation_stats_every_n_steps", activation_stats_every_n_steps, minimum=1, allow_none=True)
+        check_int("histogram_every_n_steps", histogram_every_n_steps, minimum=1, allow_none=True)
+        check_int("figure_every_n_steps", figure_every_n_steps, minimum=1, allow_none=True)
         if report_dir is not None:
             check_type("report_dir", report_dir, (str, Path), "None, a str or a pathlib.Path")
         if clip == "value" and clip_value is None:
@@ -273,6 +283,8 @@ class GradientHealthMonitor(Callback):
         self.spike_dir = None if spike_dir is None else Path(spike_dir)
         self.report = report
         self.activation_stats_every_n_steps = activation_stats_every_n_steps
+        self.histogram_every_n_steps = histogram_every_n_steps
+        self.figure_every_n_steps = figure_every_n_steps
         self._act: ActivationStats | None = None
         self.report_dir = None if report_dir is None else Path(report_dir)
         self._history = History()
@@ -407,6 +419,25 @@ class GradientHealthMonitor(Callback):
     def _tracks_micro_batches(self, trainer: Trainer, pl_module: LightningModule) -> bool:
         return trainer.accumulate_grad_batches > 1 or not pl_module.automatic_optimization
 
+    def _tensorboards(self, trainer: Trainer) -> list[Any]:
+        """The SummaryWriters of the TensorBoard loggers (rank zero only)."""
+        if not trainer.is_global_zero:
+            return []
+        return [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Give TensorBoard a custom-scalars layout grouping the monitor's charts."""
+        if self._disabled:
+            return
+        for writer in self._tensorboards(trainer):
+            writer.add_custom_scalars(custom_scalars_layout(list(SUMMARY_KEYS)))
+        visuals = self.histogram_every_n_steps is not None or self.figure_every_n_steps is not None
+        others = [type(lg).__name__ for lg in trainer.loggers if not isinstance(lg, TensorBoardLogger)]
+        if visuals and others:
+            rank_zero_info(
+                f"GradientHealthMonitor: histograms and figures go to TensorBoard loggers only; skipped for {others}."
+            )
+
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         """Remember the batch index (and, with ``spike_dir``, the batch) for the record."""
         self._batch_idx = batch_idx
@@ -467,7 +498,7 @@ class GradientHealthMonitor(Callback):
         else:
             total, _ = self._engine.read_guard(pending)
         self._steps_seen += 1
-
+        self._visuals(trainer, layout, grad_scale, meta.step, record)
         skip = False
 
         def full_record() -> StepStats:
@@ -515,6 +546,36 @@ class GradientHealthMonitor(Callback):
                     self._alert(trainer, alert)
             self._hand_over(trainer, pl_module, optimizer, record, layout)
         self._end_step()
+
+    def _visuals(
+        self,
+        trainer: Trainer,
+        layout: ParamLayout,
+        grad_scale: torch.Tensor | None,
+        step: int,
+        record: StepStats | None,
+    ) -> None:
+        """Histograms and the gradient-flow figure, pre-clip, to TensorBoard on rank zero."""
+        writers = self._tensorboards(trainer)
+        if not writers:
+            return
+        every = self.histogram_every_n_steps
+        if every is not None and (step + 1) % every == 0:
+            histograms = self._engine.histograms(layout, grad_scale=grad_scale)
+            for writer in writers:
+                write_histograms(writer, histograms, step)
+        every = self.figure_every_n_steps
+        if every is not None and record is not None and record.layers and (step + 1) % every == 0:
+            try:
+                figure = gradient_flow_figure(record)
+            except ImportError:
+                self.figure_every_n_steps = None
+                rank_zero_warn(
+                    "GradientHealthMonitor: figures need matplotlib (pip install lightning-gradhealth[plots])."
+                )
+                return
+            for writer in writers:
+                writer.add_figure("grad_health/gradient_flow", figure, step, close=False)
 
     def _read_activations(self, trainer: Trainer) -> None:
         assert self._act is not None

@@ -71,6 +71,13 @@ def _report(args: argparse.Namespace) -> int:
         path = md if args.format != "json" else out / REPORT_JSON
         print(f"{run}:")
         print(console_summary(findings, path))
+        try:
+            from lightning_gradhealth.plots import write_plots
+
+            plots = write_plots(history, out)
+            print("  Plots: " + ", ".join(str(p) for p in plots))
+        except ImportError:
+            print("  (no PNG plots: pip install lightning-gradhealth[plots] for matplotlib)")
     return 0
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -275,6 +275,64 @@ class GradStatsEngine:
             total = total / grad_scale.detach().float().reshape(())
         # `present` stays empty: a guard never becomes a record (a failing step recomputes everything)
         return PendingStats(layout=layout, present=(), packed=total.reshape(1), grads=grads, grad_scale=grad_scale)
+
+    def histograms(
+        self, layout: ParamLayout, bins: int = 64, grad_scale: torch.Tensor | None = None
+    ) -> dict[str, dict[str, Any]]:
+        """Per-layer histograms of the gradient entries, computed on the device, copied in one transfer.
+
+        Bucket edges span each layer's [min, max] evenly; no gradient is copied to the host.
+
+        Args:
+            layout: The parameters.
+            bins: Buckets per layer.
+            grad_scale: Loss scale still contained in the gradients (divided out of every value).
+
+        Returns:
+            ``{layer: {"min", "max", "num", "sum", "sum_squares", "bucket_limits", "bucket_counts"}}`` for the layers
+            with a gradient, ready for ``SummaryWriter.add_histogram_raw``.
+        """
+        present = [i for i, p in enumerate(layout.params) if p.grad is not None]
+        if not present:
+            return {}
+        device = layout.params[present[0]].grad.device  # type: ignore[union-attr]
+        acc = _accum_dtype(device)
+        by_layer: dict[int, list[torch.Tensor]] = {}
+        for i in present:
+            by_layer.setdefault(layout.layer_of_param[i], []).append(layout.params[i].grad.detach().reshape(-1))  # type: ignore[union-attr]
+        rows, order = [], []
+        steps = torch.arange(bins + 1, device=device, dtype=acc) / bins
+        for j, flats in sorted(by_layer.items()):
+            lo = torch.stack([f.min() for f in flats]).min().to(acc)
+            hi = torch.stack([f.max() for f in flats]).max().to(acc)
+            edges = lo + (hi - lo) * steps
+            counts = torch.zeros(bins, dtype=acc, device=device)
+            total = torch.zeros((), dtype=acc, device=device)
+            sq = torch.zeros((), dtype=acc, device=device)
+            for f in flats:
+                idx = torch.bucketize(f, edges[1:-1].to(f.dtype), right=True)
+                counts += torch.bincount(idx, minlength=bins).to(acc)
+                total += f.sum(dtype=acc)
+                sq += torch.linalg.vector_norm(f, dtype=acc).square()
+            num = torch.tensor(float(sum(f.numel() for f in flats)), dtype=acc, device=device)
+            rows.append(torch.cat([torch.stack([lo, hi, num, total, sq]), edges[1:], counts]))
+            order.append(j)
+        values = torch.stack(rows)
+        if grad_scale is not None:
+            inv = grad_scale.detach().to(acc).reshape(()).reciprocal()
+            scale = torch.ones(values.shape[1], dtype=acc, device=device)
+            scale[[0, 1, 3]] = inv
+            scale[4] = inv * inv
+            scale[5 : 5 + bins] = inv
+            values = values * scale
+        host = values.tolist()  # one transfer for every layer
+        out = {}
+        for j, row in zip(order, host, strict=True):
+            out[layout.layer_names[j]] = {
+                "min": row[0], "max": row[1], "num": row[2], "sum": row[3], "sum_squares": row[4],
+                "bucket_limits": row[5 : 5 + bins], "bucket_counts": row[5 + bins :],
+            }  # fmt: skip
+        return out
 
     @staticmethod
     def _transfer(pending: PendingStats) -> tuple[list[float], dict[str, float]]:

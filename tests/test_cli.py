@@ -64,9 +64,13 @@ def test_report_from_event_files(tmp_path, capsys):
     healthy = json.loads((out / "residual_relu" / "gradient_health_report.json").read_text())
     assert healthy["findings"] == []
     assert (out / "deep_sigmoid" / "gradient_health_report.md").read_text().startswith("## Gradient Health Report")
-    # --format json writes only the JSON
+    for name in ("global_norm.png", "layer_heatmap.png", "gradient_flow.png"):
+        png = (out / "deep_sigmoid" / name).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000, name
+    # --format json writes only the JSON (and the plots)
     assert main(["report", str(logs / "deep_sigmoid"), "--out", str(tmp_path / "j"), "--format", "json"]) == 0
-    assert sorted(p.name for p in (tmp_path / "j").iterdir()) == ["gradient_health_report.json"]
+    written = sorted(p.name for p in (tmp_path / "j").iterdir() if p.suffix != ".png")
+    assert written == ["gradient_health_report.json"]
 
 
 def test_report_refuses_what_it_cannot_read(tmp_path, capsys):
