@@ -556,6 +556,8 @@ class GradientHealthMonitor(Callback):
         record: StepStats | None,
     ) -> None:
         """Histograms and the gradient-flow figure, pre-clip, to TensorBoard on rank zero."""
+        if self.histogram_every_n_steps is None and self.figure_every_n_steps is None:
+            return  # the hot path: nothing to draw
         writers = self._tensorboards(trainer)
         if not writers:
             return

@@ -133,7 +133,9 @@ def diagnose(
             f"(> {getattr(th, f'total_norm_high_{sev.value}'):g}).",
             layers=tuple(n for n in names if n in top),
             evidence={"median_total_norm": total_recent, "steps": [steps[recent.start], steps[-1]],
-                      "largest_layers": list(top)},
+                      "largest_layers": list(top),
+                      "first_over_last_layer": finite[0][0] / finite[-1][0] if finite and finite[-1][0] > 0
+                      else math.nan},
         ))  # fmt: skip
     # -------------------------------------------------------------- vanishing: depth decay or tiny layers
     depth = [_median([row[j] for row in history.layer_norm[recent] if j < len(row)]) for j in range(len(names))]

@@ -20,6 +20,9 @@ def test_demo_trains_both_nets_and_writes_tensorboard_logs(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), "--steps", "30", "--log-every-n-steps", "5"]) == 0
     out = capsys.readouterr().out
     assert "deep_sigmoid" in out and "residual_relu" in out
+    # the broken net's diagnosis beside the healthy net's clean report
+    assert "diagnosis: [critical] vanishing" in out and "diagnosis: healthy, no issue detected" in out
+    assert (tmp_path / "deep_sigmoid" / "gradient_health_report.md").exists()
     assert f"tensorboard --logdir {tmp_path}" in out
     sick = read_scalars(tmp_path / "deep_sigmoid")
     healthy = read_scalars(tmp_path / "residual_relu")

@@ -110,3 +110,34 @@ def test_history_is_bounded_and_keeps_the_first_and_nonfinite_records():
     assert history.first_nonfinite.step == 3001
     gaps = [b - a for a, b in zip(history.steps, history.steps[1:], strict=False) if 3001 not in (a, b)]
     assert max(gaps) <= 2 * min(gaps)  # evenly thinned
+
+
+def _history(norms, layer_norms=None):
+    from lightning_gradhealth.record import LayerStats
+
+    history = History()
+    for step, total in enumerate(norms):
+        layers = tuple(
+            LayerStats(name=f"l{j}", numel=10, grad_norm=n, param_norm=1.0, ratio=n, zero_frac=0.0)
+            for j, n in enumerate(layer_norms or [total / 2, total / 2])
+        )
+        history.add(StepStats(step=step, global_step=step, epoch=0, batch_idx=step, optimizer_idx=0,
+                              total_norm=total, param_norm=1.0, zero_frac=0.0, nan_count=0, inf_count=0,
+                              layer_norm_ratio=1.0, no_grad_count=0, layers=layers))  # fmt: skip
+    return history
+
+
+def test_trend_rules_follow_seed_003():
+    from lightning_gradhealth import Thresholds
+    from lightning_gradhealth.rules import diagnose
+
+    th = Thresholds()
+    rising = diagnose(_history([1.0 * 1.1**i for i in range(48)]), th)
+    assert [f.kind for f in rising] == ["rising_trend"]
+    assert rising[0].evidence["late"] / rising[0].evidence["early"] >= 10
+    decaying = diagnose(_history([1.0 * 0.7**i for i in range(40)]), th)
+    assert "decaying_trend" in [f.kind for f in decaying]
+    assert diagnose(_history([1.0 + 0.1 * math.sin(i) for i in range(40)]), th) == []  # stable: healthy
+    # a noisy but flat run does not make a trend, and a short one is not judged at all
+    assert diagnose(_history([1.0, 50.0] * 20), th) == []
+    assert diagnose(_history([1.0, 2.0]), th) == []
