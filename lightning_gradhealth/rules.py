@@ -187,30 +187,20 @@ def diagnose(
         sats = [s[3] for s in last if s[3] is not None]
         if len(sats) == len(last) and min(sats) > th.saturation_warning:
             act_sat.append((name, statistics.mean(sats)))
-    if act_dead:
-        worst = max(v for _, v in act_dead)
-        out.append(_finding(
-            "dead", Severity.CRITICAL if worst > th.dead_units_critical else Severity.WARNING,
-            f"{len(act_dead)} activation module(s) have more than {th.dead_units_warning:.0%} of their units zero "
-            "for whole batches: dead units.",
-            layers=tuple(name for name, _ in act_dead), evidence={"dead_unit_frac": dict(act_dead)},
-        ))  # fmt: skip
-    if act_sat:
-        worst = max(v for _, v in act_sat)
-        out.append(_finding(
-            "saturation", Severity.CRITICAL if worst > th.saturation_critical else Severity.WARNING,
-            f"{len(act_sat)} sigmoid/tanh module(s) keep more than {th.saturation_warning:.0%} of their outputs "
-            "saturated: their gradients vanish.",
-            layers=tuple(name for name, _ in act_sat), evidence={"saturated_frac": dict(act_sat)},
-        ))  # fmt: skip
-    if dead:
-        worst = max(z for _, z in dead)
-        out.append(_finding(
-            "dead", Severity.CRITICAL if worst > th.zero_frac_critical else Severity.WARNING,
-            f"{len(dead)} layer(s) keep more than {th.zero_frac_warning:.0%} of their gradient exactly zero "
-            "in every recent step: dead units.",
-            layers=tuple(name for name, _ in dead), evidence={"mean_zero_frac": dict(dead)},
-        ))  # fmt: skip
+    for kind, hits, check, template, key in (
+        ("dead", act_dead, "dead_units", "{n} activation module(s) have more than {line:.0%} of their units zero "
+         "for whole batches: dead units.", "dead_unit_frac"),
+        ("saturation", act_sat, "saturation", "{n} sigmoid/tanh module(s) keep more than {line:.0%} of their "
+         "outputs saturated: their gradients vanish.", "saturated_frac"),
+        ("dead", dead, "zero_frac", "{n} layer(s) keep more than {line:.0%} of their gradient exactly zero in "
+         "every recent step: dead units.", "mean_zero_frac"),
+    ):  # fmt: skip
+        if hits:  # every hit is above the warning line; the worst one decides the severity
+            out.append(_finding(
+                kind, th.grade_high(check, max(v for _, v in hits)),
+                template.format(n=len(hits), line=getattr(th, f"{check}_warning")),
+                layers=tuple(name for name, _ in hits), evidence={key: dict(hits)},
+            ))  # fmt: skip
     # -------------------------------------------------------------- grad/param ratios, persistently
     for kind, check, high in (
         ("ratio_high", "grad_param_ratio_high", True),
