@@ -32,3 +32,19 @@ def test_ddp_two_processes_rank_zero_logs_only(tmp_path):
     # although each ran its forward on a different half of it
     assert r0["activations"] == r1["activations"]
     assert len(r0["activations"]["net.1"]) == 4
+
+
+def test_ddp_one_rank_goes_nan_every_rank_stops_at_that_step(tmp_path):
+    here = Path(__file__).parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, str(here / "ddp_nan_script.py"), str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,  # a hang would end here
+    )
+    r0 = json.loads((tmp_path / "rank0.json").read_text())
+    r1 = json.loads((tmp_path / "rank1.json").read_text())
+    # DDP averages gradients before the hook: rank 1's NaN reaches rank 0, and both stop at step 2, no update
+    assert r0 == r1 == {"error_step": 2, "layers": ["net.2"], "global_step": 2}, proc.stderr[-2000:]
