@@ -1,5 +1,5 @@
-"""A real 2-process DDP run (gloo, CPU): only rank zero writes, every rank computes the same record and the same
-activation statistics."""
+"""Real 2-process DDP runs (gloo, CPU): only rank zero writes; every rank computes the same record, the same
+activation statistics, and stops at the same step when one rank's gradient goes bad."""
 
 from __future__ import annotations
 
@@ -9,20 +9,25 @@ import subprocess
 import sys
 from pathlib import Path
 
+HERE = Path(__file__).parent
 
-def test_ddp_two_processes_rank_zero_logs_only(tmp_path):
-    here = Path(__file__).parent
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")])}
+
+def _run(script: str, out: Path) -> tuple[subprocess.CompletedProcess[str], dict, dict]:
+    """Run ``script`` (it launches its second rank through Lightning) and read each rank's JSON result."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(
-        [sys.executable, str(here / "ddp_script.py"), str(tmp_path)],
+        [sys.executable, str(HERE / script), str(out)],
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=300,  # a hang would end here
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    r0 = json.loads((tmp_path / "rank0.json").read_text())
-    r1 = json.loads((tmp_path / "rank1.json").read_text())
+    return proc, json.loads((out / "rank0.json").read_text()), json.loads((out / "rank1.json").read_text())
+
+
+def test_ddp_two_processes_rank_zero_logs_only(tmp_path):
+    _, r0, r1 = _run("ddp_script.py", tmp_path)
     assert r0["log_calls"] == 4  # log_every_n_steps=1, max_steps=4
     assert r1["log_calls"] == 0
     # gradients are averaged across ranks before on_before_optimizer_step: identical records
@@ -35,16 +40,6 @@ def test_ddp_two_processes_rank_zero_logs_only(tmp_path):
 
 
 def test_ddp_one_rank_goes_nan_every_rank_stops_at_that_step(tmp_path):
-    here = Path(__file__).parent
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run(
-        [sys.executable, str(here / "ddp_nan_script.py"), str(tmp_path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,  # a hang would end here
-    )
-    r0 = json.loads((tmp_path / "rank0.json").read_text())
-    r1 = json.loads((tmp_path / "rank1.json").read_text())
+    proc, r0, r1 = _run("ddp_nan_script.py", tmp_path)
     # DDP averages gradients before the hook: rank 1's NaN reaches rank 0, and both stop at step 2, no update
     assert r0 == r1 == {"error_step": 2, "layers": ["net.2"], "global_step": 2}, proc.stderr[-2000:]
