@@ -51,7 +51,7 @@ from lightning_gradhealth.visuals import custom_scalars_layout, gradient_flow_fi
 
 __all__ = ["GradientHealthMonitor"]
 
-_SHARDED_STRATEGIES = ("FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy")
+_UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy")  # FSDP1 flat shards, ZeRO: not yet
 _SPARSE_MODULES = (nn.Embedding, nn.EmbeddingBag)
 ClipKind = Literal["norm", "value", "agc", "autoclip", "zclip"]
 
@@ -366,13 +366,26 @@ class GradientHealthMonitor(Callback):
                 "clip, or `clip=None` to keep Lightning's clipping)."
             )
         strategy = type(trainer.strategy).__name__
-        self._disabled = strategy in _SHARDED_STRATEGIES
+        self._disabled = strategy in _UNSUPPORTED_STRATEGIES
         if self._disabled:
             rank_zero_warn(
                 f"GradientHealthMonitor does not support the sharded strategy {strategy} yet and is disabled for "
-                "this run: per-rank gradient shards would give wrong norms. DDP and single-device runs are "
-                "supported."
+                "this run: per-rank gradient shards would give wrong norms. Single-device, DDP and "
+                "ModelParallelStrategy (FSDP2) runs are supported."
             )
+        if strategy == "ModelParallelStrategy":
+            unsupported = {
+                "stats='full'": self.stats == "full",
+                "norm_type=inf": math.isinf(self.norm_type),
+                f"clip={self.clip!r}": self.clip is not None,
+                "histogram_every_n_steps": self.histogram_every_n_steps is not None,
+            }
+            bad = [name for name, on in unsupported.items() if on]
+            if bad:
+                raise ValueError(
+                    f"GradientHealthMonitor with ModelParallelStrategy (sharded DTensor gradients) supports the "
+                    f"default statistics, a finite norm_type, no clipping and no histograms yet; got {', '.join(bad)}."
+                )
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Check that something is watched; find the layers whose gradients are sparse by design (embeddings)."""

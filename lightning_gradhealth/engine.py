@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import torch
 
+from lightning_gradhealth.distributed import is_dtensor, local, shard_group
 from lightning_gradhealth.errors import GradientHealthError
 from lightning_gradhealth.layout import ParamLayout
 from lightning_gradhealth.record import LayerStats, StepStats
@@ -34,10 +35,6 @@ _HEAD = ("total_norm", "param_norm", "nonzero", "max_layer_norm", "min_layer_nor
 def _accum_dtype(device: torch.device) -> torch.dtype:
     # float64 makes combining many per-tensor norms and counting elements exact; MPS has no float64.
     return torch.float32 if device.type == "mps" else torch.float64
-
-
-def _is_dtensor(tensor: torch.Tensor) -> bool:
-    return type(tensor).__name__ == "DTensor"
 
 
 @dataclass(frozen=True)
@@ -156,43 +153,68 @@ class GradStatsEngine:
         Returns:
             The pending statistics, or ``None`` when no watched parameter has a gradient.
 
+        Sharded (DTensor) gradients: the statistics of the local shards are reduced with ONE all-reduce over the
+        sharding dimension (only finite ``norm_type`` and ``stats="basic"``).
+
         Raises:
-            GradientHealthError: For sharded (DTensor) gradients, which need the distributed reduction.
+            GradientHealthError: For sharded gradients with ``norm_type=inf`` or ``stats="full"``, or a layout of
+                shards that is not supported.
         """
         present = tuple(i for i, p in enumerate(layout.params) if p.grad is not None)
         if not present:
             return None
         grads = [layout.params[i].grad for i in present]
         params = [layout.params[i].detach() for i in present]
-        if _is_dtensor(grads[0]):  # type: ignore[arg-type]
-            raise GradientHealthError(
-                "lightning_gradhealth does not support sharded (DTensor) gradients yet: their local norms are "
-                "not the global ones. Use a DDP or single-device strategy.",
-                parameter=layout.param_names[present[0]],
-            )
-        device = grads[0].device  # type: ignore[union-attr]
+        sharded = is_dtensor(grads[0])  # type: ignore[arg-type]
+        group = None
+        if sharded:
+            if math.isinf(self.norm_type) or self.full:
+                raise GradientHealthError(
+                    "sharded gradients support a finite norm_type and stats='basic' (one sum-reduction)",
+                    parameter=layout.param_names[present[0]],
+                )
+            group = shard_group(grads)  # type: ignore[arg-type]
+        local_g = [local(g) for g in grads]  # type: ignore[arg-type]
+        local_p = [local(p) for p in params]
+        device = local_g[0].device
         n_layers = layout.num_layers
         index = self._layer_index(layout, present, device)
 
-        g_norm = raw_g_norm = self.norms(grads)  # type: ignore[arg-type]
-        p_norm = self.norms(params)
+        g_norm = raw_g_norm = self.norms(local_g)
+        p_norm = self.norms(local_p)
         acc = g_norm.dtype
-        nonzero = torch.stack([torch.count_nonzero(g) for g in grads]).to(acc)  # type: ignore[arg-type]
+        nonzero = torch.stack([torch.count_nonzero(g) for g in local_g]).to(acc)
         inv_scale = None
         if grad_scale is not None:
             inv_scale = grad_scale.detach().to(acc).reshape(()).reciprocal()
             g_norm = g_norm * inv_scale
 
-        total = self._combine(g_norm, None, 1)
-        layer_g = self._combine(g_norm, index, n_layers)
-        layer_p = self._combine(p_norm, index, n_layers)
+        if sharded:
+            # per-layer powered sums of the local shards, summed over the shards in one collective
+            p = self.norm_type
+            zeros = torch.zeros(3 * n_layers, dtype=acc, device=device)
+            sums = torch.cat([g_norm.pow(p), p_norm.pow(p), nonzero])
+            offsets = torch.cat([index, index + n_layers, index + 2 * n_layers])
+            reduced = zeros.index_add_(0, offsets, sums)
+            torch.distributed.all_reduce(reduced, group=group)
+            layer_pw_g, layer_pw_p, layer_nz_global = reduced.split(n_layers)
+            layer_g, layer_p = layer_pw_g.pow(1.0 / p), layer_pw_p.pow(1.0 / p)
+            total, p_total = layer_pw_g.sum().pow(1.0 / p), layer_pw_p.sum().pow(1.0 / p)
+            nonzero_total = layer_nz_global.sum()
+        else:
+            total = self._combine(g_norm, None, 1)
+            layer_g = self._combine(g_norm, index, n_layers)
+            layer_p = self._combine(p_norm, index, n_layers)
+            p_total = self._combine(p_norm, None, 1)
+            nonzero_total = nonzero.sum()
+            layer_nz_global = None
         usable = torch.isfinite(layer_g) & (layer_g > 0)
         inf = torch.tensor(math.inf, dtype=acc, device=device)
         head = torch.stack(
             [
                 total,
-                self._combine(p_norm, None, 1),
-                nonzero.sum(),
+                p_total,
+                nonzero_total,
                 torch.where(usable, layer_g, -inf).amax(),
                 torch.where(usable, layer_g, inf).amin(),
                 usable.sum().to(acc),
@@ -200,7 +222,11 @@ class GradStatsEngine:
         )
         parts = [head]
         if self.per_layer:
-            layer_nz = torch.zeros(n_layers, dtype=acc, device=device).index_add_(0, index, nonzero)
+            layer_nz = (
+                layer_nz_global
+                if layer_nz_global is not None
+                else torch.zeros(n_layers, dtype=acc, device=device).index_add_(0, index, nonzero)
+            )
             parts += [layer_g, layer_p, layer_nz]
         if self.full:
             l2 = raw_g_norm if self.norm_type == 2.0 else None  # reuse the L2 norms already taken
@@ -267,10 +293,17 @@ class GradStatsEngine:
         grads: list[torch.Tensor] = [g for p in layout.params if (g := p.grad) is not None]  # one pass
         if not grads:
             return None
-        # float32 per-tensor norms combined by one more norm kernel: the value only needs to be finite-or-not and
-        # good to float32 precision here (clipping thresholds, spike z-scores)
-        norms = torch.stack(torch._foreach_norm(grads, self.norm_type, dtype=torch.float32))
-        total = torch.linalg.vector_norm(norms, self.norm_type)
+        if is_dtensor(grads[0]):  # local shards, one all-reduce of the powered sum
+            p = self.norm_type
+            norms = torch.stack(torch._foreach_norm([local(g) for g in grads], p, dtype=torch.float32)).double()
+            powered = norms.pow(p).sum().reshape(1)
+            torch.distributed.all_reduce(powered, group=shard_group(grads))
+            total = powered.pow(1.0 / p).reshape(())
+        else:
+            # float32 per-tensor norms combined by one more norm kernel: the value only needs to be finite-or-not
+            # and good to float32 precision here (clipping thresholds, spike z-scores)
+            norms = torch.stack(torch._foreach_norm(grads, self.norm_type, dtype=torch.float32))
+            total = torch.linalg.vector_norm(norms, self.norm_type)
         if grad_scale is not None:
             total = total / grad_scale.detach().float().reshape(())
         # `present` stays empty: a guard never becomes a record (a failing step recomputes everything)
@@ -358,10 +391,14 @@ class GradStatsEngine:
         device = pending.packed.device
         acc = pending.packed.dtype
         index = self._layer_index(layout, pending.present, device)
-        nan = torch.stack([torch.isnan(g).sum() for g in pending.grads]).to(acc)
-        inf = torch.stack([torch.isinf(g).sum() for g in pending.grads]).to(acc)
+        local_g = [local(g) for g in pending.grads]
+        nan = torch.stack([torch.isnan(g).sum() for g in local_g]).to(acc)
+        inf = torch.stack([torch.isinf(g).sum() for g in local_g]).to(acc)
         zeros = torch.zeros(layout.num_layers, dtype=acc, device=device)
-        return torch.cat([zeros.index_add(0, index, nan), zeros.index_add(0, index, inf)])
+        counts = torch.cat([zeros.index_add(0, index, nan), zeros.index_add(0, index, inf)])
+        if is_dtensor(pending.grads[0]):
+            torch.distributed.all_reduce(counts, group=shard_group(pending.grads))
+        return counts
 
     # ------------------------------------------------------------------ host side
     def finish(self, pending: PendingStats, meta: StepMeta) -> StepStats:
@@ -478,8 +515,8 @@ class NonFiniteTracker:
         grads = [p.grad for p in params if p.grad is not None]
         idx = self.micro_batches
         self.micro_batches += 1
-        if not grads or _is_dtensor(grads[0]):
-            return
+        if not grads or is_dtensor(grads[0]):
+            return  # sharded: the final global norm decides; micro-batches are not tracked per shard
         norms = torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32))
         bad = ~torch.isfinite(norms).all()
         if self.first_bad is None:

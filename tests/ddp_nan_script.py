@@ -29,3 +29,7 @@ if __name__ == "__main__":
     except GradientHealthError as err:
         result = {"error_step": err.record.step, "layers": err.context["layers"], "global_step": trainer.global_step}
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
+    # tear the gloo process group down explicitly: left to interpreter exit, it can abort the process
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 HERE = Path(__file__).parent
 
 
@@ -43,3 +45,33 @@ def test_ddp_one_rank_goes_nan_every_rank_stops_at_that_step(tmp_path):
     proc, r0, r1 = _run("ddp_nan_script.py", tmp_path)
     # DDP averages gradients before the hook: rank 1's NaN reaches rank 0, and both stop at step 2, no update
     assert r0 == r1 == {"error_step": 2, "layers": ["net.2"], "global_step": 2}, proc.stderr[-2000:]
+
+
+def test_fsdp2_sharded_statistics_match_an_unsharded_reference(tmp_path):
+    import torch
+    from conftest import reference
+    from fsdp_script import Sharded, make_data
+    from torch import nn
+
+    _, r0, r1 = _run("fsdp_script.py", tmp_path)
+    assert r0 == r1  # one all-reduce: every rank has the global numbers
+    # unsharded float64 reference: same initialisation, the union of the two ranks' batches
+    make_data()
+    model = Sharded()
+    batches = [torch.load(tmp_path / f"batch_rank{r}.pt") for r in (0, 1)]
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    nn.functional.mse_loss(model.net(x), y).backward()
+    grads = {n: p.grad.double() for n, p in model.named_parameters()}
+    params = {n: p.detach().double() for n, p in model.named_parameters()}
+    ref = reference(grads, params)
+    assert r0["total_norm"] == pytest.approx(ref["total_norm"], rel=1e-5)
+    assert r0["guard_total_norm"] == pytest.approx(ref["total_norm"], rel=1e-5)  # the guard's sharded path
+    assert r0["guard_records"] is False
+    assert r0["param_norm"] == pytest.approx(ref["param_norm"], rel=1e-6)
+    assert r0["zero_frac"] == pytest.approx(ref["zero_frac"], abs=1e-12)
+    assert list(r0["layers"]) == ["net.0", "net.2", "net.4"]  # net.4's weight shard is empty on one rank
+    for name, (grad_norm, param_norm, zero_frac) in r0["layers"].items():
+        assert grad_norm == pytest.approx(ref["layers"][name]["grad_norm"], rel=1e-5), name
+        assert param_norm == pytest.approx(ref["layers"][name]["param_norm"], rel=1e-6), name
+        assert zero_frac == pytest.approx(ref["layers"][name]["zero_frac"], abs=1e-12), name
