@@ -421,8 +421,7 @@ class GradientHealthMonitor(Callback):
             return False
         if trainer.fast_dev_run:
             return True
-        every = self._every(trainer)
-        return every > 0 and (self._log_step(trainer) + 1) % every == 0
+        return _due(self._log_step(trainer), self._every(trainer))
 
     @property
     def _guards_every_step(self) -> bool:
@@ -454,8 +453,7 @@ class GradientHealthMonitor(Callback):
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         """Remember the batch index (and, with ``spike_dir``, the batch) for the record."""
         self._batch_idx = batch_idx
-        every = self.activation_stats_every_n_steps
-        if self._act is not None and every is not None and (self._log_step(trainer) + 1) % every == 0:
+        if self._act is not None and _due(self._log_step(trainer), self.activation_stats_every_n_steps):
             self._act.attach()
         if self.spike_dir is not None:
             self._step_batches.append(batch)
@@ -574,13 +572,11 @@ class GradientHealthMonitor(Callback):
         writers = self._tensorboards(trainer)
         if not writers:
             return
-        every = self.histogram_every_n_steps
-        if every is not None and (step + 1) % every == 0:
+        if _due(step, self.histogram_every_n_steps):
             histograms = self._engine.histograms(layout, grad_scale=grad_scale)
             for writer in writers:
                 write_histograms(writer, histograms, step)
-        every = self.figure_every_n_steps
-        if every is not None and record is not None and record.layers and (step + 1) % every == 0:
+        if record is not None and record.layers and _due(step, self.figure_every_n_steps):
             try:
                 figure = gradient_flow_figure(record)
             except ImportError:
@@ -914,6 +910,11 @@ class GradientHealthMonitor(Callback):
                 )
             else:
                 self._clipper.load_state_dict(state_dict["clipper"])
+
+
+def _due(step: int, every: int | None) -> bool:
+    """Whether logging step ``step`` is one of every ``every`` steps, on the Trainer's own schedule."""
+    return every is not None and every > 0 and (step + 1) % every == 0
 
 
 def _to_cpu(batch: Any) -> Any:

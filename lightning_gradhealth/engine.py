@@ -135,8 +135,19 @@ class GradStatsEngine:
         return torch.stack(result).to(_accum_dtype(result[0].device))
 
     def global_norm(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-        """The global norm of ``tensors`` as a device scalar (no host synchronisation)."""
-        return self._combine(self.norms(tensors), None, 1)
+        """The global norm of ``tensors`` as a device scalar (no host synchronisation).
+
+        Sharded (DTensor) tensors: the local shards' powered sum, reduced with one all-reduce over the sharding
+        dimension. Otherwise float32 per-tensor norms combined by one more norm kernel: the value only needs to be
+        finite-or-not and good to float32 precision (guard, clipping thresholds, spike z-scores, post-clip norm).
+        """
+        p = self.norm_type
+        if is_dtensor(tensors[0]):
+            norms = torch.stack(torch._foreach_norm([local(t) for t in tensors], p, dtype=torch.float32)).double()
+            powered = norms.pow(p).sum().reshape(1)
+            torch.distributed.all_reduce(powered, group=shard_group(tensors))
+            return powered.pow(1.0 / p).reshape(())
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(list(tensors), p, dtype=torch.float32)), p)
 
     def compute(
         self,
@@ -293,17 +304,7 @@ class GradStatsEngine:
         grads: list[torch.Tensor] = [g for p in layout.params if (g := p.grad) is not None]  # one pass
         if not grads:
             return None
-        if is_dtensor(grads[0]):  # local shards, one all-reduce of the powered sum
-            p = self.norm_type
-            norms = torch.stack(torch._foreach_norm([local(g) for g in grads], p, dtype=torch.float32)).double()
-            powered = norms.pow(p).sum().reshape(1)
-            torch.distributed.all_reduce(powered, group=shard_group(grads))
-            total = powered.pow(1.0 / p).reshape(())
-        else:
-            # float32 per-tensor norms combined by one more norm kernel: the value only needs to be finite-or-not
-            # and good to float32 precision here (clipping thresholds, spike z-scores)
-            norms = torch.stack(torch._foreach_norm(grads, self.norm_type, dtype=torch.float32))
-            total = torch.linalg.vector_norm(norms, self.norm_type)
+        total = self.global_norm(grads)
         if grad_scale is not None:
             total = total / grad_scale.detach().float().reshape(())
         # `present` stays empty: a guard never becomes a record (a failing step recomputes everything)
