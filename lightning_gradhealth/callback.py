@@ -26,6 +26,7 @@ from lightning_gradhealth.activations import ActivationStats
 from lightning_gradhealth.alerts import Alert, AlertManager
 from lightning_gradhealth.checks import check_global_norm, check_record
 from lightning_gradhealth.clipping import AGCClipper, AutoClipper, Clipper, NormClipper, ValueClipper, ZClipper
+from lightning_gradhealth.distributed import Reduction, fsdp1_reduction, local, resolve, shards_of
 from lightning_gradhealth.engine import GradStatsEngine, NonFiniteTracker, PendingStats, StepMeta
 from lightning_gradhealth.errors import GradientHealthError
 from lightning_gradhealth.fixes import FIXES
@@ -51,8 +52,8 @@ from lightning_gradhealth.visuals import custom_scalars_layout, gradient_flow_fi
 
 __all__ = ["GradientHealthMonitor"]
 
-_UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy")  # FSDP1 flat shards, ZeRO: not yet
 _SPARSE_MODULES = (nn.Embedding, nn.EmbeddingBag)
+_SHARDED_STRATEGIES = ("ModelParallelStrategy", "FSDPStrategy")  # gradients split across ranks
 ClipKind = Literal["norm", "value", "agc", "autoclip", "zclip"]
 
 
@@ -329,7 +330,9 @@ class GradientHealthMonitor(Callback):
         self._clipped_dev: torch.Tensor | None = None
         self._spike_count = 0
         self._last_clip: dict[str, float] = {}
-        self._disabled = False
+        self._reduction = Reduction()
+        self._fsdp1: Reduction | None = None
+        self._sharded = False
         self._trainer: Trainer | None = None
         self.last_record: StepStats | None = None
         """The most recent record (on every rank), or ``None`` before the first computed step."""
@@ -343,6 +346,8 @@ class GradientHealthMonitor(Callback):
             include=getattr(self.include, "pattern", None),
             exclude=getattr(self.exclude, "pattern", None),
             clip=self.clip,
+            stats=self.stats,
+            norm_type=self.norm_type,
         )
 
     # ------------------------------------------------------------------ when
@@ -365,32 +370,32 @@ class GradientHealthMonitor(Callback):
                 " would clip the gradients twice: keep one of them (set `gradient_clip_val=None` to let the monitor "
                 "clip, or `clip=None` to keep Lightning's clipping)."
             )
-        strategy = type(trainer.strategy).__name__
-        self._disabled = strategy in _UNSUPPORTED_STRATEGIES
-        if self._disabled:
-            rank_zero_warn(
-                f"GradientHealthMonitor does not support the sharded strategy {strategy} yet and is disabled for "
-                "this run: per-rank gradient shards would give wrong norms. Single-device, DDP and "
-                "ModelParallelStrategy (FSDP2) runs are supported."
-            )
-        if strategy == "ModelParallelStrategy":
-            unsupported = {
-                "stats='full'": self.stats == "full",
-                "norm_type=inf": math.isinf(self.norm_type),
-                f"clip={self.clip!r}": self.clip is not None,
-                "histogram_every_n_steps": self.histogram_every_n_steps is not None,
-            }
-            bad = [name for name, on in unsupported.items() if on]
-            if bad:
-                raise ValueError(
-                    f"GradientHealthMonitor with ModelParallelStrategy (sharded DTensor gradients) supports the "
-                    f"default statistics, a finite norm_type, no clipping and no histograms yet; got {', '.join(bad)}."
-                )
+        self._fsdp1 = None
+        self._reduction = self._reduction_for(trainer)
+        self._sharded = trainer.world_size > 1 and type(trainer.strategy).__name__ in _SHARDED_STRATEGIES
+
+    def _reduction_for(self, trainer: Trainer) -> Reduction:
+        """Which process groups per-rank statistics are combined over, from the Trainer's strategy."""
+        strategy = trainer.strategy
+        name = type(strategy).__name__
+        if name == "DeepSpeedStrategy" and (reason := _deepspeed_refusal(strategy)) is not None:
+            raise ValueError(reason)
+        if trainer.world_size <= 1 or not torch.distributed.is_initialized():
+            return Reduction()
+        if name == "FSDPStrategy":
+            return Reduction()  # found at the first step, once the model is wrapped (_reduction_at_step)
+        if name == "ModelParallelStrategy":
+            return Reduction()  # DTensor gradients: their placements name the groups
+        # DDP and its relatives: every rank holds the same averaged gradient; decisions are averaged over ranks
+        return Reduction(replica_group=torch.distributed.group.WORLD)
+
+    def _reduction_at_step(self, trainer: Trainer) -> Reduction:
+        if self._fsdp1 is None and type(trainer.strategy).__name__ == "FSDPStrategy" and trainer.world_size > 1:
+            self._fsdp1 = self._reduction = fsdp1_reduction(trainer.strategy.model)  # type: ignore[arg-type]
+        return self._reduction
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Check that something is watched; find the layers whose gradients are sparse by design (embeddings)."""
-        if self._disabled:
-            return
         self._model_layout = self._build_layout(pl_module, None)
         if not len(self._model_layout):
             names = [n for n, p in pl_module.named_parameters() if p.requires_grad][:5]
@@ -417,8 +422,6 @@ class GradientHealthMonitor(Callback):
         return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
 
     def _should_compute(self, trainer: Trainer) -> bool:
-        if self._disabled:
-            return False
         if trainer.fast_dev_run:
             return True
         return _due(self._log_step(trainer), self._every(trainer))
@@ -439,8 +442,6 @@ class GradientHealthMonitor(Callback):
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Give TensorBoard a custom-scalars layout grouping the monitor's charts."""
-        if self._disabled:
-            return
         for writer in self._tensorboards(trainer):
             writer.add_custom_scalars(custom_scalars_layout(list(SUMMARY_KEYS)))
         visuals = self.histogram_every_n_steps is not None or self.figure_every_n_steps is not None
@@ -460,7 +461,7 @@ class GradientHealthMonitor(Callback):
 
     def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Under accumulation, note on the device whether this micro-batch made the gradient non-finite."""
-        if self._disabled or not self._tracks_micro_batches(trainer, pl_module):
+        if not self._tracks_micro_batches(trainer, pl_module):
             return
         if not (self._guards_every_step or self._should_compute(trainer)):
             return
@@ -474,7 +475,7 @@ class GradientHealthMonitor(Callback):
         if self._act is not None and self._act.attached:
             self._read_activations(trainer)
         logged = self._should_compute(trainer)
-        if self._disabled or not (logged or self._guards_every_step):
+        if not (logged or self._guards_every_step):
             self._end_step()
             return
         opt_idx = next((i for i, opt in enumerate(trainer.optimizers) if opt is optimizer), 0)
@@ -485,7 +486,10 @@ class GradientHealthMonitor(Callback):
         scale = getattr(scaler, "_scale", None) if scaler is not None else None
         fused = bool(getattr(optimizer, "_step_supports_amp_scaling", False))
         grad_scale = scale if fused else None
-        pending = self._engine.compute(layout, grad_scale) if logged else self._engine.guard(layout, grad_scale)
+        red = self._reduction_at_step(trainer)
+        pending = (
+            self._engine.compute(layout, grad_scale, red) if logged else self._engine.guard(layout, grad_scale, red)
+        )
         if pending is None:
             self._warn_once(
                 "no-grad-at-all",
@@ -509,14 +513,14 @@ class GradientHealthMonitor(Callback):
         else:
             total, _ = self._engine.read_guard(pending)
         self._steps_seen += 1
-        self._visuals(trainer, layout, grad_scale, meta.step, record)
+        self._visuals(trainer, layout, grad_scale, meta.step, record, red)
         skip = False
 
         def full_record() -> StepStats:
             # a guarded step that fails gets the full statistics with exact counts (rare: extra transfers)
             nonlocal record
             if record is None:
-                full = self._engine.compute(layout, grad_scale)
+                full = self._engine.compute(layout, grad_scale, red)
                 assert full is not None
                 self._add_extras(full, scale)
                 record = self._engine.finish(full, meta)
@@ -547,7 +551,7 @@ class GradientHealthMonitor(Callback):
                 for p in group["params"]:
                     p.grad = None
         elif self._clipper is not None and math.isfinite(total):
-            self._apply_clip(layout, grad_scale, total, logged)
+            self._apply_clip(layout, grad_scale, total, logged, red)
 
         if record is not None:
             if self.thresholds is not None:
@@ -565,17 +569,22 @@ class GradientHealthMonitor(Callback):
         grad_scale: torch.Tensor | None,
         step: int,
         record: StepStats | None,
+        reduction: Reduction,
     ) -> None:
         """Histograms and the gradient-flow figure, pre-clip, to TensorBoard on rank zero."""
         if self.histogram_every_n_steps is None and self.figure_every_n_steps is None:
             return  # the hot path: nothing to draw
         writers = self._tensorboards(trainer)
-        if not writers:
+        # sharded: every rank takes part in the histograms' collectives (a condition the same on every rank)
+        joins = self._sharded and any(isinstance(lg, TensorBoardLogger) for lg in trainer.loggers)
+        if not (writers or joins):
             return
         if _due(step, self.histogram_every_n_steps):
-            histograms = self._engine.histograms(layout, grad_scale=grad_scale)
+            histograms = self._engine.histograms(layout, grad_scale=grad_scale, reduction=reduction)
             for writer in writers:
                 write_histograms(writer, histograms, step)
+        if not writers:
+            return
         if record is not None and record.layers and _due(step, self.figure_every_n_steps):
             try:
                 figure = gradient_flow_figure(record)
@@ -724,10 +733,15 @@ class GradientHealthMonitor(Callback):
         )
         return path
 
-    def _apply_clip(self, layout: ParamLayout, grad_scale: torch.Tensor | None, total: float, logged: bool) -> None:
+    def _apply_clip(
+        self, layout: ParamLayout, grad_scale: torch.Tensor | None, total: float, logged: bool, reduction: Reduction
+    ) -> None:
         assert self._clipper is not None
         present = [p for p in layout.params if p.grad is not None]
-        outcome = self._clipper.clip([p.grad for p in present], present, total, grad_scale)  # type: ignore[misc]
+        grads: list[torch.Tensor] = [p.grad for p in present]  # type: ignore[misc]
+        shards = shards_of(grads, resolve(grads, reduction))
+        # sharded gradients are clipped shard by shard (in place, through the local views) with global numbers
+        outcome = self._clipper.clip([local(g) for g in grads], [local(p) for p in present], total, grad_scale, shards)
         if outcome.clipped:
             self._clipped_steps += 1
         if outcome.clipped_device is not None:  # value / AGC: counted on the device, read on logged steps
@@ -805,7 +819,8 @@ class GradientHealthMonitor(Callback):
             _, (record, layout) = self._awaiting_clip.popitem()
             grads = [p.grad for p in layout.params if p.grad is not None]
             if grads:  # the second transfer of a step, only when the Trainer clips gradients
-                record = replace(record, post_clip_norm=self._engine.global_norm(grads).item())
+                norm = self._engine.global_norm(grads, self._reduction)
+                record = replace(record, post_clip_norm=norm.item())
             self._publish(record)
 
     def _publish(self, record: StepStats) -> None:
@@ -859,7 +874,7 @@ class GradientHealthMonitor(Callback):
 
     def _write_report(self, trainer: Trainer) -> None:
         """Diagnose the run; on rank zero write the report next to the logs and print a summary."""
-        if self._disabled or not self._history.records_seen:
+        if not self._history.records_seen:
             return
         self.findings = diagnose(self._history, self.thresholds or Thresholds(), sparse_layers=self._sparse_layers)
         if not self.report or not trainer.is_global_zero:
@@ -910,6 +925,21 @@ class GradientHealthMonitor(Callback):
                 )
             else:
                 self._clipper.load_state_dict(state_dict["clipper"])
+
+
+def _deepspeed_refusal(strategy: Any) -> str | None:
+    """Why the monitor cannot watch a DeepSpeed run (``None`` when it can: ZeRO stages 0 and 1)."""
+    config = getattr(strategy, "config", None) or {}
+    stage = int((config.get("zero_optimization") or {}).get("stage", 0))
+    if stage < 2:
+        return None
+    return (
+        f"GradientHealthMonitor does not support DeepSpeed ZeRO stage {stage}: under ZeRO >= 2 the gradients are "
+        "partitioned into DeepSpeed's own buffers and `param.grad` is None in `on_before_optimizer_step`. Reading "
+        "them through `deepspeed.utils.safe_get_full_grad` gathers every full gradient on every rank (a collective "
+        "per parameter), which this monitor will not do behind your back. Use ZeRO stage 0 or 1, or "
+        "ModelParallelStrategy (FSDP2) / FSDPStrategy, whose sharded gradients are reduced with one collective."
+    )
 
 
 def _due(step: int, every: int | None) -> bool:

@@ -4,6 +4,11 @@ Every clipper works on the *true* (unscaled) gradient: when the gradients still 
 scale (a fused optimizer under ``16-mixed``), thresholds are multiplied by the scale instead of touching the
 gradients twice. Adaptive clippers never let a non-finite norm into their running state (a single NaN step
 would otherwise poison an EMA or a percentile history for the rest of the run).
+
+Sharded gradients (FSDP2, FSDP1) are clipped shard by shard with the same global numbers as an unsharded run:
+norm-based clippers scale every local shard by the coefficient of the global norm; value clipping is
+element-wise; AGC sums the partial norms of units split across ranks (one all-reduce). Value and AGC sum their
+post-clip norm and "clipped" flag over the shards (one more scalar all-reduce).
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from lightning_gradhealth.distributed import Shards, sum_over
 
 __all__ = [
     "AGCClipper",
@@ -52,7 +59,7 @@ class ClipOutcome:
 
 
 class Clipper:
-    """Base class: ``clip(grads, params, total_norm, scale)`` modifies ``grads`` in place."""
+    """Base class: ``clip(grads, params, total_norm, scale, shards)`` modifies ``grads`` in place."""
 
     name = "none"
 
@@ -62,14 +69,16 @@ class Clipper:
         params: Sequence[torch.Tensor],
         total_norm: float,
         scale: torch.Tensor | None = None,
+        shards: Shards | None = None,
     ) -> ClipOutcome:
         """Clip ``grads`` in place.
 
         Args:
-            grads: The gradients (possibly still multiplied by ``scale``).
-            params: The parameters, aligned with ``grads``.
-            total_norm: The true global L2 norm of the gradients (unscaled), finite.
+            grads: The gradients (possibly still multiplied by ``scale``); for sharded gradients, the local shards.
+            params: The parameters (local shards), aligned with ``grads``.
+            total_norm: The true global L2 norm of the gradients (unscaled, over every shard), finite.
             scale: The loss scale still contained in ``grads``, if any.
+            shards: How ``grads`` are split across ranks; ``None`` when they are whole.
 
         Returns:
             What was done.
@@ -100,7 +109,7 @@ class NormClipper(Clipper):
     def __init__(self, max_norm: float) -> None:
         self.max_norm = max_norm
 
-    def clip(self, grads, params, total_norm, scale=None):  # noqa: D102, ANN001, ANN201
+    def clip(self, grads, params, total_norm, scale=None, shards=None):  # noqa: D102, ANN001, ANN201
         return self._scale_by(grads, total_norm, self.max_norm)
 
 
@@ -112,25 +121,38 @@ class ValueClipper(Clipper):
     def __init__(self, clip_value: float) -> None:
         self.clip_value = clip_value
 
-    def clip(self, grads, params, total_norm, scale=None):  # noqa: D102, ANN001, ANN201
+    def clip(self, grads, params, total_norm, scale=None, shards=None):  # noqa: D102, ANN001, ANN201
         grads = list(grads)
-        limit: float | torch.Tensor = self.clip_value
         bound = self.clip_value if scale is None else float(self.clip_value) * scale.detach().float().reshape(())
         # whether any entry is out of bounds, before clamping (aminmax: one vectorised pass per tensor)
-        extremes = torch.stack([torch.stack(torch.aminmax(g)).float() for g in grads])
-        clipped = ((extremes[:, 1] > bound) | (extremes[:, 0] < -bound)).any()
-        if scale is not None:
-            limit = float(self.clip_value) * scale.detach().float().reshape(())
+        whole = [g for g in grads if g.numel()]  # an empty local shard has no extremes
+        if whole:
+            extremes = torch.stack([torch.stack(torch.aminmax(g)).float() for g in whole])
+            clipped = ((extremes[:, 1] > bound) | (extremes[:, 0] < -bound)).any()
+        else:
+            clipped = torch.zeros((), dtype=torch.bool, device=grads[0].device)
+        if isinstance(bound, torch.Tensor):
             for g in grads:
-                torch.clamp_(g, min=-limit.to(g.dtype), max=limit.to(g.dtype))
+                torch.clamp_(g, min=-bound.to(g.dtype), max=bound.to(g.dtype))
         else:
             torch._foreach_clamp_min_(grads, -self.clip_value)
             torch._foreach_clamp_max_(grads, self.clip_value)
         norms = torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32)).double()
-        post = norms.square().sum().sqrt()
+        post_sq, clipped = _sum_shards(norms.square().sum(), clipped, shards)
+        post = post_sq.sqrt()
         if scale is not None:
             post = post / scale.detach().double().reshape(())
         return ClipOutcome(clipped=None, clipped_norm_device=post, clipped_device=clipped)
+
+
+def _sum_shards(
+    post_sq: torch.Tensor, clipped: torch.Tensor, shards: Shards | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The post-clip squared norm and "any entry clipped" over every shard (one all-reduce when sharded)."""
+    if shards is None:
+        return post_sq, clipped
+    both = sum_over(torch.stack([post_sq.double(), clipped.double()]), shards.group)
+    return both[0], both[1] > 0
 
 
 class AGCClipper(Clipper):
@@ -149,24 +171,44 @@ class AGCClipper(Clipper):
     @staticmethod
     def unitwise_norm(x: torch.Tensor) -> torch.Tensor:
         """L2 norm per unit (dimension 0), keeping dims for broadcasting; the whole tensor for ndim <= 1."""
-        if x.ndim <= 1:
-            return torch.linalg.vector_norm(x.float())
-        return torch.linalg.vector_norm(x.float(), dim=tuple(range(1, x.ndim)), keepdim=True)
+        return AGCClipper._unit_sq(x).sqrt()
 
-    def clip(self, grads, params, total_norm, scale=None):  # noqa: D102, ANN001, ANN201
-        sq, any_clipped = [], []
+    @staticmethod
+    def _unit_sq(x: torch.Tensor) -> torch.Tensor:
+        if x.ndim <= 1:
+            return torch.linalg.vector_norm(x.float()).square()
+        return torch.linalg.vector_norm(x.float(), dim=tuple(range(1, x.ndim)), keepdim=True).square()
+
+    def clip(self, grads, params, total_norm, scale=None, shards=None):  # noqa: D102, ANN001, ANN201
+        grads, params = list(grads), list(params)
         factor = self.clip_factor if scale is None else self.clip_factor * scale.detach().float().reshape(())
-        for g, p in zip(grads, params, strict=True):
-            max_norm = self.unitwise_norm(p.detach()).clamp(min=self.eps) * factor
-            g_norm = self.unitwise_norm(g)
+        p_sq = [self._unit_sq(p.detach()) for p in params]
+        g_sq = [self._unit_sq(g) for g in grads]
+        g_sq_here = list(g_sq)  # this rank's part of each unit, for the post-clip norm
+        if shards is not None:
+            # units split across ranks (1-D tensors, or tensors not sharded along dimension 0): sum their parts
+            split = [i for i, d in enumerate(shards.dims) if grads[i].ndim <= 1 or d != 0]
+            if split:
+                flat = sum_over(torch.cat([t.reshape(-1) for i in split for t in (p_sq[i], g_sq[i])]), shards.group)
+                pos = 0
+                for i in split:
+                    for parts in (p_sq, g_sq):
+                        k = parts[i].numel()
+                        parts[i] = flat[pos : pos + k].view_as(parts[i])
+                        pos += k
+        post, any_clipped = [], []
+        for g, p2, g2, here in zip(grads, p_sq, g_sq, g_sq_here, strict=True):
+            max_norm = p2.sqrt().clamp(min=self.eps) * factor
+            g_norm = g2.sqrt()
             coef = torch.where(g_norm > max_norm, max_norm / g_norm.clamp(min=_EPS), torch.ones_like(g_norm))
             g.mul_(coef.to(g.dtype))
-            sq.append((g_norm * coef.clamp(max=1.0)).double().square().sum())
+            post.append((here.double() * coef.clamp(max=1.0).double().square()).sum())
             any_clipped.append((coef < 1).any())
-        post = torch.stack(sq).sum().sqrt()
+        post_sq, clipped = _sum_shards(torch.stack(post).sum(), torch.stack(any_clipped).any(), shards)
+        out = post_sq.sqrt()
         if scale is not None:
-            post = post / scale.detach().double().reshape(())
-        return ClipOutcome(clipped=None, clipped_norm_device=post, clipped_device=torch.stack(any_clipped).any())
+            out = out / scale.detach().double().reshape(())
+        return ClipOutcome(clipped=None, clipped_norm_device=out, clipped_device=clipped)
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -193,7 +235,7 @@ class AutoClipper(Clipper):
         self.percentile = percentile
         self.history: deque[float] = deque(maxlen=history)
 
-    def clip(self, grads, params, total_norm, scale=None):  # noqa: D102, ANN001, ANN201
+    def clip(self, grads, params, total_norm, scale=None, shards=None):  # noqa: D102, ANN001, ANN201
         if math.isfinite(total_norm):
             self.history.append(total_norm)
         if not self.history:
@@ -239,7 +281,7 @@ class ZClipper(Clipper):
             return None
         return self.mean + self.z_thresh * std / (z / self.z_thresh)
 
-    def clip(self, grads, params, total_norm, scale=None):  # noqa: D102, ANN001, ANN201
+    def clip(self, grads, params, total_norm, scale=None, shards=None):  # noqa: D102, ANN001, ANN201
         if not math.isfinite(total_norm):
             return ClipOutcome(clipped=False)
         if self.mean is None:

@@ -19,8 +19,15 @@ from typing import Any, Literal
 
 import torch
 
-from lightning_gradhealth.distributed import is_dtensor, local, shard_group
-from lightning_gradhealth.errors import GradientHealthError
+from lightning_gradhealth.distributed import (
+    Reduction,
+    local,
+    mean_over,
+    min_valid_over,
+    reduce_sum_max,
+    resolve,
+    sum_over,
+)
 from lightning_gradhealth.layout import ParamLayout
 from lightning_gradhealth.record import LayerStats, StepStats
 
@@ -29,12 +36,25 @@ __all__ = ["GradStatsEngine", "NonFiniteTracker", "PendingStats", "StepMeta"]
 StatsLevel = Literal["basic", "full"]
 
 # Order of the global scalars at the head of the packed tensor.
-_HEAD = ("total_norm", "param_norm", "nonzero", "max_layer_norm", "min_layer_norm", "num_ratio_layers")
+_HEAD = ("total_norm", "param_norm", "nonzero", "max_layer_norm", "min_layer_norm", "num_ratio_layers", "numel")
 
 
 def _accum_dtype(device: torch.device) -> torch.dtype:
     # float64 makes combining many per-tensor norms and counting elements exact; MPS has no float64.
     return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _foreach_norms(tensors: Sequence[torch.Tensor], order: float) -> torch.Tensor:
+    """Per-tensor norms accumulated in float32, stacked; an empty tensor (a local shard) has norm 0, also for inf."""
+    tensors = list(tensors)
+    if math.isinf(order) and any(t.numel() == 0 for t in tensors):
+        whole = [t for t in tensors if t.numel()]
+        out = torch.zeros(len(tensors), dtype=torch.float32, device=tensors[0].device)
+        if whole:
+            at = torch.tensor([k for k, t in enumerate(tensors) if t.numel()], device=out.device)
+            out[at] = torch.stack(torch._foreach_norm(whole, order, dtype=torch.float32))
+        return out
+    return torch.stack(torch._foreach_norm(tensors, order, dtype=torch.float32))
 
 
 @dataclass(frozen=True)
@@ -60,6 +80,7 @@ class PendingStats:
             NaN/Inf counts can be taken if the step turns out non-finite.
         grad_scale: Loss scale still contained in ``grads`` (fused optimizers under a GradScaler), else None.
         extras: Optional device scalars appended at transfer time, by name.
+        reduction: The process groups the statistics were combined over.
     """
 
     layout: ParamLayout
@@ -68,6 +89,7 @@ class PendingStats:
     grads: list[torch.Tensor]
     grad_scale: torch.Tensor | None
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    reduction: Reduction = field(default_factory=Reduction)
 
 
 class GradStatsEngine:
@@ -95,21 +117,6 @@ class GradStatsEngine:
         self._index_cache: dict[tuple[int, tuple[int, ...], torch.device], torch.Tensor] = {}
 
     # ------------------------------------------------------------------ device side
-    def _combine(self, norms: torch.Tensor, index: torch.Tensor | None, size: int) -> torch.Tensor:
-        """Combine per-tensor norms into per-group norms (``index``) or one global norm (``index=None``)."""
-        p = self.norm_type
-        if math.isinf(p):
-            if index is None:
-                return norms.amax()
-            out = torch.zeros(size, dtype=norms.dtype, device=norms.device)
-            return out.scatter_reduce_(0, index, norms, reduce="amax", include_self=False)
-        powered = norms.square() if p == 2.0 else norms.pow(p)
-        if index is None:
-            summed = powered.sum()
-        else:
-            summed = torch.zeros(size, dtype=norms.dtype, device=norms.device).index_add_(0, index, powered)
-        return summed.sqrt() if p == 2.0 else summed.pow(1.0 / p)
-
     def _layer_index(self, layout: ParamLayout, present: tuple[int, ...], device: torch.device) -> torch.Tensor:
         key = (id(layout), present, device)
         index = self._index_cache.get(key)
@@ -131,172 +138,215 @@ class GradStatsEngine:
             A 1-D tensor of per-tensor norms in the accumulation dtype (float64 except on MPS).
         """
         order = self.norm_type if ord is None else ord
-        result = torch._foreach_norm(list(tensors), order, dtype=torch.float32)
-        return torch.stack(result).to(_accum_dtype(result[0].device))
+        return _foreach_norms(tensors, order).to(_accum_dtype(tensors[0].device))
 
-    def global_norm(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    @torch.no_grad()
+    def global_norm(self, tensors: Sequence[torch.Tensor], reduction: Reduction | None = None) -> torch.Tensor:
         """The global norm of ``tensors`` as a device scalar (no host synchronisation).
 
-        Sharded (DTensor) tensors: the local shards' powered sum, reduced with one all-reduce over the sharding
-        dimension. Otherwise float32 per-tensor norms combined by one more norm kernel: the value only needs to be
-        finite-or-not and good to float32 precision (guard, clipping thresholds, spike z-scores, post-clip norm).
+        Sharded tensors (DTensors, or ``reduction.shard_group``): the local shards' powered sum (maximum for
+        ``inf``), combined over the sharding group in one collective. Float32 per-tensor norms: the value only
+        needs to be finite-or-not and good to float32 precision (guard, clipping thresholds, spike z-scores,
+        post-clip norm). Replicas are not averaged here (see :meth:`guard`).
         """
         p = self.norm_type
-        if is_dtensor(tensors[0]):
-            norms = torch.stack(torch._foreach_norm([local(t) for t in tensors], p, dtype=torch.float32)).double()
-            powered = norms.pow(p).sum().reshape(1)
-            torch.distributed.all_reduce(powered, group=shard_group(tensors))
-            return powered.pow(1.0 / p).reshape(())
-        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(list(tensors), p, dtype=torch.float32)), p)
+        red = resolve(tensors, reduction)
+        norms = _foreach_norms([local(t) for t in tensors], p)
+        if red.shard_group is None:
+            return torch.linalg.vector_norm(norms, p)
+        norms = norms.to(_accum_dtype(norms.device))
+        if math.isinf(p):
+            _, reduced = reduce_sum_max(norms.new_zeros(0), norms.amax().reshape(1), red.shard_group)
+            return reduced.reshape(())  # type: ignore[union-attr]
+        powered = norms.pow(p).sum().reshape(1)
+        return sum_over(powered, red.shard_group).pow(1.0 / p).reshape(())
 
+    @torch.no_grad()
     def compute(
         self,
         layout: ParamLayout,
         grad_scale: torch.Tensor | None = None,
+        reduction: Reduction | None = None,
     ) -> PendingStats | None:
         """Launch every reduction of one step on the device; nothing is copied to the host.
+
+        Every statistic is first formed per layer from this rank's tensors, as sums (powered norms, zero counts,
+        sums of ``g`` and ``g**2``) and maxima (``inf`` norms, largest ``|g|``, smallest non-zero ``|g|``
+        negated). Sharded gradients combine them over the sharding group in ONE collective
+        (:func:`~lightning_gradhealth.distributed.reduce_sum_max`); replicated ones (DDP) average the global
+        norm over the replicas (one scalar all-reduce), so that every rank takes the same decisions.
 
         Args:
             layout: The parameters to look at.
             grad_scale: When the gradients still contain a GradScaler's loss scale (fused optimizers under
                 ``16-mixed``), the scale tensor; every magnitude is divided by it.
+            reduction: Process groups to combine over (DTensor gradients find their sharding group themselves).
 
         Returns:
             The pending statistics, or ``None`` when no watched parameter has a gradient.
 
-        Sharded (DTensor) gradients: the statistics of the local shards are reduced with ONE all-reduce over the
-        sharding dimension (only finite ``norm_type`` and ``stats="basic"``).
-
         Raises:
-            GradientHealthError: For sharded gradients with ``norm_type=inf`` or ``stats="full"``, or a layout of
-                shards that is not supported.
+            GradientHealthError: A layout of DTensor shards that is not supported.
         """
         present = tuple(i for i, p in enumerate(layout.params) if p.grad is not None)
         if not present:
             return None
-        grads = [layout.params[i].grad for i in present]
-        params = [layout.params[i].detach() for i in present]
-        sharded = is_dtensor(grads[0])  # type: ignore[arg-type]
-        group = None
-        if sharded:
-            if math.isinf(self.norm_type) or self.full:
-                raise GradientHealthError(
-                    "sharded gradients support a finite norm_type and stats='basic' (one sum-reduction)",
-                    parameter=layout.param_names[present[0]],
-                )
-            group = shard_group(grads)  # type: ignore[arg-type]
-        local_g = [local(g) for g in grads]  # type: ignore[arg-type]
-        local_p = [local(p) for p in params]
+        grads: list[torch.Tensor] = [layout.params[i].grad for i in present]  # type: ignore[misc]
+        red = resolve(grads, reduction)
+        local_g = [local(g) for g in grads]
+        local_p = [local(layout.params[i]) for i in present]  # no_grad: no detach (a DTensor dispatch each)
         device = local_g[0].device
-        n_layers = layout.num_layers
+        n = layout.num_layers
         index = self._layer_index(layout, present, device)
+        p = self.norm_type
+        inf_norm = math.isinf(p)
 
-        g_norm = raw_g_norm = self.norms(local_g)
+        raw_g_norm = self.norms(local_g)
         p_norm = self.norms(local_p)
-        acc = g_norm.dtype
+        acc = raw_g_norm.dtype
         nonzero = torch.stack([torch.count_nonzero(g) for g in local_g]).to(acc)
         inv_scale = None
+        g_norm = raw_g_norm
         if grad_scale is not None:
             inv_scale = grad_scale.detach().to(acc).reshape(()).reciprocal()
-            g_norm = g_norm * inv_scale
+            g_norm = raw_g_norm * inv_scale
 
-        if sharded:
-            # per-layer powered sums of the local shards, summed over the shards in one collective
-            p = self.norm_type
-            zeros = torch.zeros(3 * n_layers, dtype=acc, device=device)
-            sums = torch.cat([g_norm.pow(p), p_norm.pow(p), nonzero])
-            offsets = torch.cat([index, index + n_layers, index + 2 * n_layers])
-            reduced = zeros.index_add_(0, offsets, sums)
-            torch.distributed.all_reduce(reduced, group=group)
-            layer_pw_g, layer_pw_p, layer_nz_global = reduced.split(n_layers)
-            layer_g, layer_p = layer_pw_g.pow(1.0 / p), layer_pw_p.pow(1.0 / p)
-            total, p_total = layer_pw_g.sum().pow(1.0 / p), layer_pw_p.sum().pow(1.0 / p)
-            nonzero_total = layer_nz_global.sum()
+        def per_layer_sum(values: torch.Tensor) -> torch.Tensor:
+            return torch.zeros(n, dtype=acc, device=device).index_add_(0, index, values)
+
+        def per_layer_max(values: torch.Tensor) -> torch.Tensor:
+            out = torch.zeros(n, dtype=acc, device=device)
+            return out.scatter_reduce_(0, index, values, reduce="amax", include_self=False)
+
+        sharded = red.shard_group is not None
+        weight = self._weights(red, [layout.params[i] for i in present], device, acc) if sharded else None
+
+        def per_layer_sum_once(values: torch.Tensor) -> torch.Tensor:
+            # a tensor that is whole on every rank of the sharding group is counted on its first rank only
+            return per_layer_sum(values if weight is None else values * weight)
+
+        # per-layer contributions of this rank: sums and maxima, each a block of n numbers
+        if inf_norm:
+            sums, maxes = [per_layer_sum_once(nonzero)], [per_layer_max(g_norm), per_layer_max(p_norm)]
         else:
-            total = self._combine(g_norm, None, 1)
-            layer_g = self._combine(g_norm, index, n_layers)
-            layer_p = self._combine(p_norm, index, n_layers)
-            p_total = self._combine(p_norm, None, 1)
-            nonzero_total = nonzero.sum()
-            layer_nz_global = None
+            pw_g, pw_p = per_layer_sum_once(g_norm.pow(p)), per_layer_sum_once(p_norm.pow(p))
+            sums, maxes = [pw_g, pw_p, per_layer_sum_once(nonzero)], []
+        if sharded:  # element counts of the local shards (FSDP1's are flat pieces, FSDP2's may be empty)
+            numel = torch.tensor([float(g.numel()) for g in local_g], dtype=acc).to(device, non_blocking=True)
+            sums.append(per_layer_sum_once(numel))
+        if self.full:
+            l2 = raw_g_norm if p == 2.0 else None  # reuse the L2 norms already taken
+            max_abs, neg_min_abs, g_sum, g_sq = self._full_stats(local_g, acc, inv_scale, l2)
+            sums += [per_layer_sum_once(g_sum), per_layer_sum_once(g_sq)]
+            maxes += [per_layer_max(max_abs), per_layer_max(neg_min_abs)]
+        sum_vec = torch.cat(sums)
+        max_vec = torch.cat(maxes) if maxes else None
+        if sharded:
+            sum_vec, max_vec = reduce_sum_max(sum_vec, max_vec, red.shard_group)  # the step's one collective
+        s_blocks = list(sum_vec.split(n))
+        m_blocks = list(max_vec.split(n)) if max_vec is not None else []
+
+        if inf_norm:
+            layer_nz = s_blocks.pop(0)
+            layer_g, layer_p = m_blocks.pop(0), m_blocks.pop(0)
+            total, p_total = layer_g.amax(), layer_p.amax()
+        else:
+            pw_g, pw_p, layer_nz = s_blocks.pop(0), s_blocks.pop(0), s_blocks.pop(0)
+            root = (lambda x: x.sqrt()) if p == 2.0 else (lambda x: x.pow(1.0 / p))
+            layer_g, layer_p = root(pw_g), root(pw_p)
+            total, p_total = root(pw_g.sum()), root(pw_p.sum())
+        layer_numel = s_blocks.pop(0) if sharded else None
+        if red.replica_group is not None:
+            total = mean_over(total, red.replica_group)  # decisions agree on every replica
         usable = torch.isfinite(layer_g) & (layer_g > 0)
         inf = torch.tensor(math.inf, dtype=acc, device=device)
         head = torch.stack(
             [
                 total,
                 p_total,
-                nonzero_total,
+                layer_nz.sum(),
                 torch.where(usable, layer_g, -inf).amax(),
                 torch.where(usable, layer_g, inf).amin(),
                 usable.sum().to(acc),
+                layer_nz.new_zeros(()) if layer_numel is None else layer_numel.sum(),  # unsharded: known on host
             ]
         )
         parts = [head]
         if self.per_layer:
-            layer_nz = (
-                layer_nz_global
-                if layer_nz_global is not None
-                else torch.zeros(n_layers, dtype=acc, device=device).index_add_(0, index, nonzero)
-            )
             parts += [layer_g, layer_p, layer_nz]
+            if layer_numel is not None:
+                parts.append(layer_numel)
         if self.full:
-            l2 = raw_g_norm if self.norm_type == 2.0 else None  # reuse the L2 norms already taken
-            parts += self._full_stats(grads, index, n_layers, acc, inv_scale, l2)  # type: ignore[arg-type]
+            g_sum_l, g_sq_l = s_blocks
+            max_l, neg_min_l = m_blocks
+            parts += [max_l, -neg_min_l, g_sum_l, g_sq_l]
         return PendingStats(
             layout=layout,
             present=present,
             packed=torch.cat(parts),
-            grads=grads,  # type: ignore[arg-type]
+            grads=grads,
             grad_scale=grad_scale,
+            reduction=red,
         )
+
+    def _weights(
+        self, red: Reduction, params: list[torch.Tensor], device: torch.device, acc: torch.dtype
+    ) -> torch.Tensor | None:
+        """1/0 per tensor: whether this rank counts it (tensors whole on every rank count on the first only)."""
+        if not red.whole or torch.distributed.get_rank(red.shard_group) == 0:
+            return None
+        return torch.tensor([0.0 if id(q) in red.whole else 1.0 for q in params], dtype=acc).to(device)
 
     def _full_stats(
         self,
         grads: list[torch.Tensor],
-        index: torch.Tensor,
-        n_layers: int,
         acc: torch.dtype,
         inv_scale: torch.Tensor | None,
         l2_norms: torch.Tensor | None,
-    ) -> list[torch.Tensor]:
-        device = index.device
-        max_l, min_nz_l, sums = [], [], []
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per tensor: max ``|g|``, minus the smallest non-zero ``|g|``, sum of ``g``, sum of ``g**2``.
+
+        An empty (local shard of a) tensor contributes the neutral values: 0, -inf, 0, 0.
+        """
+        device = grads[0].device
+        max_l, neg_min_l, sums = [], [], []
+        zero = torch.zeros((), dtype=torch.float32, device=device)
+        neg_inf = torch.full((), -math.inf, dtype=torch.float32, device=device)
         for g in grads:
+            if g.numel() == 0:
+                max_l.append(zero)
+                neg_min_l.append(neg_inf)
+                sums.append(zero)
+                continue
             # one |g| temporary per tensor, reused in place: max, then min over the non-zero entries
             absg = g.abs()
-            max_l.append(absg.amax())
-            min_nz_l.append(absg.masked_fill_(absg == 0, math.inf).amin())
+            max_l.append(absg.amax().float())
+            neg_min_l.append(-absg.masked_fill_(absg == 0, math.inf).amin().float())
             sums.append(g.sum(dtype=torch.float32))  # float32 cascade sum; combined across tensors in `acc`
         max_abs = torch.stack(max_l).to(acc)
-        min_abs = torch.stack(min_nz_l).to(acc)
+        neg_min_abs = torch.stack(neg_min_l).to(acc)
         sums_t = torch.stack(sums).to(acc)
         sq = (l2_norms if l2_norms is not None else self.norms(grads, 2.0)).square()
         if inv_scale is not None:
-            max_abs, min_abs, sums_t, sq = (
-                max_abs * inv_scale,
-                min_abs * inv_scale,
-                sums_t * inv_scale,
-                sq * (inv_scale * inv_scale),
-            )
-        layer_max = torch.zeros(n_layers, dtype=acc, device=device).scatter_reduce_(
-            0, index, max_abs, reduce="amax", include_self=False
-        )
-        layer_min = torch.zeros(n_layers, dtype=acc, device=device).scatter_reduce_(
-            0, index, min_abs, reduce="amin", include_self=False
-        )
-        layer_sum = torch.zeros(n_layers, dtype=acc, device=device).index_add_(0, index, sums_t)
-        layer_sq = torch.zeros(n_layers, dtype=acc, device=device).index_add_(0, index, sq)
-        return [layer_max, layer_min, layer_sum, layer_sq]
+            max_abs, neg_min_abs, sums_t = max_abs * inv_scale, neg_min_abs * inv_scale, sums_t * inv_scale
+            sq = sq * (inv_scale * inv_scale)
+        return max_abs, neg_min_abs, sums_t, sq
 
-    def guard(self, layout: ParamLayout, grad_scale: torch.Tensor | None = None) -> PendingStats | None:
+    @torch.no_grad()
+    def guard(
+        self, layout: ParamLayout, grad_scale: torch.Tensor | None = None, reduction: Reduction | None = None
+    ) -> PendingStats | None:
         """The cheapest useful check of a step: the global gradient norm alone (one foreach kernel).
 
         Its finiteness catches any NaN/Inf in any gradient; :meth:`read_guard` copies it (and the extras) to the
-        host in one transfer.
+        host in one transfer. Sharded gradients add one scalar all-reduce over the sharding group; replicated ones
+        (``reduction.replica_group``) one over the replicas, so that every rank sees a gradient that went bad on
+        any of them.
 
         Args:
             layout: The parameters to look at.
             grad_scale: Loss scale still contained in the gradients, divided out of the norm.
+            reduction: Process groups to combine over.
 
         Returns:
             The pending guard, or ``None`` when no watched parameter has a gradient.
@@ -304,23 +354,35 @@ class GradStatsEngine:
         grads: list[torch.Tensor] = [g for p in layout.params if (g := p.grad) is not None]  # one pass
         if not grads:
             return None
-        total = self.global_norm(grads)
+        red = resolve(grads, reduction)
+        total = self.global_norm(grads, red)
         if grad_scale is not None:
             total = total / grad_scale.detach().float().reshape(())
+        if red.replica_group is not None:
+            total = mean_over(total, red.replica_group)
         # `present` stays empty: a guard never becomes a record (a failing step recomputes everything)
-        return PendingStats(layout=layout, present=(), packed=total.reshape(1), grads=grads, grad_scale=grad_scale)
+        return PendingStats(
+            layout=layout, present=(), packed=total.reshape(1), grads=grads, grad_scale=grad_scale, reduction=red
+        )
 
+    @torch.no_grad()
     def histograms(
-        self, layout: ParamLayout, bins: int = 64, grad_scale: torch.Tensor | None = None
+        self,
+        layout: ParamLayout,
+        bins: int = 64,
+        grad_scale: torch.Tensor | None = None,
+        reduction: Reduction | None = None,
     ) -> dict[str, dict[str, Any]]:
         """Per-layer histograms of the gradient entries, computed on the device, copied in one transfer.
 
-        Bucket edges span each layer's [min, max] evenly; no gradient is copied to the host.
+        Bucket edges span each layer's [min, max] evenly; no gradient is copied to the host. Sharded gradients
+        take two collectives: the layers' global [min, max] (the edges), then the summed bucket counts.
 
         Args:
             layout: The parameters.
             bins: Buckets per layer.
             grad_scale: Loss scale still contained in the gradients (divided out of every value).
+            reduction: Process groups to combine over (DTensor gradients find their sharding group themselves).
 
         Returns:
             ``{layer: {"min", "max", "num", "sum", "sum_squares", "bucket_limits", "bucket_counts"}}`` for the layers
@@ -329,29 +391,40 @@ class GradStatsEngine:
         present = [i for i, p in enumerate(layout.params) if p.grad is not None]
         if not present:
             return {}
-        device = layout.params[present[0]].grad.device  # type: ignore[union-attr]
+        grads: list[torch.Tensor] = [layout.params[i].grad for i in present]  # type: ignore[misc]
+        red = resolve(grads, reduction)
+        device = local(grads[0]).device
         acc = _accum_dtype(device)
         by_layer: dict[int, list[torch.Tensor]] = {}
-        for i in present:
-            by_layer.setdefault(layout.layer_of_param[i], []).append(layout.params[i].grad.detach().reshape(-1))  # type: ignore[union-attr]
-        rows, order = [], []
+        for i, g in zip(present, grads, strict=True):
+            flat = local(g).detach().reshape(-1)
+            by_layer.setdefault(layout.layer_of_param[i], [])
+            if flat.numel():  # an empty local shard adds nothing (and has no min or max)
+                by_layer[layout.layer_of_param[i]].append(flat)
+        order = sorted(by_layer)
+        big = torch.tensor(math.inf, dtype=acc, device=device)
+        lows, highs = [], []
+        for j in order:
+            flats = by_layer[j]
+            lows.append(torch.stack([f.min() for f in flats]).min().to(acc) if flats else big)
+            highs.append(torch.stack([f.max() for f in flats]).max().to(acc) if flats else -big)
+        lo, hi = torch.stack(lows), torch.stack(highs)
+        if red.shard_group is not None:
+            _, extremes = reduce_sum_max(lo.new_zeros(0), torch.cat([-lo, hi]), red.shard_group)
+            lo, hi = -extremes[: len(order)], extremes[len(order) :]  # type: ignore[index]
         steps = torch.arange(bins + 1, device=device, dtype=acc) / bins
-        for j, flats in sorted(by_layer.items()):
-            lo = torch.stack([f.min() for f in flats]).min().to(acc)
-            hi = torch.stack([f.max() for f in flats]).max().to(acc)
-            edges = lo + (hi - lo) * steps
-            counts = torch.zeros(bins, dtype=acc, device=device)
-            total = torch.zeros((), dtype=acc, device=device)
-            sq = torch.zeros((), dtype=acc, device=device)
-            for f in flats:
-                idx = torch.bucketize(f, edges[1:-1].to(f.dtype), right=True)
-                counts += torch.bincount(idx, minlength=bins).to(acc)
-                total += f.sum(dtype=acc)
-                sq += torch.linalg.vector_norm(f, dtype=acc).square()
-            num = torch.tensor(float(sum(f.numel() for f in flats)), dtype=acc, device=device)
-            rows.append(torch.cat([torch.stack([lo, hi, num, total, sq]), edges[1:], counts]))
-            order.append(j)
-        values = torch.stack(rows)
+        edges = lo[:, None] + (hi - lo)[:, None] * steps  # [layers, bins + 1]
+        sums = torch.zeros(len(order), 3 + bins, dtype=acc, device=device)  # num, sum, sum of squares, counts
+        for k, j in enumerate(order):
+            for f in by_layer[j]:
+                idx = torch.bucketize(f, edges[k, 1:-1].to(f.dtype), right=True)
+                sums[k, 0] += f.numel()
+                sums[k, 1] += f.sum(dtype=acc)
+                sums[k, 2] += torch.linalg.vector_norm(f, dtype=acc).square()
+                sums[k, 3:] += torch.bincount(idx, minlength=bins).to(acc)
+        if red.shard_group is not None:
+            sum_over(sums, red.shard_group)
+        values = torch.cat([lo[:, None], hi[:, None], sums[:, :3], edges[:, 1:], sums[:, 3:]], dim=1)
         if grad_scale is not None:
             inv = grad_scale.detach().to(acc).reshape(()).reciprocal()
             scale = torch.ones(values.shape[1], dtype=acc, device=device)
@@ -386,8 +459,13 @@ class GradStatsEngine:
         values, extras = self._transfer(pending)
         return values[0], extras
 
+    @torch.no_grad()
     def nonfinite_counts(self, pending: PendingStats) -> torch.Tensor:
-        """Exact per-layer NaN and Inf counts, packed ``[nan_0..nan_L, inf_0..inf_L]`` (device tensor)."""
+        """Exact per-layer NaN and Inf counts, packed ``[nan_0..nan_L, inf_0..inf_L]`` (device tensor).
+
+        Summed over the sharding group (each rank counts its shard) and maxed over the replicas (a rank whose
+        gradient went bad alone still names its layers on every rank): one all-reduce each, on failing steps only.
+        """
         layout = pending.layout
         device = pending.packed.device
         acc = pending.packed.dtype
@@ -397,8 +475,12 @@ class GradStatsEngine:
         inf = torch.stack([torch.isinf(g).sum() for g in local_g]).to(acc)
         zeros = torch.zeros(layout.num_layers, dtype=acc, device=device)
         counts = torch.cat([zeros.index_add(0, index, nan), zeros.index_add(0, index, inf)])
-        if is_dtensor(pending.grads[0]):
-            torch.distributed.all_reduce(counts, group=shard_group(pending.grads))
+        red = pending.reduction
+        if red.shard_group is not None:
+            sum_over(counts, red.shard_group)
+        if red.replica_group is not None:
+            # replicas hold the same gradient: the largest count is the broken replica's (a healthy one counts 0)
+            torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.MAX, group=red.replica_group)
         return counts
 
     # ------------------------------------------------------------------ host side
@@ -419,10 +501,11 @@ class GradStatsEngine:
         pos = len(_HEAD)
         layout = pending.layout
         n = layout.num_layers
+        sharded = pending.reduction.shard_group is not None
         present_numel = [0] * n
         for i in pending.present:
             present_numel[layout.layer_of_param[i]] += layout.params[i].numel()
-        total_numel = sum(present_numel)
+        total_numel = int(head["numel"]) if sharded else sum(present_numel)
 
         nan_l = [0] * n
         inf_l = [0] * n
@@ -435,6 +518,9 @@ class GradStatsEngine:
         if self.per_layer:
             g, p, nz = (values[pos + k * n : pos + (k + 1) * n] for k in range(3))
             pos += 3 * n
+            if sharded:  # element counts summed over the shards
+                present_numel = [int(v) for v in values[pos : pos + n]]
+                pos += n
             full: list[list[float]] = []
             if self.full:
                 full = [values[pos + k * n : pos + (k + 1) * n] for k in range(4)]
@@ -470,6 +556,9 @@ class GradStatsEngine:
         no_grad = tuple(name for i, name in enumerate(layout.param_names) if i not in present)
         grad_scale = extras.get("amp_scale")
         micro = extras.get("first_nonfinite_micro_batch")
+        if not math.isfinite(total) and not pending.reduction.empty:
+            # each rank saw its own gradient (or shard) go bad at its own micro-batch: the first one anywhere
+            micro = self._first_micro_batch_anywhere(micro, pending)
         if micro is None and not math.isfinite(total):
             micro = 0  # no micro-batch tracking (a single micro-batch): it is the one that went non-finite
         return StepStats(
@@ -493,13 +582,23 @@ class GradStatsEngine:
             grad_max_abs=max((lay.max_abs for lay in layers if lay.max_abs is not None), default=None),
         )
 
+    @staticmethod
+    def _first_micro_batch_anywhere(micro: float | None, pending: PendingStats) -> float | None:
+        device = pending.packed.device
+        value = None if micro is None else int(micro)
+        for group in (pending.reduction.shard_group, pending.reduction.replica_group):
+            if group is not None:
+                value = min_valid_over(value, group, device)
+        return value
+
 
 class NonFiniteTracker:
     """Remember, on the device, the first micro-batch after which the accumulated gradient went non-finite.
 
     Accumulated gradients are running sums, so once non-finite they stay non-finite: the first micro-batch
     whose running gradient is non-finite is the one that introduced the NaN/Inf. Each observation is one
-    foreach norm and a few scalar kernels, with no host synchronisation.
+    foreach norm and a few scalar kernels, with no host synchronisation. Each rank watches its own gradient (or
+    shards); a failing step takes the earliest micro-batch over the ranks (:meth:`GradStatsEngine.finish`).
     """
 
     def __init__(self) -> None:
@@ -511,13 +610,14 @@ class NonFiniteTracker:
         self.first_bad = None
         self.micro_batches = 0
 
+    @torch.no_grad()
     def observe(self, params: Sequence[torch.Tensor]) -> None:
         """Look at the running gradients after one more backward pass."""
-        grads = [p.grad for p in params if p.grad is not None]
+        grads = [local(p.grad) for p in params if p.grad is not None]  # sharded: this rank's shards
         idx = self.micro_batches
         self.micro_batches += 1
-        if not grads or is_dtensor(grads[0]):
-            return  # sharded: the final global norm decides; micro-batches are not tracked per shard
+        if not grads:
+            return
         norms = torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32))
         bad = ~torch.isfinite(norms).all()
         if self.first_bad is None:

@@ -1,5 +1,11 @@
-"""Run by test_ddp.py as `python fsdp_script.py OUT_DIR`: FSDP2 (ModelParallelStrategy + fully_shard), 2 gloo
-processes on CPU. Saves each rank's batch and record; the test rebuilds an unsharded float64 reference."""
+"""Run by test_ddp.py as `python fsdp_script.py OUT_DIR MODE`: FSDP2 (ModelParallelStrategy + fully_shard), 2 gloo
+processes on CPU.
+
+- ``stats``: monitors with basic and full statistics, ``norm_type=inf``, histograms and a guard-only one watch the
+  same steps; each rank saves its batch and records; rank 0 saves the full (all-gathered) gradients.
+- ``clip``: one short fit per clipper; rank 0 saves the full gradients before and after the monitor at every step.
+The test rebuilds every number from an unsharded float64 reference.
+"""
 
 import json
 import math
@@ -8,12 +14,23 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.distributed._composable.fsdp import fully_shard
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradhealth import GradientHealthMonitor
+
+CLIPPERS = {
+    "norm": {"max_norm": 0.2},
+    "value": {"clip_value": 0.05},
+    "agc": {"agc_clip_factor": 0.01},
+    "autoclip": {"autoclip_percentile": 10.0},
+    "zclip": {"zclip_warmup_steps": 3},
+}
+SPIKE_AT = 4  # the loss (hence the gradient) of this step is multiplied by 30: ZClip must clip it
 
 
 def make_data():
@@ -40,42 +57,104 @@ class Sharded(L.LightningModule):
         x, y = batch
         if self.out is not None and batch_idx == 0:
             torch.save((x, y), self.out / f"batch_rank{self.global_rank}.pt")
-        return nn.functional.mse_loss(self.net(x), y)
+        loss = nn.functional.mse_loss(self.net(x), y)
+        return loss * 30.0 if self.trainer.global_step == SPIKE_AT else loss
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-if __name__ == "__main__":
-    out = Path(sys.argv[1])
-    data = make_data()
-    model = Sharded(out)  # initialised right after the data, as the test's reference
-    monitor = GradientHealthMonitor(log_every_n_steps=1)
-    # a second monitor for which step 0 is not logged: its per-step guard takes the sharded path, and its spike
-    # detector's first observation is the guard's global norm
-    guard = GradientHealthMonitor(log_every_n_steps=50, include=r"^net\.")
-    trainer = L.Trainer(
+class FullCapture(Callback):
+    """All-gathers every gradient and parameter (DTensor.full_tensor, float64) at each optimizer step."""
+
+    def __init__(self) -> None:
+        self.steps = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        grads = {n: p.grad.full_tensor().double() for n, p in pl_module.named_parameters()}
+        params = {n: p.detach().full_tensor().double() for n, p in pl_module.named_parameters()}
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("grad_health/clip")}
+        self.steps.append({"grads": grads, "params": params, "metrics": metrics})
+
+
+def _trainer(callbacks, max_steps, logger=False):
+    return L.Trainer(
         accelerator="cpu",
         devices=2,
         strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
-        max_steps=1,
-        logger=False,
+        max_steps=max_steps,
+        logger=logger,
+        log_every_n_steps=1,
         enable_progress_bar=False,
         enable_checkpointing=False,
         enable_model_summary=False,
-        callbacks=[monitor, guard],
+        callbacks=callbacks,
     )
+
+
+def _layers(rec, full=False):
+    out = {}
+    for lay in rec.layers:
+        row = [lay.grad_norm, lay.param_norm, lay.zero_frac]
+        if full:
+            row += [lay.max_abs, lay.min_abs_nonzero, lay.mean, lay.std]
+        out[lay.name] = row
+    return out
+
+
+def stats(out: Path) -> int:
+    data = make_data()
+    model = Sharded(out)  # initialised right after the data, as the test's reference
+    basic = GradientHealthMonitor(log_every_n_steps=1)
+    full = GradientHealthMonitor(log_every_n_steps=1, stats="full")
+    inf = GradientHealthMonitor(log_every_n_steps=1, norm_type=math.inf)
+    hist = GradientHealthMonitor(log_every_n_steps=1, histogram_every_n_steps=1, include=r"^net\.2\.")
+    # step 0 is not logged: the per-step guard takes the sharded path; the spike detector's first observation is
+    # the guard's global norm
+    guard = GradientHealthMonitor(log_every_n_steps=50, include=r"^net\.")
+    capture = FullCapture()
+    logger = TensorBoardLogger(str(out), name="tb", version="")
+    trainer = _trainer([basic, full, inf, hist, guard, capture], max_steps=1, logger=logger)
     trainer.fit(model, DataLoader(data, batch_size=8))
-    rec = monitor.last_record
+    b, f, i = basic.last_record, full.last_record, inf.last_record
     result = {
-        "total_norm": rec.total_norm,
-        "param_norm": rec.param_norm,
-        "zero_frac": rec.zero_frac,
+        "total_norm": b.total_norm,
+        "param_norm": b.param_norm,
+        "zero_frac": b.zero_frac,
+        "layer_norm_ratio": b.layer_norm_ratio,
+        "layers": _layers(b),
+        "full": {"total_norm": f.total_norm, "grad_max_abs": f.grad_max_abs, "layers": _layers(f, full=True)},
+        "inf": {"total_norm": i.total_norm, "param_norm": i.param_norm, "layers": _layers(i)},
         "guard_total_norm": math.exp(guard._spikes.mean),
         "guard_records": guard.last_record is not None,
-        "layers": {lay.name: [lay.grad_norm, lay.param_norm, lay.zero_frac] for lay in rec.layers},
     }
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
+    if trainer.global_rank == 0:
+        torch.save(capture.steps, out / "capture.pt")
+    return trainer.global_rank
+
+
+def clip(out: Path) -> int:
+    rank = 0
+    results = {}
+    for kind, kwargs in CLIPPERS.items():
+        data = make_data()
+        model = Sharded()
+        pre, post = FullCapture(), FullCapture()
+        monitor = GradientHealthMonitor(log_every_n_steps=1, clip=kind, spike_z_thresh=None, **kwargs)
+        trainer = _trainer([pre, monitor, post], max_steps=6)
+        trainer.fit(model, DataLoader(data, batch_size=8))
+        rank = trainer.global_rank
+        results[kind] = {"pre": pre.steps, "post": post.steps}
+    if rank == 0:
+        torch.save(results, out / "clip.pt")
+    (out / f"rank{rank}.json").write_text(json.dumps({"done": True}))
+    return rank
+
+
+if __name__ == "__main__":
+    out = Path(sys.argv[1])
+    {"stats": stats, "clip": clip}[sys.argv[2]](out)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

@@ -1,0 +1,174 @@
+"""Real 2-process DDP runs (gloo, CPU): only rank zero writes; every rank computes the same record, the same
+activation statistics, and stops at the same step when one rank's gradient goes bad."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).parent
+
+
+def _run(script: str, out: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], dict, dict]:
+    """Run ``script`` (it launches its second rank through Lightning) and read each rank's JSON result."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, str(HERE / script), str(out), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,  # a hang would end here
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc, json.loads((out / "rank0.json").read_text()), json.loads((out / "rank1.json").read_text())
+
+
+def test_ddp_two_processes_rank_zero_logs_only(tmp_path):
+    _, r0, r1 = _run("ddp_script.py", tmp_path)
+    assert r0["log_calls"] == 4  # log_every_n_steps=1, max_steps=4
+    assert r1["log_calls"] == 0
+    # gradients are averaged across ranks before on_before_optimizer_step: identical records
+    assert r0["step"] == r1["step"] == 3
+    assert r0["total_norm"] == r1["total_norm"]
+    # activation statistics are summed across ranks (torchmetrics): both ranks see the global batch's numbers,
+    # although each ran its forward on a different half of it
+    assert r0["activations"] == r1["activations"]
+    assert len(r0["activations"]["net.1"]) == 4
+
+
+def test_ddp_one_rank_goes_nan_every_rank_stops_at_that_step(tmp_path):
+    proc, r0, r1 = _run("ddp_nan_script.py", tmp_path)
+    # DDP averages gradients before the hook: rank 1's NaN reaches rank 0, and both stop at step 2, no update
+    assert r0 == r1 == {"error_step": 2, "layers": ["net.2"], "global_step": 2}, proc.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def fsdp_stats(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp_stats")
+    _, r0, r1 = _run("fsdp_script.py", out, "stats")
+    return out, r0, r1
+
+
+def test_fsdp2_sharded_statistics_match_an_unsharded_reference(fsdp_stats):
+    import torch
+    from conftest import reference
+    from fsdp_script import Sharded, make_data
+    from torch import nn
+
+    out, r0, r1 = fsdp_stats
+    assert r0 == r1  # one collective: every rank has the global numbers
+    # unsharded float64 reference: same initialisation, the union of the two ranks' batches
+    make_data()
+    model = Sharded()
+    batches = [torch.load(out / f"batch_rank{r}.pt") for r in (0, 1)]
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    nn.functional.mse_loss(model.net(x), y).backward()
+    grads = {n: p.grad.double() for n, p in model.named_parameters()}
+    params = {n: p.detach().double() for n, p in model.named_parameters()}
+    ref = reference(grads, params)
+    assert r0["total_norm"] == pytest.approx(ref["total_norm"], rel=1e-5)
+    assert r0["guard_total_norm"] == pytest.approx(ref["total_norm"], rel=1e-5)  # the guard's sharded path
+    assert r0["guard_records"] is False
+    assert r0["param_norm"] == pytest.approx(ref["param_norm"], rel=1e-6)
+    assert r0["zero_frac"] == pytest.approx(ref["zero_frac"], abs=1e-12)
+    assert r0["layer_norm_ratio"] == pytest.approx(ref["layer_norm_ratio"], rel=1e-5)
+    assert list(r0["layers"]) == ["net.0", "net.2", "net.4"]  # net.4's weight shard is empty on one rank
+    for name, (grad_norm, param_norm, zero_frac) in r0["layers"].items():
+        assert grad_norm == pytest.approx(ref["layers"][name]["grad_norm"], rel=1e-5), name
+        assert param_norm == pytest.approx(ref["layers"][name]["param_norm"], rel=1e-6), name
+        assert zero_frac == pytest.approx(ref["layers"][name]["zero_frac"], abs=1e-12), name
+
+
+def test_fsdp2_full_statistics_and_inf_norm_match_the_all_gathered_gradients(fsdp_stats):
+    """Maxima and minima (max |g|, min non-zero |g|, the inf norm) need a MAX over the shards, sums a SUM: one
+    all-gather carries both. The reference is the full gradient, all-gathered by DTensor itself."""
+    import torch
+    from conftest import reference
+
+    out, r0, r1 = fsdp_stats
+    step = torch.load(out / "capture.pt", weights_only=False)[0]
+    ref = reference(step["grads"], step["params"])
+    full = r0["full"]
+    assert full == r1["full"]
+    assert full["total_norm"] == pytest.approx(ref["total_norm"], rel=1e-5)
+    assert full["grad_max_abs"] == pytest.approx(ref["max_abs"], rel=1e-6)
+    for name, (grad_norm, _, zero_frac, max_abs, min_nz, mean, std) in full["layers"].items():
+        r = ref["layers"][name]
+        assert grad_norm == pytest.approx(r["grad_norm"], rel=1e-5), name
+        assert zero_frac == pytest.approx(r["zero_frac"], abs=1e-12), name
+        assert max_abs == pytest.approx(r["max_abs"], rel=1e-6), name
+        assert min_nz == pytest.approx(r["min_abs_nonzero"], rel=1e-6), name
+        assert mean == pytest.approx(r["mean"], rel=1e-5, abs=1e-6 * r["std"]), name
+        assert std == pytest.approx(r["std"], rel=1e-5), name
+    ref_inf = reference(step["grads"], step["params"], norm_type=math.inf)
+    inf = r0["inf"]
+    assert inf["total_norm"] == pytest.approx(ref_inf["total_norm"], rel=1e-6)
+    assert inf["param_norm"] == pytest.approx(ref_inf["param_norm"], rel=1e-6)
+    for name, (grad_norm, param_norm, _) in inf["layers"].items():
+        assert grad_norm == pytest.approx(ref_inf["layers"][name]["grad_norm"], rel=1e-6), name
+        assert param_norm == pytest.approx(ref_inf["layers"][name]["param_norm"], rel=1e-6), name
+
+
+def test_fsdp2_histograms_are_of_the_whole_gradient(fsdp_stats):
+    import torch
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, _, _ = fsdp_stats
+    step = torch.load(out / "capture.pt", weights_only=False)[0]
+    acc = EventAccumulator(str(out / "tb"), size_guidance={"histograms": 0})
+    acc.Reload()
+    assert acc.Tags()["histograms"] == ["grad_hist/net.2"]  # only rank zero wrote, once
+    (event,) = acc.Histograms("grad_hist/net.2")
+    h = event.histogram_value
+    flat = torch.cat([step["grads"]["net.2.weight"].reshape(-1), step["grads"]["net.2.bias"].reshape(-1)])
+    assert h.num == flat.numel() == sum(h.bucket)  # both ranks' shards are in
+    assert h.min == pytest.approx(flat.min().item(), rel=1e-6) and h.max == pytest.approx(flat.max().item(), rel=1e-6)
+    assert h.sum == pytest.approx(flat.sum().item(), rel=1e-5, abs=1e-7)
+    assert h.sum_squares == pytest.approx(flat.square().sum().item(), rel=1e-6)
+    edges = torch.linspace(flat.min().item(), flat.max().item(), len(h.bucket) + 1, dtype=torch.float64)
+    assert list(h.bucket) == pytest.approx(torch.histogram(flat, bins=edges).hist.tolist(), abs=1)
+
+
+def test_fsdp2_clipping_matches_the_unsharded_formulas(tmp_path):
+    """Every clipper, on sharded gradients, changes the whole gradient exactly as on an unsharded one: the
+    expected gradient is the reference clipper applied to the all-gathered pre-clip gradient."""
+    import numpy as np
+    import torch
+    from fsdp_script import CLIPPERS, SPIKE_AT
+    from test_clipping import ZClipReference, _agc_reference, _norm, _scaled, _torch_clip
+
+    _run("fsdp_script.py", tmp_path, "clip")
+    runs = torch.load(tmp_path / "clip.pt", weights_only=False)
+    assert list(runs) == list(CLIPPERS)
+    for kind, run in runs.items():
+        history: list[float] = []
+        zclip = ZClipReference(warmup_steps=CLIPPERS["zclip"]["zclip_warmup_steps"])
+        clipped = 0
+        for i, (a, b) in enumerate(zip(run["pre"], run["post"], strict=True)):
+            grads, norm = a["grads"], _norm(a["grads"])
+            if kind == "norm":
+                expected = _torch_clip(grads, torch.nn.utils.clip_grad_norm_, CLIPPERS["norm"]["max_norm"])
+            elif kind == "value":
+                expected = _torch_clip(grads, torch.nn.utils.clip_grad_value_, CLIPPERS["value"]["clip_value"])
+            elif kind == "agc":
+                expected = _agc_reference(grads, a["params"], CLIPPERS["agc"]["agc_clip_factor"], 1e-3)
+            elif kind == "autoclip":
+                history.append(norm)
+                thr = float(np.percentile(history, CLIPPERS["autoclip"]["autoclip_percentile"]))
+                expected = _scaled(grads, min(1.0, thr / (norm + 1e-6)))
+            else:
+                expected = _scaled(grads, zclip.step(norm))
+            for name, g in b["grads"].items():
+                assert g == pytest.approx(expected[name], rel=1e-5, abs=1e-9), (kind, i, name)
+            assert b["metrics"]["grad_health/clipped_norm"] == pytest.approx(_norm(expected), rel=1e-5), (kind, i)
+            clipped += _norm(expected) < 0.999 * norm
+        assert clipped > 0, kind  # the clipper really acted
+        if kind == "zclip":
+            assert _norm(run["post"][SPIKE_AT]["grads"]) < 0.5 * _norm(run["pre"][SPIKE_AT]["grads"])
