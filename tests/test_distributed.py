@@ -1,5 +1,6 @@
-"""Real 2-process DDP runs (gloo, CPU): only rank zero writes; every rank computes the same record, the same
-activation statistics, and stops at the same step when one rank's gradient goes bad."""
+"""Real 2-process runs (gloo, CPU), DDP and FSDP2: only rank zero writes; every rank computes the same record, the
+same activation statistics, and takes the same decisions at the same step when one rank's gradient goes bad;
+sharded statistics, histograms and clipping match unsharded float64 references."""
 
 from __future__ import annotations
 
@@ -42,10 +43,31 @@ def test_ddp_two_processes_rank_zero_logs_only(tmp_path):
     assert len(r0["activations"]["net.1"]) == 4
 
 
-def test_ddp_one_rank_goes_nan_every_rank_stops_at_that_step(tmp_path):
-    proc, r0, r1 = _run("ddp_nan_script.py", tmp_path)
-    # DDP averages gradients before the hook: rank 1's NaN reaches rank 0, and both stop at step 2, no update
-    assert r0 == r1 == {"error_step": 2, "layers": ["net.2"], "global_step": 2}, proc.stderr[-2000:]
+@pytest.mark.parametrize(
+    ("mode", "step", "micro_batch"),
+    [
+        ("nan", 2, 0),  # DDP's all-reduce spreads rank 1's NaN: both see it
+        ("nan_after_sync", 2, 0),  # no collective spreads it: the monitor's reduced decision does
+        ("nan_accum", 1, 1),  # rank 0 sees it at micro-batch 3 only; the first one anywhere is reported
+    ],
+)
+def test_ddp_one_rank_goes_nan_every_rank_stops_at_that_step(tmp_path, mode, step, micro_batch):
+    proc, r0, r1 = _run("ddp_nan_script.py", tmp_path, mode)
+    for r in (r0, r1):
+        assert r["error_step"] == step, proc.stderr[-2000:]
+        assert r["layers"] == ["net.2"]  # named on both ranks, although only rank 1's gradient broke
+        assert r["micro_batch"] == micro_batch
+        assert r["global_step"] == step  # stopped before the update: no extra step
+    assert r0["params"] == r1["params"]
+
+
+def test_ddp_spike_on_one_rank_is_skipped_on_every_rank(tmp_path):
+    _, r0, r1 = _run("ddp_nan_script.py", tmp_path, "spike_after_sync")
+    assert r0["error_step"] is None and r1["error_step"] is None
+    assert r0["spikes"] == r1["spikes"] == 1
+    assert r0["skipped"] == r1["skipped"] == 1
+    # had only rank 1 skipped its update, DDP's replicas would have drifted apart for good
+    assert r0["params"] == r1["params"]
 
 
 @pytest.fixture(scope="module")
