@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
@@ -31,7 +32,7 @@ from lightning_gradhealth.engine import GradStatsEngine, NonFiniteTracker, Pendi
 from lightning_gradhealth.errors import GradientHealthError
 from lightning_gradhealth.fixes import FIXES
 from lightning_gradhealth.history import History
-from lightning_gradhealth.layout import ParamLayout, build_layout, layer_name
+from lightning_gradhealth.layout import ParamLayout, build_layout, clean_name, layer_name
 from lightning_gradhealth.metrics import SUMMARY_KEYS, record_to_metrics, summary_metrics
 from lightning_gradhealth.record import StepStats
 from lightning_gradhealth.report import console_summary, write_report
@@ -53,7 +54,6 @@ from lightning_gradhealth.visuals import custom_scalars_layout, gradient_flow_fi
 __all__ = ["GradientHealthMonitor"]
 
 _SPARSE_MODULES = (nn.Embedding, nn.EmbeddingBag)
-_SHARDED_STRATEGIES = ("ModelParallelStrategy", "FSDPStrategy")  # gradients split across ranks
 ClipKind = Literal["norm", "value", "agc", "autoclip", "zclip"]
 
 
@@ -372,25 +372,30 @@ class GradientHealthMonitor(Callback):
             )
         self._fsdp1 = None
         self._reduction = self._reduction_for(trainer)
-        self._sharded = trainer.world_size > 1 and type(trainer.strategy).__name__ in _SHARDED_STRATEGIES
+        self._sharded = trainer.world_size > 1 and isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy))
 
     def _reduction_for(self, trainer: Trainer) -> Reduction:
         """Which process groups per-rank statistics are combined over, from the Trainer's strategy."""
         strategy = trainer.strategy
-        name = type(strategy).__name__
-        if name == "DeepSpeedStrategy" and (reason := _deepspeed_refusal(strategy)) is not None:
+        if isinstance(strategy, DeepSpeedStrategy) and (reason := _deepspeed_refusal(strategy)) is not None:
             raise ValueError(reason)
+        if isinstance(strategy, FSDPStrategy) and self.clip == "agc":
+            raise ValueError(
+                "GradientHealthMonitor(clip='agc') needs whole units (rows) of each weight; FSDPStrategy (FSDP1) "
+                "shards flattened parameters, so units are cut anywhere. Use ModelParallelStrategy (FSDP2), or another "
+                "`clip`."
+            )
         if trainer.world_size <= 1 or not torch.distributed.is_initialized():
             return Reduction()
-        if name == "FSDPStrategy":
-            return Reduction()  # found at the first step, once the model is wrapped (_reduction_at_step)
-        if name == "ModelParallelStrategy":
-            return Reduction()  # DTensor gradients: their placements name the groups
+        if isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)):
+            # FSDP1: found at the first step, once the model is wrapped (_reduction_at_step); FSDP2: DTensor
+            # gradients name their groups in their placements
+            return Reduction()
         # DDP and its relatives: every rank holds the same averaged gradient; decisions are averaged over ranks
         return Reduction(replica_group=torch.distributed.group.WORLD)
 
     def _reduction_at_step(self, trainer: Trainer) -> Reduction:
-        if self._fsdp1 is None and type(trainer.strategy).__name__ == "FSDPStrategy" and trainer.world_size > 1:
+        if self._fsdp1 is None and isinstance(trainer.strategy, FSDPStrategy) and trainer.world_size > 1:
             self._fsdp1 = self._reduction = fsdp1_reduction(trainer.strategy.model)  # type: ignore[arg-type]
         return self._reduction
 
@@ -410,7 +415,7 @@ class GradientHealthMonitor(Callback):
         for mod_name, module in pl_module.named_modules():
             if isinstance(module, _SPARSE_MODULES):
                 for p_name, _ in module.named_parameters(recurse=False):
-                    sparse.add(layer_name(f"{mod_name}.{p_name}" if mod_name else p_name, self.group_by))
+                    sparse.add(layer_name(clean_name(f"{mod_name}.{p_name}" if mod_name else p_name), self.group_by))
         self._sparse_layers = frozenset(sparse)
 
     def _every(self, trainer: Trainer) -> int:
@@ -928,16 +933,16 @@ class GradientHealthMonitor(Callback):
 
 
 def _deepspeed_refusal(strategy: Any) -> str | None:
-    """Why the monitor cannot watch a DeepSpeed run (``None`` when it can: ZeRO stages 0 and 1)."""
+    """Why the monitor cannot watch a DeepSpeed run (``None`` for ZeRO stage 0, where gradients stay on the params)."""
     config = getattr(strategy, "config", None) or {}
     stage = int((config.get("zero_optimization") or {}).get("stage", 0))
-    if stage < 2:
+    if stage < 1:
         return None
     return (
-        f"GradientHealthMonitor does not support DeepSpeed ZeRO stage {stage}: under ZeRO >= 2 the gradients are "
-        "partitioned into DeepSpeed's own buffers and `param.grad` is None in `on_before_optimizer_step`. Reading "
-        "them through `deepspeed.utils.safe_get_full_grad` gathers every full gradient on every rank (a collective "
-        "per parameter), which this monitor will not do behind your back. Use ZeRO stage 0 or 1, or "
+        f"GradientHealthMonitor does not support DeepSpeed ZeRO stage {stage}: under ZeRO >= 1 DeepSpeed moves the "
+        "gradients into its own partitioned buffers and `param.grad` is None in `on_before_optimizer_step`. Reading "
+        "them through `deepspeed.utils.safe_get_full_grad` would assemble every full gradient on every rank (a "
+        "collective per parameter), which this monitor will not do behind your back. Use ZeRO stage 0, or "
         "ModelParallelStrategy (FSDP2) / FSDPStrategy, whose sharded gradients are reduced with one collective."
     )
 

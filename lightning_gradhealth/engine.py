@@ -234,6 +234,8 @@ class GradStatsEngine:
         if sharded:  # element counts of the local shards (FSDP1's are flat pieces, FSDP2's may be empty)
             numel = torch.tensor([float(g.numel()) for g in local_g], dtype=acc).to(device, non_blocking=True)
             sums.append(per_layer_sum_once(numel))
+            at = torch.tensor(present, dtype=torch.long).to(device, non_blocking=True)
+            sums.append(torch.zeros(len(layout.params), dtype=acc, device=device).index_fill_(0, at, 1.0))
         if self.full:
             l2 = raw_g_norm if p == 2.0 else None  # reuse the L2 norms already taken
             max_abs, neg_min_abs, g_sum, g_sq = self._full_stats(local_g, acc, inv_scale, l2)
@@ -243,7 +245,7 @@ class GradStatsEngine:
         max_vec = torch.cat(maxes) if maxes else None
         if sharded:
             sum_vec, max_vec = reduce_sum_max(sum_vec, max_vec, red.shard_group)  # the step's one collective
-        s_blocks = list(sum_vec.split(n))
+        s_blocks = list(sum_vec.split([t.numel() for t in sums]))
         m_blocks = list(max_vec.split(n)) if max_vec is not None else []
 
         if inf_norm:
@@ -256,6 +258,7 @@ class GradStatsEngine:
             layer_g, layer_p = root(pw_g), root(pw_p)
             total, p_total = root(pw_g.sum()), root(pw_p.sum())
         layer_numel = s_blocks.pop(0) if sharded else None
+        presence = s_blocks.pop(0) if sharded else None
         if red.replica_group is not None:
             total = mean_over(total, red.replica_group)  # decisions agree on every replica
         usable = torch.isfinite(layer_g) & (layer_g > 0)
@@ -272,6 +275,8 @@ class GradStatsEngine:
             ]
         )
         parts = [head]
+        if presence is not None:  # which parameters have a gradient on some rank (FSDP1: not an empty shard)
+            parts.append(presence)
         if self.per_layer:
             parts += [layer_g, layer_p, layer_nz]
             if layer_numel is not None:
@@ -502,6 +507,10 @@ class GradStatsEngine:
         layout = pending.layout
         n = layout.num_layers
         sharded = pending.reduction.shard_group is not None
+        present = set(pending.present)
+        if sharded:  # a gradient on any rank counts (FSDP1 leaves an empty shard without one)
+            present = {i for i, v in enumerate(values[pos : pos + len(layout.params)]) if v > 0}
+            pos += len(layout.params)
         present_numel = [0] * n
         for i in pending.present:
             present_numel[layout.layer_of_param[i]] += layout.params[i].numel()
@@ -552,7 +561,6 @@ class GradStatsEngine:
             layer_norm_ratio = math.nan  # not a healthy 1.0: the layers cannot be compared on a non-finite step
         else:
             layer_norm_ratio = head["max_layer_norm"] / head["min_layer_norm"] if n_ratio >= 2 else 1.0
-        present = set(pending.present)
         no_grad = tuple(name for i, name in enumerate(layout.param_names) if i not in present)
         grad_scale = extras.get("amp_scale")
         micro = extras.get("first_nonfinite_micro_batch")

@@ -13,9 +13,17 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["GroupBy", "ParamLayout", "build_layout", "layer_name"]
+__all__ = ["GroupBy", "ParamLayout", "build_layout", "clean_name", "layer_name"]
+
+# Segments that wrappers insert into parameter names: FSDP1, activation checkpointing, torch.compile.
+_WRAPPER_SEGMENTS = re.compile(r"(^|\.)(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)(?=\.|$)")
 
 GroupBy = str | Callable[[str], str]
+
+
+def clean_name(name: str) -> str:
+    """``name`` without the segments wrappers insert (``net.0._fsdp_wrapped_module.weight`` -> ``net.0.weight``)."""
+    return _WRAPPER_SEGMENTS.sub("", name).lstrip(".")
 
 
 def layer_name(param_name: str, group_by: GroupBy) -> str:
@@ -74,6 +82,7 @@ def build_layout(
 ) -> ParamLayout:
     """Select the trainable parameters and group them into layers.
 
+    Names are taken without the segments that wrappers insert (FSDP1, activation checkpointing, ``torch.compile``).
     Frozen parameters (``requires_grad=False``) are never watched. A parameter is watched when its name matches
     ``include`` (if given), does not match ``exclude`` (if given) and, when ``restrict_to`` is given, is one of
     those tensors (an optimizer's parameters).
@@ -95,7 +104,8 @@ def build_layout(
     layer_of: list[int] = []
     numel: list[int] = []
     seen: set[int] = set()
-    for name, param in named_parameters:
+    for raw_name, param in named_parameters:
+        name = clean_name(raw_name)  # names as the user wrote the model, whatever wraps it
         if not param.requires_grad or id(param) in seen:
             continue
         if allowed is not None and id(param) not in allowed:

@@ -45,8 +45,11 @@ class LayerStats:
 
     @property
     def is_finite(self) -> bool:
-        """Whether the layer's gradient is finite: a finite norm and no NaN/Inf entry counted (under DDP the counts
-        include the other replicas', so a rank whose own copy is healthy still names the layer that broke)."""
+        """Whether the layer's gradient is finite: a finite norm and no NaN/Inf entry counted.
+
+        Under DDP the counts include the other replicas', so a rank whose own copy is healthy still names the layer
+        that broke.
+        """
         return math.isfinite(self.grad_norm) and self.nan_count == 0 and self.inf_count == 0
 
 

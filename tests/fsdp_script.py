@@ -77,7 +77,7 @@ class FullCapture(Callback):
         self.steps.append({"grads": grads, "params": params, "metrics": metrics})
 
 
-def _trainer(callbacks, max_steps, logger=False):
+def _trainer(out, callbacks, max_steps, logger=False):
     return L.Trainer(
         accelerator="cpu",
         devices=2,
@@ -88,6 +88,7 @@ def _trainer(callbacks, max_steps, logger=False):
         enable_progress_bar=False,
         enable_checkpointing=False,
         enable_model_summary=False,
+        default_root_dir=str(out),
         callbacks=callbacks,
     )
 
@@ -114,7 +115,7 @@ def stats(out: Path) -> int:
     guard = GradientHealthMonitor(log_every_n_steps=50, include=r"^net\.")
     capture = FullCapture()
     logger = TensorBoardLogger(str(out), name="tb", version="")
-    trainer = _trainer([basic, full, inf, hist, guard, capture], max_steps=1, logger=logger)
+    trainer = _trainer(out, [basic, full, inf, hist, guard, capture], max_steps=1, logger=logger)
     trainer.fit(model, DataLoader(data, batch_size=8))
     b, f, i = basic.last_record, full.last_record, inf.last_record
     result = {
@@ -142,7 +143,7 @@ def clip(out: Path) -> int:
         model = Sharded()
         pre, post = FullCapture(), FullCapture()
         monitor = GradientHealthMonitor(log_every_n_steps=1, clip=kind, spike_z_thresh=None, **kwargs)
-        trainer = _trainer([pre, monitor, post], max_steps=6)
+        trainer = _trainer(out, [pre, monitor, post], max_steps=6)
         trainer.fit(model, DataLoader(data, batch_size=8))
         rank = trainer.global_rank
         results[kind] = {"pre": pre.steps, "post": post.steps}

@@ -194,3 +194,60 @@ def test_fsdp2_clipping_matches_the_unsharded_formulas(tmp_path):
         assert clipped > 0, kind  # the clipper really acted
         if kind == "zclip":
             assert _norm(run["post"][SPIKE_AT]["grads"]) < 0.5 * _norm(run["pre"][SPIKE_AT]["grads"])
+
+
+def test_fsdp1_flat_shards_match_an_unsharded_reference(tmp_path):
+    """FSDP1 (use_orig_params=True): each rank holds flat 1-D pieces of the parameters, an empty piece has no
+    gradient at all. Statistics are summed over the FSDP process group, element counts included; names lose
+    FSDP's wrapper segments; a parameter whose piece is empty on one rank is not reported as gradient-less."""
+    import torch
+    from conftest import reference
+    from fsdp_script import Sharded, make_data
+    from torch import nn
+
+    _, r0, r1 = _run("fsdp1_script.py", tmp_path)
+    assert r0["shapes"] != r1["shapes"]  # really sharded: different flat pieces on the two ranks
+    assert [0] in r0["shapes"].values()  # ... and an empty one
+    for key in ("total_norm", "param_norm", "zero_frac", "layers", "full", "inf", "guard_total_norm", "no_grad"):
+        assert r0[key] == r1[key], key
+    assert r0["no_grad"] == []
+    assert "clip='agc'" in r0["agc_refused"] and "FSDPStrategy" in r1["agc_refused"]
+    make_data()
+    model = Sharded()
+    batches = [torch.load(tmp_path / f"batch_rank{r}.pt") for r in (0, 1)]
+    nn.functional.mse_loss(model.net(torch.cat([b[0] for b in batches])), torch.cat([b[1] for b in batches])).backward()
+    grads = {n: p.grad.double() for n, p in model.named_parameters()}
+    params = {n: p.detach().double() for n, p in model.named_parameters()}
+    ref = reference(grads, params)
+    assert r0["total_norm"] == pytest.approx(ref["total_norm"], rel=1e-5)
+    assert r0["guard_total_norm"] == pytest.approx(ref["total_norm"], rel=1e-5)
+    assert r0["param_norm"] == pytest.approx(ref["param_norm"], rel=1e-6)
+    assert r0["zero_frac"] == pytest.approx(ref["zero_frac"], abs=1e-12)
+    assert r0["inf"] == pytest.approx(reference(grads, params, norm_type=math.inf)["total_norm"], rel=1e-6)
+    assert list(r0["layers"]) == ["net.0", "net.2", "net.4"]
+    for name, (grad_norm, param_norm, zero_frac, numel) in r0["layers"].items():
+        r = ref["layers"][name]
+        assert grad_norm == pytest.approx(r["grad_norm"], rel=1e-5), name
+        assert param_norm == pytest.approx(r["param_norm"], rel=1e-6), name
+        assert zero_frac == pytest.approx(r["zero_frac"], abs=1e-12), name
+        assert numel == sum(grads[n].numel() for n in grads if n.startswith(name + "."))
+        max_abs, min_nz, mean, std = r0["full"][name]
+        assert max_abs == pytest.approx(r["max_abs"], rel=1e-6), name
+        assert min_nz == pytest.approx(r["min_abs_nonzero"], rel=1e-6), name
+        assert mean == pytest.approx(r["mean"], rel=1e-5, abs=1e-6 * r["std"]), name
+        assert std == pytest.approx(r["std"], rel=1e-5), name
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_deepspeed_zero_is_refused_at_setup(tmp_path, stage):
+    """Under ZeRO >= 1 `param.grad` is None in the hook (DeepSpeed keeps partitioned buffers): refused clearly."""
+    pytest.importorskip("deepspeed")
+    _, r0, _ = _run("deepspeed_script.py", tmp_path, str(stage))
+    assert f"ZeRO stage {stage}" in r0["refused"]
+    assert "safe_get_full_grad" in r0["refused"] and "ModelParallelStrategy" in r0["refused"]
+
+
+def test_deepspeed_zero_0_is_watched(tmp_path):
+    pytest.importorskip("deepspeed")
+    _, r0, _ = _run("deepspeed_script.py", tmp_path, "0")
+    assert r0["total_norm"] > 0

@@ -1,0 +1,69 @@
+"""Run by test_distributed.py as `python deepspeed_script.py OUT_DIR STAGE` (needs deepspeed): one CPU process.
+
+Lightning's DeepSpeedStrategy refuses the CPU; the subclass below only skips that check and passes a device rank,
+as found by trying it (DeepSpeed 0.19, Lightning 2.6). ZeRO >= 1 must be refused at setup with a clear message;
+ZeRO 0 keeps the gradients on the parameters and is watched like DDP.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from conftest import TinyMLP, loader
+from lightning import Trainer
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.pytorch.strategies import DeepSpeedStrategy
+from lightning.pytorch.strategies.strategy import Strategy
+
+from lightning_gradhealth import GradientHealthMonitor
+
+
+class CPUDeepSpeed(DeepSpeedStrategy):
+    def setup_environment(self):
+        Strategy.setup_environment(self)
+        reset_seed()
+        self.set_world_ranks()
+        self._init_deepspeed_distributed()
+
+    def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):
+        import deepspeed
+
+        engine, opt, _, _ = deepspeed.initialize(
+            args=argparse.Namespace(device_rank=self.local_rank),
+            config=self.config,
+            model=model,
+            model_parameters=[p for p in model.parameters() if p.requires_grad],
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            dist_init_required=False,
+        )
+        return engine, opt
+
+
+if __name__ == "__main__":
+    out, stage = Path(sys.argv[1]), int(sys.argv[2])
+    monitor = GradientHealthMonitor(log_every_n_steps=1)
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=1,
+        strategy=CPUDeepSpeed(stage=stage, process_group_backend="gloo"),
+        max_steps=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        default_root_dir=str(out),
+        callbacks=[monitor],
+    )
+    result = {}
+    try:
+        trainer.fit(TinyMLP(), loader())
+        result["total_norm"] = monitor.last_record.total_norm if monitor.last_record else None
+    except ValueError as err:
+        result["refused"] = str(err)
+    (out / "rank0.json").write_text(json.dumps(result))
+    (out / "rank1.json").write_text("{}")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

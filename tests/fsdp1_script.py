@@ -1,0 +1,96 @@
+"""Run by test_distributed.py as `python fsdp1_script.py OUT_DIR`: FSDP1 (Lightning's FSDPStrategy, flat local
+shards, use_orig_params=True) in 2 gloo processes on CPU.
+
+Lightning's FSDPStrategy refuses the CPU and passes ``device_id=None``, which FSDP1 rejects without an accelerator;
+the subclass below only passes ``device_id=cpu``. Everything else (wrapping, shards, hooks) is Lightning's and torch's.
+"""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+from fsdp_script import Sharded, make_data
+from lightning import Trainer
+from lightning.pytorch.strategies import FSDPStrategy
+from torch import nn
+from torch.distributed.fsdp import FullyShardedDataParallel
+from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+from torch.utils.data import DataLoader
+
+from lightning_gradhealth import GradientHealthMonitor
+
+
+class CPUFSDP(FSDPStrategy):
+    def _setup_model(self, model):
+        return FullyShardedDataParallel(
+            module=model,
+            cpu_offload=self.cpu_offload,
+            mixed_precision=self.mixed_precision_config,
+            sharding_strategy=self.sharding_strategy,
+            device_id=torch.device("cpu"),
+            **self.kwargs,
+        )
+
+
+class Flat(Sharded):
+    def configure_model(self):  # FSDPStrategy wraps the model itself (auto_wrap_policy)
+        pass
+
+
+if __name__ == "__main__":
+    out = Path(sys.argv[1])
+    data = make_data()
+    model = Flat(out)
+    basic = GradientHealthMonitor(log_every_n_steps=1)
+    full = GradientHealthMonitor(log_every_n_steps=1, stats="full")
+    inf = GradientHealthMonitor(log_every_n_steps=1, norm_type=math.inf)
+    guard = GradientHealthMonitor(log_every_n_steps=50, include=r"^net\.")
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=CPUFSDP(auto_wrap_policy=ModuleWrapPolicy({nn.Linear})),
+        max_steps=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        default_root_dir=str(out),
+        callbacks=[basic, full, inf, guard],
+    )
+    trainer.fit(model, DataLoader(data, batch_size=8))
+    b, f, i = basic.last_record, full.last_record, inf.last_record
+    shapes = {n: list(p.shape) for n, p in model.named_parameters()}
+    result = {
+        "shapes": shapes,  # the local flat shards this rank holds
+        "no_grad": list(b.no_grad_params),
+        "total_norm": b.total_norm,
+        "param_norm": b.param_norm,
+        "zero_frac": b.zero_frac,
+        "layers": {lay.name: [lay.grad_norm, lay.param_norm, lay.zero_frac, lay.numel] for lay in b.layers},
+        "full": {lay.name: [lay.max_abs, lay.min_abs_nonzero, lay.mean, lay.std] for lay in f.layers},
+        "inf": i.total_norm,
+        "guard_total_norm": math.exp(guard._spikes.mean),
+    }
+    # AGC needs whole rows of each weight, which FSDP1's flat shards do not keep: refused at setup, on every rank
+    agc = Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=CPUFSDP(auto_wrap_policy=ModuleWrapPolicy({nn.Linear})),
+        max_steps=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        default_root_dir=str(out),
+        callbacks=[GradientHealthMonitor(clip="agc")],
+    )
+    try:
+        agc.fit(Flat(), DataLoader(data, batch_size=8))
+    except ValueError as err:
+        result["agc_refused"] = str(err)
+    (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
