@@ -4,6 +4,7 @@ processes on CPU.
 - ``stats``: monitors with basic and full statistics, ``norm_type=inf``, histograms and a guard-only one watch the
   same steps; each rank saves its batch and records; rank 0 saves the full (all-gathered) gradients.
 - ``clip``: one short fit per clipper; rank 0 saves the full gradients before and after the monitor at every step.
+- ``nan``: one entry of rank 1's shard turns NaN (after the reduce-scatter): every rank must stop at that step.
 The test rebuilds every number from an unsharded float64 reference.
 """
 
@@ -153,9 +154,33 @@ def clip(out: Path) -> int:
     return rank
 
 
+class ShardPoison(Callback):
+    """Placed before the monitor: one entry of rank 1's local shard of net.2.weight turns NaN at step 1."""
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_rank == 1 and trainer.global_step == 1:
+            pl_module.net[2].weight.grad.to_local().view(-1)[0] = float("nan")
+
+
+def nan(out: Path) -> int:
+    from lightning_gradhealth import GradientHealthError
+
+    make_data()
+    monitor = GradientHealthMonitor(log_every_n_steps=50)  # the per-step guard catches it
+    trainer = _trainer(out, [ShardPoison(), monitor], max_steps=4)
+    result = {"error_step": None}
+    try:
+        trainer.fit(Sharded(), DataLoader(make_data(), batch_size=8))
+    except GradientHealthError as err:
+        result = {"error_step": err.record.step, "layers": err.context["layers"], "global_step": trainer.global_step}
+        result["nan"] = err.record.nan_count
+    (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
+    return trainer.global_rank
+
+
 if __name__ == "__main__":
     out = Path(sys.argv[1])
-    {"stats": stats, "clip": clip}[sys.argv[2]](out)
+    {"stats": stats, "clip": clip, "nan": nan}[sys.argv[2]](out)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

@@ -158,6 +158,12 @@ def test_fsdp2_histograms_are_of_the_whole_gradient(fsdp_stats):
     assert list(h.bucket) == pytest.approx(torch.histogram(flat, bins=edges).hist.tolist(), abs=1)
 
 
+def test_fsdp2_nan_in_one_ranks_shard_stops_every_rank_at_that_step(tmp_path):
+    _, r0, r1 = _run("fsdp_script.py", tmp_path, "nan")
+    # the guard's all-reduce carries the NaN to rank 0; the exact counts are summed over the shards
+    assert r0 == r1 == {"error_step": 1, "layers": ["net.2"], "global_step": 1, "nan": 1}
+
+
 def test_fsdp2_clipping_matches_the_unsharded_formulas(tmp_path):
     """Every clipper, on sharded gradients, changes the whole gradient exactly as on an unsharded one: the
     expected gradient is the reference clipper applied to the all-gathered pre-clip gradient."""
