@@ -250,6 +250,7 @@ def stub_trainer(step: int, optimizer: torch.optim.Optimizer | None = None) -> S
         callback_metrics={},
         is_global_zero=True,
         global_rank=0,
+        world_size=1,
         loggers=[],  # logger cost is measured separately (TensorBoard table)
         strategy=SimpleNamespace(),
     )

@@ -151,9 +151,9 @@ class GradStatsEngine:
         """
         p = self.norm_type
         red = resolve(tensors, reduction)
+        if red.shard_group is None:  # the hot path of every guarded step: no per-tensor Python work
+            return torch.linalg.vector_norm(_foreach_norms(tensors, p), p)
         norms = _foreach_norms([local(t) for t in tensors], p)
-        if red.shard_group is None:
-            return torch.linalg.vector_norm(norms, p)
         norms = norms.to(_accum_dtype(norms.device))
         if math.isinf(p):
             _, reduced = reduce_sum_max(norms.new_zeros(0), norms.amax().reshape(1), red.shard_group)
