@@ -659,7 +659,8 @@ class GradientHealthMonitor(Callback):
         if self._act is not None:
             self._act.detach()
         try:
-            self._flush_pending()
+            # sharded: no collective here (the other ranks may not be failing), so no post-clip norm either
+            self._flush_pending(collectives=not self._sharded)
         finally:
             self._emit(trainer)
 
@@ -819,12 +820,13 @@ class GradientHealthMonitor(Callback):
             restrict_to=restrict,
         )
 
-    def _flush_pending(self) -> None:
+    def _flush_pending(self, collectives: bool = True) -> None:
         while self._awaiting_clip:
             _, (record, layout) = self._awaiting_clip.popitem()
-            grads = [p.grad for p in layout.params if p.grad is not None]
-            if grads:  # the second transfer of a step, only when the Trainer clips gradients
-                norm = self._engine.global_norm(grads, self._reduction)
+            params = [p for p in layout.params if p.grad is not None]
+            grads = [p.grad for p in params]
+            if grads and collectives:  # the second transfer of a step, only when the Trainer clips gradients
+                norm = self._engine.global_norm(grads, self._reduction, params=params)  # type: ignore[arg-type]
                 record = replace(record, post_clip_norm=norm.item())
             self._publish(record)
 

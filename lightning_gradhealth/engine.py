@@ -141,13 +141,19 @@ class GradStatsEngine:
         return _foreach_norms(tensors, order).to(_accum_dtype(tensors[0].device))
 
     @torch.no_grad()
-    def global_norm(self, tensors: Sequence[torch.Tensor], reduction: Reduction | None = None) -> torch.Tensor:
+    def global_norm(
+        self,
+        tensors: Sequence[torch.Tensor],
+        reduction: Reduction | None = None,
+        params: Sequence[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """The global norm of ``tensors`` as a device scalar (no host synchronisation).
 
         Sharded tensors (DTensors, or ``reduction.shard_group``): the local shards' powered sum (maximum for
         ``inf``), combined over the sharding group in one collective. Float32 per-tensor norms: the value only
         needs to be finite-or-not and good to float32 precision (guard, clipping thresholds, spike z-scores,
-        post-clip norm). Replicas are not averaged here (see :meth:`guard`).
+        post-clip norm). Replicas are not averaged here (see :meth:`guard`). ``params`` (aligned with ``tensors``)
+        lets parameters that are whole on every rank of the sharding group count once.
         """
         p = self.norm_type
         red = resolve(tensors, reduction)
@@ -158,8 +164,11 @@ class GradStatsEngine:
         if math.isinf(p):
             _, reduced = reduce_sum_max(norms.new_zeros(0), norms.amax().reshape(1), red.shard_group)
             return reduced.reshape(())  # type: ignore[union-attr]
-        powered = norms.pow(p).sum().reshape(1)
-        return sum_over(powered, red.shard_group).pow(1.0 / p).reshape(())
+        powered = norms.pow(p)
+        if params is not None and len(params) == len(tensors):  # tensors whole on every rank count once
+            weight = self._weights(red, list(params), powered.device, powered.dtype)
+            powered = powered if weight is None else powered * weight
+        return sum_over(powered.sum().reshape(1), red.shard_group).pow(1.0 / p).reshape(())
 
     @torch.no_grad()
     def compute(
@@ -189,15 +198,22 @@ class GradStatsEngine:
             GradientHealthError: A layout of DTensor shards that is not supported.
         """
         present = tuple(i for i, p in enumerate(layout.params) if p.grad is not None)
-        if not present:
+        given_shards = reduction is not None and reduction.shard_group is not None
+        if not present and not given_shards:
             return None
         grads: list[torch.Tensor] = [layout.params[i].grad for i in present]  # type: ignore[misc]
         red = resolve(grads, reduction)
         local_g = [local(g) for g in grads]
         local_p = [local(layout.params[i]) for i in present]  # no_grad: no detach (a DTensor dispatch each)
+        if not present:
+            # FSDP1: this rank's pieces are all empty, hence without gradient; it still takes part in the
+            # collective, with one empty tensor (zero contributions) standing for layer 0
+            local_g = local_p = [layout.params[0].new_zeros(0)]
         device = local_g[0].device
         n = layout.num_layers
-        index = self._layer_index(layout, present, device)
+        index = (
+            self._layer_index(layout, present, device) if present else torch.zeros(1, dtype=torch.long, device=device)
+        )
         p = self.norm_type
         inf_norm = math.isinf(p)
 
@@ -214,12 +230,13 @@ class GradStatsEngine:
         def per_layer_sum(values: torch.Tensor) -> torch.Tensor:
             return torch.zeros(n, dtype=acc, device=device).index_add_(0, index, values)
 
-        def per_layer_max(values: torch.Tensor) -> torch.Tensor:
-            out = torch.zeros(n, dtype=acc, device=device)
+        def per_layer_max(values: torch.Tensor, neutral: float = 0.0) -> torch.Tensor:
+            # a layer with nothing on this rank contributes the neutral value (0 for magnitudes)
+            out = torch.full((n,), neutral, dtype=acc, device=device)
             return out.scatter_reduce_(0, index, values, reduce="amax", include_self=False)
 
         sharded = red.shard_group is not None
-        weight = self._weights(red, [layout.params[i] for i in present], device, acc) if sharded else None
+        weight = self._weights(red, [layout.params[i] for i in present], device, acc) if sharded and present else None
 
         def per_layer_sum_once(values: torch.Tensor) -> torch.Tensor:
             # a tensor that is whole on every rank of the sharding group is counted on its first rank only
@@ -234,13 +251,13 @@ class GradStatsEngine:
         if sharded:  # element counts of the local shards (FSDP1's are flat pieces, FSDP2's may be empty)
             numel = torch.tensor([float(g.numel()) for g in local_g], dtype=acc).to(device, non_blocking=True)
             sums.append(per_layer_sum_once(numel))
-            at = torch.tensor(present, dtype=torch.long).to(device, non_blocking=True)
+            at = torch.tensor(present, dtype=torch.long).to(device, non_blocking=True)  # may be empty
             sums.append(torch.zeros(len(layout.params), dtype=acc, device=device).index_fill_(0, at, 1.0))
         if self.full:
             l2 = raw_g_norm if p == 2.0 else None  # reuse the L2 norms already taken
             max_abs, neg_min_abs, g_sum, g_sq = self._full_stats(local_g, acc, inv_scale, l2)
             sums += [per_layer_sum_once(g_sum), per_layer_sum_once(g_sq)]
-            maxes += [per_layer_max(max_abs), per_layer_max(neg_min_abs)]
+            maxes += [per_layer_max(max_abs), per_layer_max(neg_min_abs, -math.inf)]
         sum_vec = torch.cat(sums)
         max_vec = torch.cat(maxes) if maxes else None
         if sharded:
@@ -358,9 +375,11 @@ class GradStatsEngine:
         """
         grads: list[torch.Tensor] = [g for p in layout.params if (g := p.grad) is not None]  # one pass
         if not grads:
-            return None
+            if reduction is None or reduction.shard_group is None:
+                return None
+            grads = [layout.params[0].new_zeros(0)]  # FSDP1, all pieces empty here: still take part
         red = resolve(grads, reduction)
-        total = self.global_norm(grads, red)
+        total = self.global_norm(grads, red, params=[p for p in layout.params if p.grad is not None])
         if grad_scale is not None:
             total = total / grad_scale.detach().float().reshape(())
         if red.replica_group is not None:
@@ -400,13 +419,18 @@ class GradStatsEngine:
         red = resolve(grads, reduction)
         device = local(grads[0]).device
         acc = _accum_dtype(device)
+        sharded = red.shard_group is not None
+        # a tensor whole on every rank of the sharding group is counted on its first rank only
+        skip_whole = sharded and bool(red.whole) and torch.distributed.get_rank(red.shard_group) != 0
         by_layer: dict[int, list[torch.Tensor]] = {}
         for i, g in zip(present, grads, strict=True):
             flat = local(g).detach().reshape(-1)
             by_layer.setdefault(layout.layer_of_param[i], [])
-            if flat.numel():  # an empty local shard adds nothing (and has no min or max)
-                by_layer[layout.layer_of_param[i]].append(flat)
-        order = sorted(by_layer)
+            if flat.numel() and not (skip_whole and id(layout.params[i]) in red.whole):
+                by_layer[layout.layer_of_param[i]].append(flat)  # an empty local shard adds nothing
+        # sharded: every layer, in the same order on every rank (a rank may hold no piece of some layer)
+        order = list(range(layout.num_layers)) if sharded else sorted(by_layer)
+        by_layer = {j: by_layer.get(j, []) for j in order}
         big = torch.tensor(math.inf, dtype=acc, device=device)
         lows, highs = [], []
         for j in order:
@@ -414,7 +438,7 @@ class GradStatsEngine:
             lows.append(torch.stack([f.min() for f in flats]).min().to(acc) if flats else big)
             highs.append(torch.stack([f.max() for f in flats]).max().to(acc) if flats else -big)
         lo, hi = torch.stack(lows), torch.stack(highs)
-        if red.shard_group is not None:
+        if sharded:
             _, extremes = reduce_sum_max(lo.new_zeros(0), torch.cat([-lo, hi]), red.shard_group)
             lo, hi = -extremes[: len(order)], extremes[len(order) :]  # type: ignore[index]
         steps = torch.arange(bins + 1, device=device, dtype=acc) / bins
@@ -440,6 +464,8 @@ class GradStatsEngine:
         host = values.tolist()  # one transfer for every layer
         out = {}
         for j, row in zip(order, host, strict=True):
+            if row[2] == 0:
+                continue  # no gradient on any rank
             out[layout.layer_names[j]] = {
                 "min": row[0], "max": row[1], "num": row[2], "sum": row[3], "sum_squares": row[4],
                 "bucket_limits": row[5 : 5 + bins], "bucket_counts": row[5 + bins :],
@@ -476,8 +502,14 @@ class GradStatsEngine:
         acc = pending.packed.dtype
         index = self._layer_index(layout, pending.present, device)
         local_g = [local(g) for g in pending.grads]
+        if not local_g:  # FSDP1: no piece of any gradient on this rank; it still takes part in the sums
+            local_g, index = [pending.packed.new_zeros(0)], torch.zeros(1, dtype=torch.long, device=device)
         nan = torch.stack([torch.isnan(g).sum() for g in local_g]).to(acc)
         inf = torch.stack([torch.isinf(g).sum() for g in local_g]).to(acc)
+        if pending.reduction.shard_group is not None and pending.present and pending.grads:
+            weight = self._weights(pending.reduction, [layout.params[i] for i in pending.present], device, acc)
+            if weight is not None:  # tensors whole on every rank are counted once
+                nan, inf = nan * weight, inf * weight
         zeros = torch.zeros(layout.num_layers, dtype=acc, device=device)
         counts = torch.cat([zeros.index_add(0, index, nan), zeros.index_add(0, index, inf)])
         red = pending.reduction

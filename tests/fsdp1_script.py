@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from fsdp_script import Sharded, make_data
 from lightning import Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel
@@ -47,17 +48,24 @@ if __name__ == "__main__":
     full = GradientHealthMonitor(log_every_n_steps=1, stats="full")
     inf = GradientHealthMonitor(log_every_n_steps=1, norm_type=math.inf)
     guard = GradientHealthMonitor(log_every_n_steps=50, include=r"^net\.")
+    # per parameter, with histograms: several parameters have no piece (hence no gradient) on one rank
+    per_param = GradientHealthMonitor(
+        log_every_n_steps=1, group_by="parameter", stats="full", histogram_every_n_steps=1
+    )
+    # rank 0 holds no piece of net.4.bias: it has no watched gradient at all, and must still take part
+    narrow = GradientHealthMonitor(log_every_n_steps=1, include=r"^net\.4\.bias$")
+    narrow_guard = GradientHealthMonitor(log_every_n_steps=50, include=r"net\.4\.bias$")
     trainer = Trainer(
         accelerator="cpu",
         devices=2,
         strategy=CPUFSDP(auto_wrap_policy=ModuleWrapPolicy({nn.Linear})),
         max_steps=1,
-        logger=False,
+        logger=TensorBoardLogger(str(out), name="tb", version=""),
         enable_progress_bar=False,
         enable_checkpointing=False,
         enable_model_summary=False,
         default_root_dir=str(out),
-        callbacks=[basic, full, inf, guard],
+        callbacks=[basic, full, inf, guard, per_param, narrow, narrow_guard],
     )
     trainer.fit(model, DataLoader(data, batch_size=8))
     b, f, i = basic.last_record, full.last_record, inf.last_record
@@ -72,6 +80,11 @@ if __name__ == "__main__":
         "full": {lay.name: [lay.max_abs, lay.min_abs_nonzero, lay.mean, lay.std] for lay in f.layers},
         "inf": i.total_norm,
         "guard_total_norm": math.exp(guard._spikes.mean),
+        "per_param": {
+            lay.name: [lay.grad_norm, lay.min_abs_nonzero, lay.numel] for lay in per_param.last_record.layers
+        },
+        "narrow": narrow.last_record.total_norm,
+        "narrow_guard": math.exp(narrow_guard._spikes.mean),
     }
     # AGC needs whole rows of each weight, which FSDP1's flat shards do not keep: refused at setup, on every rank
     agc = Trainer(

@@ -242,6 +242,24 @@ def test_fsdp1_flat_shards_match_an_unsharded_reference(tmp_path):
         assert min_nz == pytest.approx(r["min_abs_nonzero"], rel=1e-6), name
         assert mean == pytest.approx(r["mean"], rel=1e-5, abs=1e-6 * r["std"]), name
         assert std == pytest.approx(r["std"], rel=1e-5), name
+    # per parameter: a parameter with no piece on one rank still gets its true numbers (that rank contributes the
+    # neutral values, -inf for the negated minimum); a rank with no watched gradient at all still takes part
+    ref_p = reference(grads, params, group_by="parameter")
+    assert list(r0["per_param"]) == list(ref_p["layers"])
+    for name, (grad_norm, min_nz, numel) in r0["per_param"].items():
+        assert grad_norm == pytest.approx(ref_p["layers"][name]["grad_norm"], rel=1e-5), name
+        assert min_nz == pytest.approx(ref_p["layers"][name]["min_abs_nonzero"], rel=1e-6), name
+        assert numel == grads[name].numel()
+    bias = ref_p["layers"]["net.4.bias"]["grad_norm"]
+    assert r0["narrow"] == r1["narrow"] == pytest.approx(bias, rel=1e-6)
+    assert r0["narrow_guard"] == pytest.approx(bias, rel=1e-6)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"histograms": 0})
+    acc.Reload()
+    for name, g in grads.items():
+        (event,) = acc.Histograms(f"grad_hist/{name}")
+        assert event.histogram_value.num == g.numel() == sum(event.histogram_value.bucket), name
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
