@@ -175,9 +175,12 @@ class AGCClipper(Clipper):
 
     @staticmethod
     def _unit_sq(x: torch.Tensor) -> torch.Tensor:
+        # squared in float64 (float32 on MPS, which has no float64): a float32 square overflows above ~1.8e19
+        wide = torch.float32 if x.device.type == "mps" else torch.float64
         if x.ndim <= 1:
-            return torch.linalg.vector_norm(x.float()).square()
-        return torch.linalg.vector_norm(x.float(), dim=tuple(range(1, x.ndim)), keepdim=True).square()
+            return torch.linalg.vector_norm(x, dtype=torch.float32).to(wide).square()
+        dims = tuple(range(1, x.ndim))
+        return torch.linalg.vector_norm(x, dim=dims, keepdim=True, dtype=torch.float32).to(wide).square()
 
     def clip(self, grads, params, total_norm, scale=None, shards=None):  # noqa: D102, ANN001, ANN201
         grads, params = list(grads), list(params)

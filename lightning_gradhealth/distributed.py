@@ -73,6 +73,14 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if is_dtensor(tensor) else tensor  # type: ignore[attr-defined]
 
 
+_RESOLVED: dict[tuple[Any, ...], Reduction] = {}
+_MIXED = (
+    "lightning_gradhealth needs the watched gradients either all sharded (DTensors, FSDP2) or all plain; this model "
+    "is only partly under fully_shard: apply fully_shard to the root module too, or restrict the monitor with "
+    "`include`/`exclude`"
+)
+
+
 def _check_initialised() -> None:
     if not dist.is_available() or not dist.is_initialized():
         raise GradientHealthError("sharded gradients but torch.distributed is not initialised")
@@ -93,12 +101,20 @@ def resolve(tensors: Sequence[torch.Tensor], given: Reduction | None) -> Reducti
             parallelism and other layouts are not supported yet), or torch.distributed is not initialised.
     """
     if not tensors or not is_dtensor(tensors[0]):
+        if tensors and is_dtensor(tensors[-1]):  # a cheap look at the other end: a model partly under FSDP2
+            raise GradientHealthError(_MIXED)
         return given or Reduction()
     _check_initialised()
     first = tensors[0]
     mesh = first.device_mesh  # type: ignore[attr-defined]
+    key = (id(mesh), len(tensors), tuple(first.placements))  # type: ignore[attr-defined]
+    cached = _RESOLVED.get(key)
+    if cached is not None:  # checked in full once per set of gradients (a per-tensor loop costs ms per step)
+        return cached
     dims, replicas = _mesh_dims(first)
     for t in tensors:
+        if not is_dtensor(t):
+            raise GradientHealthError(_MIXED)
         if t.device_mesh != mesh or _mesh_dims(t) != (dims, replicas):  # type: ignore[attr-defined]
             raise GradientHealthError(
                 "lightning_gradhealth supports gradients sharded the same way over one mesh dimension (FSDP2, "
@@ -110,7 +126,11 @@ def resolve(tensors: Sequence[torch.Tensor], given: Reduction | None) -> Reducti
             f"{first.placements}"  # type: ignore[attr-defined]
         )
     replica_group = mesh.get_group(next(iter(replicas))) if len(replicas) == 1 else None
-    return Reduction(shard_group=mesh.get_group(next(iter(dims))), replica_group=replica_group)
+    resolved = Reduction(shard_group=mesh.get_group(next(iter(dims))), replica_group=replica_group)
+    if len(_RESOLVED) > 64:
+        _RESOLVED.clear()
+    _RESOLVED[key] = resolved
+    return resolved
 
 
 @dataclass(frozen=True)

@@ -332,8 +332,8 @@ class GradStatsEngine:
         """
         device = grads[0].device
         max_l, neg_min_l, sums = [], [], []
-        zero = torch.zeros((), dtype=torch.float32, device=device)
-        neg_inf = torch.full((), -math.inf, dtype=torch.float32, device=device)
+        zero = torch.zeros((), dtype=acc, device=device)
+        neg_inf = torch.full((), -math.inf, dtype=acc, device=device)
         for g in grads:
             if g.numel() == 0:
                 max_l.append(zero)
@@ -342,9 +342,10 @@ class GradStatsEngine:
                 continue
             # one |g| temporary per tensor, reused in place: max, then min over the non-zero entries
             absg = g.abs()
-            max_l.append(absg.amax().float())
-            neg_min_l.append(-absg.masked_fill_(absg == 0, math.inf).amin().float())
-            sums.append(g.sum(dtype=torch.float32))  # float32 cascade sum; combined across tensors in `acc`
+            max_l.append(absg.amax().to(acc))
+            neg_min_l.append(-absg.masked_fill_(absg == 0, math.inf).amin().to(acc))
+            # float32 (or wider) cascade sum per tensor; combined across tensors in `acc`
+            sums.append(g.sum(dtype=torch.promote_types(g.dtype, torch.float32)).to(acc))
         max_abs = torch.stack(max_l).to(acc)
         neg_min_abs = torch.stack(neg_min_l).to(acc)
         sums_t = torch.stack(sums).to(acc)

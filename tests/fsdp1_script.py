@@ -86,6 +86,24 @@ if __name__ == "__main__":
         "narrow": narrow.last_record.total_norm,
         "narrow_guard": math.exp(narrow_guard._spikes.mean),
     }
+    # NO_SHARD: every parameter is whole on every rank (FSDP all-reduces the gradients): counted once, not twice
+    data = make_data()
+    no_shard_model = Flat()
+    no_shard, no_shard_guard = GradientHealthMonitor(log_every_n_steps=1), GradientHealthMonitor(log_every_n_steps=50)
+    Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=CPUFSDP(auto_wrap_policy=ModuleWrapPolicy({nn.Linear}), sharding_strategy="NO_SHARD"),
+        max_steps=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        default_root_dir=str(out),
+        callbacks=[no_shard, no_shard_guard],
+    ).fit(no_shard_model, DataLoader(data, batch_size=8))
+    result["no_shard"] = [no_shard.last_record.total_norm, no_shard.last_record.zero_frac]
+    result["no_shard_guard"] = math.exp(no_shard_guard._spikes.mean)
     # AGC needs whole rows of each weight, which FSDP1's flat shards do not keep: refused at setup, on every rank
     agc = Trainer(
         accelerator="cpu",

@@ -65,6 +65,11 @@ class Sharded(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
+class PartlySharded(Sharded):
+    def configure_model(self):
+        fully_shard(self.net[4], mesh=self.device_mesh["data_parallel"])  # the rest stays plain
+
+
 class FullCapture(Callback):
     """All-gathers every gradient and parameter (DTensor.full_tensor, float64) at each optimizer step."""
 
@@ -130,6 +135,15 @@ def stats(out: Path) -> int:
         "guard_total_norm": math.exp(guard._spikes.mean),
         "guard_records": guard.last_record is not None,
     }
+    # a model only partly under fully_shard (the root is not): DTensor and plain gradients mixed, a clear error
+    from lightning_gradhealth import GradientHealthError
+
+    try:
+        _trainer(out, [GradientHealthMonitor(log_every_n_steps=1)], max_steps=1).fit(
+            PartlySharded(), DataLoader(data, batch_size=8)
+        )
+    except GradientHealthError as err:
+        result["mixed"] = str(err)
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
     if trainer.global_rank == 0:
         torch.save(capture.steps, out / "capture.pt")

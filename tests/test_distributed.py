@@ -98,6 +98,7 @@ def test_fsdp2_sharded_statistics_match_an_unsharded_reference(fsdp_stats):
     assert r0["total_norm"] == pytest.approx(ref["total_norm"], rel=1e-5)
     assert r0["guard_total_norm"] == pytest.approx(ref["total_norm"], rel=1e-5)  # the guard's sharded path
     assert r0["guard_records"] is False
+    assert "only partly under fully_shard" in r0["mixed"] and r0["mixed"] == r1["mixed"]
     assert r0["param_norm"] == pytest.approx(ref["param_norm"], rel=1e-6)
     assert r0["zero_frac"] == pytest.approx(ref["zero_frac"], abs=1e-12)
     assert r0["layer_norm_ratio"] == pytest.approx(ref["layer_norm_ratio"], rel=1e-5)
@@ -250,6 +251,9 @@ def test_fsdp1_flat_shards_match_an_unsharded_reference(tmp_path):
         assert grad_norm == pytest.approx(ref_p["layers"][name]["grad_norm"], rel=1e-5), name
         assert min_nz == pytest.approx(ref_p["layers"][name]["min_abs_nonzero"], rel=1e-6), name
         assert numel == grads[name].numel()
+    # NO_SHARD units: whole parameters on every rank, counted once (not world-size times)
+    assert r0["no_shard"] == pytest.approx([ref["total_norm"], ref["zero_frac"]], rel=1e-5)
+    assert r0["no_shard_guard"] == pytest.approx(ref["total_norm"], rel=1e-5)
     bias = ref_p["layers"]["net.4.bias"]["grad_norm"]
     assert r0["narrow"] == r1["narrow"] == pytest.approx(bias, rel=1e-6)
     assert r0["narrow_guard"] == pytest.approx(bias, rel=1e-6)
