@@ -108,6 +108,12 @@ class GradientHealthMonitor(Callback):
     clipped (``clip``) after the statistics are taken. Parameters are checked through their gradients on every
     step (a non-finite weight makes the next gradient non-finite) and directly on logged and failing steps.
 
+    Distributed runs need nothing extra: under DDP the record is computed on every rank from the averaged gradient
+    and decisions come from a global norm averaged over the ranks; under ``ModelParallelStrategy`` (FSDP2) and
+    ``FSDPStrategy`` (FSDP1, ``use_orig_params=True``) the statistics of the local shards are combined with one
+    collective per computed step, equal to an unsharded run. Only rank zero logs and writes. DeepSpeed ZeRO >= 1 is
+    refused at setup (its gradients are not on the parameters).
+
     The summary keys (``grad_health/*``) also go into ``trainer.callback_metrics`` on every rank, so
     ``EarlyStopping(monitor="grad_health/total_norm")`` and ``ModelCheckpoint`` can use them. The latest record
     is :attr:`last_record`.

@@ -41,8 +41,15 @@ def test_demo_rejects_bad_arguments(capsys):
     assert "--steps" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("script", ["quickstart.py", "amp_accumulation.py"])
-def test_examples_run(script, tmp_path):
+@pytest.mark.parametrize(
+    ("script", "expected"),
+    [
+        ("quickstart.py", "grad_health/total_norm"),
+        ("amp_accumulation.py", "grad_health/total_norm"),
+        ("fsdp2.py", "global grad norm"),  # 2 gloo processes on CPU
+    ],
+)
+def test_examples_run(script, expected, tmp_path):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "examples" / script), "--out", str(tmp_path)],
         capture_output=True,
@@ -51,7 +58,7 @@ def test_examples_run(script, tmp_path):
         env={**os.environ, "PYTHONWARNINGS": "ignore"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "grad_health/total_norm" in proc.stdout
+    assert expected in proc.stdout
 
 
 def test_report_from_event_files(tmp_path, capsys):
