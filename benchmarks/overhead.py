@@ -56,7 +56,7 @@ from lightning.pytorch.utilities import grad_norm
 from torch import nn
 
 from lightning_gradhealth import GradientHealthMonitor
-from lightning_gradhealth.engine import GradStatsEngine, StepMeta
+from lightning_gradhealth.engine import GradStatsEngine, StepMeta, nonzero_counts
 from lightning_gradhealth.layout import build_layout
 from lightning_gradhealth.metrics import record_to_metrics
 
@@ -377,7 +377,7 @@ def run_shape(key: str, cfg: Settings) -> ShapeResult:
         return torch.stack(torch._foreach_norm(params_list, 2, dtype=torch.float32)).sum().item()
 
     def comp_zero_counts() -> int:
-        return torch.stack([torch.count_nonzero(g) for g in grads_list]).sum().item()
+        return nonzero_counts(grads_list).sum().item()
 
     def comp_min_nonzero() -> float:
         out = []
@@ -408,7 +408,7 @@ def run_shape(key: str, cfg: Settings) -> ShapeResult:
         ("recipe", f"4. Lightning grad_norm + .item() ({n_recipe} keys)", str(n_recipe)),
         ("naive", "5. naive per-tensor bundle (5 x .item()/tensor)", str(5 * n_tensors)),
         ("c_param", "c1. component: parameter norms (_foreach_norm)", "1"),
-        ("c_zero", "c2. component: exact zero counts (count_nonzero/tensor)", "1"),
+        ("c_zero", "c2. component: exact zero counts (engine.nonzero_counts)", "1"),
         ("c_minnz", "c3. component: min non-zero |g| (full only)", "1"),
     ]
     cands: dict[str, Callable[[], object]] = {

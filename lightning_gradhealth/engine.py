@@ -31,7 +31,7 @@ from lightning_gradhealth.distributed import (
 from lightning_gradhealth.layout import ParamLayout
 from lightning_gradhealth.record import LayerStats, StepStats
 
-__all__ = ["GradStatsEngine", "NonFiniteTracker", "PendingStats", "StepMeta"]
+__all__ = ["GradStatsEngine", "NonFiniteTracker", "PendingStats", "StepMeta", "nonzero_counts"]
 
 StatsLevel = Literal["basic", "full"]
 
@@ -42,6 +42,31 @@ _HEAD = ("total_norm", "param_norm", "nonzero", "max_layer_norm", "min_layer_nor
 def _accum_dtype(device: torch.device) -> torch.dtype:
     # float64 makes combining many per-tensor norms and counting elements exact; MPS has no float64.
     return torch.float32 if device.type == "mps" else torch.float64
+
+
+_EXACT_FLOAT32_COUNT = 2**24  # every integer up to here is a float32: a float32 sum of 0/1 values is exact
+
+
+def nonzero_counts(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Exact number of non-zero entries of each tensor (NaN counts as non-zero, -0.0 as zero), stacked.
+
+    On the CPU ``count_nonzero`` branches per element, so its cost grows with how scattered the zeros are (up to
+    24x a norm pass); ``|sign(g)|`` summed in float32 costs ~2x a norm pass whatever the data, and is exact up to
+    2**24 entries (larger tensors: a bool cast and an integer sum). Elsewhere (CUDA) ``count_nonzero`` is
+    bandwidth-bound and needs no temporary.
+    """
+    if tensors[0].device.type != "cpu":
+        return torch.stack([torch.count_nonzero(t) for t in tensors])
+    if all(t.numel() <= _EXACT_FLOAT32_COUNT for t in tensors):
+        return torch.stack([torch.sign(t).abs_().sum(dtype=torch.float32) for t in tensors])
+    return torch.stack(
+        [
+            torch.sign(t).abs_().sum(dtype=torch.float32).double()
+            if t.numel() <= _EXACT_FLOAT32_COUNT
+            else t.bool().sum().double()
+            for t in tensors
+        ]
+    )
 
 
 def _foreach_norms(tensors: Sequence[torch.Tensor], order: float) -> torch.Tensor:
@@ -220,7 +245,7 @@ class GradStatsEngine:
         raw_g_norm = self.norms(local_g)
         p_norm = self.norms(local_p)
         acc = raw_g_norm.dtype
-        nonzero = torch.stack([torch.count_nonzero(g) for g in local_g]).to(acc)
+        nonzero = nonzero_counts(local_g).to(acc)
         inv_scale = None
         g_norm = raw_g_norm
         if grad_scale is not None:
@@ -555,6 +580,8 @@ class GradStatsEngine:
         if not math.isfinite(total):
             counts = [int(c) for c in self.nonfinite_counts(pending).tolist()]  # rare second transfer
             nan_l, inf_l = counts[:n], counts[n:]
+        # on the CPU the non-zero counts come from |sign(g)|, which is 0 for NaN: add the NaN entries back
+        nan_back = nan_l if pending.packed.device.type == "cpu" else [0] * n
 
         layers: list[LayerStats] = []
         if self.per_layer:
@@ -583,7 +610,7 @@ class GradStatsEngine:
                         grad_norm=g[j],
                         param_norm=p[j],
                         ratio=g[j] / (p[j] + self.eps),
-                        zero_frac=(numel - nz[j]) / numel,
+                        zero_frac=(numel - nz[j] - nan_back[j]) / numel,
                         nan_count=nan_l[j],
                         inf_count=inf_l[j],
                         **kwargs,  # type: ignore[arg-type]
@@ -610,7 +637,7 @@ class GradStatsEngine:
             optimizer_idx=meta.optimizer_idx,
             total_norm=total,
             param_norm=head["param_norm"],
-            zero_frac=(total_numel - head["nonzero"]) / total_numel,
+            zero_frac=(total_numel - head["nonzero"] - sum(nan_back)) / total_numel,
             nan_count=sum(nan_l),
             inf_count=sum(inf_l),
             layer_norm_ratio=layer_norm_ratio,
