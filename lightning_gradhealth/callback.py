@@ -27,7 +27,14 @@ from lightning_gradhealth.activations import ActivationStats
 from lightning_gradhealth.alerts import Alert, AlertManager
 from lightning_gradhealth.checks import check_global_norm, check_record
 from lightning_gradhealth.clipping import AGCClipper, AutoClipper, Clipper, NormClipper, ValueClipper, ZClipper
-from lightning_gradhealth.distributed import Reduction, fsdp1_reduction, local, resolve, shards_of
+from lightning_gradhealth.distributed import (
+    Reduction,
+    check_sharding,
+    fsdp1_reduction,
+    local,
+    resolve,
+    shards_of,
+)
 from lightning_gradhealth.engine import GradStatsEngine, NonFiniteTracker, PendingStats, StepMeta
 from lightning_gradhealth.errors import GradientHealthError
 from lightning_gradhealth.fixes import FIXES
@@ -277,8 +284,9 @@ class GradientHealthMonitor(Callback):
             raise ValueError("`clip_value` must be a float > 0 when `clip='value'`, got None.")
         if clip is not None and self.norm_type != 2.0:
             raise ValueError(
-                f"`clip={clip!r}` works on the L2 norm of the gradient: `norm_type` must be 2.0 with clipping, got "
-                f"{self.norm_type!r}."
+                f"`clip={clip!r}` needs `norm_type` 2.0: the clippers' thresholds, histories and the logged "
+                f"`grad_health/clipped_norm` are L2 norms, and they come from the monitor's global norm; got "
+                f"`norm_type`={self.norm_type!r}."
             )
         self.log_every_n_steps = log_every_n_steps
         self.per_layer = per_layer
@@ -415,6 +423,7 @@ class GradientHealthMonitor(Callback):
                 f"{getattr(self.include, 'pattern', None)!r} and `exclude`={getattr(self.exclude, 'pattern', None)!r}"
                 f" (trainable parameters start with {names})."
             )
+        check_sharding(self._model_layout.param_names, self._model_layout.params)  # before a step is spent
         if self.activation_stats_every_n_steps is not None:
             self._act = ActivationStats(pl_module)
         sparse = set()
@@ -687,12 +696,14 @@ class GradientHealthMonitor(Callback):
             if decision == "skip_limit":
                 reason += f" for {self._policy.consecutive_skips} steps in a row (on_nonfinite='skip')"
             self._fail(trainer, record, reason)
-        names = ", ".join(lay.name for lay in record.nonfinite_layers[:5]) or "?"
+        names = ", ".join(lay.name for lay in record.nonfinite_layers[:5]) or "the global norm"
         action = "update skipped" if decision == "skip" else "update applied (on_nonfinite='warn')"
-        msg = (
-            f"non-finite gradients ({record.nan_count} NaN, {record.inf_count} Inf) in {names}; {action}. "
-            f"Fix: {FIXES['nonfinite'][0]}."
+        what = (
+            f"non-finite gradients ({record.nan_count} NaN, {record.inf_count} Inf)"
+            if record.nan_count or record.inf_count
+            else "finite gradients so large that their norm overflows float32 (exploding)"
         )
+        msg = f"{what} in {names}; {action}. Fix: {FIXES['nonfinite'][0]}."
         self._alert_at(trainer, "nonfinite", Severity.CRITICAL, record, msg, float(record.nan_count + record.inf_count))
         return decision == "skip"
 

@@ -28,6 +28,7 @@ from lightning_gradhealth.errors import GradientHealthError
 __all__ = [
     "Reduction",
     "Shards",
+    "check_sharding",
     "fsdp1_reduction",
     "is_dtensor",
     "local",
@@ -144,6 +145,38 @@ class Shards:
 
     group: Any
     dims: tuple[int, ...]
+
+
+def check_sharding(names: Sequence[str], params: Sequence[torch.Tensor]) -> None:
+    """Refuse, before training, a set of watched parameters whose gradients could not be combined.
+
+    Raises:
+        GradientHealthError: Some parameters are DTensors and some are not (a model only partly under
+            ``fully_shard``), or the DTensors are not all sharded over the same single mesh dimension (tensor
+            parallelism: ``Shard`` on other dimensions, or ``Replicate`` parameters beside sharded ones).
+    """
+    dtensors = [(name, q) for name, q in zip(names, params, strict=True) if is_dtensor(q)]
+    if not dtensors:
+        return
+    first_name, first = dtensors[0]
+    for name, q in dtensors:
+        if q.device_mesh != first.device_mesh or _mesh_dims(q) != _mesh_dims(first):  # type: ignore[attr-defined]
+            raise GradientHealthError(
+                "lightning_gradhealth combines sharded gradients over one mesh dimension (FSDP2 / HSDP data "
+                "parallelism); tensor parallelism is not supported yet: parameters are placed differently, "
+                f"`{first_name}` {first.placements} and `{name}` {q.placements}. Restrict the monitor to the "  # type: ignore[attr-defined]
+                "data-parallel parameters with `include`/`exclude`, or leave it out of tensor-parallel runs",
+                parameter=name,
+            )
+    if len(_mesh_dims(first)[0]) != 1:
+        raise GradientHealthError(
+            "lightning_gradhealth combines sharded gradients over exactly one mesh dimension; tensor parallelism "
+            f"is not supported yet: `{first_name}` is placed {first.placements}",  # type: ignore[attr-defined]
+            parameter=first_name,
+        )
+    if len(dtensors) != len(params):
+        plain = next(name for name, q in zip(names, params, strict=True) if not is_dtensor(q))
+        raise GradientHealthError(f"{_MIXED} (e.g. `{first_name}` is a DTensor, `{plain}` is not)", parameter=plain)
 
 
 def shards_of(tensors: Sequence[torch.Tensor], reduction: Reduction) -> Shards | None:

@@ -28,6 +28,11 @@ class History:
         layer_zero_frac: Per kept record, the zero fraction of each layer.
         layer_ratio: Per kept record, the grad/param ratio of each layer.
         first_nonfinite: The first non-finite record, if any.
+        last_nonfinite: The latest non-finite record, if any.
+        nonfinite_records: How many records offered to :meth:`add` were non-finite.
+        worst_nonfinite_layers: The most layers with a non-finite gradient in one record.
+        nonfinite_params_step: The first step whose record shows a non-finite parameter norm (the weights
+            themselves are corrupt), if any.
         no_grad_params: Parameters that never got a gradient in any kept record.
         spikes: ``(step, z)`` of every spike reported to :meth:`add_spike`.
         records_seen: Records offered to :meth:`add`, kept or not.
@@ -43,6 +48,10 @@ class History:
     layer_zero_frac: list[list[float]] = field(default_factory=list)
     layer_ratio: list[list[float]] = field(default_factory=list)
     first_nonfinite: StepStats | None = None
+    last_nonfinite: StepStats | None = None
+    nonfinite_records: int = 0
+    worst_nonfinite_layers: int = 0
+    nonfinite_params_step: int | None = None
     no_grad_params: set[str] | None = None
     spikes: list[tuple[int, float]] = field(default_factory=list)
     activations: dict[str, list[tuple[int, float, float, float | None]]] = field(default_factory=dict)
@@ -53,8 +62,14 @@ class History:
         """Keep ``record`` (or thin it out), in the order the steps come."""
         self.records_seen += 1
         finite = record.is_finite
-        if not finite and self.first_nonfinite is None:
-            self.first_nonfinite = record
+        if not finite:
+            if self.first_nonfinite is None:
+                self.first_nonfinite = record
+            self.last_nonfinite = record
+            self.nonfinite_records += 1
+            self.worst_nonfinite_layers = max(self.worst_nonfinite_layers, len(record.nonfinite_layers))
+        if self.nonfinite_params_step is None and not math.isfinite(record.param_norm):
+            self.nonfinite_params_step = record.step
         names = set(record.no_grad_params)
         self.no_grad_params = names if self.no_grad_params is None else self.no_grad_params & names
         if finite and (self.records_seen - 1) % self._keep_every:

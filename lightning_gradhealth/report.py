@@ -26,13 +26,21 @@ def _summary(history: History, th: Thresholds) -> list[tuple[str, str, Severity]
     else:
         high, low = th.grade_high("total_norm_high", total), th.grade_low("total_norm_low", total)
         total_sev = max(high, low, key=lambda s: [Severity.OK, Severity.WARNING, Severity.CRITICAL].index(s))
-    bad = history.first_nonfinite
-    nan_params = 0 if bad is None else len(bad.nonfinite_layers)
+    nan_layers = history.worst_nonfinite_layers
     zero = history.zero_frac[last] if last >= 0 else math.nan
     zero_sev = th.grade_high("zero_frac", zero) if math.isfinite(zero) else Severity.OK
     return [
         ("Total grad norm (last record)", f"{total:.4g}", total_sev),
-        ("Layers with NaN/Inf gradients", str(nan_params), Severity.CRITICAL if nan_params else Severity.OK),
+        (
+            "Layers with NaN/Inf gradients (worst record)",
+            str(nan_layers),
+            Severity.CRITICAL if nan_layers or history.nonfinite_records else Severity.OK,
+        ),
+        (
+            "Non-finite records",
+            str(history.nonfinite_records),
+            Severity.CRITICAL if history.nonfinite_records else Severity.OK,
+        ),
         ("Zero-grad entries (last record)", f"{zero:.1%}" if math.isfinite(zero) else "n/a", zero_sev),
     ]
 

@@ -101,13 +101,27 @@ def diagnose(
     first_bad = history.first_nonfinite
     if first_bad is not None:
         layers = tuple(lay.name for lay in first_bad.nonfinite_layers)
+        last_bad = history.last_nonfinite or first_bad
+        spread = ""
+        if history.nonfinite_records > 1:
+            spread = (
+                f" {history.nonfinite_records} recorded steps were non-finite, the last at step {last_bad.step} "
+                f"in {len(last_bad.nonfinite_layers)} layer(s)."
+            )
+        if history.nonfinite_params_step is not None:
+            spread += (
+                f" The weights themselves are non-finite from step {history.nonfinite_params_step}: the run cannot "
+                f"recover; restart from a checkpoint saved before step {first_bad.step}."
+            )
         out.append(_finding(
             "nonfinite", Severity.CRITICAL,
             f"non-finite gradients at step {first_bad.step} ({first_bad.nan_count} NaN, {first_bad.inf_count} Inf)"
-            + (f", first in {layers[0]}" if layers else "") + ".",
+            + (f", first in {layers[0]}" if layers else "") + "." + spread,
             layers=layers,
             evidence={"step": first_bad.step, "nan_count": first_bad.nan_count, "inf_count": first_bad.inf_count,
-                      "amp_overflow": first_bad.amp_overflow},
+                      "amp_overflow": first_bad.amp_overflow, "nonfinite_records": history.nonfinite_records,
+                      "last_step": last_bad.step, "last_nan_count": last_bad.nan_count,
+                      "last_inf_count": last_bad.inf_count, "params_nonfinite_from": history.nonfinite_params_step},
         ))  # fmt: skip
     if history.no_grad_params:
         names = tuple(sorted(history.no_grad_params))

@@ -70,6 +70,15 @@ class PartlySharded(Sharded):
         fully_shard(self.net[4], mesh=self.device_mesh["data_parallel"])  # the rest stays plain
 
 
+class TensorParallel(Sharded):
+    def configure_model(self):
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+        parallelize_module(
+            self.net, self.device_mesh["tensor_parallel"], {"0": ColwiseParallel(), "2": RowwiseParallel()}
+        )
+
+
 class FullCapture(Callback):
     """All-gathers every gradient and parameter (DTensor.full_tensor, float64) at each optimizer step."""
 
@@ -144,6 +153,23 @@ def stats(out: Path) -> int:
         )
     except GradientHealthError as err:
         result["mixed"] = str(err)
+    # tensor parallelism: refused before the first step, naming the parameters
+    tp = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2),
+        max_steps=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        default_root_dir=str(out),
+        callbacks=[GradientHealthMonitor(log_every_n_steps=1)],
+    )
+    try:
+        tp.fit(TensorParallel(), DataLoader(data, batch_size=8))
+    except GradientHealthError as err:
+        result["tp"] = [str(err), tp.global_step]
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
     if trainer.global_rank == 0:
         torch.save(capture.steps, out / "capture.pt")

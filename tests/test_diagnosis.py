@@ -83,8 +83,24 @@ def test_nonfinite_report_is_written_when_failing_fast(tmp_path):
     assert nonfinite["evidence"]["step"] == 4
     md = (tmp_path / "gradient_health_report.md").read_text()
     assert md.startswith("## Gradient Health Report")
-    assert "| Layers with NaN/Inf gradients | 1 | ❌ |" in md
+    assert "| Layers with NaN/Inf gradients (worst record) | 1 | ❌ |" in md
+    assert "| Non-finite records | 1 | ❌ |" in md
     assert "### Code to Add" in md and "```python" in md
+
+
+def test_nonfinite_finding_tells_how_far_it_spread_under_warn(tmp_path):
+    """With on_nonfinite="warn" the NaN update is applied: every later gradient and the weights are NaN. The
+    report must say so, not only describe the first bad step."""
+    monitor = GradientHealthMonitor(on_nonfinite="warn")
+    trainer = make_trainer(tmp_path, callbacks=[monitor], max_steps=8)
+    trainer.fit(TinyMLP(poison={3: ("net.2.weight", math.nan)}), loader())
+    (nonfinite,) = [f for f in monitor.findings if f.kind == "nonfinite"]
+    assert nonfinite.evidence["step"] == 3 and nonfinite.evidence["nonfinite_records"] == 5  # steps 3..7
+    assert nonfinite.evidence["last_step"] == 7 and nonfinite.evidence["params_nonfinite_from"] == 4
+    assert "restart from a checkpoint saved before step 3" in nonfinite.summary
+    md = (tmp_path / "gradient_health_report.md").read_text()
+    assert "| Layers with NaN/Inf gradients (worst record) | 3 | ❌ |" in md  # every layer, at the end
+    assert "| Non-finite records | 5 | ❌ |" in md
 
 
 def test_spike_finding(tmp_path):
