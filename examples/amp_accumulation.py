@@ -4,7 +4,7 @@ The monitor reports the accumulated, unscaled, pre-clip gradient of each optimiz
 and the loss scale. An overflow step (the scaler skips it and halves its scale) is recorded as such, not as
 corruption.
 
-    python examples/amp_accumulation.py [--out lightning_logs]
+    python examples/amp_accumulation.py [--out .]  (logs under ./lightning_logs)
 """
 
 import argparse
@@ -35,7 +35,7 @@ class Classifier(L.LightningModule):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default="lightning_logs")
+    parser.add_argument("--out", default=".")
     args = parser.parse_args()
 
     x = torch.randn(2048, 32)

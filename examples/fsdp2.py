@@ -2,7 +2,7 @@
 
 Runs on 2 CPU processes (gloo) as it is; on GPUs, drop ``accelerator``/``devices`` and it uses NCCL.
 
-python examples/fsdp2.py [--out lightning_logs]
+python examples/fsdp2.py [--out .]  (logs under ./lightning_logs)
 """
 
 import argparse
@@ -41,7 +41,7 @@ class Regressor(L.LightningModule):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="lightning_logs")
+    parser.add_argument("--out", default=".")
     args = parser.parse_args()
     torch.manual_seed(0)
     x = torch.randn(2048, 16)

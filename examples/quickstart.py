@@ -1,6 +1,6 @@
 """The minimal use: add the callback, train, look at TensorBoard.
 
-python examples/quickstart.py [--out lightning_logs]
+python examples/quickstart.py [--out .]  (logs under ./lightning_logs)
 """
 
 import argparse
@@ -30,7 +30,7 @@ class Regressor(L.LightningModule):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default="lightning_logs")
+    parser.add_argument("--out", default=".")
     args = parser.parse_args()
 
     x = torch.randn(1024, 16)
