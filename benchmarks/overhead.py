@@ -256,6 +256,7 @@ def stub_trainer(step: int, optimizer: torch.optim.Optimizer | None = None) -> S
     )
 
 
+ZERO_SCRATCH: dict = {}  # the engine keeps its zero-counting buffer between steps; so does row c2
 LOGGED_STEP = EVERY - 1  # (step + 1) % EVERY == 0
 NOT_LOGGED_STEP = 0
 
@@ -377,7 +378,7 @@ def run_shape(key: str, cfg: Settings) -> ShapeResult:
         return torch.stack(torch._foreach_norm(params_list, 2, dtype=torch.float32)).sum().item()
 
     def comp_zero_counts() -> int:
-        return nonzero_counts(grads_list).sum().item()
+        return nonzero_counts(grads_list, ZERO_SCRATCH).sum().item()
 
     def comp_min_nonzero() -> float:
         out = []
