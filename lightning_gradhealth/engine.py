@@ -44,44 +44,51 @@ def _accum_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
-_SCRATCH_MAX = 2**22  # tensors up to 4M entries are counted through a reused float32 scratch buffer (16 MB at most)
+_SCRATCH_MIN = 2**16  # below this, one count_nonzero kernel beats two kernels (per-tensor overhead dominates)
+_SCRATCH_MAX = 2**22  # up to this, counted through a reused float32 scratch buffer (16 MB at most)
 
 
 def nonzero_counts(
     tensors: Sequence[torch.Tensor], scratch: dict[torch.device, torch.Tensor] | None = None
 ) -> torch.Tensor:
-    """Exact number of non-zero entries of each tensor (NaN counts as non-zero, -0.0 as zero), stacked.
+    """Exact number of non-zero entries of each tensor (NaN counts as non-zero, -0.0 as zero), as float64.
 
     On the CPU ``count_nonzero`` branches per element, so its cost grows with how scattered the zeros are (3x a
-    norm pass on a ReLU MLP's gradient, up to 24x with zeros spread at random). ``g != 0`` written into a reused
-    float32 buffer and summed costs ~1.9x a norm pass whatever the data, with no allocation; the float32 sum of
-    0/1 values is exact (every partial sum is an integer below 2**24). Larger tensors, and other devices (CUDA,
-    where ``count_nonzero`` is bandwidth-bound), use ``count_nonzero``.
+    norm pass on a ReLU MLP's gradient, up to 24x with zeros spread at random). For tensors of 64K to 4M entries,
+    ``g != 0`` written into a reused float32 buffer and summed costs ~2x a norm pass whatever the data, with no
+    allocation; the float32 sum of 0/1 values is exact (every partial sum is an integer below 2**24). Smaller
+    tensors (where one kernel's overhead dominates), larger ones, and other devices (CUDA, where
+    ``count_nonzero`` is bandwidth-bound) use ``count_nonzero``.
 
     Args:
         tensors: Tensors on one device.
         scratch: Where the buffer is kept between calls (per device); ``None``: a buffer for this call only.
     """
     device = tensors[0].device
-    if device.type != "cpu":
-        return torch.stack([torch.count_nonzero(t) for t in tensors])
-    small = [t.numel() for t in tensors if t.numel() <= _SCRATCH_MAX]
+    mid = (
+        [k for k, t in enumerate(tensors) if _SCRATCH_MIN <= t.numel() <= _SCRATCH_MAX] if device.type == "cpu" else []
+    )
+    if not mid:
+        return torch.stack([torch.count_nonzero(t) for t in tensors]).double()
     store = {} if scratch is None else scratch
     buf = store.get(device)
-    if small and (buf is None or buf.numel() < max(small)):
-        buf = store[device] = torch.empty(max(small), dtype=torch.float32, device=device)
+    largest = max(tensors[k].numel() for k in mid)
+    if buf is None or buf.numel() < largest:
+        buf = store[device] = torch.empty(largest, dtype=torch.float32, device=device)
     counts = []
-    for t in tensors:
-        if t.numel() <= _SCRATCH_MAX:
-            view = buf[: t.numel()].view(t.shape)  # type: ignore[index]
-            torch.ne(t, 0, out=view)
-            counts.append(view.sum())  # float32, exact: every partial sum is an integer <= 2**22
-        else:
-            counts.append(torch.zeros((), dtype=torch.float32, device=device))
-    out = torch.stack(counts).double()
-    for k, t in enumerate(tensors):
-        if t.numel() > _SCRATCH_MAX:
-            out[k] = torch.count_nonzero(t).double()
+    for k in mid:
+        t = tensors[k]
+        view = buf[: t.numel()].view(t.shape)
+        torch.ne(t, 0, out=view)
+        counts.append(view.sum())  # float32, exact: every partial sum is an integer <= 2**22
+    mid_counts = torch.stack(counts).double()
+    if len(mid) == len(tensors):
+        return mid_counts
+    in_mid = set(mid)
+    rest = [k for k in range(len(tensors)) if k not in in_mid]
+    out = torch.empty(len(tensors), dtype=torch.float64, device=device)
+    out[mid] = mid_counts
+    out[rest] = torch.stack([torch.count_nonzero(tensors[k]) for k in rest]).double()
     return out
 
 
