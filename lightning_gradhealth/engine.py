@@ -70,11 +70,7 @@ def nonzero_counts(
     )
     if not mid:
         return torch.stack([torch.count_nonzero(t) for t in tensors]).double()
-    store = {} if scratch is None else scratch
-    buf = store.get(device)
-    largest = max(tensors[k].numel() for k in mid)
-    if buf is None or buf.numel() < largest:
-        buf = store[device] = torch.empty(largest, dtype=torch.float32, device=device)
+    buf = _scratch_buffer({} if scratch is None else scratch, device, max(tensors[k].numel() for k in mid))
     counts = []
     for k in mid:
         t = tensors[k]
@@ -90,6 +86,37 @@ def nonzero_counts(
     out[mid] = mid_counts
     out[rest] = torch.stack([torch.count_nonzero(tensors[k]) for k in rest]).double()
     return out
+
+
+def _scratch_buffer(store: dict[torch.device, torch.Tensor], device: torch.device, numel: int) -> torch.Tensor:
+    """A float32 buffer of at least ``numel`` entries on ``device``, kept in ``store`` and reused."""
+    buf = store.get(device)
+    if buf is None or buf.numel() < numel:
+        buf = store[device] = torch.empty(numel, dtype=torch.float32, device=device)
+    return buf
+
+
+_INT32_MAX = 0x7FFFFFFF
+
+
+def _abs_max_and_min_nonzero(g: torch.Tensor, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Largest ``|g|`` and smallest non-zero ``|g|`` (``inf`` if none) of a float32/16 tensor, through ``buf``.
+
+    ``|g|`` goes into the buffer; the bit patterns of non-negative floats order like the floats, so after
+    ``bits - 1`` (a zero becomes -1) masked to 31 bits (-1 becomes the largest int), the smallest int is the
+    smallest non-zero ``|g|`` minus one: no mask tensor, no ``masked_fill``, ~1/8 of the cost (CPU).
+    """
+    view = buf[: g.numel()].view(g.shape)
+    if g.dtype == torch.float32:
+        torch.abs(g, out=view)
+    else:
+        view.copy_(g).abs_()  # float16/bfloat16 widen exactly into float32
+    largest = view.amax()
+    bits = view.view(torch.int32)
+    bits.sub_(1).bitwise_and_(_INT32_MAX)
+    low = bits.amin()
+    smallest = torch.where(low == _INT32_MAX, torch.inf, (low + 1).view(torch.float32))
+    return largest, smallest
 
 
 def _foreach_norms(tensors: Sequence[torch.Tensor], order: float) -> torch.Tensor:
@@ -389,10 +416,14 @@ class GradStatsEngine:
                 neg_min_l.append(neg_inf)
                 sums.append(zero)
                 continue
-            # one |g| temporary per tensor, reused in place: max, then min over the non-zero entries
-            absg = g.abs()
-            max_l.append(absg.amax().to(acc))
-            neg_min_l.append(-absg.masked_fill_(absg == 0, math.inf).amin().to(acc))
+            if g.dtype in (torch.float32, torch.float16, torch.bfloat16) and g.numel() <= _SCRATCH_MAX:
+                largest, smallest = _abs_max_and_min_nonzero(g, _scratch_buffer(self._scratch, device, g.numel()))
+                max_l.append(largest.to(acc))
+                neg_min_l.append(-smallest.to(acc))
+            else:  # float64, or too large for the buffer: one |g| temporary, max, then min over the non-zeros
+                absg = g.abs()
+                max_l.append(absg.amax().to(acc))
+                neg_min_l.append(-absg.masked_fill_(absg == 0, math.inf).amin().to(acc))
             # float32 (or wider) cascade sum per tensor; combined across tensors in `acc`
             sums.append(g.sum(dtype=torch.promote_types(g.dtype, torch.float32)).to(acc))
         max_abs = torch.stack(max_l).to(acc)
