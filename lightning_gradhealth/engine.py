@@ -97,6 +97,7 @@ def _scratch_buffer(store: dict[torch.device, torch.Tensor], device: torch.devic
 
 
 _INT32_MAX = 0x7FFFFFFF
+_BUFFERED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _abs_max_and_min_nonzero(g: torch.Tensor, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -416,11 +417,11 @@ class GradStatsEngine:
                 neg_min_l.append(neg_inf)
                 sums.append(zero)
                 continue
-            if g.dtype in (torch.float32, torch.float16, torch.bfloat16) and g.numel() <= _SCRATCH_MAX:
+            if g.dtype in _BUFFERED_DTYPES and _SCRATCH_MIN <= g.numel() <= _SCRATCH_MAX:
                 largest, smallest = _abs_max_and_min_nonzero(g, _scratch_buffer(self._scratch, device, g.numel()))
                 max_l.append(largest.to(acc))
                 neg_min_l.append(-smallest.to(acc))
-            else:  # float64, or too large for the buffer: one |g| temporary, max, then min over the non-zeros
+            else:  # small (fewer kernels), float64, or too large for the buffer: one |g| temporary, max, min
                 absg = g.abs()
                 max_l.append(absg.amax().to(acc))
                 neg_min_l.append(-absg.masked_fill_(absg == 0, math.inf).amin().to(acc))
