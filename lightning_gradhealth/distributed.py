@@ -74,7 +74,7 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if is_dtensor(tensor) else tensor  # type: ignore[attr-defined]
 
 
-_RESOLVED: dict[tuple[Any, ...], Reduction] = {}
+_RESOLVED: dict[tuple[Any, ...], tuple[Any, Reduction]] = {}
 _MIXED = (
     "lightning_gradhealth needs the watched gradients either all sharded (DTensors, FSDP2) or all plain; this model "
     "is only partly under fully_shard: apply fully_shard to the root module too, or restrict the monitor with "
@@ -110,8 +110,8 @@ def resolve(tensors: Sequence[torch.Tensor], given: Reduction | None) -> Reducti
     mesh = first.device_mesh  # type: ignore[attr-defined]
     key = (id(mesh), len(tensors), tuple(first.placements))  # type: ignore[attr-defined]
     cached = _RESOLVED.get(key)
-    if cached is not None:  # checked in full once per set of gradients (a per-tensor loop costs ms per step)
-        return cached
+    if cached is not None and cached[0] is mesh:  # the mesh is kept alive in the cache: its id cannot be reused
+        return cached[1]  # checked in full once per set of gradients (a per-tensor loop costs ms per step)
     dims, replicas = _mesh_dims(first)
     for t in tensors:
         if not is_dtensor(t):
@@ -130,7 +130,7 @@ def resolve(tensors: Sequence[torch.Tensor], given: Reduction | None) -> Reducti
     resolved = Reduction(shard_group=mesh.get_group(next(iter(dims))), replica_group=replica_group)
     if len(_RESOLVED) > 64:
         _RESOLVED.clear()
-    _RESOLVED[key] = resolved
+    _RESOLVED[key] = (mesh, resolved)
     return resolved
 
 
