@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from lightning_gradhealth.distributed import Shards, sum_over
+from lightning_gradhealth.engine import _foreach_norm_f32_or_wider
 
 __all__ = [
     "AGCClipper",
@@ -137,7 +138,7 @@ class ValueClipper(Clipper):
         else:
             torch._foreach_clamp_min_(grads, -self.clip_value)
             torch._foreach_clamp_max_(grads, self.clip_value)
-        norms = torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32)).double()
+        norms = torch.stack([n.double() for n in _foreach_norm_f32_or_wider(grads, 2.0)])
         post_sq, clipped = _sum_shards(norms.square().sum(), clipped, shards)
         post = post_sq.sqrt()
         if scale is not None:
@@ -177,10 +178,11 @@ class AGCClipper(Clipper):
     def _unit_sq(x: torch.Tensor) -> torch.Tensor:
         # squared in float64 (float32 on MPS, which has no float64): a float32 square overflows above ~1.8e19
         wide = torch.float32 if x.device.type == "mps" else torch.float64
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         if x.ndim <= 1:
-            return torch.linalg.vector_norm(x, dtype=torch.float32).to(wide).square()
+            return torch.linalg.vector_norm(x, dtype=acc).to(wide).square()
         dims = tuple(range(1, x.ndim))
-        return torch.linalg.vector_norm(x, dim=dims, keepdim=True, dtype=torch.float32).to(wide).square()
+        return torch.linalg.vector_norm(x, dim=dims, keepdim=True, dtype=acc).to(wide).square()
 
     def clip(self, grads, params, total_norm, scale=None, shards=None):  # noqa: D102, ANN001, ANN201
         grads, params = list(grads), list(params)

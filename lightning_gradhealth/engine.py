@@ -117,20 +117,44 @@ def _abs_max_and_min_nonzero(g: torch.Tensor, buf: torch.Tensor) -> tuple[torch.
     bits.sub_(1).bitwise_and_(_INT32_MAX)
     low = bits.amin()
     smallest = torch.where(low == _INT32_MAX, torch.inf, (low + 1).view(torch.float32))
-    return largest, smallest
+    return largest, torch.where(torch.isnan(largest), largest, smallest)  # NaN present: NaN, as a plain min
+
+
+def _foreach_norm_f32_or_wider(tensors: list[torch.Tensor], order: float) -> list[torch.Tensor]:
+    """``_foreach_norm`` accumulated in float32, or in float64 for float64 tensors (which cannot narrow)."""
+    try:
+        return list(torch._foreach_norm(tensors, order, dtype=torch.float32))
+    except RuntimeError:
+        if not any(t.dtype == torch.float64 for t in tensors):
+            raise
+    wide = [k for k, t in enumerate(tensors) if t.dtype == torch.float64]  # precision="64-true"
+    rest = [k for k, t in enumerate(tensors) if t.dtype != torch.float64]
+    out: list[torch.Tensor] = [tensors[0].new_zeros(())] * len(tensors)
+    for k, norm in zip(wide, torch._foreach_norm([tensors[k] for k in wide], order), strict=True):
+        out[k] = norm
+    if rest:
+        for k, norm in zip(
+            rest, torch._foreach_norm([tensors[k] for k in rest], order, dtype=torch.float32), strict=True
+        ):
+            out[k] = norm.double()
+    return out
 
 
 def _foreach_norms(tensors: Sequence[torch.Tensor], order: float) -> torch.Tensor:
-    """Per-tensor norms accumulated in float32, stacked; an empty tensor (a local shard) has norm 0, also for inf."""
+    """Per-tensor norms accumulated in float32 (float64 tensors: in float64), stacked.
+
+    An empty tensor (a local shard) has norm 0, also for ``inf``.
+    """
     tensors = list(tensors)
     if math.isinf(order) and any(t.numel() == 0 for t in tensors):
         whole = [t for t in tensors if t.numel()]
-        out = torch.zeros(len(tensors), dtype=torch.float32, device=tensors[0].device)
-        if whole:
-            at = torch.tensor([k for k, t in enumerate(tensors) if t.numel()], device=out.device)
-            out[at] = torch.stack(torch._foreach_norm(whole, order, dtype=torch.float32))
+        if not whole:
+            return torch.zeros(len(tensors), dtype=torch.float32, device=tensors[0].device)
+        norms = torch.stack(_foreach_norm_f32_or_wider(whole, order))
+        out = torch.zeros(len(tensors), dtype=norms.dtype, device=norms.device)
+        out[torch.tensor([k for k, t in enumerate(tensors) if t.numel()], device=out.device)] = norms
         return out
-    return torch.stack(torch._foreach_norm(tensors, order, dtype=torch.float32))
+    return torch.stack(_foreach_norm_f32_or_wider(tensors, order))
 
 
 @dataclass(frozen=True)
@@ -417,7 +441,7 @@ class GradStatsEngine:
                 neg_min_l.append(neg_inf)
                 sums.append(zero)
                 continue
-            if g.dtype in _BUFFERED_DTYPES and _SCRATCH_MIN <= g.numel() <= _SCRATCH_MAX:
+            if device.type == "cpu" and g.dtype in _BUFFERED_DTYPES and _SCRATCH_MIN <= g.numel() <= _SCRATCH_MAX:
                 largest, smallest = _abs_max_and_min_nonzero(g, _scratch_buffer(self._scratch, device, g.numel()))
                 max_l.append(largest.to(acc))
                 neg_min_l.append(-smallest.to(acc))
@@ -740,7 +764,7 @@ class NonFiniteTracker:
         self.micro_batches += 1
         if not grads:
             return
-        norms = torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32))
+        norms = _foreach_norms(grads, 2.0)
         bad = ~torch.isfinite(norms).all()
         if self.first_bad is None:
             self.first_bad = torch.full((), -1, dtype=torch.long, device=norms.device)

@@ -31,8 +31,8 @@ class History:
         last_nonfinite: The latest non-finite record, if any.
         nonfinite_records: How many records offered to :meth:`add` were non-finite.
         worst_nonfinite_layers: The most layers with a non-finite gradient in one record.
-        nonfinite_params_step: The first step whose record shows a non-finite parameter norm (the weights
-            themselves are corrupt), if any.
+        nonfinite_params_step: The first step whose record shows a NaN parameter norm (the weights themselves
+            are corrupt), if any.
         no_grad_params: Parameters that never got a gradient in any kept record.
         spikes: ``(step, z)`` of every spike reported to :meth:`add_spike`.
         records_seen: Records offered to :meth:`add`, kept or not.
@@ -68,7 +68,8 @@ class History:
             self.last_nonfinite = record
             self.nonfinite_records += 1
             self.worst_nonfinite_layers = max(self.worst_nonfinite_layers, len(record.nonfinite_layers))
-        if self.nonfinite_params_step is None and not math.isfinite(record.param_norm):
+        # NaN only: a norm can overflow to inf on finite weights (float32, large norm_type), never to NaN
+        if self.nonfinite_params_step is None and math.isnan(record.param_norm):
             self.nonfinite_params_step = record.step
         names = set(record.no_grad_params)
         self.no_grad_params = names if self.no_grad_params is None else self.no_grad_params & names

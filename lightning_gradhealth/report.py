@@ -33,7 +33,7 @@ def _summary(history: History, th: Thresholds) -> list[tuple[str, str, Severity]
         ("Total grad norm (last record)", f"{total:.4g}", total_sev),
         (
             "Layers with NaN/Inf gradients (worst record)",
-            str(nan_layers),
+            str(nan_layers) if nan_layers or not history.nonfinite_records or history.layer_names else "n/a",
             Severity.CRITICAL if nan_layers or history.nonfinite_records else Severity.OK,
         ),
         (

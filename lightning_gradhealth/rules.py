@@ -104,9 +104,9 @@ def diagnose(
         last_bad = history.last_nonfinite or first_bad
         spread = ""
         if history.nonfinite_records > 1:
+            where = f" in {len(last_bad.nonfinite_layers)} layer(s)" if last_bad.layers else ""
             spread = (
-                f" {history.nonfinite_records} recorded steps were non-finite, the last at step {last_bad.step} "
-                f"in {len(last_bad.nonfinite_layers)} layer(s)."
+                f" {history.nonfinite_records} recorded steps were non-finite, the last at step {last_bad.step}{where}."
             )
         if history.nonfinite_params_step is not None:
             spread += (
@@ -115,7 +115,11 @@ def diagnose(
             )
         out.append(_finding(
             "nonfinite", Severity.CRITICAL,
-            f"non-finite gradients at step {first_bad.step} ({first_bad.nan_count} NaN, {first_bad.inf_count} Inf)"
+            (
+                f"non-finite gradients at step {first_bad.step} ({first_bad.nan_count} NaN, {first_bad.inf_count} Inf)"
+                if first_bad.nan_count or first_bad.inf_count or first_bad.amp_overflow
+                else f"gradients at step {first_bad.step} so large that their norm overflows float32 (no NaN/Inf entry)"
+            )
             + (f", first in {layers[0]}" if layers else "") + "." + spread,
             layers=layers,
             evidence={"step": first_bad.step, "nan_count": first_bad.nan_count, "inf_count": first_bad.inf_count,

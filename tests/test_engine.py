@@ -138,3 +138,45 @@ def test_tracker_remembers_first_bad_micro_batch_without_sync():
     assert tracker.first_bad.item() == 2
     tracker.reset()
     assert tracker.first_bad is None
+
+
+def _special(n: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    t = torch.randn(n, generator=gen).to(dtype)
+    t[torch.rand(n, generator=gen) < 0.3] = 0
+    if n > 8:
+        t[1], t[2], t[3] = -0.0, float("inf"), -float("inf")
+        if dtype != torch.float64:
+            t[4] = torch.finfo(dtype).tiny / 4  # subnormal (flushed to 0 in bf16 arithmetic? stays a value)
+    return t
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_nonzero_counts_and_abs_extremes_match_the_plain_formulas(dtype):
+    """The buffered CPU paths against count_nonzero and a masked min, across the size thresholds, with NaN, ±inf,
+    -0.0, subnormals, non-contiguous views, and the buffer reused at growing and shrinking sizes."""
+    from lightning_gradhealth.engine import _SCRATCH_MAX, _SCRATCH_MIN, _abs_max_and_min_nonzero, nonzero_counts
+
+    gen = torch.Generator().manual_seed(0)
+    sizes = [0, 7, _SCRATCH_MIN - 1, _SCRATCH_MIN, 100_000, _SCRATCH_MAX, _SCRATCH_MAX + 1, 70_000]
+    tensors = [_special(n, dtype, gen) for n in sizes]
+    tensors.append(_special(2 * _SCRATCH_MIN, dtype, gen).reshape(256, -1).t())  # transposed view
+    tensors.append(torch.zeros(_SCRATCH_MIN, dtype=dtype))  # all zeros
+    with_nan = _special(_SCRATCH_MIN, dtype, gen)
+    with_nan[10] = float("nan")
+    tensors.append(with_nan)
+    scratch: dict = {}
+    for group in (tensors, tensors[::-1], tensors[3:5]):
+        counts = nonzero_counts(group, scratch).tolist()
+        assert counts == [torch.count_nonzero(t).item() for t in group]
+    buf = torch.empty(max(t.numel() for t in tensors))
+    for t in tensors:
+        if t.numel() == 0 or dtype == torch.float64:
+            continue
+        a = t.float().abs()
+        largest, smallest = _abs_max_and_min_nonzero(t, buf)
+        nz = a[a != 0]
+        if torch.isnan(a).any():
+            assert math.isnan(largest.item()) and math.isnan(smallest.item())
+        else:
+            assert largest.item() == a.max().item()
+            assert smallest.item() == (nz.min().item() if nz.numel() else math.inf)

@@ -254,3 +254,28 @@ def test_per_layer_false_keeps_global_metrics_only(tmp_path):
     assert records[0].total_norm == pytest.approx(ref["total_norm"], rel=1e-6)
     assert records[0].zero_frac == pytest.approx(ref["zero_frac"], abs=1e-12)
     assert records[0].layer_norm_ratio == pytest.approx(ref["layer_norm_ratio"], rel=1e-6)
+
+
+class WideMLP(TinyMLP):
+    """Weights of 64K to 4M entries take the engine's buffered CPU paths (zero counts, max / min non-zero |g|);
+    the small layers take the per-tensor ones. ReLU gives exact zeros."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.net = nn.Sequential(nn.Linear(8, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 1))
+
+
+@pytest.mark.parametrize("precision", ["32-true", "64-true", "bf16-mixed"])
+def test_large_tensors_and_64_true_match_reference(precision):
+    monitor = GradientHealthMonitor(stats="full")
+    _, capture, records = _fit(WideMLP(), monitor, precision=precision, max_steps=3)
+    assert capture.steps[0]["grads"]["net.2.weight"].numel() >= 2**16
+    assert any(r.layer("net.2").zero_frac > 0 for r in records)  # there are zeros to count
+    # float32 accumulation over 131K entries: ~1e-6 relative; float64 gradients are accumulated in float64
+    _check_all(capture, records, full=True, rel=1e-12 if precision == "64-true" else 1e-5)
+
+
+def test_64_true_with_clipping_and_the_guard():
+    monitor = GradientHealthMonitor(clip="agc", log_every_n_steps=2)
+    _, capture, records = _fit(WideMLP(), monitor, precision="64-true", max_steps=4)
+    assert records and all(math.isfinite(r.total_norm) for r in records)
