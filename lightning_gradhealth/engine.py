@@ -485,7 +485,9 @@ class GradStatsEngine:
                 return None
             grads = [layout.params[0].new_zeros(0)]  # FSDP1, all pieces empty here: still take part
         red = resolve(grads, reduction)
-        total = self.global_norm(grads, red, params=[p for p in layout.params if p.grad is not None])
+        # FSDP1 only (parameters whole on every rank count once): the parameters aligned with the gradients
+        params = [p for p in layout.params if p.grad is not None] if red.whole else None
+        total = self.global_norm(grads, red, params=params)
         if grad_scale is not None:
             total = total / grad_scale.detach().float().reshape(())
         if red.replica_group is not None:
