@@ -66,7 +66,8 @@ def main() -> None:
             f"step {rec.step}: global grad norm {rec.total_norm:.4g} over {len(rec.layers)} layers, "
             f"largest |g| {rec.grad_max_abs:.3g}; tensorboard --logdir {log_dir}"
         )
-    if torch.distributed.is_initialized():
+    if torch.distributed.is_initialized():  # tear gloo down before interpreter exit, every rank together
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
