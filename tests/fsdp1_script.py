@@ -11,8 +11,7 @@ import sys
 from pathlib import Path
 
 import torch
-from fsdp_script import Sharded, make_data
-from lightning import Trainer
+from fsdp_script import Sharded, _trainer, make_data
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
@@ -55,17 +54,12 @@ if __name__ == "__main__":
     # rank 0 holds no piece of net.4.bias: it has no watched gradient at all, and must still take part
     narrow = GradientHealthMonitor(log_every_n_steps=1, include=r"^net\.4\.bias$")
     narrow_guard = GradientHealthMonitor(log_every_n_steps=50, include=r"net\.4\.bias$")
-    trainer = Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy=CPUFSDP(auto_wrap_policy=ModuleWrapPolicy({nn.Linear})),
+    trainer = _trainer(
+        out,
+        [basic, full, inf, guard, per_param, narrow, narrow_guard],
         max_steps=1,
         logger=TensorBoardLogger(str(out), name="tb", version=""),
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        default_root_dir=str(out),
-        callbacks=[basic, full, inf, guard, per_param, narrow, narrow_guard],
+        strategy=CPUFSDP(auto_wrap_policy=ModuleWrapPolicy({nn.Linear})),
     )
     trainer.fit(model, DataLoader(data, batch_size=8))
     b, f, i = basic.last_record, full.last_record, inf.last_record
@@ -90,32 +84,20 @@ if __name__ == "__main__":
     data = make_data()
     no_shard_model = Flat()
     no_shard, no_shard_guard = GradientHealthMonitor(log_every_n_steps=1), GradientHealthMonitor(log_every_n_steps=50)
-    Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy=CPUFSDP(auto_wrap_policy=ModuleWrapPolicy({nn.Linear}), sharding_strategy="NO_SHARD"),
+    _trainer(
+        out,
+        [no_shard, no_shard_guard],
         max_steps=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        default_root_dir=str(out),
-        callbacks=[no_shard, no_shard_guard],
+        strategy=CPUFSDP(auto_wrap_policy=ModuleWrapPolicy({nn.Linear}), sharding_strategy="NO_SHARD"),
     ).fit(no_shard_model, DataLoader(data, batch_size=8))
     result["no_shard"] = [no_shard.last_record.total_norm, no_shard.last_record.zero_frac]
     result["no_shard_guard"] = math.exp(no_shard_guard._spikes.mean)
     # AGC needs whole rows of each weight, which FSDP1's flat shards do not keep: refused at setup, on every rank
-    agc = Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy=CPUFSDP(auto_wrap_policy=ModuleWrapPolicy({nn.Linear})),
+    agc = _trainer(
+        out,
+        [GradientHealthMonitor(clip="agc")],
         max_steps=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        default_root_dir=str(out),
-        callbacks=[GradientHealthMonitor(clip="agc")],
+        strategy=CPUFSDP(auto_wrap_policy=ModuleWrapPolicy({nn.Linear})),
     )
     try:
         agc.fit(Flat(), DataLoader(data, batch_size=8))

@@ -92,11 +92,12 @@ class FullCapture(Callback):
         self.steps.append({"grads": grads, "params": params, "metrics": metrics})
 
 
-def _trainer(out, callbacks, max_steps, logger=False):
+def _trainer(out, callbacks, max_steps, logger=False, strategy=None):
+    """A 2-process CPU Trainer writing under ``out``; FSDP2 over both ranks unless ``strategy`` says otherwise."""
     return L.Trainer(
         accelerator="cpu",
         devices=2,
-        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+        strategy=strategy or ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
         max_steps=max_steps,
         logger=logger,
         log_every_n_steps=1,
@@ -154,17 +155,11 @@ def stats(out: Path) -> int:
     except GradientHealthError as err:
         result["mixed"] = str(err)
     # tensor parallelism: refused before the first step, naming the parameters
-    tp = L.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2),
+    tp = _trainer(
+        out,
+        [GradientHealthMonitor(log_every_n_steps=1)],
         max_steps=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        default_root_dir=str(out),
-        callbacks=[GradientHealthMonitor(log_every_n_steps=1)],
+        strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2),
     )
     try:
         tp.fit(TensorParallel(), DataLoader(data, batch_size=8))
