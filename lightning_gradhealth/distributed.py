@@ -58,6 +58,10 @@ class Reduction:
     replica_group: Any = None
     whole: frozenset[int] = frozenset()
 
+    def skips_whole(self) -> bool:
+        """Whether this rank leaves out the tensors in :attr:`whole` (every rank of the group but the first)."""
+        return bool(self.whole) and dist.get_rank(self.shard_group) != 0
+
     @property
     def empty(self) -> bool:
         """Whether nothing is combined across ranks."""

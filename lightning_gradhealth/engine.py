@@ -416,7 +416,7 @@ class GradStatsEngine:
         self, red: Reduction, params: list[torch.Tensor], device: torch.device, acc: torch.dtype
     ) -> torch.Tensor | None:
         """1/0 per tensor: whether this rank counts it (tensors whole on every rank count on the first only)."""
-        if not red.whole or torch.distributed.get_rank(red.shard_group) == 0:
+        if not red.skips_whole():
             return None
         return torch.tensor([0.0 if id(q) in red.whole else 1.0 for q in params], dtype=acc).to(device)
 
@@ -529,7 +529,7 @@ class GradStatsEngine:
         acc = _accum_dtype(device)
         sharded = red.shard_group is not None
         # a tensor whole on every rank of the sharding group is counted on its first rank only
-        skip_whole = sharded and bool(red.whole) and torch.distributed.get_rank(red.shard_group) != 0
+        skip_whole = sharded and red.skips_whole()
         by_layer: dict[int, list[torch.Tensor]] = {}
         for i, g in zip(present, grads, strict=True):
             flat = local(g).detach().reshape(-1)
