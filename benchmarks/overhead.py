@@ -28,10 +28,12 @@ foreach kernel and one transfer):
    key, minus ``log_dict``'s own bookkeeping);
 5. a hand-written per-tensor monitor (five ``.item()`` per parameter).
 
-The end-to-end table compares a plain training step (forward, backward, ``AdamW.step``, ``zero_grad``;
-plain torch, no Trainer) with the callback's hooks, called with a stand-in Trainer, and reports the default
-settings (one logged step in 50) as a percentage of a plain step. A last table times writing one logged
-step's metrics to TensorBoard, kept apart from the kernel ratios.
+The end-to-end table runs real training steps (forward, backward, ``AdamW.step``, ``zero_grad``; plain torch,
+no Trainer) and calls the callback's hooks, with a stand-in Trainer, where Lightning calls them; the hooks (and,
+in steps of their own, the floor) are timed inside the step, so they meet the caches a real step leaves. The
+default settings (one logged step in 50, guard on the others) are reported as a percentage of a plain step. A
+last table times writing one logged step's metrics to a real ``TensorBoardLogger`` as the callback does (one
+event) and as Lightning's ``log_metrics`` does (one ``add_scalar`` per key), kept apart from the kernel ratios.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ from lightning_gradhealth import GradientHealthMonitor
 from lightning_gradhealth.engine import GradStatsEngine, StepMeta, nonzero_counts
 from lightning_gradhealth.layout import build_layout
 from lightning_gradhealth.metrics import record_to_metrics
+from lightning_gradhealth.sinks import write_metrics
 
 EVERY = 50  # the default log_every_n_steps of the Trainer (and so of the callback)
 LOG_DICT_MS_PER_KEY = 0.35  # measured elsewhere; NOT included in the grad_norm row
@@ -291,9 +294,9 @@ class ShapeResult:
     plain_step: float
     logged_hooks: float
     not_logged_hooks: float
+    guard_in_step: float
     gating: float
     default_frac: float
-    default_frac_engine: float
     tb: dict[str, tuple[int, float]]
     guard_default_frac: float = 0.0
 
@@ -453,131 +456,139 @@ def run_shape(key: str, cfg: Settings) -> ShapeResult:
     )
 
     # ------------------------------------------------------------------ end to end
+    # Real training steps (forward, backward, AdamW.step, zero_grad) on a second copy of the network, with the
+    # callback's hooks called where Lightning calls them. The hooks are timed INSIDE the step, so they see the
+    # caches a real step leaves them (the gradients fresh from the backward pass); subtracting two whole-step
+    # medians instead would drown a few per cent in the step's own noise. The floor is timed the same way, at
+    # the same point of a step.
     torch.manual_seed(1)
     e2e_net, e2e_loss = build_shape(key)
     e2e_holder = Holder(e2e_net)
     opt = torch.optim.AdamW(e2e_net.parameters(), lr=1e-4)
-    e_log, e_tr_log = make_monitor(LOGGED_STEP, e2e_holder, opt)
-    e_skip, e_tr_skip = make_monitor(NOT_LOGGED_STEP, e2e_holder, opt)
+    e2e_params = list(e2e_net.parameters())
+    monitors = {
+        "log": make_monitor(LOGGED_STEP, e2e_holder, opt),  # defaults, a logged step
+        "log_mo": make_monitor(LOGGED_STEP, e2e_holder, opt, **MONITOR_ONLY),  # monitoring only, a logged step
+        "guard": make_monitor(NOT_LOGGED_STEP, e2e_holder, opt),  # defaults, a step not logged: the guard
+        "skip": make_monitor(NOT_LOGGED_STEP, e2e_holder, opt, **MONITOR_ONLY),  # monitoring only, not logged
+    }
+    inside: dict[str, list[float]] = {name: [] for name in [*monitors, "floor"]}
 
     def plain_step() -> None:
         e2e_loss().backward()
         opt.step()
         opt.zero_grad()
 
-    def hooked_step(monitor: GradientHealthMonitor, trainer: SimpleNamespace) -> Callable[[], None]:
+    def floor_step() -> None:
+        e2e_loss().backward()
+        t0 = time.perf_counter()
+        torch.stack(torch._foreach_norm([p.grad for p in e2e_params], 2, dtype=torch.float32)).sum().item()
+        inside["floor"].append(time.perf_counter() - t0)
+        opt.step()
+        opt.zero_grad()
+
+    def hooked_step(name: str) -> Callable[[], None]:
+        monitor, trainer = monitors[name]
+
         def run() -> None:
+            t0 = time.perf_counter()
             monitor.on_train_batch_start(trainer, e2e_holder, None, 0)  # type: ignore[arg-type]
+            spent = time.perf_counter() - t0
             e2e_loss().backward()
+            t0 = time.perf_counter()
             monitor.on_after_backward(trainer, e2e_holder)  # type: ignore[arg-type]
             monitor.on_before_optimizer_step(trainer, e2e_holder, opt)  # type: ignore[arg-type]
+            spent += time.perf_counter() - t0
             opt.step()
             opt.zero_grad()
+            t0 = time.perf_counter()
             monitor.on_train_batch_end(trainer, e2e_holder, None, None, 0)  # type: ignore[arg-type]
+            inside[name].append(spent + time.perf_counter() - t0)
 
         return run
 
     e2e_cands: dict[str, Callable[[], object]] = {
         "plain": plain_step,
-        "step_logged": hooked_step(e_log, e_tr_log),
-        "step_skip": hooked_step(e_skip, e_tr_skip),
-        # isolated hook costs on the fixed gradients, interleaved with the steps
-        "hooks_log": hooks_logged,
-        "hooks_skip": hooks_not_logged,
-        "hooks_guard": hooks_guard,
-        "gating": gating,
-        "basic": ours(eng_basic),
+        "floor": floor_step,
+        **{name: hooked_step(name) for name in monitors},
     }
     gc.collect()
     reps = cfg.e2e_reps[key]
     es = bench(e2e_cands, reps, 0.0, warmup=cfg.e2e_warmup)
-    # the tiny isolated candidates ran once per repetition: re-time them with inner loops, still side by side
-    small = bench({k: e2e_cands[k] for k in ("hooks_skip", "gating")}, reps, cfg.kernel_min_sample_s)
-    es.update(small)
-    em = {k: med(v) for k, v in es.items()}
-    plain = em["plain"]
-    rec = e_log.last_record
+    plain = med(es["plain"])
+    im = {name: med(times[-reps:]) for name, times in inside.items()}  # the timed repetitions, not the warm-up
+    rec = monitors["log"][0].last_record
     if rec is None or not math.isfinite(rec.total_norm):
         print("    WARNING: the end-to-end model's gradients became non-finite; numbers are not representative")
 
-    logged = em["hooks_log"]
-    not_logged = em["hooks_skip"]
-    default = (logged + (EVERY - 1) * not_logged) / EVERY
-    guard_default = (logged + (EVERY - 1) * em["hooks_guard"]) / EVERY
-    default_engine = (em["basic"] + (EVERY - 1) * em["gating"]) / EVERY
-    d_logged = em["step_logged"] - plain
-    d_skip = em["step_skip"] - plain
-    print(f"    end to end: plain step = forward + backward + AdamW.step + zero_grad (plain torch), median of {reps}")
+    default = (im["log_mo"] + (EVERY - 1) * im["skip"]) / EVERY
+    guard_default = (im["log"] + (EVERY - 1) * im["guard"]) / EVERY
+    print(f"    end to end: plain step = forward + backward + AdamW.step + zero_grad (plain torch), median of {reps};")
+    print("    hook and floor times measured inside real steps (median)")
     print(f"    {'plain step':<56} {fmt_t(plain)}  (IQR {fmt_iqr(es['plain'])})")
-    print(
-        f"    {'logged step, 4 real hooks (basic), isolated':<56} {fmt_t(logged)}  "
-        f"= {fmt_pct(logged / plain)} of a step"
-    )
-    print(
-        f"    {'   cross-check: in-step delta (noisy)':<56} {fmt_t(d_logged)}  = {fmt_pct(d_logged / plain)} of a step"
-    )
-    print(
-        f"    {'step not logged, 4 hooks, isolated':<56} {fmt_t(not_logged)}  = {fmt_pct(not_logged / plain)} of a step"
-    )
-    print(
-        f"    {'   cross-check: in-step delta (noise only)':<56} {fmt_t(d_skip)}  = {fmt_pct(d_skip / plain)} of a step"
-    )
-    print(
-        f"    {'DEFAULT (1 logged + 49 not logged) / 50, real hooks':<56} {fmt_t(default)}  "
-        f"= {fmt_pct(default / plain)} of a step"
-    )
-    print(
-        f"    {'   engine-only: (basic + 49 x gating) / 50':<56} {fmt_t(default_engine)}  "
-        f"= {fmt_pct(default_engine / plain)} of a step"
-    )
-    print(
-        f"    {'step not logged, defaults (guard on), 4 hooks':<56} {fmt_t(em['hooks_guard'])}  "
-        f"= {fmt_pct(em['hooks_guard'] / plain)} of a step"
-    )
-    print(
-        f"    {'DEFAULTS, guard on: (1 logged + 49 guarded) / 50':<56} {fmt_t(guard_default)}  "
-        f"= {fmt_pct(guard_default / plain)} of a step"
-    )
+
+    def line(label: str, seconds: float, extra: str = "") -> None:
+        print(f"    {label:<56} {fmt_t(seconds)}  = {fmt_pct(seconds / plain)} of a step{extra}")
+
+    line("FLOOR inside a step (where the guard runs)", im["floor"])
+    line("logged step, 4 hooks, defaults", im["log"])
+    line("logged step, 4 hooks, monitoring only", im["log_mo"])
+    line("step not logged, 4 hooks, defaults (guard on)", im["guard"], f", {im['guard'] / im['floor']:.3f}x FLOOR")
+    line("step not logged, 4 hooks, monitoring only", im["skip"])
+    line("DEFAULTS, guard on: (1 logged + 49 guarded) / 50", guard_default)
+    line("MONITORING ONLY: (1 logged + 49 not logged) / 50", default)
 
     # ------------------------------------------------------------------ TensorBoard (separate)
-    from torch.utils.tensorboard import SummaryWriter
+    from lightning.pytorch.loggers import TensorBoardLogger
 
     metrics_basic = ours(eng_basic)()
     metrics_full = ours(eng_full)()
     tb: dict[str, tuple[int, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        writer = SummaryWriter(tmp)
+        tb_logger = TensorBoardLogger(tmp, name="", version="")
         counter = [0]
 
-        def write(metrics: dict[str, float]) -> Callable[[], None]:
+        def write(metrics: dict[str, float], lightning_way: bool) -> Callable[[], None]:
             def run() -> None:
                 counter[0] += 1
-                for name, value in metrics.items():
-                    writer.add_scalar(name, value, counter[0])
-                writer.flush()
+                if lightning_way:
+                    tb_logger.log_metrics(metrics, step=counter[0])  # one add_scalar per key
+                else:
+                    write_metrics([tb_logger], metrics, counter[0])  # what the callback does: one event
+                tb_logger.experiment.flush()  # the writer thread's share included
 
             return run
 
-        ts = bench({"basic": write(metrics_basic), "full": write(metrics_full)}, cfg.tb_reps, 0.0, warmup=1)
-        writer.close()
+        ts = bench(
+            {
+                "basic": write(metrics_basic, False),
+                "full": write(metrics_full, False),
+                "basic_lightning": write(metrics_basic, True),
+                "full_lightning": write(metrics_full, True),
+            },
+            cfg.tb_reps,
+            0.0,
+            warmup=1,
+        )
+        tb_logger.finalize("success")
     for level, metrics in (("basic", metrics_basic), ("full", metrics_full)):
-        t = med(ts[level])
+        t, t_lightning = med(ts[level]), med(ts[f"{level}_lightning"])
         tb[level] = (len(metrics), t)
         print(
-            f"    TensorBoard add_scalar x {len(metrics):>4} keys + flush ({level:<5})"
-            f"{'':<11} {fmt_t(t)}  = {1e6 * t / len(metrics):6.1f} µs/key, {fmt_pct(t / plain)} of a step, "
-            f"{fmt_pct(t / EVERY / plain)} amortised /50"
+            f"    TensorBoard, {len(metrics):>4} keys ({level:<5}): ours (one event) {fmt_t(t)} = "
+            f"{1e6 * t / len(metrics):5.1f} µs/key, {fmt_pct(t / EVERY / plain)} of a step amortised /50; "
+            f"log_metrics {fmt_t(t_lightning)} = {1e6 * t_lightning / len(metrics):5.1f} µs/key"
         )
 
     return ShapeResult(
         key=key,
         ratios=ratios,
         plain_step=plain,
-        logged_hooks=logged,
-        not_logged_hooks=not_logged,
+        logged_hooks=im["log"],
+        not_logged_hooks=im["skip"],
+        guard_in_step=im["guard"] / im["floor"],
         gating=meds["gating"],
         default_frac=default / plain,
-        default_frac_engine=default_engine / plain,
         tb=tb,
         guard_default_frac=guard_default / plain,
     )
@@ -604,8 +615,12 @@ def summary(results: list[ShapeResult]) -> None:
         print(f"    {label:<58} {r.key:<12} {fmt_pct(frac):>12}  {verdict(frac < NOT_LOGGED_MAX_FRAC)}")
     for r in results:
         ok = r.ratios["guard"] <= GUARD_MAX_RATIO
-        label = f"guard (every step) <= {GUARD_MAX_RATIO}x FLOOR"
+        label = f"guard (every step) <= {GUARD_MAX_RATIO}x FLOOR (engine, kernel table)"
         print(f"    {label:<58} {r.key:<12} {r.ratios['guard']:>11.2f}x  {verdict(ok)}")
+    for r in results:
+        ok = r.guard_in_step <= GUARD_MAX_RATIO
+        label = f"   the same, 4 hooks inside a real step <= {GUARD_MAX_RATIO}x FLOOR there"
+        print(f"    {label:<58} {r.key:<12} {r.guard_in_step:>11.2f}x  {verdict(ok)}")
     for r in results:
         limit = GUARD_DEFAULT_MAX_FRAC.get(r.key)
         with_tb = r.guard_default_frac + r.tb["basic"][1] / EVERY / r.plain_step

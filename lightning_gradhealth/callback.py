@@ -45,6 +45,7 @@ from lightning_gradhealth.record import StepStats
 from lightning_gradhealth.report import console_summary, write_report
 from lightning_gradhealth.rules import Finding, diagnose
 from lightning_gradhealth.safety import NonFinitePolicy, format_nonfinite_message
+from lightning_gradhealth.sinks import write_metrics
 from lightning_gradhealth.spikes import SpikeDetector
 from lightning_gradhealth.thresholds import Severity, Thresholds
 from lightning_gradhealth.validation import (
@@ -658,7 +659,7 @@ class GradientHealthMonitor(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        """Write this batch's records to the loggers: one ``log_metrics`` call per logger and step."""
+        """Write this batch's records to the loggers: one write per logger and step (:mod:`.sinks`)."""
         self._flush_pending()
         self._emit(trainer)
 
@@ -893,8 +894,7 @@ class GradientHealthMonitor(Callback):
         if not trainer.is_global_zero:
             return
         for step, metrics in sorted(batches.items()):
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=step)
+            write_metrics(trainer.loggers, metrics, step)
 
     def _write_report(self, trainer: Trainer) -> None:
         """Diagnose the run; on rank zero write the report next to the logs and print a summary."""

@@ -21,6 +21,7 @@ import torch
 
 from lightning_gradhealth.distributed import (
     Reduction,
+    is_dtensor,
     local,
     mean_over,
     min_valid_over,
@@ -298,14 +299,18 @@ class GradStatsEngine:
         Raises:
             GradientHealthError: A layout of DTensor shards that is not supported.
         """
-        present = tuple(i for i, p in enumerate(layout.params) if p.grad is not None)
+        params = layout.params
+        present = tuple(i for i, p in enumerate(params) if p.grad is not None)
         given_shards = reduction is not None and reduction.shard_group is not None
         if not present and not given_shards:
             return None
-        grads: list[torch.Tensor] = [layout.params[i].grad for i in present]  # type: ignore[misc]
+        grads: list[torch.Tensor] = [params[i].grad for i in present]  # type: ignore[misc]
         red = resolve(grads, reduction)
-        local_g = [local(g) for g in grads]
-        local_p = [local(layout.params[i]) for i in present]  # no_grad: no detach (a DTensor dispatch each)
+        if grads and is_dtensor(grads[0]):  # (resolve refused a mix of DTensors and plain tensors)
+            local_g = [local(g) for g in grads]
+            local_p = [local(params[i]) for i in present]  # no_grad: no detach (a DTensor dispatch each)
+        else:
+            local_g, local_p = grads, [params[i] for i in present]
         if not present:
             # FSDP1: this rank's pieces are all empty, hence without gradient; it still takes part in the
             # collective, with one empty tensor (zero contributions) standing for layer 0

@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import Records, TinyMLP, loader, make_trainer
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import EarlyStopping
@@ -91,6 +92,49 @@ def test_one_log_metrics_call_per_logged_step_to_every_logger(tmp_path):
         assert all(keys >= set(SUMMARY_KEYS) and "grad_norm/net.0" in keys for _, keys in ours)
     csv_text = (Path(csv.log_dir) / "metrics.csv").read_text()
     assert "grad_health/total_norm" in csv_text.splitlines()[0]
+
+
+class LogMetricsTB(TensorBoardLogger):
+    """Lightning's TensorBoard logger, forced onto its own ``log_metrics`` (one ``add_scalar`` per key)."""
+
+    def log_metrics(self, metrics, step=None):
+        super().log_metrics(metrics, step)
+
+
+def _events_with(log_dir, tag: str) -> list[set[str]]:
+    """The tags of every event in the run's event files that holds ``tag``."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    out = []
+    for path in sorted(Path(log_dir).glob("events.out.tfevents.*")):
+        for event in EventFileLoader(str(path)).Load():
+            tags = {value.tag for value in event.summary.value}
+            if tag in tags:
+                out.append(tags)
+    return out
+
+
+@pytest.mark.parametrize("prefix", ["", "exp"])
+def test_tensorboard_gets_one_event_per_logged_step_with_what_log_metrics_writes(tmp_path, prefix):
+    runs = {}
+    for kind, cls in (("fast", TensorBoardLogger), ("log_metrics", LogMetricsTB)):
+        torch.manual_seed(0)
+        model = TinyMLP()
+        logger = cls(str(tmp_path), name=kind, version="", prefix=prefix)
+        trainer = make_trainer(callbacks=[GradientHealthMonitor()], logger=logger, max_steps=6, log_every_n_steps=2)
+        trainer.fit(model, loader())
+        runs[kind] = logger.log_dir
+    head = f"{prefix}-" if prefix else ""
+    fast, reference = read_scalars(runs["fast"]), read_scalars(runs["log_metrics"])
+    ours = {tag for tag in reference if "grad" in tag}
+    assert f"{head}grad_health/total_norm" in ours and f"{head}grad_norm/net.0" in ours
+    assert {tag for tag in fast if "grad" in tag} == ours
+    for tag in ours:
+        assert fast[tag] == reference[tag], tag  # same steps, same float32 values
+    # the fast run wrote each logged step's keys as ONE event; log_metrics as one event per key
+    events = _events_with(runs["fast"], f"{head}grad_health/total_norm")
+    assert len(events) == 3 and all(tags == ours for tags in events)
+    assert all(len(tags) == 1 for tags in _events_with(runs["log_metrics"], f"{head}grad_health/total_norm"))
 
 
 def test_callback_metrics_feed_early_stopping():
