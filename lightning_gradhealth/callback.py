@@ -116,6 +116,11 @@ class GradientHealthMonitor(Callback):
     clipped (``clip``) after the statistics are taken. Parameters are checked through their gradients on every
     step (a non-finite weight makes the next gradient non-finite) and directly on logged and failing steps.
 
+    The watched parameters follow the run: layers unfrozen or frozen (e.g. by ``BackboneFinetuning``) join or
+    leave at the first batch of every epoch and on every logged step, parameters added to an optimizer
+    (``add_param_group``) at its next step; the change is announced once, and spike detection and adaptive
+    clipping start their statistics over.
+
     Distributed runs need nothing extra: under DDP the record is computed on every rank from the averaged gradient
     and decisions come from a global norm averaged over the ranks; under ``ModelParallelStrategy`` (FSDP2) and
     ``FSDPStrategy`` (FSDP1, ``use_orig_params=True``) the statistics of the local shards are combined with one
@@ -332,8 +337,10 @@ class GradientHealthMonitor(Callback):
                 25 if zclip_warmup_steps is None else zclip_warmup_steps,
             ),
         }[clip]()
-        self._layouts: dict[int, ParamLayout] = {}
+        self._layouts: dict[int, tuple[ParamLayout, tuple[int, ...]]] = {}  # per optimizer, with its group sizes
         self._model_layout: ParamLayout | None = None
+        self._trainable: tuple[bool, ...] | None = None  # requires_grad of every parameter when the layouts were built
+        self._trainable_epoch = -1
         self._sparse_layers: frozenset[str] = frozenset()
         self._awaiting_clip: dict[int, tuple[StepStats, ParamLayout]] = {}
         self._unlogged: dict[int, dict[str, float]] = {}
@@ -372,6 +379,8 @@ class GradientHealthMonitor(Callback):
             return
         self._layouts.clear()
         self._model_layout = None
+        self._trainable = None
+        self._trainable_epoch = -1
         self._awaiting_clip.clear()
         self._unlogged.clear()
         self._tracker.reset()
@@ -417,6 +426,7 @@ class GradientHealthMonitor(Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Check that something is watched; find the layers whose gradients are sparse by design (embeddings)."""
         self._model_layout = self._build_layout(pl_module, None)
+        self._trainable = tuple(p.requires_grad for p in pl_module.parameters())
         if not len(self._model_layout):
             names = [n for n, p in pl_module.named_parameters() if p.requires_grad][:5]
             raise ValueError(
@@ -475,6 +485,8 @@ class GradientHealthMonitor(Callback):
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         """Remember the batch index (and, with ``spike_dir``, the batch) for the record."""
         self._batch_idx = batch_idx
+        if trainer.current_epoch != self._trainable_epoch:  # after every callback's on_train_epoch_start
+            self._check_trainable(trainer, pl_module)
         if self._act is not None and _due(self._log_step(trainer), self.activation_stats_every_n_steps):
             self._act.attach()
         if self.spike_dir is not None:
@@ -500,9 +512,9 @@ class GradientHealthMonitor(Callback):
             self._end_step()
             return
         opt_idx = next((i for i, opt in enumerate(trainer.optimizers) if opt is optimizer), 0)
-        layout = self._layouts.get(id(optimizer))
-        if layout is None:
-            layout = self._layouts[id(optimizer)] = self._build_layout(pl_module, optimizer)
+        if logged:
+            self._check_trainable(trainer, pl_module)
+        layout = self._layout_for(trainer, pl_module, optimizer)
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         scale = getattr(scaler, "_scale", None) if scaler is not None else None
         fused = bool(getattr(optimizer, "_step_supports_amp_scaling", False))
@@ -825,7 +837,68 @@ class GradientHealthMonitor(Callback):
             layers=[lay.name for lay in record.nonfinite_layers],
         )
 
-    # ------------------------------------------------------------------ where
+    # ------------------------------------------------------------------ what is watched
+    def _layout_for(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> ParamLayout:
+        """The optimizer's layout; rebuilt when its parameter groups changed size (``add_param_group``)."""
+        sizes = tuple(len(group["params"]) for group in optimizer.param_groups)
+        entry = self._layouts.get(id(optimizer))
+        if entry is not None and entry[1] == sizes:
+            return entry[0]
+        layout = self._build_layout(pl_module, optimizer)
+        self._layouts[id(optimizer)] = (layout, sizes)
+        if entry is not None:
+            self._watched_changed(trainer, entry[0].param_names, layout.param_names)
+        return layout
+
+    def _check_trainable(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Rebuild the layouts if parameters were frozen or unfrozen since they were built (one pass over them).
+
+        Runs at the first batch of every epoch (after every callback's epoch-start hook, e.g. Lightning's
+        ``BackboneFinetuning``) and on every logged step.
+        """
+        self._trainable_epoch = trainer.current_epoch
+        trainable = tuple(p.requires_grad for p in pl_module.parameters())
+        if trainable == self._trainable:
+            return
+        self._trainable = trainable
+        old = self._model_layout.param_names if self._model_layout is not None else ()
+        self._model_layout = self._build_layout(pl_module, None)
+        check_sharding(self._model_layout.param_names, self._model_layout.params)
+        optimizers = {id(opt): opt for opt in trainer.optimizers}
+        self._layouts = {
+            key: (self._build_layout(pl_module, opt), tuple(len(group["params"]) for group in opt.param_groups))
+            for key, opt in optimizers.items()
+            if key in self._layouts
+        }
+        self._watched_changed(trainer, old, self._model_layout.param_names)
+
+    def _watched_changed(self, trainer: Trainer, old: tuple[str, ...], new: tuple[str, ...]) -> None:
+        """Say which parameters joined or left; restart the statistics that were about the previous set."""
+        added = [name for name in new if name not in set(old)]
+        removed = [name for name in old if name not in set(new)]
+        if not (added or removed) or self._steps_seen == 0:
+            return  # before the first step (a callback froze layers at fit start): nothing to restart
+
+        def some(names: list[str]) -> str:
+            return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+        changes = ([f"{len(added)} joined ({some(added)})"] if added else []) + (
+            [f"{len(removed)} left ({some(removed)})"] if removed else []
+        )
+        restarted = (["spike detection"] if self._spikes is not None else []) + (
+            [f"{self.clip} clipping"] if isinstance(self._clipper, (AutoClipper, ZClipper)) else []
+        )
+        rank_zero_info(
+            f"GradientHealthMonitor: the watched parameters changed at step {self._log_step(trainer)}: "
+            f"{'; '.join(changes)} (layers frozen or unfrozen, or an optimizer's parameter groups changed). "
+            "Every statistic covers the new set from this step"
+            + (f"; the running statistics of {' and '.join(restarted)} start over." if restarted else ".")
+        )
+        if self._spikes is not None:
+            self._spikes.reset()
+        if self._clipper is not None:
+            self._clipper.reset()
+
     def _build_layout(self, pl_module: LightningModule, optimizer: Optimizer | None) -> ParamLayout:
         restrict = None
         if optimizer is not None:

@@ -15,11 +15,20 @@ __all__ = ["main"]
 def _demo(args: argparse.Namespace) -> int:
     from lightning_gradhealth.demo import run_demo
 
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message=".*(does not have many workers|smaller than the logging|LeafSpec).*")
+    quiet = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric", "lightning")]
+    levels = [lg.level for lg in quiet]
     print(f"Training two nets for {args.steps} steps each (CPU); logs go to {args.out}/ ...")
-    runs = run_demo(args.out, steps=args.steps, log_every_n_steps=args.log_every_n_steps)
+    try:  # Lightning's banners off while the demo trains (restored after: main() may be called from Python)
+        for lg in quiet:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", message=".*(does not have many workers|smaller than the logging|LeafSpec).*"
+            )
+            runs = run_demo(args.out, steps=args.steps, log_every_n_steps=args.log_every_n_steps)
+    finally:
+        for lg, level in zip(quiet, levels, strict=True):
+            lg.setLevel(level)
     print()
     for run in runs:
         print(run.summary())

@@ -93,6 +93,10 @@ class Clipper:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
 
+    def reset(self) -> None:
+        """Forget the running state, as a new clipper (the norms seen so far were of other parameters)."""
+        self.load_state_dict({})
+
     @staticmethod
     def _scale_by(grads: Sequence[torch.Tensor], total_norm: float, threshold: float) -> ClipOutcome:
         coef = threshold / (total_norm + _EPS)

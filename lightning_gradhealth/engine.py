@@ -215,18 +215,19 @@ class GradStatsEngine:
         self.full = stats == "full"
         self.per_layer = per_layer
         self.eps = eps
-        self._index_cache: dict[tuple[int, tuple[int, ...], torch.device], torch.Tensor] = {}
+        self._index_cache: dict[tuple[int, tuple[int, ...], torch.device], tuple[ParamLayout, torch.Tensor]] = {}
         self._scratch: dict[torch.device, torch.Tensor] = {}  # zero counting's reused buffer (CPU)
 
     # ------------------------------------------------------------------ device side
     def _layer_index(self, layout: ParamLayout, present: tuple[int, ...], device: torch.device) -> torch.Tensor:
         key = (id(layout), present, device)
-        index = self._index_cache.get(key)
-        if index is None:
-            if len(self._index_cache) > 64:
-                self._index_cache.clear()
-            index = torch.tensor([layout.layer_of_param[i] for i in present], dtype=torch.long, device=device)
-            self._index_cache[key] = index
+        cached = self._index_cache.get(key)
+        if cached is not None and cached[0] is layout:  # the layout is kept alive here: its id cannot be reused
+            return cached[1]
+        if len(self._index_cache) > 64:
+            self._index_cache.clear()
+        index = torch.tensor([layout.layer_of_param[i] for i in present], dtype=torch.long, device=device)
+        self._index_cache[key] = (layout, index)
         return index
 
     def norms(self, tensors: Sequence[torch.Tensor], ord: float | None = None) -> torch.Tensor:

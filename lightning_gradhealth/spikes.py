@@ -84,6 +84,10 @@ class SpikeDetector:
         """Running statistics."""
         return {"count": self.count, "mean": self.mean, "var": self.var, "consecutive": self.consecutive}
 
+    def reset(self) -> None:
+        """Forget the statistics: the next norms start a new warm-up (they measure other parameters)."""
+        self.load_state_dict({})
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
         self.count = int(state.get("count", 0))

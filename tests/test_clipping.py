@@ -437,3 +437,19 @@ def test_valid_clipping_arguments_are_accepted(kwargs):
     monitor = GradientHealthMonitor(**kwargs)
     assert monitor.clip == kwargs["clip"]
     assert (monitor._clipper is None) == (kwargs["clip"] is None)
+
+
+@pytest.mark.parametrize("make", [lambda: AutoClipper(10.0, 100), lambda: ZClipper(warmup_steps=5)])
+def test_reset_clips_like_a_new_clipper(make):
+    rng = np.random.default_rng(0)
+    norms = [float(v) for v in np.exp(rng.normal(0.0, 0.5, 40))]
+    used, fresh = make(), make()
+    for x in norms:
+        used.clip([torch.ones(3) * x], [torch.ones(3)], x * 1e3)  # a history at another level
+    used.reset()
+    for x in norms:
+        a, b = torch.ones(3) * x, torch.ones(3) * x
+        out_used = used.clip([a], [torch.ones(3)], float(a.norm()))
+        out_fresh = fresh.clip([b], [torch.ones(3)], float(b.norm()))
+        assert out_used == out_fresh and torch.equal(a, b)
+    assert used.state_dict() == fresh.state_dict()

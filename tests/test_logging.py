@@ -219,8 +219,12 @@ def test_exactly_one_host_transfer_per_computed_step_and_nothing_on_other_steps(
             assert syncs == ["tolist"], (step, syncs)
             # exact NaN/Inf counts are not computed on a healthy step
             assert "isnan" not in step_calls and "isinf" not in step_calls
-        else:
-            assert step_calls == [], (step, step_calls)  # a step that is not logged does no torch work at all
+        else:  # a step that is not logged does no torch work at all, except that the first batch of an epoch
+            # reads every parameter's requires_grad (is the watched set the same?): host attribute reads
+            assert set(step_calls) <= {"__get__"}, (step, step_calls)
+    epochs = math.ceil(6 / (8 // accumulate))  # 8 batches per epoch
+    reads = [s for s, name in calls if name == "__get__" and s not in computed]
+    assert len(reads) <= 6 * epochs  # TinyMLP has 6 parameters: one read each, once per epoch
 
 
 def test_guard_every_step_is_one_foreach_norm_and_one_transfer():

@@ -287,3 +287,14 @@ def test_spike_dir_saves_the_batches_of_the_spiking_step(accumulate, tmp_path):
         assert len(got) == len(want) == 2
         for g, w in zip(got, want, strict=True):
             assert torch.equal(g, w)
+
+
+def test_reset_decides_like_a_new_detector():
+    rng = random.Random(3)
+    norms = [math.exp(rng.gauss(0.0, 0.1)) for _ in range(80)]
+    used, fresh = SpikeDetector(warmup_steps=10), SpikeDetector(warmup_steps=10)
+    for x in norms:
+        used.observe(x * 100.0)  # another level entirely
+    used.reset()
+    assert [used.observe(x) for x in norms] == [fresh.observe(x) for x in norms]
+    assert used.state_dict() == fresh.state_dict()
