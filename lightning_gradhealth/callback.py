@@ -35,7 +35,7 @@ from lightning_gradhealth.distributed import (
     resolve,
     shards_of,
 )
-from lightning_gradhealth.engine import GradStatsEngine, NonFiniteTracker, PendingStats, StepMeta
+from lightning_gradhealth.engine import GradStatsEngine, NonFiniteTracker, PendingStats, StepMeta, stat_grads
 from lightning_gradhealth.errors import GradientHealthError
 from lightning_gradhealth.fixes import FIXES
 from lightning_gradhealth.history import History
@@ -500,7 +500,7 @@ class GradientHealthMonitor(Callback):
             return
         if self._model_layout is None:
             self._model_layout = self._build_layout(pl_module, None)
-        self._tracker.observe(self._model_layout.params)
+        self._tracker.observe(self._model_layout)
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
         """Check, measure, decide and clip, on the accumulated, unscaled, pre-clip gradient of this step."""
@@ -903,19 +903,35 @@ class GradientHealthMonitor(Callback):
         restrict = None
         if optimizer is not None:
             restrict = [p for group in optimizer.param_groups for p in group["params"]]
-        return build_layout(
+        sparse = [
+            p
+            for module in pl_module.modules()
+            if isinstance(module, _SPARSE_MODULES) and getattr(module, "sparse", False)
+            for p in module.parameters(recurse=False)
+        ]
+        layout = build_layout(
             pl_module.named_parameters(),
             group_by=self.group_by,
             include=self.include,
             exclude=self.exclude,
             restrict_to=restrict,
+            sparse_grads=sparse,
         )
+        if layout.sparse and self.clip in ("value", "agc"):
+            names = [layout.param_names[i] for i in sorted(layout.sparse)]
+            raise ValueError(
+                f"GradientHealthMonitor(clip={self.clip!r}) does not clip sparse gradients (nn.Embedding/EmbeddingBag "
+                f"with sparse=True: {names[:5]}): use clip='norm', 'autoclip' or 'zclip', or leave them out with "
+                "`exclude`."
+            )
+        return layout
 
     def _flush_pending(self, collectives: bool = True) -> None:
         while self._awaiting_clip:
             _, (record, layout) = self._awaiting_clip.popitem()
-            params = [p for p in layout.params if p.grad is not None]
-            grads = [p.grad for p in params]
+            present = [i for i, p in enumerate(layout.params) if p.grad is not None]
+            params = [layout.params[i] for i in present]
+            grads = stat_grads(layout, present)
             if grads and collectives:  # the second transfer of a step, only when the Trainer clips gradients
                 norm = self._engine.global_norm(grads, self._reduction, params=params)  # type: ignore[arg-type]
                 record = replace(record, post_clip_norm=norm.item())

@@ -32,12 +32,31 @@ from lightning_gradhealth.distributed import (
 from lightning_gradhealth.layout import ParamLayout
 from lightning_gradhealth.record import LayerStats, StepStats
 
-__all__ = ["GradStatsEngine", "NonFiniteTracker", "PendingStats", "StepMeta", "nonzero_counts"]
+__all__ = ["GradStatsEngine", "NonFiniteTracker", "PendingStats", "StepMeta", "nonzero_counts", "stat_grads"]
 
 StatsLevel = Literal["basic", "full"]
 
 # Order of the global scalars at the head of the packed tensor.
 _HEAD = ("total_norm", "param_norm", "nonzero", "max_layer_norm", "min_layer_norm", "num_ratio_layers", "numel")
+
+
+def stat_grads(layout: ParamLayout, indices: Sequence[int]) -> list[torch.Tensor]:
+    """The gradients of ``layout.params[i]`` for ``i`` in ``indices``, as the statistics read them.
+
+    Dense gradients are returned as they are. A sparse gradient (``nn.Embedding``/``nn.EmbeddingBag`` with
+    ``sparse=True``, listed in ``layout.sparse``) is read as the values of its coalesced form: entries at repeated
+    indices summed, as the dense gradient holds them (one copy of the touched rows, not of the table). Its norms,
+    extremes, sums and NaN/Inf counts are then those of the dense gradient, and the untouched rows count as zeros
+    through the parameter's element count.
+    """
+    params = layout.params
+    grads: list[torch.Tensor] = [params[i].grad for i in indices]  # type: ignore[misc]
+    if layout.sparse:
+        grads = [
+            g.coalesce().values() if i in layout.sparse and g.is_sparse else g
+            for i, g in zip(indices, grads, strict=True)
+        ]
+    return grads
 
 
 def _accum_dtype(device: torch.device) -> torch.dtype:
@@ -305,7 +324,7 @@ class GradStatsEngine:
         given_shards = reduction is not None and reduction.shard_group is not None
         if not present and not given_shards:
             return None
-        grads: list[torch.Tensor] = [params[i].grad for i in present]  # type: ignore[misc]
+        grads = stat_grads(layout, present)
         red = resolve(grads, reduction)
         if grads and is_dtensor(grads[0]):  # (resolve refused a mix of DTensors and plain tensors)
             local_g = [local(g) for g in grads]
@@ -485,7 +504,10 @@ class GradStatsEngine:
         Returns:
             The pending guard, or ``None`` when no watched parameter has a gradient.
         """
-        grads: list[torch.Tensor] = [g for p in layout.params if (g := p.grad) is not None]  # one pass
+        if layout.sparse:
+            grads = stat_grads(layout, [i for i, p in enumerate(layout.params) if p.grad is not None])
+        else:
+            grads = [g for p in layout.params if (g := p.grad) is not None]  # one pass
         if not grads:
             if reduction is None or reduction.shard_group is None:
                 return None
@@ -529,7 +551,7 @@ class GradStatsEngine:
         present = [i for i, p in enumerate(layout.params) if p.grad is not None]
         if not present:
             return {}
-        grads: list[torch.Tensor] = [layout.params[i].grad for i in present]  # type: ignore[misc]
+        grads = stat_grads(layout, present)
         red = resolve(grads, reduction)
         device = local(grads[0]).device
         acc = _accum_dtype(device)
@@ -537,9 +559,12 @@ class GradStatsEngine:
         # a tensor whole on every rank of the sharding group is counted on its first rank only
         skip_whole = sharded and red.skips_whole()
         by_layer: dict[int, list[torch.Tensor]] = {}
+        implicit = [0] * layout.num_layers  # zeros a sparse gradient does not store (its untouched rows)
         for i, g in zip(present, grads, strict=True):
             flat = local(g).detach().reshape(-1)
             by_layer.setdefault(layout.layer_of_param[i], [])
+            if i in layout.sparse:
+                implicit[layout.layer_of_param[i]] += layout.params[i].numel() - flat.numel()
             if flat.numel() and not (skip_whole and id(layout.params[i]) in red.whole):
                 by_layer[layout.layer_of_param[i]].append(flat)  # an empty local shard adds nothing
         # sharded: every layer, in the same order on every rank (a rank may hold no piece of some layer)
@@ -549,8 +574,12 @@ class GradStatsEngine:
         lows, highs = [], []
         for j in order:
             flats = by_layer[j]
-            lows.append(torch.stack([f.min() for f in flats]).min().to(acc) if flats else big)
-            highs.append(torch.stack([f.max() for f in flats]).max().to(acc) if flats else -big)
+            low = torch.stack([f.min() for f in flats]).min().to(acc) if flats else big
+            high = torch.stack([f.max() for f in flats]).max().to(acc) if flats else -big
+            if implicit[j]:
+                low, high = low.clamp(max=0.0), high.clamp(min=0.0)
+            lows.append(low)
+            highs.append(high)
         lo, hi = torch.stack(lows), torch.stack(highs)
         if sharded:
             _, extremes = reduce_sum_max(lo.new_zeros(0), torch.cat([-lo, hi]), red.shard_group)
@@ -565,6 +594,10 @@ class GradStatsEngine:
                 sums[k, 1] += f.sum(dtype=acc)
                 sums[k, 2] += torch.linalg.vector_norm(f, dtype=acc).square()
                 sums[k, 3:] += torch.bincount(idx, minlength=bins).to(acc)
+            if implicit[j]:
+                zero = torch.bucketize(torch.zeros((), dtype=acc, device=device), edges[k, 1:-1], right=True)
+                sums[k, 0] += implicit[j]
+                sums[k, 3 + zero] += implicit[j]
         if red.shard_group is not None:
             sum_over(sums, red.shard_group)
         values = torch.cat([lo[:, None], hi[:, None], sums[:, :3], edges[:, 1:], sums[:, 3:]], dim=1)
@@ -765,9 +798,10 @@ class NonFiniteTracker:
         self.micro_batches = 0
 
     @torch.no_grad()
-    def observe(self, params: Sequence[torch.Tensor]) -> None:
-        """Look at the running gradients after one more backward pass."""
-        grads = [local(p.grad) for p in params if p.grad is not None]  # sharded: this rank's shards
+    def observe(self, layout: ParamLayout) -> None:
+        """Look at the running gradients of ``layout``'s parameters after one more backward pass."""
+        present = [i for i, p in enumerate(layout.params) if p.grad is not None]
+        grads = [local(g) for g in stat_grads(layout, present)]  # sharded: this rank's shards
         idx = self.micro_batches
         self.micro_batches += 1
         if not grads:

@@ -55,6 +55,8 @@ class ParamLayout:
         layer_names: The layers, in order of their first parameter's definition.
         layer_of_param: For each parameter, the index of its layer in ``layer_names``.
         layer_numel: Number of elements of each layer.
+        sparse: Indices (into ``params``) of the parameters whose gradients are sparse COO tensors
+            (``nn.Embedding``/``nn.EmbeddingBag`` with ``sparse=True``).
     """
 
     param_names: tuple[str, ...]
@@ -62,6 +64,7 @@ class ParamLayout:
     layer_names: tuple[str, ...]
     layer_of_param: tuple[int, ...]
     layer_numel: tuple[int, ...]
+    sparse: frozenset[int] = frozenset()
 
     @property
     def num_layers(self) -> int:
@@ -79,6 +82,7 @@ def build_layout(
     include: re.Pattern[str] | None = None,
     exclude: re.Pattern[str] | None = None,
     restrict_to: Sequence[torch.Tensor] | None = None,
+    sparse_grads: Iterable[torch.Tensor] = (),
 ) -> ParamLayout:
     """Select the trainable parameters and group them into layers.
 
@@ -93,6 +97,7 @@ def build_layout(
         include: Regex searched in each parameter name; non-matching parameters are ignored.
         exclude: Regex searched in each parameter name; matching parameters are ignored.
         restrict_to: Only keep these tensors (compared by identity), e.g. an optimizer's parameters.
+        sparse_grads: The parameters whose gradients are sparse (compared by identity).
 
     Returns:
         The layout, possibly empty.
@@ -124,10 +129,12 @@ def build_layout(
         params.append(param)
         layer_of.append(idx)
         numel[idx] += param.numel()
+    sparse_ids = {id(p) for p in sparse_grads}
     return ParamLayout(
         param_names=tuple(names),
         params=tuple(params),
         layer_names=tuple(layers),
         layer_of_param=tuple(layer_of),
         layer_numel=tuple(numel),
+        sparse=frozenset(k for k, p in enumerate(params) if id(p) in sparse_ids),
     )

@@ -129,11 +129,12 @@ def test_no_gradient_at_all_gives_no_record():
 
 def test_tracker_remembers_first_bad_micro_batch_without_sync():
     p = nn.Parameter(torch.zeros(4))
+    layout = build_layout([("w", p)])
     tracker = NonFiniteTracker()
     for micro, value in enumerate([0.0, 1.0, math.nan, 2.0]):
         g = torch.full((4,), value)
         p.grad = g if p.grad is None else p.grad + g
-        tracker.observe([p])
+        tracker.observe(layout)
         assert tracker.micro_batches == micro + 1
     assert tracker.first_bad.item() == 2
     tracker.reset()
