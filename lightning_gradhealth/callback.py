@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import math
 import re
+import weakref
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
@@ -62,6 +63,22 @@ from lightning_gradhealth.visuals import custom_scalars_layout, gradient_flow_fi
 __all__ = ["GradientHealthMonitor"]
 
 _SPARSE_MODULES = (nn.Embedding, nn.EmbeddingBag)
+
+
+@dataclass(frozen=True)
+class _OptimizerWatch:
+    """What is watched of one optimizer's parameters, and what its layout was built from."""
+
+    layout: ParamLayout
+    sizes: tuple[int, ...]  # its parameter groups' sizes
+    optimizer: weakref.ReferenceType[Optimizer]  # (an id can be reused once an optimizer is gone)
+    frozen: tuple[torch.Tensor, ...]  # its frozen parameters that would be watched once unfrozen
+
+
+def _group_sizes(optimizer: Optimizer) -> tuple[int, ...]:
+    return tuple(len(group["params"]) for group in optimizer.param_groups)
+
+
 ClipKind = Literal["norm", "value", "agc", "autoclip", "zclip"]
 
 
@@ -337,10 +354,11 @@ class GradientHealthMonitor(Callback):
                 25 if zclip_warmup_steps is None else zclip_warmup_steps,
             ),
         }[clip]()
-        self._layouts: dict[int, tuple[ParamLayout, tuple[int, ...]]] = {}  # per optimizer, with its group sizes
+        self._layouts: dict[int, _OptimizerWatch] = {}  # per optimizer (by id)
         self._model_layout: ParamLayout | None = None
         self._trainable: tuple[bool, ...] | None = None  # requires_grad of every parameter when the layouts were built
         self._trainable_epoch = -1
+        self._watched_names: tuple[str, ...] | None = None  # what the running statistics describe (checkpointed)
         self._sparse_layers: frozenset[str] = frozenset()
         self._awaiting_clip: dict[int, tuple[StepStats, ParamLayout]] = {}
         self._unlogged: dict[int, dict[str, float]] = {}
@@ -381,6 +399,7 @@ class GradientHealthMonitor(Callback):
         self._model_layout = None
         self._trainable = None
         self._trainable_epoch = -1
+        self._watched_names = None  # (restored by load_state_dict, which Lightning calls after setup)
         self._awaiting_clip.clear()
         self._unlogged.clear()
         self._tracker.reset()
@@ -427,7 +446,14 @@ class GradientHealthMonitor(Callback):
         """Check that something is watched; find the layers whose gradients are sparse by design (embeddings)."""
         self._model_layout = self._build_layout(pl_module, None)
         self._trainable = tuple(p.requires_grad for p in pl_module.parameters())
-        if not len(self._model_layout):
+        frozen = build_layout(pl_module.named_parameters(), include=self.include, exclude=self.exclude, frozen=True)
+        if not len(self._model_layout) and len(frozen):
+            rank_zero_warn(
+                "GradientHealthMonitor watches nothing yet: the parameters `include`/`exclude` select are all frozen "
+                f"({', '.join(frozen.param_names[:5])}{' ...' if len(frozen) > 5 else ''}); they are watched once "
+                "they are unfrozen."
+            )
+        elif not len(self._model_layout):
             names = [n for n, p in pl_module.named_parameters() if p.requires_grad][:5]
             raise ValueError(
                 "GradientHealthMonitor watches no parameter: no trainable parameter passes `include`="
@@ -524,11 +550,18 @@ class GradientHealthMonitor(Callback):
             self._engine.compute(layout, grad_scale, red) if logged else self._engine.guard(layout, grad_scale, red)
         )
         if pending is None:
-            self._warn_once(
-                "no-grad-at-all",
-                "GradientHealthMonitor: no watched parameter has a gradient at this "
-                "optimizer step; nothing is recorded for it.",
-            )
+            if len(layout):
+                self._warn_once(
+                    "no-grad-at-all",
+                    "GradientHealthMonitor: no watched parameter has a gradient at this "
+                    "optimizer step; nothing is recorded for it.",
+                )
+            else:
+                self._warn_once(
+                    "nothing-watched",
+                    "GradientHealthMonitor: this optimizer has no parameter to watch at this step (all frozen, or "
+                    "left out by `include`/`exclude`); nothing is recorded for it until one trains.",
+                )
             self._end_step()
             return
         self._add_extras(pending, scale)
@@ -839,45 +872,64 @@ class GradientHealthMonitor(Callback):
 
     # ------------------------------------------------------------------ what is watched
     def _layout_for(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> ParamLayout:
-        """The optimizer's layout; rebuilt when its parameter groups changed size (``add_param_group``)."""
-        sizes = tuple(len(group["params"]) for group in optimizer.param_groups)
-        entry = self._layouts.get(id(optimizer))
-        if entry is not None and entry[1] == sizes:
-            return entry[0]
-        layout = self._build_layout(pl_module, optimizer)
-        self._layouts[id(optimizer)] = (layout, sizes)
-        if entry is not None:
-            self._watched_changed(trainer, entry[0].param_names, layout.param_names)
-        return layout
+        """The optimizer's layout; everything is rebuilt when what it should watch changed.
+
+        Checked on every step, at the cost of the optimizer's parameter groups and of its frozen parameters that
+        would be watched: a new optimizer, a parameter group added or removed, a parameter unfrozen.
+        """
+        watch = self._layouts.get(id(optimizer))
+        if (
+            watch is None
+            or watch.optimizer() is not optimizer
+            or watch.sizes != _group_sizes(optimizer)
+            or any(p.requires_grad for p in watch.frozen)
+        ):
+            self._rebuild(trainer, pl_module, optimizer)
+            watch = self._layouts[id(optimizer)]
+        return watch.layout
 
     def _check_trainable(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Rebuild the layouts if parameters were frozen or unfrozen since they were built (one pass over them).
 
         Runs at the first batch of every epoch (after every callback's epoch-start hook, e.g. Lightning's
-        ``BackboneFinetuning``) and on every logged step.
+        ``BackboneFinetuning``) and on every logged step. (Parameters unfrozen inside an optimizer are also seen at
+        its next step, by :meth:`_layout_for`.)
         """
         self._trainable_epoch = trainer.current_epoch
-        trainable = tuple(p.requires_grad for p in pl_module.parameters())
-        if trainable == self._trainable:
-            return
-        self._trainable = trainable
-        old = self._model_layout.param_names if self._model_layout is not None else ()
+        if tuple(p.requires_grad for p in pl_module.parameters()) != self._trainable:
+            self._rebuild(trainer, pl_module)
+
+    def _rebuild(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer | None = None) -> None:
+        """Build every layout afresh; say so, and restart what depended on the old set, when the set changed."""
+        self._trainable = tuple(p.requires_grad for p in pl_module.parameters())
         self._model_layout = self._build_layout(pl_module, None)
         check_sharding(self._model_layout.param_names, self._model_layout.params)
-        optimizers = {id(opt): opt for opt in trainer.optimizers}
-        self._layouts = {
-            key: (self._build_layout(pl_module, opt), tuple(len(group["params"]) for group in opt.param_groups))
-            for key, opt in optimizers.items()
-            if key in self._layouts
-        }
-        self._watched_changed(trainer, old, self._model_layout.param_names)
+        optimizers = list(trainer.optimizers)
+        if optimizer is not None and all(opt is not optimizer for opt in optimizers):
+            optimizers.append(optimizer)
+        self._layouts = {id(opt): self._watch(pl_module, opt) for opt in optimizers}
+        names = tuple(dict.fromkeys(name for w in self._layouts.values() for name in w.layout.param_names))
+        if self._watched_names is not None and set(names) != set(self._watched_names):
+            self._watched_changed(trainer, self._watched_names, names)
+        self._watched_names = names
+
+    def _watch(self, pl_module: LightningModule, optimizer: Optimizer) -> _OptimizerWatch:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        frozen = build_layout(
+            pl_module.named_parameters(), include=self.include, exclude=self.exclude, restrict_to=params, frozen=True
+        )
+        return _OptimizerWatch(
+            layout=self._build_layout(pl_module, optimizer),
+            sizes=_group_sizes(optimizer),
+            optimizer=weakref.ref(optimizer),
+            frozen=frozen.params,
+        )
 
     def _watched_changed(self, trainer: Trainer, old: tuple[str, ...], new: tuple[str, ...]) -> None:
         """Say which parameters joined or left; restart the statistics that were about the previous set."""
-        added = [name for name in new if name not in set(old)]
-        removed = [name for name in old if name not in set(new)]
-        if not (added or removed) or self._steps_seen == 0:
-            return  # before the first step (a callback froze layers at fit start): nothing to restart
+        old_set, new_set = set(old), set(new)
+        added = [name for name in new if name not in old_set]
+        removed = [name for name in old if name not in new_set]
 
         def some(names: list[str]) -> str:
             return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
@@ -890,10 +942,18 @@ class GradientHealthMonitor(Callback):
         )
         rank_zero_info(
             f"GradientHealthMonitor: the watched parameters changed at step {self._log_step(trainer)}: "
-            f"{'; '.join(changes)} (layers frozen or unfrozen, or an optimizer's parameter groups changed). "
+            f"{'; '.join(changes)} (layers frozen or unfrozen, or an optimizer's parameters changed). "
             "Every statistic covers the new set from this step"
             + (f"; the running statistics of {' and '.join(restarted)} start over." if restarted else ".")
         )
+        if added and isinstance(trainer.strategy, DDPStrategy) and trainer.world_size > 1:
+            rank_zero_warn(
+                f"GradientHealthMonitor: {len(added)} parameter(s) started training after DistributedDataParallel "
+                f"wrapped the model ({some(added)}). DDP only averages the gradients of the parameters that "
+                "required a gradient when it wrapped the model, so these are not averaged across ranks: their "
+                "replicas drift apart, and their per-layer statistics here are rank 0's own. Create the model with "
+                "them trainable (and freeze them through the optimizer instead), or let the strategy wrap it again."
+            )
         if self._spikes is not None:
             self._spikes.reset()
         if self._clipper is not None:
@@ -1018,11 +1078,14 @@ class GradientHealthMonitor(Callback):
             "spikes": None if self._spikes is None else self._spikes.state_dict(),
             "clipper": None if self._clipper is None else self._clipper.state_dict(),
             "clip": self.clip,
+            "watched": None if self._watched_names is None else list(self._watched_names),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
         self._warned = set(state_dict.get("warned", ()))
+        watched = state_dict.get("watched")
+        self._watched_names = None if watched is None else tuple(watched)
         self._steps_seen = int(state_dict.get("steps_seen", 0))
         self._clipped_steps = int(state_dict.get("clipped_steps", 0))
         self._spike_count = int(state_dict.get("spike_count", 0))

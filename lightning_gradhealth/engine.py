@@ -13,6 +13,7 @@ No gradient is copied, cast or modified.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -234,19 +235,21 @@ class GradStatsEngine:
         self.full = stats == "full"
         self.per_layer = per_layer
         self.eps = eps
-        self._index_cache: dict[tuple[int, tuple[int, ...], torch.device], tuple[ParamLayout, torch.Tensor]] = {}
+        self._index_cache: dict[
+            tuple[int, tuple[int, ...], torch.device], tuple[weakref.ReferenceType[ParamLayout], torch.Tensor]
+        ] = {}
         self._scratch: dict[torch.device, torch.Tensor] = {}  # zero counting's reused buffer (CPU)
 
     # ------------------------------------------------------------------ device side
     def _layer_index(self, layout: ParamLayout, present: tuple[int, ...], device: torch.device) -> torch.Tensor:
         key = (id(layout), present, device)
         cached = self._index_cache.get(key)
-        if cached is not None and cached[0] is layout:  # the layout is kept alive here: its id cannot be reused
+        if cached is not None and cached[0]() is layout:  # a weak reference: a freed layout's id may be reused
             return cached[1]
         if len(self._index_cache) > 64:
             self._index_cache.clear()
         index = torch.tensor([layout.layer_of_param[i] for i in present], dtype=torch.long, device=device)
-        self._index_cache[key] = (layout, index)
+        self._index_cache[key] = (weakref.ref(layout), index)
         return index
 
     def norms(self, tensors: Sequence[torch.Tensor], ord: float | None = None) -> torch.Tensor:

@@ -40,12 +40,16 @@ def history_from_events(run_dir: str | Path) -> History:
     acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     acc.Reload()
     tags = acc.Tags().get("scalars", [])
-    if _TOTAL not in tags:
+    # a TensorBoardLogger(prefix="exp") writes "exp-grad_health/total_norm": read the run under its prefix
+    heads = sorted(tag[: -len(_TOTAL)] for tag in tags if tag.endswith(_TOTAL))
+    if not heads:
         raise GradientHealthError(
             f"{run_dir} has no '{_TOTAL}' scalars: it was not logged with GradientHealthMonitor", run=str(run_dir)
         )
-    series = {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in tags if "/" in tag}
-    layers = [tag.split("/", 1)[1] for tag in tags if tag.startswith("grad_norm/")]
+    head = heads[0]
+    series = {tag[len(head) :]: {e.step: e.value for e in acc.Scalars(tag)} for tag in tags if tag.startswith(head)}
+    series = {tag: values for tag, values in series.items() if "/" in tag}
+    layers = [tag.split("/", 1)[1] for tag in series if tag.startswith("grad_norm/")]
     history = History()
     previous_spikes = 0.0
     for step in sorted(series[_TOTAL]):

@@ -57,6 +57,7 @@ class History:
     activations: dict[str, list[tuple[int, float, float, float | None]]] = field(default_factory=dict)
     records_seen: int = 0
     _keep_every: int = 1
+    _index: dict[str, int] = field(default_factory=dict)  # layer name -> column
 
     def add(self, record: StepStats) -> None:
         """Keep ``record`` (or thin it out), in the order the steps come."""
@@ -75,11 +76,9 @@ class History:
         self.no_grad_params = names if self.no_grad_params is None else self.no_grad_params & names
         if finite and (self.records_seen - 1) % self._keep_every:
             return
-        index = {name: i for i, name in enumerate(self.layer_names)}
-        for lay in record.layers:
-            if lay.name not in index:
-                index[lay.name] = len(self.layer_names)
-                self.layer_names.append(lay.name)
+        if any(lay.name not in self._index for lay in record.layers):
+            self._merge_layers([lay.name for lay in record.layers])
+        index = self._index
         n = len(self.layer_names)
         norm, zero, ratio = [math.nan] * n, [math.nan] * n, [math.nan] * n
         for lay in record.layers:
@@ -94,6 +93,23 @@ class History:
         self.layer_ratio.append(ratio)
         if len(self.steps) > self.max_snapshots:
             self._thin()
+
+    def _merge_layers(self, names: list[str]) -> None:
+        """Add layers that join mid-run (e.g. unfrozen) at their place in definition order ("depth")."""
+        order = list(self.layer_names)
+        at = -1  # where the last layer of ``names`` already placed sits in ``order``
+        for name in names:
+            if name in order:
+                at = order.index(name)
+            else:
+                at += 1
+                order.insert(at, name)
+        old = {name: i for i, name in enumerate(self.layer_names)}
+        source = [old.get(name) for name in order]
+        for rows in (self.layer_norm, self.layer_zero_frac, self.layer_ratio):
+            rows[:] = [[row[j] if j is not None and j < len(row) else math.nan for j in source] for row in rows]
+        self.layer_names = order
+        self._index = {name: i for i, name in enumerate(order)}
 
     def add_activations(self, step: int, stats: dict[str, tuple[float, float, float | None]]) -> None:
         """Keep one sample of activation statistics (the most recent ``max_snapshots`` per module)."""

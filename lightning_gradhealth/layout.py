@@ -83,6 +83,7 @@ def build_layout(
     exclude: re.Pattern[str] | None = None,
     restrict_to: Sequence[torch.Tensor] | None = None,
     sparse_grads: Iterable[torch.Tensor] = (),
+    frozen: bool = False,
 ) -> ParamLayout:
     """Select the trainable parameters and group them into layers.
 
@@ -98,6 +99,7 @@ def build_layout(
         exclude: Regex searched in each parameter name; matching parameters are ignored.
         restrict_to: Only keep these tensors (compared by identity), e.g. an optimizer's parameters.
         sparse_grads: The parameters whose gradients are sparse (compared by identity).
+        frozen: Select the frozen parameters instead (those that would be watched if they were trainable).
 
     Returns:
         The layout, possibly empty.
@@ -111,7 +113,7 @@ def build_layout(
     seen: set[int] = set()
     for raw_name, param in named_parameters:
         name = clean_name(raw_name)  # names as the user wrote the model, whatever wraps it
-        if not param.requires_grad or id(param) in seen:
+        if param.requires_grad == frozen or id(param) in seen:
             continue
         if allowed is not None and id(param) not in allowed:
             continue

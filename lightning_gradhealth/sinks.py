@@ -7,8 +7,9 @@ them that way, and every TensorBoard reader takes them apart), so the same scala
 ~4 µs a key. The written values, tags, steps and files are the ones ``log_metrics`` would have produced.
 
 The one-event path is taken only where it is known to be equivalent: a logger of Lightning's own
-``TensorBoardLogger`` class whose ``log_metrics`` is not overridden, writing through torch's ``SummaryWriter``,
-with plain numbers. Every other logger (CSV, W&B, MLflow, subclasses, tensorboardX) gets ``log_metrics``.
+``TensorBoardLogger`` class whose ``log_metrics`` is not overridden (in a subclass or on the instance), writing
+through torch's own ``SummaryWriter`` (not a subclass), with plain numbers. Every other logger (CSV, W&B, MLflow,
+subclasses, tensorboardX) gets ``log_metrics``.
 """
 
 from __future__ import annotations
@@ -40,7 +41,9 @@ def write_metrics(loggers: Iterable[Any], metrics: dict[str, float], step: int) 
 def _write_one_event(logger: Any, metrics: Mapping[str, float], step: int) -> bool:
     """Write ``metrics`` as one TensorBoard event when that is equivalent to ``log_metrics``; return whether."""
     if not isinstance(logger, TensorBoardLogger) or type(logger).log_metrics is not TensorBoardLogger.log_metrics:
-        return False
+        return False  # a subclass with its own log_metrics
+    if "log_metrics" in vars(logger):
+        return False  # log_metrics replaced on the instance (a wrapper, a mock)
     prefix = getattr(logger, "_prefix", None)
     join = getattr(logger, "LOGGER_JOIN_CHAR", None)
     if not isinstance(prefix, str) or not isinstance(join, str):
@@ -49,8 +52,8 @@ def _write_one_event(logger: Any, metrics: Mapping[str, float], step: int) -> bo
         return False  # tensors, dicts: log_metrics' own conversions apply
     writer = logger.experiment
     get_file_writer = getattr(writer, "_get_file_writer", None)
-    if not isinstance(writer, SummaryWriter) or not callable(get_file_writer):
-        return False  # tensorboardX, or a torch without the writer this mirrors
+    if type(writer) is not SummaryWriter or not callable(get_file_writer):
+        return False  # tensorboardX, a SummaryWriter subclass, or a torch without the writer this mirrors
     head = f"{prefix}{join}" if prefix else ""  # as Lightning's _add_prefix
     summary = Summary(value=[Summary.Value(tag=head + key, simple_value=float(v)) for key, v in metrics.items()])
     get_file_writer().add_summary(summary, step)

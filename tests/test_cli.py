@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -95,3 +96,20 @@ def test_report_refuses_what_it_cannot_read(tmp_path, capsys):
         writer.add_scalar("loss", 1.0, 0)
     assert main(["report", str(tmp_path / "other")]) == 2
     assert "was logged with GradientHealthMonitor" in capsys.readouterr().err
+
+
+def test_report_reads_a_run_logged_with_a_logger_prefix(tmp_path, capsys):
+    from conftest import TinyMLP, loader, make_trainer
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from lightning_gradhealth import GradientHealthMonitor
+    from lightning_gradhealth.eventfiles import history_from_events
+
+    logger = TensorBoardLogger(str(tmp_path), name="run", version="", prefix="exp")
+    trainer = make_trainer(callbacks=[GradientHealthMonitor()], logger=logger, max_steps=6, log_every_n_steps=2)
+    trainer.fit(TinyMLP(), loader())
+    history = history_from_events(logger.log_dir)
+    assert history.steps == [1, 3, 5]
+    assert history.layer_names == ["net.0", "net.2", "net.4"]
+    assert all(math.isfinite(v) and v > 0 for v in history.layer_series("net.2"))
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "out")]) == 0

@@ -157,3 +157,28 @@ def test_trend_rules_follow_seed_003():
     # a noisy but flat run does not make a trend, and a short one is not judged at all
     assert diagnose(_history([1.0, 50.0] * 20), th) == []
     assert diagnose(_history([1.0, 2.0]), th) == []
+
+
+def test_layers_joining_mid_run_take_their_place_in_depth_order():
+    from lightning_gradhealth.record import LayerStats
+
+    history = History()
+
+    def add(step, names):
+        layers = tuple(
+            LayerStats(name=n, numel=1, grad_norm=10.0 * step + j, param_norm=1.0, ratio=0.1, zero_frac=0.0)
+            for j, n in enumerate(names)
+        )
+        history.add(StepStats(step=step, global_step=step, epoch=0, batch_idx=step, optimizer_idx=0,
+                              total_norm=1.0, param_norm=1.0, zero_frac=0.0, nan_count=0, inf_count=0,
+                              layer_norm_ratio=1.0, no_grad_count=0, layers=layers))  # fmt: skip
+
+    add(0, ["neck", "head"])  # the backbone is frozen
+    add(1, ["stem", "block", "neck", "head"])  # unfrozen: it joins BEFORE the layers already known
+    add(2, ["stem", "neck", "tail", "head"])  # "block" frozen again, a "tail" joins between
+    assert history.layer_names == ["stem", "block", "neck", "tail", "head"]
+    stem = history.layer_series("stem")
+    assert math.isnan(stem[0]) and stem[1:] == [10.0, 20.0]
+    assert history.layer_series("head")[0] == 1.0 and history.layer_series("head")[1:] == [13.0, 23.0]
+    assert history.layer_series("neck") == [0.0, 12.0, 21.0]
+    assert math.isnan(history.layer_series("block")[2]) and history.layer_series("block")[1] == 11.0

@@ -282,3 +282,12 @@ def test_deepspeed_zero_0_is_watched(tmp_path):
     pytest.importorskip("deepspeed")
     _, r0, _ = _run("deepspeed_script.py", tmp_path, "0")
     assert r0["total_norm"] > 0
+
+
+def test_ddp_layer_unfrozen_after_wrapping_is_watched_and_its_missing_averaging_is_said(tmp_path):
+    proc, r0, r1 = _run("ddp_unfreeze_script.py", tmp_path)
+    for r in (r0, r1):  # both ranks keep in step through the change
+        assert r["steps"] == 6
+        assert r["layers"][:3] == [["net.2", "net.4"]] * 3 and r["layers"][3:] == [["net.0", "net.2", "net.4"]] * 3
+    assert len(r0["ddp_warnings"]) == 1 and "net.0.weight" in r0["ddp_warnings"][0]
+    assert r1["ddp_warnings"] == []  # rank zero speaks

@@ -137,6 +137,41 @@ def test_tensorboard_gets_one_event_per_logged_step_with_what_log_metrics_writes
     assert all(len(tags) == 1 for tags in _events_with(runs["log_metrics"], f"{head}grad_health/total_norm"))
 
 
+def test_log_metrics_replaced_on_the_instance_or_a_writer_subclass_gets_log_metrics(tmp_path):
+    from unittest import mock
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    logger = TensorBoardLogger(str(tmp_path), name="patched", version="")
+    with mock.patch.object(logger, "log_metrics", wraps=logger.log_metrics) as spy:
+        make_trainer(callbacks=[GradientHealthMonitor()], logger=logger, max_steps=4, log_every_n_steps=2).fit(
+            TinyMLP(), loader()
+        )
+    sent = [(call.args[0] if call.args else call.kwargs["metrics"], call.kwargs["step"]) for call in spy.call_args_list]
+    steps = [step for metrics, step in sent if "grad_health/total_norm" in metrics]
+    assert steps == [1, 3]
+
+    scalars: list[str] = []
+
+    class Writer(SummaryWriter):
+        def add_scalar(self, tag, *args, **kwargs):
+            scalars.append(tag)
+            super().add_scalar(tag, *args, **kwargs)
+
+    class CustomWriterTB(TensorBoardLogger):
+        @property
+        def experiment(self):
+            if self._experiment is None:
+                self._experiment = Writer(log_dir=self.log_dir)
+            return self._experiment
+
+    logger = CustomWriterTB(str(tmp_path), name="writer", version="")
+    make_trainer(callbacks=[GradientHealthMonitor()], logger=logger, max_steps=4, log_every_n_steps=2).fit(
+        TinyMLP(), loader()
+    )
+    assert scalars.count("grad_health/total_norm") == 2
+
+
 def test_callback_metrics_feed_early_stopping():
     monitor = GradientHealthMonitor()
     stopper = EarlyStopping(monitor="grad_health/total_norm", stopping_threshold=1e9, check_on_train_epoch_end=True)

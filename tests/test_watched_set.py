@@ -156,3 +156,150 @@ def test_layers_frozen_mid_run_leave_without_no_gradient_warnings(tmp_path, log_
     assert _layers_by_epoch(records.records) == {0: {("backbone.0", "backbone.2", "head")}, 1: {("backbone.2", "head")}}
     assert all(record.no_grad_count == 0 for record in records.records)
     _check_against_reference(records.records, capture)
+
+
+class FrozenUntilEpoch(Callback):
+    """Freezes the backbone at setup (resume-safe) and unfreezes it from epoch ``epoch`` on."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        pl_module.backbone.requires_grad_(False)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch >= self.epoch:
+            pl_module.backbone.requires_grad_(True)
+
+
+class AllParams(Finetune):
+    """The optimizer holds every parameter, frozen ones included (torch skips those without a gradient)."""
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_a_resumed_run_decides_like_an_uninterrupted_one_across_an_unfreeze(tmp_path):
+    def run(max_epochs: int, ckpt: str | None = None, save: str | None = None) -> tuple[Any, list[str]]:
+        torch.manual_seed(0)
+        model = AllParams()
+        monitor = GradientHealthMonitor(
+            log_every_n_steps=50, clip="zclip", zclip_warmup_steps=3, spike_warmup_steps=3, on_spike="warn"
+        )
+        said = _Messages()
+        logging.getLogger("lightning.pytorch.utilities.rank_zero").addHandler(said)
+        try:
+            trainer = make_trainer(
+                tmp_path, callbacks=[FrozenUntilEpoch(1), monitor], max_epochs=max_epochs, max_steps=-1
+            )
+            trainer.fit(model, loader(), ckpt_path=ckpt)
+        finally:
+            logging.getLogger("lightning.pytorch.utilities.rank_zero").removeHandler(said)
+        if save:
+            trainer.save_checkpoint(save)
+        return model, [m for m in said.messages if "watched parameters changed" in m]
+
+    straight, said_straight = run(4)
+    path = str(tmp_path / "after_unfreeze.ckpt")
+    run(2, save=path)
+    resumed, said_resumed = run(4, ckpt=path)
+    assert len(said_straight) == 1 and said_resumed == []  # the checkpoint knows what was watched
+    for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+class PostClipNorms(Callback):
+    """The global norm of the gradients the optimizer receives (place it after the monitor)."""
+
+    def __init__(self) -> None:
+        self.norms: list[float] = []
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        grads = [p.grad.double().reshape(-1) for p in pl_module.parameters() if p.grad is not None]
+        self.norms.append(torch.linalg.vector_norm(torch.cat(grads)).item())
+
+
+class UnfreezeAtBatch(Callback):
+    def __init__(self, batch_idx: int) -> None:
+        self.batch_idx = batch_idx
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if batch_idx == self.batch_idx:
+            pl_module.backbone.requires_grad_(True)
+
+
+def test_a_layer_unfrozen_mid_epoch_inside_the_optimizer_is_clipped_and_guarded_at_once(tmp_path):
+    torch.manual_seed(0)
+    model = AllParams(backbone_grad_gain=100.0)
+    model.backbone.requires_grad_(False)
+    monitor = GradientHealthMonitor(log_every_n_steps=50, clip="norm", max_norm=0.05)  # no logged step here
+    post = PostClipNorms()
+    trainer = make_trainer(tmp_path, callbacks=[UnfreezeAtBatch(3), monitor, post], max_steps=BATCHES_PER_EPOCH)
+    trainer.fit(model, loader())
+    assert post.norms == pytest.approx([0.05] * BATCHES_PER_EPOCH, rel=1e-5)
+
+
+def test_parameters_unfrozen_outside_every_optimizer_change_nothing(tmp_path):
+    torch.manual_seed(0)
+    monitor = GradientHealthMonitor(log_every_n_steps=1, clip="zclip", zclip_warmup_steps=3)
+    records = Records(monitor)
+    said = _Messages()
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addHandler(said)
+    try:
+        trainer = make_trainer(tmp_path, callbacks=[FrozenUntilEpoch(1), monitor, records], max_epochs=2, max_steps=-1)
+        trainer.fit(Finetune(head_only_optimizer=True), loader())
+    finally:
+        logging.getLogger("lightning.pytorch.utilities.rank_zero").removeHandler(said)
+    assert _layers_by_epoch(records.records) == {0: {("head",)}, 1: {("head",)}}
+    assert not [m for m in said.messages if "watched parameters changed" in m]
+    assert monitor._clipper.mean is not None  # ZClip kept its statistics (its warm-up was not restarted)
+
+
+class RecreateOptimizers(Callback):
+    """At epoch ``epoch``, switches the module to an all-parameter optimizer and lets the strategy re-create it."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch:
+            pl_module.head_only_optimizer = False
+            trainer.strategy.setup_optimizers(trainer)
+
+
+def test_a_recreated_optimizer_is_a_change_of_the_watched_set(tmp_path):
+    torch.manual_seed(0)
+    monitor = GradientHealthMonitor(log_every_n_steps=1, spike_warmup_steps=3, on_spike="raise")
+    records = Records(monitor)
+    trainer = make_trainer(tmp_path, callbacks=[RecreateOptimizers(1), monitor, records], max_epochs=2, max_steps=-1)
+    trainer.fit(Finetune(head_only_optimizer=True, backbone_grad_gain=1000.0), loader())  # no spike raised
+    assert _layers_by_epoch(records.records) == {0: {("head",)}, 1: {("backbone.0", "backbone.2", "head")}}
+
+
+def test_include_may_select_layers_that_are_frozen_at_the_start(tmp_path):
+    torch.manual_seed(0)
+    monitor = GradientHealthMonitor(log_every_n_steps=1, include="backbone")
+    records = Records(monitor)
+    finetuning = BackboneFinetuning(unfreeze_backbone_at_epoch=1, backbone_initial_ratio_lr=0.1)
+    trainer = make_trainer(tmp_path, callbacks=[monitor, finetuning, records], max_epochs=2, max_steps=-1)
+    trainer.fit(Finetune(), loader())
+    assert _layers_by_epoch(records.records) == {1: {("backbone.0", "backbone.2")}}
+    with pytest.raises(ValueError, match="watches no parameter"):  # a pattern that matches nothing is still an error
+        make_trainer(tmp_path, callbacks=[GradientHealthMonitor(include="nothing_like_this")]).fit(Finetune(), loader())
+
+
+def test_a_monitor_reused_across_fits_does_not_keep_old_models_alive(tmp_path):
+    import gc
+    import weakref
+
+    monitor = GradientHealthMonitor(log_every_n_steps=1)
+    refs = []
+    for _ in range(3):
+        model = Finetune()
+        make_trainer(tmp_path, callbacks=[monitor], max_steps=2).fit(model, loader())
+        refs.append(weakref.ref(model.head.weight))  # a parameter (and its .grad) of each model
+        del model
+    gc.collect()
+    assert [ref() is None for ref in refs[:-1]] == [True, True]
