@@ -133,10 +133,11 @@ class GradientHealthMonitor(Callback):
     clipped (``clip``) after the statistics are taken. Parameters are checked through their gradients on every
     step (a non-finite weight makes the next gradient non-finite) and directly on logged and failing steps.
 
-    The watched parameters follow the run: layers unfrozen or frozen (e.g. by ``BackboneFinetuning``) join or
-    leave at the first batch of every epoch and on every logged step, parameters added to an optimizer
-    (``add_param_group``) at its next step; the change is announced once, and spike detection and adaptive
-    clipping start their statistics over.
+    The watched parameters follow the run: an optimizer that is new, gains or loses parameters, or has a frozen
+    parameter unfrozen is seen at its next step; parameters frozen or unfrozen outside the optimizers (e.g. by
+    ``BackboneFinetuning`` before it adds them) at the first batch of every epoch and on every logged step. A change
+    is announced once, spike detection and adaptive clipping start their statistics over, and the checkpoint
+    remembers what was watched.
 
     Distributed runs need nothing extra: under DDP the record is computed on every rank from the averaged gradient
     and decisions come from a global norm averaged over the ranks; under ``ModelParallelStrategy`` (FSDP2) and
