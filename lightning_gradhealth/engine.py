@@ -7,7 +7,8 @@ tensor. :meth:`GradStatsEngine.finish` then copies that tensor to the host once 
 they are computed only when the global norm (which is free) shows something non-finite; that rare step makes
 one more transfer.
 
-No gradient is copied, cast or modified.
+No dense gradient is copied, cast or modified; a sparse one (``nn.Embedding(sparse=True)``) is read through its
+coalesced form, a copy of the rows it touches (:func:`stat_grads`).
 """
 
 from __future__ import annotations

@@ -96,15 +96,22 @@ class History:
 
     def _merge_layers(self, names: list[str]) -> None:
         """Add layers that join mid-run (e.g. unfrozen) at their place in definition order ("depth")."""
-        order = list(self.layer_names)
-        at = -1  # where the last layer of ``names`` already placed sits in ``order``
-        for name in names:
-            if name in order:
-                at = order.index(name)
-            else:
-                at += 1
-                order.insert(at, name)
+        # a linear merge of two lists in definition order: the known layers and this record's
         old = {name: i for i, name in enumerate(self.layer_names)}
+        order: list[str] = []
+        placed: set[str] = set()
+        k = 0  # the known layers before position k are placed
+        for name in names:
+            if name in old:
+                for known in self.layer_names[k : old[name] + 1]:
+                    if known not in placed:
+                        order.append(known)
+                        placed.add(known)
+                k = max(k, old[name] + 1)
+            elif name not in placed:
+                order.append(name)
+                placed.add(name)
+        order += [known for known in self.layer_names[k:] if known not in placed]
         source = [old.get(name) for name in order]
         for rows in (self.layer_norm, self.layer_zero_frac, self.layer_ratio):
             rows[:] = [[row[j] if j is not None and j < len(row) else math.nan for j in source] for row in rows]
