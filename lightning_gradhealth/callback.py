@@ -70,13 +70,24 @@ class _OptimizerWatch:
     """What is watched of one optimizer's parameters, and what its layout was built from."""
 
     layout: ParamLayout
-    sizes: tuple[int, ...]  # its parameter groups' sizes
+    groups: tuple[tuple[int, int], ...]  # its parameter groups' lists (by identity) and lengths
+    param_ids: tuple[int, ...]  # its parameters, by identity
     optimizer: weakref.ReferenceType[Optimizer]  # (an id can be reused once an optimizer is gone)
     frozen: tuple[torch.Tensor, ...]  # its frozen parameters that would be watched once unfrozen
 
 
-def _group_sizes(optimizer: Optimizer) -> tuple[int, ...]:
-    return tuple(len(group["params"]) for group in optimizer.param_groups)
+def _groups(optimizer: Optimizer) -> tuple[tuple[int, int], ...]:
+    """Each parameter group's list (by identity) and length: cheap enough for every step."""
+    return tuple((id(group["params"]), len(group["params"])) for group in optimizer.param_groups)
+
+
+def _param_ids(optimizer: Optimizer) -> tuple[int, ...]:
+    return tuple(id(p) for group in optimizer.param_groups for p in group["params"])
+
+
+def _trainable_ids(pl_module: nn.Module) -> tuple[int, ...]:
+    """The trainable parameters, by identity (the layouts hold the watched ones, so their ids are not reused)."""
+    return tuple(id(p) for p in pl_module.parameters() if p.requires_grad)
 
 
 ClipKind = Literal["norm", "value", "agc", "autoclip", "zclip"]
@@ -357,9 +368,14 @@ class GradientHealthMonitor(Callback):
         }[clip]()
         self._layouts: dict[int, _OptimizerWatch] = {}  # per optimizer (by id)
         self._model_layout: ParamLayout | None = None
-        self._trainable: tuple[bool, ...] | None = None  # requires_grad of every parameter when the layouts were built
+        self._trainable: tuple[int, ...] | None = None  # ids of the trainable parameters when the layouts were built
         self._trainable_epoch = -1
-        self._watched_names: tuple[str, ...] | None = None  # what the running statistics describe (checkpointed)
+        # what the running statistics (spikes, adaptive clipping) describe: names (checkpointed) and tensors
+        self._watched_names: tuple[str, ...] | None = None
+        self._watched_refs: tuple[weakref.ReferenceType[torch.Tensor], ...] | None = None
+        self._trainable_at_wrap: frozenset[int] = frozenset()  # DDP: parameters it averages
+        self._sparse_found: weakref.WeakSet[torch.Tensor] = weakref.WeakSet()  # sparse grads of no sparse module
+        self._sparse_checked: set[int] = set()  # layouts whose gradients were looked at for sparsity
         self._sparse_layers: frozenset[str] = frozenset()
         self._awaiting_clip: dict[int, tuple[StepStats, ParamLayout]] = {}
         self._unlogged: dict[int, dict[str, float]] = {}
@@ -400,7 +416,9 @@ class GradientHealthMonitor(Callback):
         self._model_layout = None
         self._trainable = None
         self._trainable_epoch = -1
-        self._watched_names = None  # (restored by load_state_dict, which Lightning calls after setup)
+        self._sparse_checked.clear()
+        # _watched_names/_watched_refs survive: a second fit (or a checkpoint, restored after setup) is compared
+        # with what the running statistics describe
         self._awaiting_clip.clear()
         self._unlogged.clear()
         self._tracker.reset()
@@ -446,8 +464,16 @@ class GradientHealthMonitor(Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Check that something is watched; find the layers whose gradients are sparse by design (embeddings)."""
         self._model_layout = self._build_layout(pl_module, None)
-        self._trainable = tuple(p.requires_grad for p in pl_module.parameters())
-        frozen = build_layout(pl_module.named_parameters(), include=self.include, exclude=self.exclude, frozen=True)
+        self._trainable = _trainable_ids(pl_module)
+        self._trainable_at_wrap = frozenset(self._trainable)  # the strategy wrapped the model before this hook
+        frozen = build_layout(
+            pl_module.named_parameters(),
+            include=self.include,
+            exclude=self.exclude,
+            sparse_grads=self._sparse_params(pl_module),
+            frozen=True,
+        )
+        self._refuse_sparse(frozen)  # a frozen sparse embedding would be refused when it is unfrozen: now instead
         if not len(self._model_layout) and len(frozen):
             rank_zero_warn(
                 "GradientHealthMonitor watches nothing yet: the parameters `include`/`exclude` select are all frozen "
@@ -462,6 +488,9 @@ class GradientHealthMonitor(Callback):
                 f" (trainable parameters start with {names})."
             )
         check_sharding(self._model_layout.param_names, self._model_layout.params)  # before a step is spent
+        if self._watched_names is None and self._steps_seen > 0:
+            # a checkpoint from before the watched set was saved: take what is watched now as what it described
+            self._rebuild(trainer, pl_module)
         if self.activation_stats_every_n_steps is not None:
             self._act = ActivationStats(pl_module)
         sparse = set()
@@ -876,43 +905,74 @@ class GradientHealthMonitor(Callback):
         """The optimizer's layout; everything is rebuilt when what it should watch changed.
 
         Checked on every step, at the cost of the optimizer's parameter groups and of its frozen parameters that
-        would be watched: a new optimizer, a parameter group added or removed, a parameter unfrozen.
+        would be watched: a new optimizer, a parameter group added, removed or given a new list, a parameter
+        unfrozen. The first step of a layout also looks for sparse gradients that no sparse module announced
+        (``F.embedding(..., sparse=True)`` on a bare parameter).
         """
         watch = self._layouts.get(id(optimizer))
         if (
             watch is None
             or watch.optimizer() is not optimizer
-            or watch.sizes != _group_sizes(optimizer)
+            or watch.groups != _groups(optimizer)
             or any(p.requires_grad for p in watch.frozen)
         ):
             self._rebuild(trainer, pl_module, optimizer)
             watch = self._layouts[id(optimizer)]
+        if id(watch.layout) not in self._sparse_checked:
+            self._sparse_checked.add(id(watch.layout))
+            found = [
+                p
+                for k, p in enumerate(watch.layout.params)
+                if k not in watch.layout.sparse and p.grad is not None and p.grad.is_sparse
+            ]
+            if found:
+                self._sparse_found.update(found)
+                self._rebuild(trainer, pl_module, optimizer)
+                watch = self._layouts[id(optimizer)]
+                self._sparse_checked.add(id(watch.layout))
         return watch.layout
 
     def _check_trainable(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Rebuild the layouts if parameters were frozen or unfrozen since they were built (one pass over them).
+        """Rebuild the layouts if parameters were frozen, unfrozen or replaced (one pass over them).
 
         Runs at the first batch of every epoch (after every callback's epoch-start hook, e.g. Lightning's
-        ``BackboneFinetuning``) and on every logged step. (Parameters unfrozen inside an optimizer are also seen at
-        its next step, by :meth:`_layout_for`.)
+        ``BackboneFinetuning``) and on every logged step, where it also compares every optimizer's parameters one
+        by one. (Parameters unfrozen inside an optimizer are also seen at its next step, by :meth:`_layout_for`.)
         """
         self._trainable_epoch = trainer.current_epoch
-        if tuple(p.requires_grad for p in pl_module.parameters()) != self._trainable:
+        stale = _trainable_ids(pl_module) != self._trainable or any(
+            w.optimizer() is not None and w.param_ids != _param_ids(w.optimizer())  # type: ignore[arg-type]
+            for w in self._layouts.values()
+        )
+        if stale:
             self._rebuild(trainer, pl_module)
 
     def _rebuild(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer | None = None) -> None:
         """Build every layout afresh; say so, and restart what depended on the old set, when the set changed."""
-        self._trainable = tuple(p.requires_grad for p in pl_module.parameters())
+        self._trainable = _trainable_ids(pl_module)
+        self._sparse_checked.clear()  # (the new layouts are looked at on their first step)
         self._model_layout = self._build_layout(pl_module, None)
         check_sharding(self._model_layout.param_names, self._model_layout.params)
         optimizers = list(trainer.optimizers)
         if optimizer is not None and all(opt is not optimizer for opt in optimizers):
             optimizers.append(optimizer)
         self._layouts = {id(opt): self._watch(pl_module, opt) for opt in optimizers}
-        names = tuple(dict.fromkeys(name for w in self._layouts.values() for name in w.layout.param_names))
-        if self._watched_names is not None and set(names) != set(self._watched_names):
-            self._watched_changed(trainer, self._watched_names, names)
+        watched = {
+            id(p): (name, p)
+            for w in self._layouts.values()
+            for name, p in zip(w.layout.param_names, w.layout.params, strict=True)
+        }
+        names = tuple(name for name, _ in watched.values())
+        tensors = [p for _, p in watched.values()]
+        if self._watched_names is not None:
+            refs = self._watched_refs
+            same_tensors = refs is None or (  # (a checkpoint holds names, not tensors)
+                len(refs) == len(tensors) and all(r() is p for r, p in zip(refs, tensors, strict=True))
+            )
+            if set(names) != set(self._watched_names) or not same_tensors:
+                self._watched_changed(trainer, pl_module, self._watched_names, names)
         self._watched_names = names
+        self._watched_refs = tuple(weakref.ref(p) for p in tensors)
 
     def _watch(self, pl_module: LightningModule, optimizer: Optimizer) -> _OptimizerWatch:
         params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -921,12 +981,15 @@ class GradientHealthMonitor(Callback):
         )
         return _OptimizerWatch(
             layout=self._build_layout(pl_module, optimizer),
-            sizes=_group_sizes(optimizer),
+            groups=_groups(optimizer),
+            param_ids=_param_ids(optimizer),
             optimizer=weakref.ref(optimizer),
             frozen=frozen.params,
         )
 
-    def _watched_changed(self, trainer: Trainer, old: tuple[str, ...], new: tuple[str, ...]) -> None:
+    def _watched_changed(
+        self, trainer: Trainer, pl_module: LightningModule, old: tuple[str, ...], new: tuple[str, ...]
+    ) -> None:
         """Say which parameters joined or left; restart the statistics that were about the previous set."""
         old_set, new_set = set(old), set(new)
         added = [name for name in new if name not in old_set]
@@ -938,19 +1001,28 @@ class GradientHealthMonitor(Callback):
         changes = ([f"{len(added)} joined ({some(added)})"] if added else []) + (
             [f"{len(removed)} left ({some(removed)})"] if removed else []
         )
+        why = "layers frozen or unfrozen, or an optimizer's parameters changed"
+        if not changes:
+            changes, why = [f"the {len(new)} parameters are other tensors"], "a new model, or layers replaced"
         restarted = (["spike detection"] if self._spikes is not None else []) + (
             [f"{self.clip} clipping"] if isinstance(self._clipper, (AutoClipper, ZClipper)) else []
         )
         rank_zero_info(
             f"GradientHealthMonitor: the watched parameters changed at step {self._log_step(trainer)}: "
-            f"{'; '.join(changes)} (layers frozen or unfrozen, or an optimizer's parameters changed). "
+            f"{'; '.join(changes)} ({why}). "
             "Every statistic covers the new set from this step"
             + (f"; the running statistics of {' and '.join(restarted)} start over." if restarted else ".")
         )
-        if added and isinstance(trainer.strategy, DDPStrategy) and trainer.world_size > 1:
+        added_set = set(added)
+        late = [
+            clean_name(name)
+            for name, p in pl_module.named_parameters()
+            if id(p) not in self._trainable_at_wrap and clean_name(name) in added_set
+        ]
+        if late and isinstance(trainer.strategy, DDPStrategy) and trainer.world_size > 1:
             rank_zero_warn(
-                f"GradientHealthMonitor: {len(added)} parameter(s) started training after DistributedDataParallel "
-                f"wrapped the model ({some(added)}). DDP only averages the gradients of the parameters that "
+                f"GradientHealthMonitor: {len(late)} parameter(s) started training after DistributedDataParallel "
+                f"wrapped the model ({some(late)}). DDP only averages the gradients of the parameters that "
                 "required a gradient when it wrapped the model, so these are not averaged across ranks: their "
                 "replicas drift apart, and their per-layer statistics here are rank 0's own. Create the model with "
                 "them trainable (and freeze them through the optimizer instead), or let the strategy wrap it again."
@@ -964,20 +1036,28 @@ class GradientHealthMonitor(Callback):
         restrict = None
         if optimizer is not None:
             restrict = [p for group in optimizer.param_groups for p in group["params"]]
-        sparse = [
-            p
-            for module in pl_module.modules()
-            if isinstance(module, _SPARSE_MODULES) and getattr(module, "sparse", False)
-            for p in module.parameters(recurse=False)
-        ]
         layout = build_layout(
             pl_module.named_parameters(),
             group_by=self.group_by,
             include=self.include,
             exclude=self.exclude,
             restrict_to=restrict,
-            sparse_grads=sparse,
+            sparse_grads=self._sparse_params(pl_module),
         )
+        self._refuse_sparse(layout)
+        return layout
+
+    def _sparse_params(self, pl_module: LightningModule) -> list[torch.Tensor]:
+        """Parameters with sparse gradients: of sparse embedding modules, and any found sparse at a step."""
+        declared = [
+            p
+            for module in pl_module.modules()
+            if isinstance(module, _SPARSE_MODULES) and getattr(module, "sparse", False)
+            for p in module.parameters(recurse=False)
+        ]
+        return declared + list(self._sparse_found)
+
+    def _refuse_sparse(self, layout: ParamLayout) -> None:
         if layout.sparse and self.clip in ("value", "agc"):
             names = [layout.param_names[i] for i in sorted(layout.sparse)]
             raise ValueError(
@@ -985,7 +1065,6 @@ class GradientHealthMonitor(Callback):
                 f"with sparse=True: {names[:5]}): use clip='norm', 'autoclip' or 'zclip', or leave them out with "
                 "`exclude`."
             )
-        return layout
 
     def _flush_pending(self, collectives: bool = True) -> None:
         while self._awaiting_clip:

@@ -46,8 +46,9 @@ def stat_grads(layout: ParamLayout, indices: Sequence[int]) -> list[torch.Tensor
     """The gradients of ``layout.params[i]`` for ``i`` in ``indices``, as the statistics read them.
 
     Dense gradients are returned as they are. A sparse gradient (``nn.Embedding``/``nn.EmbeddingBag`` with
-    ``sparse=True``, listed in ``layout.sparse``) is read as the values of its coalesced form: entries at repeated
-    indices summed, as the dense gradient holds them (one copy of the touched rows, not of the table). Its norms,
+    ``sparse=True``, or found sparse at a step; listed in ``layout.sparse``) is read as the values of its coalesced
+    form: entries at repeated indices summed (in float32 at least), as the dense gradient holds them (one copy of
+    the touched rows, not of the table). Its norms,
     extremes, sums and NaN/Inf counts are then those of the dense gradient, and the untouched rows count as zeros
     through the parameter's element count.
     """
@@ -55,10 +56,16 @@ def stat_grads(layout: ParamLayout, indices: Sequence[int]) -> list[torch.Tensor
     grads: list[torch.Tensor] = [params[i].grad for i in indices]  # type: ignore[misc]
     if layout.sparse:
         grads = [
-            g.coalesce().values() if i in layout.sparse and g.is_sparse else g
+            _coalesced_values(g) if i in layout.sparse and g.is_sparse else g
             for i, g in zip(indices, grads, strict=True)
         ]
     return grads
+
+
+def _coalesced_values(g: torch.Tensor) -> torch.Tensor:
+    # repeated rows are summed in float32 at least (a float16/bfloat16 sum would round at every addition)
+    wide = g if g.dtype in (torch.float32, torch.float64) else g.float()
+    return wide.coalesce().values()
 
 
 def _accum_dtype(device: torch.device) -> torch.dtype:

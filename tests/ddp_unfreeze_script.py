@@ -1,5 +1,6 @@
-"""Run by test_distributed.py as `python ddp_unfreeze_script.py OUT_DIR`: a layer frozen when DDP wraps the model,
-unfrozen at epoch 1, on 2 gloo processes."""
+"""Run by test_distributed.py as `python ddp_unfreeze_script.py OUT_DIR MODE` on 2 gloo processes. MODE "frozen": a
+layer frozen when DDP wraps the model, unfrozen at epoch 1. MODE "optimizer": the layer trainable when DDP wraps the
+model but left out of the optimizer, added to it at epoch 1 (DDP averages it all along)."""
 
 import json
 import sys
@@ -22,8 +23,14 @@ class UnfreezeFirstLayer(Callback):
             pl_module.net[0].requires_grad_(True)
 
 
+class AddFirstLayer(Callback):
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == 1:
+            trainer.optimizers[0].add_param_group({"params": list(pl_module.net[0].parameters())})
+
+
 if __name__ == "__main__":
-    out = Path(sys.argv[1])
+    out, mode = Path(sys.argv[1]), sys.argv[2]
     torch.manual_seed(0)
     monitor = GradientHealthMonitor(log_every_n_steps=1)
     layers: list[list[str]] = []
@@ -33,9 +40,16 @@ if __name__ == "__main__":
             layers.append([lay.name for lay in monitor.last_record.layers])
 
     model = TinyMLP()
-    model.configure_optimizers = lambda: torch.optim.SGD(model.parameters(), lr=0.05)  # frozen params included
+    if mode == "frozen":
+        model.configure_optimizers = lambda: torch.optim.SGD(model.parameters(), lr=0.05)  # frozen params included
+        change = UnfreezeFirstLayer()
+    else:
+        model.configure_optimizers = lambda: torch.optim.SGD(
+            [p for n, p in model.named_parameters() if not n.startswith("net.0.")], lr=0.05
+        )
+        change = AddFirstLayer()
     trainer = make_trainer(
-        callbacks=[UnfreezeFirstLayer(), monitor, Layers()],
+        callbacks=[change, monitor, Layers()],
         strategy="ddp",
         devices=2,
         max_epochs=2,
@@ -51,6 +65,7 @@ if __name__ == "__main__":
         "steps": trainer.global_step,
         "layers": layers,
         "ddp_warnings": [str(w.message) for w in caught if "DistributedDataParallel" in str(w.message)],
+        "net0_weights": model.net[0].weight.detach().reshape(-1)[:4].tolist(),
     }
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
     if torch.distributed.is_initialized():

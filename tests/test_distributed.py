@@ -284,10 +284,16 @@ def test_deepspeed_zero_0_is_watched(tmp_path):
     assert r0["total_norm"] > 0
 
 
-def test_ddp_layer_unfrozen_after_wrapping_is_watched_and_its_missing_averaging_is_said(tmp_path):
-    proc, r0, r1 = _run("ddp_unfreeze_script.py", tmp_path)
+@pytest.mark.parametrize("mode", ["frozen", "optimizer"])
+def test_ddp_layer_joining_after_wrapping_is_watched_and_missing_averaging_is_said(tmp_path, mode):
+    proc, r0, r1 = _run("ddp_unfreeze_script.py", tmp_path, mode)
     for r in (r0, r1):  # both ranks keep in step through the change
         assert r["steps"] == 6
         assert r["layers"][:3] == [["net.2", "net.4"]] * 3 and r["layers"][3:] == [["net.0", "net.2", "net.4"]] * 3
-    assert len(r0["ddp_warnings"]) == 1 and "net.0.weight" in r0["ddp_warnings"][0]
     assert r1["ddp_warnings"] == []  # rank zero speaks
+    if mode == "frozen":  # frozen when DDP wrapped the model: DDP does not average it, and the replicas drift
+        assert len(r0["ddp_warnings"]) == 1 and "net.0.weight" in r0["ddp_warnings"][0]
+        assert r0["net0_weights"] != r1["net0_weights"]
+    else:  # trainable when DDP wrapped it: averaged all along, nothing to warn about
+        assert r0["ddp_warnings"] == []
+        assert r0["net0_weights"] == r1["net0_weights"]

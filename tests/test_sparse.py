@@ -139,3 +139,39 @@ def test_elementwise_clippers_refuse_sparse_gradients_before_training(tmp_path, 
     with pytest.raises(ValueError, match=rf"clip='{clip}'.*sparse.*emb\.weight"):
         trainer.fit(model, bag_loader())
     assert torch.equal(model.emb.weight.detach(), before)
+
+
+class Table(L.LightningModule):
+    """A bare parameter looked up with ``F.embedding(..., sparse=True)``: no sparse module announces it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(VOCAB, 8))
+        self.head = nn.Linear(8, 1)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        tokens, y = batch
+        rows = nn.functional.embedding(tokens, self.table, sparse=True).sum(1)
+        return nn.functional.mse_loss(self.head(rows).squeeze(-1), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def test_sparse_gradients_of_a_functional_lookup_are_found_at_the_first_step(tmp_path):
+    torch.manual_seed(0)
+    monitor = GradientHealthMonitor(log_every_n_steps=1, stats="full")
+    capture = DenseCapture()
+    trainer = make_trainer(tmp_path, callbacks=[monitor, capture], max_steps=3)
+    trainer.fit(Table(), bag_loader())
+    last = capture.steps[-1]
+    assert_matches(monitor.last_record, reference(last["grads"], last["params"]), full=True)
+
+
+def test_a_frozen_sparse_embedding_is_refused_by_elementwise_clipping_at_fit_start(tmp_path):
+    model = Bag()
+    model.emb.requires_grad_(False)  # unfrozen later, it would be refused in the middle of the run
+    trainer = make_trainer(tmp_path, callbacks=[GradientHealthMonitor(clip="agc")], max_steps=2)
+    with pytest.raises(ValueError, match=r"clip='agc'.*sparse.*emb\.weight"):
+        trainer.fit(model, bag_loader())
+    assert trainer.global_step == 0

@@ -303,3 +303,71 @@ def test_a_monitor_reused_across_fits_does_not_keep_old_models_alive(tmp_path):
         del model
     gc.collect()
     assert [ref() is None for ref in refs[:-1]] == [True, True]
+
+
+def test_a_monitor_reused_for_a_second_fit_sees_what_changed_in_between(tmp_path):
+    # stage 1 trains the head with the backbone frozen; stage 2 unfreezes it and fits again with the same monitor
+    torch.manual_seed(0)
+    monitor = GradientHealthMonitor(log_every_n_steps=50, spike_warmup_steps=3, on_spike="raise")
+    model = AllParams(backbone_grad_gain=1000.0)
+    model.backbone.requires_grad_(False)
+    make_trainer(tmp_path, callbacks=[monitor], max_steps=BATCHES_PER_EPOCH).fit(model, loader())
+    model.backbone.requires_grad_(True)
+    said = _Messages()
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addHandler(said)
+    try:
+        trainer = make_trainer(tmp_path, callbacks=[monitor], max_steps=BATCHES_PER_EPOCH)
+        trainer.fit(model, loader())  # without the restart, the backbone's arrival is a 24-sigma "spike"
+        # cross-validation: a new model with the same names is other tensors, not the same run going on
+        trainer = make_trainer(tmp_path, callbacks=[monitor], max_steps=BATCHES_PER_EPOCH)
+        trainer.fit(AllParams(), loader())
+    finally:
+        logging.getLogger("lightning.pytorch.utilities.rank_zero").removeHandler(said)
+    changes = [m for m in said.messages if "watched parameters changed" in m]
+    assert len(changes) == 2
+    assert "4 joined (backbone.0.weight" in changes[0] and "are other tensors" in changes[1]
+
+
+class ReplaceHeadAtEpoch(Callback):
+    """Replaces the head by a new Linear and points its parameter group at the new tensors (same sizes)."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch == 1:
+            pl_module.head = nn.Linear(16, 1)
+            trainer.optimizers[0].param_groups[1]["params"] = list(pl_module.head.parameters())
+
+
+class TwoGroups(Finetune):
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(
+            [{"params": list(self.backbone.parameters())}, {"params": list(self.head.parameters())}], lr=0.01
+        )
+
+
+def test_parameters_replaced_in_a_group_of_the_same_size_are_watched(tmp_path):
+    torch.manual_seed(0)
+    monitor = GradientHealthMonitor(log_every_n_steps=1)
+    records, capture = Records(monitor), Capture()
+    trainer = make_trainer(
+        tmp_path, callbacks=[ReplaceHeadAtEpoch(), monitor, records, capture], max_epochs=2, max_steps=-1
+    )
+    trainer.fit(TwoGroups(), loader())
+    _check_against_reference(records.records, capture)  # the new head's gradients and weights, not the old ones
+
+
+def test_a_checkpoint_without_the_watched_set_is_taken_to_describe_the_start(tmp_path):
+    # written by an earlier version: no "watched" key; the run resumed from it unfreezes the backbone
+    def run(max_epochs: int, ckpt: str | None = None) -> L.Trainer:
+        torch.manual_seed(0)
+        monitor = GradientHealthMonitor(log_every_n_steps=50, spike_warmup_steps=3, on_spike="raise")
+        trainer = make_trainer(tmp_path, callbacks=[FrozenUntilEpoch(1), monitor], max_epochs=max_epochs, max_steps=-1)
+        trainer.fit(AllParams(backbone_grad_gain=1000.0), loader(), ckpt_path=ckpt)
+        return trainer
+
+    path = tmp_path / "old.ckpt"
+    run(1).save_checkpoint(str(path))
+    checkpoint = torch.load(path, weights_only=False)
+    states = [v for k, v in checkpoint["callbacks"].items() if "GradientHealthMonitor" in k]
+    assert len(states) == 1 and states[0].pop("watched") == ["head.weight", "head.bias"]
+    torch.save(checkpoint, path)
+    assert run(2, ckpt=str(path)).global_step == 2 * BATCHES_PER_EPOCH  # no false spike at the unfreeze
