@@ -412,6 +412,13 @@ class GradientHealthMonitor(Callback):
         """Reset per-run state; check the configuration against the Trainer's."""
         if stage != "fit":
             return
+        monitors = [cb for cb in trainer.callbacks if isinstance(cb, GradientHealthMonitor)]
+        if len(monitors) > 1 and monitors[0] is self:
+            rank_zero_warn(
+                f"{len(monitors)} GradientHealthMonitor callbacks share this Trainer: they log the same keys "
+                "(grad_health/*, grad_norm/<layer>, ...) and write the same report file, so their values interleave "
+                "in the loggers and the last report wins. Use one monitor (`include`/`exclude` choose what it watches)."
+            )
         self._layouts.clear()
         self._model_layout = None
         self._trainable = None

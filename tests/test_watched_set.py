@@ -371,3 +371,14 @@ def test_a_checkpoint_without_the_watched_set_is_taken_to_describe_the_start(tmp
     assert len(states) == 1 and states[0].pop("watched") == ["head.weight", "head.bias"]
     torch.save(checkpoint, path)
     assert run(2, ckpt=str(path)).global_step == 2 * BATCHES_PER_EPOCH  # no false spike at the unfreeze
+
+
+def test_two_monitors_on_one_trainer_are_told_their_outputs_collide(tmp_path):
+    first, second = GradientHealthMonitor(include="backbone"), GradientHealthMonitor(include="head")
+    trainer = make_trainer(tmp_path, callbacks=[first, second], max_steps=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(Finetune(), loader())
+    said = [str(w.message) for w in caught if "GradientHealthMonitor callbacks share this Trainer" in str(w.message)]
+    assert len(said) == 1 and said[0].startswith("2 ")
+    assert first.last_record.layers[0].name == "backbone.0" and second.last_record.layers[0].name == "head"
