@@ -1,10 +1,10 @@
 """Where the metrics go: one write per logger and step, a single event for Lightning's TensorBoard logger.
 
 Lightning's ``TensorBoardLogger.log_metrics`` calls ``SummaryWriter.add_scalar`` once per key, and each call
-builds, frames and queues its own event: ~70 µs a key, so ~0.1 s for the 1,500 keys of a 500-layer model on
+builds, frames and queues its own event: 55–70 µs a key, so ~0.1 s for the 1,500 keys of a 500-layer model on
 every logged step. A TensorBoard ``Summary`` may hold any number of values (TensorFlow's ``merge_all`` writes
 them that way, and every TensorBoard reader takes them apart), so the same scalars written as ONE event cost
-~4 µs a key. The written values, tags, steps and files are the ones ``log_metrics`` would have produced.
+~5 µs a key. The written values, tags, steps and files are the ones ``log_metrics`` would have produced.
 
 The one-event path is taken only where it is known to be equivalent: a logger of Lightning's own
 ``TensorBoardLogger`` class whose ``log_metrics`` is not overridden (in a subclass or on the instance), writing
