@@ -58,7 +58,7 @@ def test_histograms_match_the_gradients(run_dir):
 
 
 def test_tags_in_a_real_tensorboard(run_dir):
-    log_dir, _ = run_dir
+    log_dir, capture = run_dir
     port = _free_port()
     proc = subprocess.Popen(
         [
@@ -91,6 +91,13 @@ def test_tags_in_a_real_tensorboard(run_dir):
             time.sleep(0.5)
         (run,) = scalars
         assert "grad_health/total_norm" in scalars[run] and "grad_norm/net.0" in scalars[run]
+        # the server takes the one-event-per-step writes apart: every logged step's value, per tag
+        points = _get(port, f"/data/plugin/scalars/scalars?run={run}&tag=grad_norm/net.0")
+        grads = {c["step"]: c["grads"] for c in capture.steps}
+        assert [p[1] for p in points] == [1, 3]
+        for _, step, value in points:
+            reference = torch.cat([grads[step]["net.0.weight"].reshape(-1), grads[step]["net.0.bias"]]).norm().item()
+            assert value == pytest.approx(reference, rel=1e-6)
         assert "grad_hist/net.0" in _get(port, "/data/plugin/histograms/tags")[run]
         assert "grad_health/gradient_flow" in _get(port, "/data/plugin/images/tags")[run]
         layout = _get(port, "/data/plugin/custom_scalars/layout")
