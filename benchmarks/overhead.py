@@ -125,7 +125,8 @@ class TinyLM(nn.Module):
         return self.head(self.enc(self.emb(tokens)))
 
 
-def _stack(n: int, width: int) -> nn.Sequential:
+def linear_stack(n: int, width: int) -> nn.Sequential:
+    """``n`` x ``Linear(width, width)`` with ReLU between (also the sharded benchmark's network)."""
     mods: list[nn.Module] = []
     for i in range(n):
         mods.append(nn.Linear(width, width))
@@ -137,11 +138,11 @@ def _stack(n: int, width: int) -> nn.Sequential:
 def build_shape(key: str) -> tuple[nn.Module, Callable[[], torch.Tensor]]:
     """A network and a closure returning its loss on a fixed batch."""
     if key == "mlp":
-        net: nn.Module = _stack(10, 1000)
+        net: nn.Module = linear_stack(10, 1000)
         x, y = torch.randn(64, 1000), torch.randn(64, 1000)
         return net, lambda: nn.functional.mse_loss(net(x), y)
     if key == "many":
-        net = _stack(500, 64)
+        net = linear_stack(500, 64)
         x, y = torch.randn(64, 64), torch.randn(64, 64)
         return net, lambda: nn.functional.mse_loss(net(x), y)
     if key == "transformer":

@@ -64,6 +64,8 @@ try:
 except ImportError:  # torch < 2.6
     from torch.distributed._composable.fsdp import fully_shard
 
+from overhead import linear_stack  # the sibling benchmark's network (benchmarks/ is this script's directory)
+
 from lightning_gradhealth.engine import GradStatsEngine, StepMeta
 from lightning_gradhealth.layout import build_layout
 
@@ -90,15 +92,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def build_net() -> nn.Sequential:
-    mods: list[nn.Module] = []
-    for i in range(LAYERS):
-        mods.append(nn.Linear(WIDTH, WIDTH))
-        if i < LAYERS - 1:
-            mods.append(nn.ReLU())
-    return nn.Sequential(*mods)
 
 
 def timed(fn: Callable[[], object]) -> tuple[float, object]:
@@ -143,7 +136,7 @@ def run(rank: int, reps: int, warmup: int) -> None:
     start = time.perf_counter()
     torch.manual_seed(0)  # the same initial weights on every rank
     mesh = init_device_mesh("cpu", (WORLD,))
-    net = build_net()
+    net = linear_stack(LAYERS, WIDTH)
     for mod in net:
         if isinstance(mod, nn.Linear):
             fully_shard(mod, mesh=mesh)
