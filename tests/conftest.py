@@ -125,14 +125,25 @@ class Capture(Callback):
                 "step": trainer.fit_loop.epoch_loop._batches_that_stepped,
                 "optimizer": optimizer,
                 "scale": None if scaler is None else float(scaler.get_scale()),
-                "grads": {
-                    n: p.grad.detach().to(torch.float64).clone()
+                "grads": {  # dense: a sparse gradient (nn.Embedding(sparse=True)) as the dense one it stands for
+                    n: p.grad.detach().to_dense().to(torch.float64).clone()
                     for n, p in pl_module.named_parameters()
                     if p.requires_grad and p.grad is not None
                 },
                 "params": {n: p.detach().to(torch.float64).clone() for n, p in pl_module.named_parameters()},
             }
         )
+
+
+class PostClipNorms(Callback):
+    """The global norm of the gradients the optimizer receives (place it after the monitor, which clips)."""
+
+    def __init__(self) -> None:
+        self.norms: list[float] = []
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        grads = [p.grad.to_dense().double().reshape(-1) for p in pl_module.parameters() if p.grad is not None]
+        self.norms.append(torch.linalg.vector_norm(torch.cat(grads)).item())
 
 
 def reference(

@@ -8,7 +8,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from conftest import assert_matches, make_trainer, reference
+from conftest import Capture, PostClipNorms, assert_matches, make_trainer, reference
 from lightning.pytorch import Callback
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
@@ -52,23 +52,11 @@ def bag_loader() -> DataLoader:
     return DataLoader(TensorDataset(tokens, torch.randn(64, generator=gen)), batch_size=8)
 
 
-class DenseCapture(Callback):
-    """float64 dense copies of every gradient and parameter (place it after the monitor)."""
-
-    def __init__(self) -> None:
-        self.steps: list[dict[str, Any]] = []
-
-    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
-        grads = {n: p.grad.to_dense().double() for n, p in pl_module.named_parameters() if p.grad is not None}
-        params = {n: p.detach().double().clone() for n, p in pl_module.named_parameters()}
-        self.steps.append({"step": trainer.fit_loop.epoch_loop._batches_that_stepped, "grads": grads, "params": params})
-
-
 @pytest.mark.parametrize("accumulate", [1, 3])
 def test_sparse_gradients_give_the_dense_statistics(tmp_path, accumulate):
     torch.manual_seed(0)
     monitor = GradientHealthMonitor(log_every_n_steps=1, stats="full", histogram_every_n_steps=1)
-    capture = DenseCapture()
+    capture = Capture()
     trainer = make_trainer(tmp_path, callbacks=[monitor, capture], max_steps=2, accumulate_grad_batches=accumulate)
     model = Bag()
     trainer.fit(model, bag_loader())
@@ -104,20 +92,9 @@ def test_nan_in_a_sparse_gradient_stops_the_run_naming_the_layer(tmp_path):
     assert err.value.record.layer("emb").nan_count == 1
 
 
-class PostClip(Callback):
-    """The global norm of the gradients the optimizer receives (after the monitor's clipping)."""
-
-    def __init__(self) -> None:
-        self.norms: list[float] = []
-
-    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
-        grads = [p.grad.to_dense().double() for p in pl_module.parameters() if p.grad is not None]
-        self.norms.append(torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in grads])).item())
-
-
 def test_norm_clipping_scales_sparse_gradients_too(tmp_path):
     monitor = GradientHealthMonitor(log_every_n_steps=1, clip="norm", max_norm=0.05)
-    records, post = [], PostClip()
+    records, post = [], PostClipNorms()
 
     class Grab(Callback):
         def on_before_optimizer_step(self, *args: Any) -> None:
@@ -161,7 +138,7 @@ class Table(L.LightningModule):
 def test_sparse_gradients_of_a_functional_lookup_are_found_at_the_first_step(tmp_path):
     torch.manual_seed(0)
     monitor = GradientHealthMonitor(log_every_n_steps=1, stats="full")
-    capture = DenseCapture()
+    capture = Capture()
     trainer = make_trainer(tmp_path, callbacks=[monitor, capture], max_steps=3)
     trainer.fit(Table(), bag_loader())
     last = capture.steps[-1]

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import lightning as L
 import pytest
 import torch
-from conftest import Capture, Records, assert_matches, loader, make_trainer, reference
+from conftest import Capture, PostClipNorms, Records, assert_matches, loader, make_trainer, reference
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import BackboneFinetuning
 from torch import nn
@@ -59,15 +61,26 @@ def _layers_by_epoch(records: list[Any]) -> dict[int, set[tuple[str, ...]]]:
     return out
 
 
-class _Messages(logging.Handler):
-    """Collects what Lightning's ``rank_zero_info`` says (its logger may not propagate to pytest's caplog)."""
+@contextmanager
+def watched_changes() -> Iterator[list[str]]:
+    """The monitor's "watched parameters changed" announcements made inside the block.
 
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.messages: list[str] = []
+    Lightning's ``rank_zero_info`` logger may not propagate to pytest's caplog, so a handler goes on it directly.
+    """
+    said: list[str] = []
 
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "watched parameters changed" in record.getMessage():
+                said.append(record.getMessage())
+
+    handler = Collect(logging.INFO)
+    rank_zero_logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    rank_zero_logger.addHandler(handler)
+    try:
+        yield said
+    finally:
+        rank_zero_logger.removeHandler(handler)
 
 
 def test_layers_unfrozen_by_backbone_finetuning_are_watched_from_that_epoch(tmp_path):
@@ -76,18 +89,12 @@ def test_layers_unfrozen_by_backbone_finetuning_are_watched_from_that_epoch(tmp_
     records, capture = Records(monitor), Capture()
     finetuning = BackboneFinetuning(unfreeze_backbone_at_epoch=1, backbone_initial_ratio_lr=0.1)
     trainer = make_trainer(tmp_path, callbacks=[monitor, finetuning, records, capture], max_epochs=2, max_steps=-1)
-    said = _Messages()
-    rank_zero_logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    rank_zero_logger.addHandler(said)
-    try:
+    with watched_changes() as joined:
         trainer.fit(Finetune(), loader())
-    finally:
-        rank_zero_logger.removeHandler(said)
     assert len(records.records) == 2 * BATCHES_PER_EPOCH
     assert _layers_by_epoch(records.records) == {0: {("head",)}, 1: {("backbone.0", "backbone.2", "head")}}
     _check_against_reference(records.records, capture)  # the global norm covers the backbone once it trains
     assert all(record.no_grad_count == 0 for record in records.records)
-    joined = [m for m in said.messages if "watched parameters changed" in m]
     assert len(joined) == 1 and f"at step {BATCHES_PER_EPOCH}: 4 joined (backbone.0.weight" in joined[0]
 
 
@@ -186,18 +193,12 @@ def test_a_resumed_run_decides_like_an_uninterrupted_one_across_an_unfreeze(tmp_
         monitor = GradientHealthMonitor(
             log_every_n_steps=50, clip="zclip", zclip_warmup_steps=3, spike_warmup_steps=3, on_spike="warn"
         )
-        said = _Messages()
-        logging.getLogger("lightning.pytorch.utilities.rank_zero").addHandler(said)
-        try:
-            trainer = make_trainer(
-                tmp_path, callbacks=[FrozenUntilEpoch(1), monitor], max_epochs=max_epochs, max_steps=-1
-            )
+        trainer = make_trainer(tmp_path, callbacks=[FrozenUntilEpoch(1), monitor], max_epochs=max_epochs, max_steps=-1)
+        with watched_changes() as said:
             trainer.fit(model, loader(), ckpt_path=ckpt)
-        finally:
-            logging.getLogger("lightning.pytorch.utilities.rank_zero").removeHandler(said)
         if save:
             trainer.save_checkpoint(save)
-        return model, [m for m in said.messages if "watched parameters changed" in m]
+        return model, said
 
     straight, said_straight = run(4)
     path = str(tmp_path / "after_unfreeze.ckpt")
@@ -206,17 +207,6 @@ def test_a_resumed_run_decides_like_an_uninterrupted_one_across_an_unfreeze(tmp_
     assert len(said_straight) == 1 and said_resumed == []  # the checkpoint knows what was watched
     for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b)
-
-
-class PostClipNorms(Callback):
-    """The global norm of the gradients the optimizer receives (place it after the monitor)."""
-
-    def __init__(self) -> None:
-        self.norms: list[float] = []
-
-    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
-        grads = [p.grad.double().reshape(-1) for p in pl_module.parameters() if p.grad is not None]
-        self.norms.append(torch.linalg.vector_norm(torch.cat(grads)).item())
 
 
 class UnfreezeAtBatch(Callback):
@@ -245,15 +235,11 @@ def test_parameters_unfrozen_outside_every_optimizer_change_nothing(tmp_path):
     torch.manual_seed(0)
     monitor = GradientHealthMonitor(log_every_n_steps=1, clip="zclip", zclip_warmup_steps=3)
     records = Records(monitor)
-    said = _Messages()
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addHandler(said)
-    try:
-        trainer = make_trainer(tmp_path, callbacks=[FrozenUntilEpoch(1), monitor, records], max_epochs=2, max_steps=-1)
+    trainer = make_trainer(tmp_path, callbacks=[FrozenUntilEpoch(1), monitor, records], max_epochs=2, max_steps=-1)
+    with watched_changes() as said:
         trainer.fit(Finetune(head_only_optimizer=True), loader())
-    finally:
-        logging.getLogger("lightning.pytorch.utilities.rank_zero").removeHandler(said)
     assert _layers_by_epoch(records.records) == {0: {("head",)}, 1: {("head",)}}
-    assert not [m for m in said.messages if "watched parameters changed" in m]
+    assert not said
     assert monitor._clipper.mean is not None  # ZClip kept its statistics (its warm-up was not restarted)
 
 
@@ -313,17 +299,12 @@ def test_a_monitor_reused_for_a_second_fit_sees_what_changed_in_between(tmp_path
     model.backbone.requires_grad_(False)
     make_trainer(tmp_path, callbacks=[monitor], max_steps=BATCHES_PER_EPOCH).fit(model, loader())
     model.backbone.requires_grad_(True)
-    said = _Messages()
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addHandler(said)
-    try:
+    with watched_changes() as changes:
         trainer = make_trainer(tmp_path, callbacks=[monitor], max_steps=BATCHES_PER_EPOCH)
         trainer.fit(model, loader())  # without the restart, the backbone's arrival is a 24-sigma "spike"
         # cross-validation: a new model with the same names is other tensors, not the same run going on
         trainer = make_trainer(tmp_path, callbacks=[monitor], max_steps=BATCHES_PER_EPOCH)
         trainer.fit(AllParams(), loader())
-    finally:
-        logging.getLogger("lightning.pytorch.utilities.rank_zero").removeHandler(said)
-    changes = [m for m in said.messages if "watched parameters changed" in m]
     assert len(changes) == 2
     assert "4 joined (backbone.0.weight" in changes[0] and "are other tensors" in changes[1]
 
