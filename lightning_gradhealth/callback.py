@@ -1076,7 +1076,7 @@ class GradientHealthMonitor(Callback):
     def _flush_pending(self, collectives: bool = True) -> None:
         while self._awaiting_clip:
             _, (record, layout) = self._awaiting_clip.popitem()
-            present = [i for i, p in enumerate(layout.params) if p.grad is not None]
+            present = layout.with_grad()
             params = [layout.params[i] for i in present]
             grads = stat_grads(layout, present)
             if grads and collectives:  # the second transfer of a step, only when the Trainer clips gradients

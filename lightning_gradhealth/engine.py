@@ -331,7 +331,7 @@ class GradStatsEngine:
             GradientHealthError: A layout of DTensor shards that is not supported.
         """
         params = layout.params
-        present = tuple(i for i, p in enumerate(params) if p.grad is not None)
+        present = layout.with_grad()
         given_shards = reduction is not None and reduction.shard_group is not None
         if not present and not given_shards:
             return None
@@ -516,7 +516,7 @@ class GradStatsEngine:
             The pending guard, or ``None`` when no watched parameter has a gradient.
         """
         if layout.sparse:
-            grads = stat_grads(layout, [i for i, p in enumerate(layout.params) if p.grad is not None])
+            grads = stat_grads(layout, layout.with_grad())
         else:
             grads = [g for p in layout.params if (g := p.grad) is not None]  # one pass
         if not grads:
@@ -559,7 +559,7 @@ class GradStatsEngine:
             ``{layer: {"min", "max", "num", "sum", "sum_squares", "bucket_limits", "bucket_counts"}}`` for the layers
             with a gradient, ready for ``SummaryWriter.add_histogram_raw``.
         """
-        present = [i for i, p in enumerate(layout.params) if p.grad is not None]
+        present = layout.with_grad()
         if not present:
             return {}
         grads = stat_grads(layout, present)
@@ -811,7 +811,7 @@ class NonFiniteTracker:
     @torch.no_grad()
     def observe(self, layout: ParamLayout) -> None:
         """Look at the running gradients of ``layout``'s parameters after one more backward pass."""
-        present = [i for i, p in enumerate(layout.params) if p.grad is not None]
+        present = layout.with_grad()
         grads = [local(g) for g in stat_grads(layout, present)]  # sharded: this rank's shards
         idx = self.micro_batches
         self.micro_batches += 1

@@ -74,6 +74,10 @@ class ParamLayout:
     def __len__(self) -> int:
         return len(self.params)
 
+    def with_grad(self) -> tuple[int, ...]:
+        """Indices (into :attr:`params`) of the parameters that have a gradient now."""
+        return tuple(i for i, p in enumerate(self.params) if p.grad is not None)
+
 
 def build_layout(
     named_parameters: Iterable[tuple[str, torch.Tensor]],
