@@ -4,7 +4,24 @@ from __future__ import annotations
 
 from lightning_gradhealth.record import StepStats
 
-__all__ = ["LAYER_KEYS", "SUMMARY_KEYS", "record_to_metrics", "summary_metrics"]
+__all__ = [
+    "ALERTS",
+    "AMP_OVERFLOW",
+    "AMP_SCALE",
+    "CLIPPED_NORM",
+    "CLIP_COEF",
+    "CLIP_FRAC",
+    "GRADIENT_FLOW",
+    "HISTOGRAM",
+    "LAYER_KEYS",
+    "POST_CLIP_NORM",
+    "SKIPPED_STEPS",
+    "SPIKES",
+    "SUMMARY_KEYS",
+    "activation_metrics",
+    "record_to_metrics",
+    "summary_metrics",
+]
 
 #: Summary keys, logged on every computed step.
 SUMMARY_KEYS: tuple[str, ...] = (
@@ -16,6 +33,21 @@ SUMMARY_KEYS: tuple[str, ...] = (
     "grad_health/layer_norm_ratio",
     "grad_health/no_grad_count",
 )
+
+#: Counters and per-step values of the safety features (only those that are on are logged).
+ALERTS = "grad_health/alerts"
+SKIPPED_STEPS = "grad_health/skipped_steps"
+AMP_OVERFLOW = "grad_health/amp_overflow"
+SPIKES = "grad_health/spikes"
+CLIP_COEF = "grad_health/clip_coef"
+CLIPPED_NORM = "grad_health/clipped_norm"
+CLIP_FRAC = "grad_health/clip_frac"
+#: Logged when the Trainer clips gradients, and when a GradScaler is active.
+POST_CLIP_NORM = "grad_health/post_clip_norm"
+AMP_SCALE = "grad_health/amp_scale"
+#: TensorBoard-only: the gradient-flow figure's tag, and the per-layer histograms' prefix.
+GRADIENT_FLOW = "grad_health/gradient_flow"
+HISTOGRAM = "grad_hist"
 
 #: Per-layer key prefixes: always, only on steps where the value is non-zero, and with ``stats="full"``.
 LAYER_KEYS: dict[str, tuple[str, ...]] = {
@@ -52,9 +84,9 @@ def summary_metrics(record: StepStats, optimizer_idx: int | None = None) -> dict
     )
     out = {key + sfx: value for key, value in zip(SUMMARY_KEYS, values, strict=True)}
     if record.post_clip_norm is not None:
-        out["grad_health/post_clip_norm" + sfx] = record.post_clip_norm
+        out[POST_CLIP_NORM + sfx] = record.post_clip_norm
     if record.amp_scale is not None:
-        out["grad_health/amp_scale" + sfx] = record.amp_scale
+        out[AMP_SCALE + sfx] = record.amp_scale
     return out
 
 
@@ -84,4 +116,15 @@ def record_to_metrics(record: StepStats, optimizer_idx: int | None = None) -> di
             out[f"grad_min/{name}"] = layer.min_abs_nonzero  # type: ignore[assignment]
             out[f"grad_mean/{name}"] = layer.mean  # type: ignore[assignment]
             out[f"grad_std/{name}"] = layer.std  # type: ignore[assignment]
+    return out
+
+
+def activation_metrics(stats: dict[str, tuple[float, float, float | None]]) -> dict[str, float]:
+    """The keys of the activation statistics: ``{module: (dead, zero, saturated or None)}`` to ``{key: value}``."""
+    out: dict[str, float] = {}
+    for name, (dead, zero, saturated) in stats.items():
+        out[f"act_dead_frac/{name}"] = dead
+        out[f"act_zero_frac/{name}"] = zero
+        if saturated is not None:
+            out[f"act_saturated_frac/{name}"] = saturated
     return out
