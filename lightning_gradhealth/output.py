@@ -1,0 +1,296 @@
+"""Where the results go: the loggers (one write per step), TensorBoard visuals, messages, history and the report.
+
+A :class:`Frontend` says how a front-end connects the core to its framework (loggers, ranks, the reduction across
+processes, how messages are shown); :class:`Output` turns records into metrics for the loggers, keeps the history
+and writes the report. Nothing here decides anything.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_gradhealth import metrics
+from lightning_gradhealth.distributed import Reduction
+from lightning_gradhealth.history import History
+from lightning_gradhealth.layout import ParamLayout
+from lightning_gradhealth.options import HealthOptions
+from lightning_gradhealth.record import StepStats
+from lightning_gradhealth.report import console_summary, write_report
+from lightning_gradhealth.rules import Finding, diagnose
+from lightning_gradhealth.sinks import DirectoryLogger, write_metrics
+from lightning_gradhealth.thresholds import Thresholds
+from lightning_gradhealth.visuals import custom_scalars_layout, gradient_flow_figure, write_histograms
+
+__all__ = ["Frontend", "Output"]
+
+
+def _print(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, UserWarning, stacklevel=4)
+
+
+@dataclass
+class Frontend:
+    """How a front-end connects the core to its framework.
+
+    Attributes:
+        model: The module whose ``named_parameters()`` name the layers (wrappers removed).
+        name: How messages name the tool (``"GradientHealthMonitor"``, ``"GradientHealth"``).
+        loggers: Lightning/Fabric loggers (anything with ``log_metrics(metrics, step)``).
+        rank: This process's global rank.
+        reduction: The process groups statistics and decisions are combined over.
+        fsdp1_root: FSDP1: returns the wrapped root module, whose reduction is found at the first step.
+        sharded: Whether gradients are sharded across processes (no collective is started on an exception).
+        ddp: Whether a DistributedDataParallel wrapper averages the gradients (parameters unfrozen later are not).
+        amp: Whether a GradScaler is in use (its overflow counter is logged).
+        default_dir: Where the report goes without ``report_dir`` and without a logger ``log_dir``.
+        info: Shows an informational message (rank zero only).
+        warn: Shows a warning (rank zero only).
+        on_summary: Receives the summary metrics of each published record, on every rank.
+    """
+
+    model: nn.Module
+    name: str = "GradientHealth"
+    loggers: Sequence[Any] = ()
+    rank: int = 0
+    reduction: Reduction = field(default_factory=Reduction)
+    fsdp1_root: Callable[[], nn.Module] | None = None
+    sharded: bool = False
+    ddp: bool = False
+    amp: bool = False
+    default_dir: Path = field(default_factory=Path.cwd)
+    info: Callable[[str], None] = _print
+    warn: Callable[[str], None] = _warn
+    on_summary: Callable[[dict[str, float]], None] | None = None
+
+    @property
+    def rank_zero(self) -> bool:
+        """Whether this process logs and writes."""
+        return self.rank == 0
+
+    @classmethod
+    def for_model(cls, model: nn.Module, loggers: Any, *, amp: bool = False, name: str = "GradientHealth") -> Frontend:
+        """The front-end of a plain or Fabric loop: ranks from ``torch.distributed``, wrappers found on ``model``.
+
+        A Fabric module is unwrapped; a ``DistributedDataParallel`` module is unwrapped and its decisions averaged
+        over the world; an FSDP1 module keeps its wrapper (its names are cleaned) and its reduction is found at the
+        first step; FSDP2 gradients name their process groups themselves.
+        """
+        from torch.nn.parallel import DistributedDataParallel
+
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        rank = torch.distributed.get_rank() if distributed else 0
+        world = torch.distributed.get_world_size() if distributed else 1
+        module = getattr(model, "_forward_module", model)  # Lightning Fabric's _FabricModule
+        ddp = isinstance(module, DistributedDataParallel)
+        frontend = cls(model=module.module if ddp else module, name=name, loggers=_loggers(loggers), rank=rank, amp=amp)
+        if ddp and world > 1:
+            frontend.ddp = True
+            frontend.reduction = Reduction(replica_group=torch.distributed.group.WORLD)
+        elif world > 1:
+            from torch.distributed.fsdp import FullyShardedDataParallel
+
+            if isinstance(module, FullyShardedDataParallel):
+                frontend.fsdp1_root, frontend.sharded = (lambda: module), True
+            elif any(type(p).__name__ == "DTensor" for p in module.parameters()):
+                frontend.sharded = True
+        return frontend
+
+
+def _loggers(loggers: Any) -> list[Any]:
+    """``None``, a logger, a list of loggers or a TensorBoard log directory, as a list of loggers."""
+    if loggers is None:
+        return []
+    if isinstance(loggers, (str, Path)):
+        return [DirectoryLogger(loggers)]
+    if isinstance(loggers, (list, tuple)):
+        return [DirectoryLogger(lg) if isinstance(lg, (str, Path)) else lg for lg in loggers]
+    if not callable(getattr(loggers, "log_metrics", None)):
+        raise TypeError(
+            "`loggers` must be None, a logger with `log_metrics(metrics, step)` (e.g. lightning.fabric.loggers."
+            f"TensorBoardLogger), a list of them, or a TensorBoard log directory; got {loggers!r}."
+        )
+    return [loggers]
+
+
+def _is_tensorboard(logger: Any) -> bool:
+    return isinstance(logger, DirectoryLogger) or any(c.__name__ == "TensorBoardLogger" for c in type(logger).__mro__)
+
+
+class Output:
+    """Records to metrics, loggers, visuals, history and report.
+
+    Args:
+        options: The validated options.
+
+    Attributes:
+        history: The run's history (what the report is made from).
+        findings: The findings of the last report.
+        warned: Keys of the warnings already shown (checkpointed).
+    """
+
+    def __init__(self, options: HealthOptions) -> None:
+        self.options = options
+        self.history = History()
+        self.findings: list[Finding] = []
+        self.warned: set[str] = set()
+        self.frontend = Frontend(model=nn.Module())
+        self._unlogged: dict[int, dict[str, float]] = {}
+        self._figures = options.figure_every_n_steps
+
+    def begin(self, frontend: Frontend) -> None:
+        """A new run: fresh history and findings."""
+        self.frontend = frontend
+        self.history = History()
+        self.findings = []
+        self._unlogged.clear()
+
+    # ------------------------------------------------------------------ messages
+    def info(self, message: str) -> None:
+        """An informational message, on rank zero."""
+        if self.frontend.rank_zero:
+            self.frontend.info(message)
+
+    def warn(self, message: str) -> None:
+        """A warning, on rank zero."""
+        if self.frontend.rank_zero:
+            self.frontend.warn(message)
+
+    def warn_once(self, key: str, message: str) -> None:
+        """A warning shown once per ``key`` for the whole run (resumed runs included)."""
+        if key not in self.warned:
+            self.warned.add(key)
+            self.warn(message)
+
+    # ------------------------------------------------------------------ metrics
+    def start(self) -> None:
+        """At the start of training: TensorBoard's custom-scalars layout; say where visuals cannot go."""
+        if not self.frontend.rank_zero:
+            return
+        for writer in self._writers():
+            writer.add_custom_scalars(custom_scalars_layout(list(metrics.SUMMARY_KEYS)))
+        visuals = self.options.histogram_every_n_steps is not None or self._figures is not None
+        others = [type(lg).__name__ for lg in self.frontend.loggers if not _is_tensorboard(lg)]
+        if visuals and others:
+            self.info(
+                f"{self.frontend.name}: histograms and figures go to TensorBoard loggers only; skipped for {others}."
+            )
+
+    def publish(self, record: StepStats, several: bool, counters: dict[str, float]) -> None:
+        """Add ``record`` to the history and to the metrics of its step (written by :meth:`emit`)."""
+        self.history.add(record)
+        if record.no_grad_params:
+            names = ", ".join(record.no_grad_params[:10])
+            more = len(record.no_grad_params) - 10
+            self.warn_once(
+                "no-grad:" + ",".join(record.no_grad_params),
+                f"{self.frontend.name}: {record.no_grad_count} trainable parameter(s) got no gradient at step "
+                f"{record.step}: {names}{f' and {more} more' if more > 0 else ''}. They are unused in the forward "
+                "pass or detached from the loss; freeze them (requires_grad=False) or check the graph. Counted in "
+                "grad_health/no_grad_count.",
+            )
+        opt_idx = record.optimizer_idx if several else None
+        summary = metrics.summary_metrics(record, opt_idx)
+        values = metrics.record_to_metrics(record, opt_idx) if self.options.per_layer else dict(summary)
+        values.update(counters)
+        summary.update(counters)
+        self._unlogged.setdefault(record.step, {}).update(values)
+        if self.frontend.on_summary is not None:
+            self.frontend.on_summary(summary)
+
+    def add_activations(self, step: int, stats: dict[str, tuple[float, float, float | None]]) -> None:
+        """The activation statistics of a sampled step."""
+        self.history.add_activations(step, stats)
+        self._unlogged.setdefault(step, {}).update(metrics.activation_metrics(stats))
+
+    def emit(self) -> None:
+        """Write the buffered metrics: one write per logger and step, on rank zero."""
+        if not self._unlogged:
+            return
+        batches, self._unlogged = self._unlogged, {}
+        if not self.frontend.rank_zero:
+            return
+        for step, values in sorted(batches.items()):
+            write_metrics(self.frontend.loggers, values, step)
+
+    def flush(self) -> None:
+        """Make the loggers write what they hold (before a raise)."""
+        if not self.frontend.rank_zero:
+            return
+        for logger in self.frontend.loggers:
+            save = getattr(logger, "save", None)
+            if callable(save):
+                save()
+            flush = getattr(getattr(logger, "experiment", None), "flush", None)
+            if callable(flush):
+                flush()
+
+    def _writers(self) -> list[Any]:
+        """The SummaryWriters of the TensorBoard loggers (rank zero only)."""
+        if not self.frontend.rank_zero:
+            return []
+        return [lg.experiment for lg in self.frontend.loggers if _is_tensorboard(lg)]
+
+    def visuals(
+        self,
+        engine: Any,
+        layout: ParamLayout,
+        grad_scale: torch.Tensor | None,
+        step: int,
+        record: StepStats | None,
+        reduction: Reduction,
+    ) -> None:
+        """Histograms and the gradient-flow figure, pre-clip, to TensorBoard on rank zero."""
+        if self.options.histogram_every_n_steps is None and self._figures is None:
+            return  # the hot path: nothing to draw
+        writers = self._writers()
+        # sharded: every rank takes part in the histograms' collectives (a condition the same on every rank)
+        joins = self.frontend.sharded and any(_is_tensorboard(lg) for lg in self.frontend.loggers)
+        if not (writers or joins):
+            return
+        from lightning_gradhealth.core import due
+
+        if due(step, self.options.histogram_every_n_steps):
+            histograms = engine.histograms(layout, grad_scale=grad_scale, reduction=reduction)
+            for writer in writers:
+                write_histograms(writer, histograms, step)
+        if not writers or record is None or not record.layers or not due(step, self._figures):
+            return
+        try:
+            figure = gradient_flow_figure(record)
+        except ImportError:
+            self._figures = None
+            self.warn(f"{self.frontend.name}: figures need matplotlib (pip install lightning-gradhealth[plots]).")
+            return
+        for writer in writers:
+            writer.add_figure(metrics.GRADIENT_FLOW, figure, step, close=False)
+
+    # ------------------------------------------------------------------ report
+    def report_dir(self) -> Path:
+        """``report_dir``, else the first logger's ``log_dir``, else the front-end's default directory."""
+        if self.options.report_dir is not None:
+            return Path(self.options.report_dir)
+        log_dir = next((lg.log_dir for lg in self.frontend.loggers if getattr(lg, "log_dir", None)), None)
+        return Path(log_dir) if log_dir is not None else self.frontend.default_dir
+
+    def write_report(self, sparse_layers: frozenset[str]) -> None:
+        """Diagnose the run; on rank zero write the report and show a summary."""
+        if not self.history.records_seen:
+            return
+        thresholds = self.options.thresholds or Thresholds()
+        self.findings = diagnose(self.history, thresholds, sparse_layers=sparse_layers)
+        if not self.options.report or not self.frontend.rank_zero:
+            return
+        path = write_report(self.report_dir(), self.history, self.findings, thresholds)
+        self.info(console_summary(self.findings, path))
