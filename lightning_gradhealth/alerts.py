@@ -19,7 +19,9 @@ class Alert:
     """One thing a check found at one step.
 
     Attributes:
-        kind: What was found (``"nonfinite"``, ``"total_norm_high"``, ``"layer_vanishing"``, ``"spike"``, ...).
+        kind: What was found, one of :data:`~lightning_gradhealth.kinds.ALERT_KINDS` (``"nonfinite"``,
+            ``"spike"``, ``"exploding"``, ``"vanishing"``, ``"layer_imbalance"``, ``"dead"``, ``"ratio_high"``,
+            ``"ratio_low"``): the same kind as the finding about the same problem, and the key of its fixes.
         severity: ``warning`` or ``critical``.
         step: The Trainer's logging step.
         message: A human-readable sentence, with the fix.

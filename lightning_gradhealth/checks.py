@@ -7,6 +7,7 @@ from collections.abc import Collection
 
 from lightning_gradhealth.alerts import Alert
 from lightning_gradhealth.fixes import FIXES
+from lightning_gradhealth.kinds import Kind
 from lightning_gradhealth.record import StepStats
 from lightning_gradhealth.thresholds import Severity, Thresholds
 
@@ -21,7 +22,6 @@ def _check(
     *,
     high: bool,
     kind: str,
-    fix: str,
     message: str,
     step: int,
     epoch: int,
@@ -30,7 +30,8 @@ def _check(
 ) -> None:
     """Grade ``value`` against the ``<check>_warning`` / ``<check>_critical`` lines; append an alert if it fires.
 
-    ``message`` is formatted with ``value``, ``line`` (the line crossed) and ``layer``.
+    ``message`` is formatted with ``value``, ``line`` (the line crossed) and ``layer``; the first fix of ``kind``
+    (a :class:`~lightning_gradhealth.kinds.Kind`) is appended to it.
     """
     sev = th.grade_high(check, value) if high else th.grade_low(check, value)
     if sev is Severity.OK:
@@ -41,7 +42,7 @@ def _check(
             kind=kind,
             severity=sev,
             step=step,
-            message=message.format(value=value, line=line, layer=layer) + f" Fix: {FIXES[fix][0]}.",
+            message=message.format(value=value, line=line, layer=layer) + f" Fix: {FIXES[kind][0]}.",
             layer=layer,
             value=value,
             threshold=line,
@@ -72,22 +73,10 @@ def check_global_norm(
         return out
     where = {"step": step, "epoch": epoch, "batch_idx": batch_idx}
     msg = "global gradient norm {value:.3g} > {line:g}: exploding gradients."
-    _check(
-        out, th, "total_norm_high", total_norm, high=True, kind="total_norm_high", fix="exploding", message=msg, **where
-    )
+    _check(out, th, "total_norm_high", total_norm, high=True, kind=Kind.EXPLODING, message=msg, **where)
     if steps_seen >= th.warmup_steps:
         msg = "global gradient norm {value:.3g} < {line:g}: vanishing gradients, little or no learning."
-        _check(
-            out,
-            th,
-            "total_norm_low",
-            total_norm,
-            high=False,
-            kind="total_norm_low",
-            fix="vanishing",
-            message=msg,
-            **where,
-        )
+        _check(out, th, "total_norm_low", total_norm, high=False, kind=Kind.VANISHING, message=msg, **where)
     return out
 
 
@@ -110,8 +99,8 @@ def check_record(
         return out
     where = {"step": record.step, "epoch": record.epoch, "batch_idx": record.batch_idx}
     msg = "layer gradient norms span a factor of {value:.3g} (> {line:g}): gradients do not flow evenly."
-    _check(out, th, "layer_norm_ratio", record.layer_norm_ratio, high=True, kind="layer_norm_ratio",
-           fix="layer_imbalance", message=msg, **where)  # fmt: skip
+    _check(out, th, "layer_norm_ratio", record.layer_norm_ratio, high=True, kind=Kind.LAYER_IMBALANCE, message=msg,
+           **where)  # fmt: skip
     if steps_seen < th.warmup_steps:
         return out
     zero_frac = record.zero_frac
@@ -120,18 +109,18 @@ def check_record(
         numel = sum(lay.numel for lay in dense)
         zero_frac = sum(lay.zero_frac * lay.numel for lay in dense) / numel if numel else 0.0
     msg = "{value:.0%} of gradient entries are exactly zero (> {line:.0%}): many dead units."
-    _check(out, th, "zero_frac", zero_frac, high=True, kind="zero_frac", fix="dead", message=msg, **where)
+    _check(out, th, "zero_frac", zero_frac, high=True, kind=Kind.DEAD, message=msg, **where)
     for lay in record.layers:
         msg = "layer {layer}: gradient norm {value:.3g} < {line:g}: vanishing gradient in this layer."
-        _check(out, th, "layer_norm_low", lay.grad_norm, high=False, kind="layer_vanishing", fix="vanishing",
-               message=msg, layer=lay.name, **where)  # fmt: skip
+        _check(out, th, "layer_norm_low", lay.grad_norm, high=False, kind=Kind.VANISHING, message=msg,
+               layer=lay.name, **where)  # fmt: skip
         if lay.param_norm <= 0:
             continue
         msg = "layer {layer}: grad/param ratio {value:.3g} > {line:g}: updates too large for the weights."
-        _check(out, th, "grad_param_ratio_high", lay.ratio, high=True, kind="ratio_high", fix="ratio_high",
-               message=msg, layer=lay.name, **where)  # fmt: skip
+        _check(out, th, "grad_param_ratio_high", lay.ratio, high=True, kind=Kind.RATIO_HIGH, message=msg,
+               layer=lay.name, **where)  # fmt: skip
         if lay.grad_norm > 0:
             msg = "layer {layer}: grad/param ratio {value:.3g} < {line:g}: gradients too small to matter."
-            _check(out, th, "grad_param_ratio_low", lay.ratio, high=False, kind="ratio_low", fix="ratio_low",
-                   message=msg, layer=lay.name, **where)  # fmt: skip
+            _check(out, th, "grad_param_ratio_low", lay.ratio, high=False, kind=Kind.RATIO_LOW, message=msg,
+                   layer=lay.name, **where)  # fmt: skip
     return out

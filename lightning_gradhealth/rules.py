@@ -11,26 +11,27 @@ from typing import Any
 
 from lightning_gradhealth.fixes import FIXES
 from lightning_gradhealth.history import History
+from lightning_gradhealth.kinds import Kind
 from lightning_gradhealth.thresholds import Severity, Thresholds
 
 __all__ = ["CODE", "Finding", "diagnose"]
 
-#: Code to add, per finding kind (seeds 002, 003).
+#: Code to add, per finding kind (:class:`~lightning_gradhealth.kinds.Kind`; seeds 002, 003).
 CODE: dict[str, str] = {
-    "nonfinite": "GradientHealthMonitor(on_nonfinite='raise', clip='norm', max_norm=1.0)\n"
+    Kind.NONFINITE: "GradientHealthMonitor(on_nonfinite='raise', clip='norm', max_norm=1.0)\n"
     "loss = F.cross_entropy(logits, targets, label_smoothing=0.1)",
-    "exploding": "GradientHealthMonitor(clip='norm', max_norm=1.0)  # or Trainer(gradient_clip_val=1.0)",
-    "vanishing": "def init_weights(m):\n    if isinstance(m, nn.Linear):\n"
+    Kind.EXPLODING: "GradientHealthMonitor(clip='norm', max_norm=1.0)  # or Trainer(gradient_clip_val=1.0)",
+    Kind.VANISHING: "def init_weights(m):\n    if isinstance(m, nn.Linear):\n"
     "        nn.init.kaiming_normal_(m.weight, nonlinearity='relu')\n\nmodel.apply(init_weights)",
-    "dead": "nn.LeakyReLU(negative_slope=0.01)  # instead of nn.ReLU()",
-    "saturation": "nn.GELU()  # instead of nn.Sigmoid() / nn.Tanh() inside the network",
-    "layer_imbalance": "x = x + block(norm(x))  # residual connection around a normalised block",
-    "spike": "GradientHealthMonitor(clip='zclip', on_spike='skip', spike_dir='spikes/')",
-    "rising_trend": "GradientHealthMonitor(clip='norm', max_norm=1.0)",
-    "decaying_trend": "# check the learning rate schedule and the architecture (see vanishing)",
-    "ratio_high": "# lower the learning rate of the optimizer",
-    "ratio_low": "# raise the learning rate, or check that these layers are not frozen by mistake",
-    "no_gradient": "for name, p in model.named_parameters():\n    if p.grad is None:\n"
+    Kind.DEAD: "nn.LeakyReLU(negative_slope=0.01)  # instead of nn.ReLU()",
+    Kind.SATURATION: "nn.GELU()  # instead of nn.Sigmoid() / nn.Tanh() inside the network",
+    Kind.LAYER_IMBALANCE: "x = x + block(norm(x))  # residual connection around a normalised block",
+    Kind.SPIKE: "GradientHealthMonitor(clip='zclip', on_spike='skip', spike_dir='spikes/')",
+    Kind.RISING_TREND: "GradientHealthMonitor(clip='norm', max_norm=1.0)",
+    Kind.DECAYING_TREND: "# check the learning rate schedule and the architecture (see vanishing)",
+    Kind.RATIO_HIGH: "# lower the learning rate of the optimizer",
+    Kind.RATIO_LOW: "# raise the learning rate, or check that these layers are not frozen by mistake",
+    Kind.NO_GRADIENT: "for name, p in model.named_parameters():\n    if p.grad is None:\n"
     "        print('no gradient:', name)",
 }
 
@@ -40,8 +41,9 @@ class Finding:
     """One diagnosis.
 
     Attributes:
-        kind: ``nonfinite``, ``exploding``, ``vanishing``, ``dead``, ``saturation``, ``layer_imbalance``,
-            ``ratio_high``, ``ratio_low``, ``spike``, ``rising_trend``, ``decaying_trend`` or ``no_gradient``.
+        kind: A :class:`~lightning_gradhealth.kinds.Kind`: ``nonfinite``, ``exploding``, ``vanishing``, ``dead``,
+            ``saturation``, ``layer_imbalance``, ``ratio_high``, ``ratio_low``, ``spike``, ``rising_trend``,
+            ``decaying_trend`` or ``no_gradient``.
         severity: ``warning`` or ``critical``.
         summary: One sentence.
         layers: Layers concerned, in depth (definition) order.
@@ -114,7 +116,7 @@ def diagnose(
                 f"recover; restart from a checkpoint saved before step {first_bad.step}."
             )
         out.append(_finding(
-            "nonfinite", Severity.CRITICAL,
+            Kind.NONFINITE, Severity.CRITICAL,
             (
                 f"non-finite gradients at step {first_bad.step} ({first_bad.nan_count} NaN, {first_bad.inf_count} Inf)"
                 if first_bad.nan_count or first_bad.inf_count or first_bad.amp_overflow
@@ -130,8 +132,8 @@ def diagnose(
     if history.no_grad_params:
         names = tuple(sorted(history.no_grad_params))
         out.append(_finding(
-            "no_gradient", Severity.WARNING, f"{len(names)} trainable parameter(s) never got a gradient.",
-            fix_kind="vanishing", layers=names, evidence={"parameters": list(names)},
+            Kind.NO_GRADIENT, Severity.WARNING, f"{len(names)} trainable parameter(s) never got a gradient.",
+            fix_kind=Kind.VANISHING, layers=names, evidence={"parameters": list(names)},
         ))  # fmt: skip
     if len(history.steps) < min_snapshots:
         return _ordered(out)
@@ -147,7 +149,7 @@ def diagnose(
         finite = [(n, name) for n, name in zip(norms, names, strict=True) if math.isfinite(n)]
         top = tuple(name for _, name in sorted(finite, reverse=True)[:3])
         out.append(_finding(
-            "exploding", sev, f"the global gradient norm is {total_recent:.3g} over the recent steps "
+            Kind.EXPLODING, sev, f"the global gradient norm is {total_recent:.3g} over the recent steps "
             f"(> {getattr(th, f'total_norm_high_{sev.value}'):g}).",
             layers=tuple(n for n in names if n in top),
             evidence={"median_total_norm": total_recent, "steps": [steps[recent.start], steps[-1]],
@@ -170,7 +172,7 @@ def diagnose(
             )
             affected = tuple(name for name, n in present if n < late / th.layer_norm_ratio_warning) or tuple(tiny)
             out.append(_finding(
-                "vanishing", Severity.CRITICAL if critical else Severity.WARNING,
+                Kind.VANISHING, Severity.CRITICAL if critical else Severity.WARNING,
                 f"gradients vanish toward the input: the first layers get {decay:.1e} of the last layers' gradient"
                 + (f"; {len(tiny)} layer(s) below {th.layer_norm_low_warning:g}" if tiny else "") + ".",
                 layers=affected,
@@ -181,7 +183,7 @@ def diagnose(
             ratio = _median(history.layer_norm_ratio[recent])
             if th.grade_high("layer_norm_ratio", ratio) is not Severity.OK:
                 out.append(_finding(
-                    "layer_imbalance", th.grade_high("layer_norm_ratio", ratio),
+                    Kind.LAYER_IMBALANCE, th.grade_high("layer_norm_ratio", ratio),
                     f"layer gradient norms span a factor of {ratio:.3g}.",
                     layers=(min(present, key=lambda p: p[1])[0], max(present, key=lambda p: p[1])[0]),
                     evidence={"median_layer_norm_ratio": ratio},
@@ -195,22 +197,23 @@ def diagnose(
         if len(zeros) >= min_snapshots and min(zeros) > th.zero_frac_warning:
             dead.append((name, statistics.mean(zeros)))
     # activation statistics, when sampled: units dead for whole batches, saturated outputs
-    act_dead, act_sat = [], []
+    dead_units: list[tuple[str, float]] = []
+    saturated: list[tuple[str, float]] = []
     for name, samples in history.activations.items():
         last = samples[-3:]
         if len(last) < 2:
             continue
         if min(s[1] for s in last) > th.dead_units_warning:
-            act_dead.append((name, statistics.mean(s[1] for s in last)))
+            dead_units.append((name, statistics.mean(s[1] for s in last)))
         sats = [s[3] for s in last if s[3] is not None]
         if len(sats) == len(last) and min(sats) > th.saturation_warning:
-            act_sat.append((name, statistics.mean(sats)))
+            saturated.append((name, statistics.mean(sats)))
     for kind, hits, check, template, key in (
-        ("dead", act_dead, "dead_units", "{n} activation module(s) have more than {line:.0%} of their units zero "
+        (Kind.DEAD, dead_units, "dead_units", "{n} activation module(s) have more than {line:.0%} of their units zero "
          "for whole batches: dead units.", "dead_unit_frac"),
-        ("saturation", act_sat, "saturation", "{n} sigmoid/tanh module(s) keep more than {line:.0%} of their "
+        (Kind.SATURATION, saturated, "saturation", "{n} sigmoid/tanh module(s) keep more than {line:.0%} of their "
          "outputs saturated: their gradients vanish.", "saturated_frac"),
-        ("dead", dead, "zero_frac", "{n} layer(s) keep more than {line:.0%} of their gradient exactly zero in "
+        (Kind.DEAD, dead, "zero_frac", "{n} layer(s) keep more than {line:.0%} of their gradient exactly zero in "
          "every recent step: dead units.", "mean_zero_frac"),
     ):  # fmt: skip
         if hits:  # every hit is above the warning line; the worst one decides the severity
@@ -221,8 +224,8 @@ def diagnose(
             ))  # fmt: skip
     # -------------------------------------------------------------- grad/param ratios, persistently
     for kind, check, high in (
-        ("ratio_high", "grad_param_ratio_high", True),
-        ("ratio_low", "grad_param_ratio_low", False),
+        (Kind.RATIO_HIGH, "grad_param_ratio_high", True),
+        (Kind.RATIO_LOW, "grad_param_ratio_low", False),
     ):
         hits = []
         for j, name in enumerate(names):
@@ -242,7 +245,7 @@ def diagnose(
     # -------------------------------------------------------------- spikes and trends over the run
     if history.spikes:
         out.append(_finding(
-            "spike", Severity.WARNING, f"{len(history.spikes)} gradient-norm spike(s), first at step "
+            Kind.SPIKE, Severity.WARNING, f"{len(history.spikes)} gradient-norm spike(s), first at step "
             f"{history.spikes[0][0]}.", evidence={"spikes": [{"step": s, "z": z} for s, z in history.spikes]},
         ))  # fmt: skip
     finite = [(s, v) for s, v in zip(steps, history.total_norm, strict=True) if math.isfinite(v) and v > 0]
@@ -253,15 +256,15 @@ def diagnose(
         rising = [b >= a for (_, a), (_, b) in pairwise(finite)]
         if late / early >= 10 and sum(rising) / len(rising) >= 0.6:
             out.append(_finding(
-                "rising_trend", Severity.WARNING,
+                Kind.RISING_TREND, Severity.WARNING,
                 f"the global gradient norm rose steadily from {early:.3g} to {late:.3g}: building to an explosion.",
-                fix_kind="exploding", evidence={"early": early, "late": late},
+                fix_kind=Kind.EXPLODING, evidence={"early": early, "late": late},
             ))  # fmt: skip
         if late / early <= 1e-2 and th.grade_low("total_norm_low", late) is not Severity.OK:
             out.append(_finding(
-                "decaying_trend", Severity.WARNING,
+                Kind.DECAYING_TREND, Severity.WARNING,
                 f"the global gradient norm decayed from {early:.3g} to {late:.3g}: training is stalling.",
-                fix_kind="vanishing", evidence={"early": early, "late": late},
+                fix_kind=Kind.VANISHING, evidence={"early": early, "late": late},
             ))  # fmt: skip
     return _ordered(out)
 

@@ -3,28 +3,39 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
+from lightning_gradhealth.metrics import (
+    GRAD_NORM,
+    GRAD_RATIO,
+    GRAD_ZERO_FRAC,
+    HISTOGRAM,
+    SUMMARY_KEYS,
+    layer_key_pattern,
+    metric_key,
+    short_name,
+)
 from lightning_gradhealth.record import StepStats
 
 __all__ = ["custom_scalars_layout", "gradient_flow_figure", "write_histograms"]
 
 
-def custom_scalars_layout(summary_keys: list[str]) -> dict[str, dict[str, list[Any]]]:
+def custom_scalars_layout(summary_keys: Sequence[str] = SUMMARY_KEYS) -> dict[str, dict[str, list[Any]]]:
     """A layout for TensorBoard's Custom Scalars tab grouping the monitor's charts.
 
     Args:
-        summary_keys: The ``grad_health/*`` keys to put in the "global" group.
+        summary_keys: The global keys to put in the "global" group, one chart each.
 
     Returns:
         The layout, as ``SummaryWriter.add_custom_scalars`` takes it.
     """
     return {
-        "gradient health: global": {key.split("/", 1)[1]: ["Multiline", [key]] for key in summary_keys},
+        "gradient health: global": {short_name(key): ["Multiline", [key]] for key in summary_keys},
         "gradient health: per layer": {
-            "gradient norms": ["Multiline", [r"grad_norm/.*"]],
-            "grad / param ratios": ["Multiline", [r"grad_ratio/.*"]],
-            "zero fractions": ["Multiline", [r"grad_zero_frac/.*"]],
+            "gradient norms": ["Multiline", [layer_key_pattern(GRAD_NORM)]],
+            "grad / param ratios": ["Multiline", [layer_key_pattern(GRAD_RATIO)]],
+            "zero fractions": ["Multiline", [layer_key_pattern(GRAD_ZERO_FRAC)]],
         },
     }
 
@@ -55,6 +66,12 @@ def gradient_flow_figure(record: StepStats) -> Any:
 
 
 def write_histograms(writer: Any, histograms: dict[str, dict[str, Any]], step: int) -> None:
-    """Write the engine's per-layer histograms with ``add_histogram_raw`` as ``grad_hist/<layer>``."""
+    """Write the engine's per-layer histograms with ``add_histogram_raw``, tagged ``metric_key(HISTOGRAM, layer)``.
+
+    Args:
+        writer: A TensorBoard ``SummaryWriter``.
+        histograms: ``{layer: add_histogram_raw keyword arguments}``.
+        step: The step to write them at.
+    """
     for layer, h in histograms.items():
-        writer.add_histogram_raw(f"grad_hist/{layer}", global_step=step, **h)
+        writer.add_histogram_raw(metric_key(HISTOGRAM, layer), global_step=step, **h)

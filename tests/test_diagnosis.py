@@ -182,3 +182,75 @@ def test_layers_joining_mid_run_take_their_place_in_depth_order():
     assert history.layer_series("head")[0] == 1.0 and history.layer_series("head")[1:] == [13.0, 23.0]
     assert history.layer_series("neck") == [0.0, 12.0, 21.0]
     assert math.isnan(history.layer_series("block")[2]) and history.layer_series("block")[1] == 11.0
+
+
+def test_alerts_findings_and_fixes_share_one_vocabulary():
+    from lightning_gradhealth import Thresholds
+    from lightning_gradhealth.checks import check_global_norm, check_record
+    from lightning_gradhealth.fixes import FIXES
+    from lightning_gradhealth.kinds import ALERT_KINDS, KINDS, Kind
+    from lightning_gradhealth.record import LayerStats
+    from lightning_gradhealth.rules import CODE
+
+    assert len(set(KINDS)) == len(KINDS) and ALERT_KINDS <= set(KINDS)
+    assert (Kind.NONFINITE, Kind.SPIKE) == ("nonfinite", "spike")  # what the guard emits
+    assert ALERT_KINDS <= FIXES.keys() <= set(KINDS) and CODE.keys() == set(KINDS)
+    th = Thresholds(warmup_steps=0)
+    layers = (
+        LayerStats(name="a", numel=10, grad_norm=1e-9, param_norm=1.0, ratio=1e-9, zero_frac=1.0),
+        LayerStats(name="b", numel=10, grad_norm=10.0, param_norm=1e-3, ratio=1e4 + 1, zero_frac=1.0),
+    )
+    record = StepStats(step=0, global_step=0, epoch=0, batch_idx=0, optimizer_idx=0, total_norm=10.0, param_norm=1.0,
+                       zero_frac=1.0, nan_count=0, inf_count=0, layer_norm_ratio=1e10, no_grad_count=0,
+                       layers=layers)  # fmt: skip
+    alerts = check_record(record, th, steps_seen=1) + check_global_norm(1e5, 0, th, steps_seen=1)
+    alerts += check_global_norm(1e-9, 0, th, steps_seen=1)
+    kinds = {(a.kind, a.layer) for a in alerts}
+    assert kinds == {
+        ("layer_imbalance", None), ("dead", None), ("vanishing", "a"), ("ratio_low", "a"), ("ratio_high", "b"),
+        ("exploding", None), ("vanishing", None),
+    }  # fmt: skip
+    for a in alerts:  # the alert's message ends with the first fix of its kind
+        assert a.message.endswith(f" Fix: {FIXES[a.kind][0]}."), a
+
+
+def test_metric_keys_round_trip():
+    from lightning_gradhealth.metrics import (
+        ACT_DEAD_FRAC,
+        ALERTS,
+        GRAD_NORM,
+        HISTOGRAM,
+        TOTAL_NORM,
+        MetricKey,
+        activation_metrics,
+        metric_key,
+        metrics_to_record,
+        parse_key,
+        record_to_metrics,
+    )
+    from lightning_gradhealth.record import LayerStats
+
+    layers = (
+        LayerStats(name="net.0", numel=1, grad_norm=2.0, param_norm=math.nan, ratio=0.5, zero_frac=0.25, nan_count=3),
+        LayerStats(name="net.2", numel=1, grad_norm=1.0, param_norm=math.nan, ratio=0.1, zero_frac=0.0, max_abs=0.9,
+                   min_abs_nonzero=1e-4, mean=0.01, std=0.2),
+    )  # fmt: skip
+    record = StepStats(step=7, global_step=7, epoch=0, batch_idx=0, optimizer_idx=0, total_norm=3.0, param_norm=4.0,
+                       zero_frac=0.1, nan_count=3, inf_count=0, layer_norm_ratio=2.0, no_grad_count=1, layers=layers,
+                       post_clip_norm=1.0, amp_scale=1024.0)  # fmt: skip
+    for idx in (None, 1):
+        metrics = record_to_metrics(record, idx)
+        assert all(parse_key(key) is not None for key in metrics)
+        back = metrics_to_record({"loss": 1.0, **activation_metrics({"act": (0.1, 0.2, None)}), **metrics}, 7, idx)
+        assert back == StepStats(**{**record.__dict__, "optimizer_idx": idx or 0})
+        # the keys of another optimizer are not this one's
+        with pytest.raises(KeyError):
+            metrics_to_record(metrics, 7, 0)
+    assert metric_key(TOTAL_NORM) == "grad_health/total_norm"
+    assert metric_key(GRAD_NORM, "a.b", 2) == "grad_norm/a.b/opt2"
+    assert parse_key("grad_health/total_norm/opt3") == MetricKey(TOTAL_NORM, None, 3)
+    assert parse_key("grad_norm/opt0") == MetricKey(GRAD_NORM, "opt0", None)  # a layer called "opt0"
+    assert parse_key("grad_hist/net.0") == MetricKey(HISTOGRAM, "net.0", None)
+    assert parse_key("act_dead_frac/relu") == MetricKey(ACT_DEAD_FRAC, "relu", None)
+    assert parse_key(ALERTS) == MetricKey(ALERTS, None, None)
+    assert parse_key("loss") is None and parse_key("grad_norm") is None and parse_key("grad_health/x") is None

@@ -70,7 +70,7 @@ def test_alert_manager_rate_limits_per_kind_and_layer_and_counts_held_back(caplo
     seen = []
     manager = AlertManager(window=10, on_alert=seen.append)
 
-    def alert(step, layer="a", kind="zero_frac"):
+    def alert(step, layer="a", kind="dead"):
         return Alert(kind=kind, severity=Severity.WARNING, step=step, message=f"{kind} {layer}", layer=layer)
 
     with caplog.at_level(logging.WARNING, logger="lightning_gradhealth"):
@@ -80,10 +80,10 @@ def test_alert_manager_rate_limits_per_kind_and_layer_and_counts_held_back(caplo
     assert emitted == [s % 10 == 0 for s in range(25)]
     assert manager.total == 27
     assert [(a.kind, a.layer, a.step, a.held_back) for a in seen] == [
-        ("zero_frac", "a", 0, 0),
-        ("zero_frac", "a", 10, 9),
-        ("zero_frac", "a", 20, 9),
-        ("zero_frac", "b", 3, 0),
+        ("dead", "a", 0, 0),
+        ("dead", "a", 10, 9),
+        ("dead", "a", 20, 9),
+        ("dead", "b", 3, 0),
         ("ratio_high", "a", 4, 0),
     ]
     assert "9 similar alert(s) held back since step 0" in caplog.text
@@ -187,12 +187,12 @@ def test_pathological_run_raises_alerts_with_structured_records(caplog):
     with caplog.at_level(logging.WARNING, logger="lightning_gradhealth"):
         trainer.fit(Regression(DeepSigmoidMLP(in_dim=32)), DataLoader(regression_data(), batch_size=64))
     kinds = {a.kind for a in seen}
-    assert {"layer_norm_ratio", "layer_vanishing"} <= kinds
-    vanishing = [a for a in seen if a.kind == "layer_vanishing"]
+    assert {"layer_imbalance", "vanishing"} <= kinds
+    vanishing = [a for a in seen if a.kind == "vanishing" and a.layer is not None]
     assert vanishing[0].layer == "model.net.0" and vanishing[0].severity is Severity.CRITICAL
     assert vanishing[0].value < 1e-7
     # rate limited: 30 logged steps, but one alert per kind and layer per window of 100 steps
-    assert sum(a.kind == "layer_norm_ratio" for a in seen) == 1
+    assert sum(a.kind == "layer_imbalance" for a in seen) == 1
     assert trainer.callback_metrics["grad_health/alerts"].item() > len(seen)
     assert "Fix:" in caplog.text
 
