@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from lightning_gradhealth.errors import GradientHealthError
+from lightning_gradhealth.errors import UnsupportedSetupError
 
 __all__ = [
     "Reduction",
@@ -88,7 +88,7 @@ _MIXED = (
 
 def _check_initialised() -> None:
     if not dist.is_available() or not dist.is_initialized():
-        raise GradientHealthError("sharded gradients but torch.distributed is not initialised")
+        raise UnsupportedSetupError("sharded gradients but torch.distributed is not initialised")
 
 
 def _mesh_dims(tensor: torch.Tensor) -> tuple[set[int], set[int]]:
@@ -102,12 +102,12 @@ def resolve(tensors: Sequence[torch.Tensor], given: Reduction | None) -> Reducti
     """The reduction for ``tensors``: DTensor placements decide for DTensors, ``given`` for plain tensors.
 
     Raises:
-        GradientHealthError: The DTensors are not all sharded the same way over exactly one mesh dimension (tensor
+        UnsupportedSetupError: The DTensors are not all sharded the same way over exactly one mesh dimension (tensor
             parallelism and other layouts are not supported yet), or torch.distributed is not initialised.
     """
     if not tensors or not is_dtensor(tensors[0]):
         if tensors and is_dtensor(tensors[-1]):  # a cheap look at the other end: a model partly under FSDP2
-            raise GradientHealthError(_MIXED)
+            raise UnsupportedSetupError(_MIXED)
         return given or Reduction()
     _check_initialised()
     first = tensors[0]
@@ -119,14 +119,14 @@ def resolve(tensors: Sequence[torch.Tensor], given: Reduction | None) -> Reducti
     dims, replicas = _mesh_dims(first)
     for t in tensors:
         if not is_dtensor(t):
-            raise GradientHealthError(_MIXED)
+            raise UnsupportedSetupError(_MIXED)
         if t.device_mesh != mesh or _mesh_dims(t) != (dims, replicas):  # type: ignore[attr-defined]
-            raise GradientHealthError(
+            raise UnsupportedSetupError(
                 "lightning_gradhealth supports gradients sharded the same way over one mesh dimension (FSDP2, "
                 f"HSDP); got placements {first.placements} and {t.placements}",  # type: ignore[attr-defined]
             )
     if len(dims) != 1:
-        raise GradientHealthError(
+        raise UnsupportedSetupError(
             f"lightning_gradhealth supports gradients sharded over exactly one mesh dimension, got placements "
             f"{first.placements}"  # type: ignore[attr-defined]
         )
@@ -155,7 +155,7 @@ def check_sharding(names: Sequence[str], params: Sequence[torch.Tensor]) -> None
     """Refuse, before training, a set of watched parameters whose gradients could not be combined.
 
     Raises:
-        GradientHealthError: Some parameters are DTensors and some are not (a model only partly under
+        UnsupportedSetupError: Some parameters are DTensors and some are not (a model only partly under
             ``fully_shard``), or the DTensors are not all sharded over the same single mesh dimension (tensor
             parallelism: ``Shard`` on other dimensions, or ``Replicate`` parameters beside sharded ones).
     """
@@ -165,7 +165,7 @@ def check_sharding(names: Sequence[str], params: Sequence[torch.Tensor]) -> None
     first_name, first = dtensors[0]
     for name, q in dtensors:
         if q.device_mesh != first.device_mesh or _mesh_dims(q) != _mesh_dims(first):  # type: ignore[attr-defined]
-            raise GradientHealthError(
+            raise UnsupportedSetupError(
                 "lightning_gradhealth combines sharded gradients over one mesh dimension (FSDP2 / HSDP data "
                 "parallelism); tensor parallelism is not supported yet: parameters are placed differently, "
                 f"`{first_name}` {first.placements} and `{name}` {q.placements}. Restrict the monitor to the "  # type: ignore[attr-defined]
@@ -173,14 +173,14 @@ def check_sharding(names: Sequence[str], params: Sequence[torch.Tensor]) -> None
                 parameter=name,
             )
     if len(_mesh_dims(first)[0]) != 1:
-        raise GradientHealthError(
+        raise UnsupportedSetupError(
             "lightning_gradhealth combines sharded gradients over exactly one mesh dimension; tensor parallelism "
             f"is not supported yet: `{first_name}` is placed {first.placements}",  # type: ignore[attr-defined]
             parameter=first_name,
         )
     if len(dtensors) != len(params):
         plain = next(name for name, q in zip(names, params, strict=True) if not is_dtensor(q))
-        raise GradientHealthError(f"{_MIXED} (e.g. `{first_name}` is a DTensor, `{plain}` is not)", parameter=plain)
+        raise UnsupportedSetupError(f"{_MIXED} (e.g. `{first_name}` is a DTensor, `{plain}` is not)", parameter=plain)
 
 
 def shards_of(tensors: Sequence[torch.Tensor], reduction: Reduction) -> Shards | None:
@@ -254,7 +254,7 @@ def fsdp1_reduction(root: torch.nn.Module) -> Reduction:
     counted once.
 
     Raises:
-        GradientHealthError: The model is wrapped with ``use_orig_params=False`` (the original parameters, and
+        UnsupportedSetupError: The model is wrapped with ``use_orig_params=False`` (the original parameters, and
             with them the layers, are hidden in flat parameters).
     """
     from torch.distributed.fsdp import FullyShardedDataParallel
@@ -266,7 +266,7 @@ def fsdp1_reduction(root: torch.nn.Module) -> Reduction:
     for unit in units:
         handle = unit._handle
         if not handle._use_orig_params:
-            raise GradientHealthError(
+            raise UnsupportedSetupError(
                 "FSDP1 with use_orig_params=False hides the model's parameters in flat parameters, so per-layer "
                 "statistics cannot be taken: use FSDPStrategy(use_orig_params=True) (Lightning's default) or "
                 "ModelParallelStrategy (FSDP2)",

@@ -22,6 +22,7 @@ from lightning_gradhealth.clipping import AutoClipper, ZClipper
 from lightning_gradhealth.distributed import Reduction, local, resolve, shards_of
 from lightning_gradhealth.engine import StepMeta
 from lightning_gradhealth.fixes import FIXES
+from lightning_gradhealth.kinds import Kind
 from lightning_gradhealth.layout import ParamLayout
 from lightning_gradhealth.options import HealthOptions
 from lightning_gradhealth.record import StepStats
@@ -42,7 +43,7 @@ class Failure:
     """
 
     reason: str
-    kind: str = "nonfinite"
+    kind: str = Kind.NONFINITE
 
 
 @dataclass
@@ -186,8 +187,10 @@ class StepGuard:
             if record.nan_count or record.inf_count
             else "finite gradients so large that their norm overflows float32 (exploding)"
         )
-        message = f"{what} in {names}; {action}. Fix: {FIXES['nonfinite'][0]}."
-        out.alerts.append(_alert("nonfinite", Severity.CRITICAL, record, message, record.nan_count + record.inf_count))
+        message = f"{what} in {names}; {action}. Fix: {FIXES[Kind.NONFINITE][0]}."
+        out.alerts.append(
+            _alert(Kind.NONFINITE, Severity.CRITICAL, record, message, record.nan_count + record.inf_count)
+        )
         out.skip = decision == "skip"
 
     def _spike(
@@ -208,23 +211,23 @@ class StepGuard:
         on_spike = self.options.on_spike
         if on_spike == "raise":
             reason = f"Gradient-norm spike (z = {z:.1f}, norm {total:.3g})"
-            out.record, out.failure = full_record(), Failure(reason, "spike")
+            out.record, out.failure = full_record(), Failure(reason, Kind.SPIKE)
             return
         if on_spike == "skip" and self.policy.skipped() == "skip_limit":
             reason = (
                 f"Gradient-norm spikes for {self.policy.consecutive_skips} steps in a row (on_spike='skip'; "
                 f"norm {total:.3g}, z = {z:.1f}): the gradient scale changed for good"
             )
-            out.record, out.failure = full_record(), Failure(reason, "spike")
+            out.record, out.failure = full_record(), Failure(reason, Kind.SPIKE)
             return
         message = (
             f"gradient-norm spike: {total:.3g} is {z:.1f} sigma above its running (log) mean, at step {meta.step} "
             f"(epoch {meta.epoch}, batch {meta.batch_idx})"
             + (f"; batch saved to {saved}" if saved else "")
             + ("; update skipped" if on_spike == "skip" else "")
-            + f". Fix: {FIXES['spike'][0]}."
+            + f". Fix: {FIXES[Kind.SPIKE][0]}."
         )
-        out.alerts.append(_alert("spike", Severity.WARNING, meta, message, total))
+        out.alerts.append(_alert(Kind.SPIKE, Severity.WARNING, meta, message, total))
         out.skip = on_spike == "skip"
 
     def _save_batches(self, meta: StepMeta, total: float, z: float, batches: Sequence[Any]) -> Path | None:

@@ -198,7 +198,7 @@ class Output:
                 f"{self.frontend.name}: {record.no_grad_count} trainable parameter(s) got no gradient at step "
                 f"{record.step}: {names}{f' and {more} more' if more > 0 else ''}. They are unused in the forward "
                 "pass or detached from the loss; freeze them (requires_grad=False) or check the graph. Counted in "
-                "grad_health/no_grad_count.",
+                f"{metrics.NO_GRAD_COUNT}.",
             )
         opt_idx = record.optimizer_idx if several else None
         summary = metrics.summary_metrics(record, opt_idx)

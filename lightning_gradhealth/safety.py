@@ -6,6 +6,7 @@ import math
 from typing import Any, Literal
 
 from lightning_gradhealth.fixes import FIXES
+from lightning_gradhealth.kinds import Kind
 from lightning_gradhealth.record import StepStats
 
 __all__ = ["NonFinitePolicy", "format_nonfinite_message"]
@@ -118,5 +119,5 @@ def format_nonfinite_message(record: StepStats, reason: str, max_layers: int = 5
             "them (a non-finite weight makes every later gradient non-finite)."
         )
     lines.append("Fixes:")
-    lines += [f"  {i}. {fix}" for i, fix in enumerate(FIXES["nonfinite"], 1)]
+    lines += [f"  {i}. {fix}" for i, fix in enumerate(FIXES[Kind.NONFINITE], 1)]
     return "\n".join(lines)
