@@ -193,23 +193,32 @@ def reference(
     return out
 
 
-def assert_matches(record: Any, ref: dict[str, Any], rel: float = 1e-6, full: bool = False) -> None:
-    """Every statistic of a record equals the float64 reference."""
-    assert record.total_norm == pytest.approx(ref["total_norm"], rel=rel)
-    assert record.param_norm == pytest.approx(ref["param_norm"], rel=rel)
+def assert_matches(record: Any, ref: dict[str, Any], rel: float | None = None, full: bool = False) -> None:
+    """Every statistic of a record equals the float64 reference.
+
+    ``rel`` defaults to 1e-5 for norms and ratios, 1e-6 for max / min non-zero ``|g|``. The monitor accumulates
+    float32 gradients' norms in float32, in the order of the CPU's vector kernels (another on AVX-512 than on AVX2):
+    a few float32 ulps (6e-8) times log2(n) relative, which 1e-6 does not bound for every CPU. Maxima and minima
+    select one of the same float32 values: exact, the 1e-6 is slack.
+    """
+    norm_rel = 1e-5 if rel is None else rel
+    extreme_rel = 1e-6 if rel is None else rel
+    assert record.total_norm == pytest.approx(ref["total_norm"], rel=norm_rel)
+    assert record.param_norm == pytest.approx(ref["param_norm"], rel=norm_rel)
     assert record.zero_frac == pytest.approx(ref["zero_frac"], abs=1e-12)
-    assert record.layer_norm_ratio == pytest.approx(ref["layer_norm_ratio"], rel=rel)
+    assert record.layer_norm_ratio == pytest.approx(ref["layer_norm_ratio"], rel=norm_rel)
     assert [lay.name for lay in record.layers] == list(ref["layers"])
     for lay in record.layers:
         r = ref["layers"][lay.name]
-        assert lay.grad_norm == pytest.approx(r["grad_norm"], rel=rel), lay.name
-        assert lay.param_norm == pytest.approx(r["param_norm"], rel=rel), lay.name
-        assert lay.ratio == pytest.approx(r["ratio"], rel=rel), lay.name
+        assert lay.grad_norm == pytest.approx(r["grad_norm"], rel=norm_rel), lay.name
+        assert lay.param_norm == pytest.approx(r["param_norm"], rel=norm_rel), lay.name
+        assert lay.ratio == pytest.approx(r["ratio"], rel=norm_rel), lay.name
         assert lay.zero_frac == pytest.approx(r["zero_frac"], abs=1e-12), lay.name
         if full:
-            assert lay.max_abs == pytest.approx(r["max_abs"], rel=rel), lay.name
-            assert lay.min_abs_nonzero == pytest.approx(r["min_abs_nonzero"], rel=rel), lay.name
-            assert lay.mean == pytest.approx(r["mean"], rel=1e-5, abs=1e-6 * r["std"]), lay.name
+            assert lay.max_abs == pytest.approx(r["max_abs"], rel=extreme_rel), lay.name
+            assert lay.min_abs_nonzero == pytest.approx(r["min_abs_nonzero"], rel=extreme_rel), lay.name
+            # a float32 sum that cancels: its error is relative to the entries' size (~ the std), not to the mean
+            assert lay.mean == pytest.approx(r["mean"], rel=1e-5, abs=1e-5 * r["std"]), lay.name
             assert lay.std == pytest.approx(r["std"], rel=1e-5), lay.name
 
 

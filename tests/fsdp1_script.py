@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import torch
+from conftest import Capture
 from fsdp_script import Sharded, _trainer, make_data
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import FSDPStrategy
@@ -54,15 +55,21 @@ if __name__ == "__main__":
     # rank 0 holds no piece of net.4.bias: it has no watched gradient at all, and must still take part
     narrow = GradientHealthMonitor(log_every_n_steps=1, include=r"^net\.4\.bias$")
     narrow_guard = GradientHealthMonitor(log_every_n_steps=50, include=r"net\.4\.bias$")
+    capture = Capture()  # this rank's flat pieces, exactly as the monitors saw them (none of them clips)
     trainer = _trainer(
         out,
-        [basic, full, inf, guard, per_param, narrow, narrow_guard],
+        [basic, full, inf, guard, per_param, narrow, narrow_guard, capture],
         max_steps=1,
         logger=TensorBoardLogger(str(out), name="tb", version=""),
         strategy=CPUFSDP(auto_wrap_policy=ModuleWrapPolicy({nn.Linear})),
     )
     trainer.fit(model, DataLoader(data, batch_size=8))
     b, f, i = basic.last_record, full.last_record, inf.last_record
+    (step,) = capture.steps
+    pieces = {
+        kind: {n.replace("_fsdp_wrapped_module.", ""): t for n, t in step[kind].items()} for kind in ("grads", "params")
+    }
+    torch.save(pieces, out / f"pieces_rank{trainer.global_rank}.pt")  # float64 copies of the float32 pieces
     shapes = {n: list(p.shape) for n, p in model.named_parameters()}
     result = {
         "shapes": shapes,  # the local flat shards this rank holds

@@ -113,3 +113,32 @@ def test_report_reads_a_run_logged_with_a_logger_prefix(tmp_path, capsys):
     assert history.layer_names == ["net.0", "net.2", "net.4"]
     assert all(math.isfinite(v) and v > 0 for v in history.layer_series("net.2"))
     assert main(["report", str(tmp_path), "--out", str(tmp_path / "out")]) == 0
+
+
+def test_package_and_cli_help_import_neither_lightning_nor_torch():
+    """`import lightning_gradhealth` is lazy (PEP 562) and the command line imports what a subcommand needs when it
+    runs: `gradhealth report --help` answers without the seconds Lightning and torch take to import."""
+    code = """
+import sys
+
+def heavy():
+    return sorted(m for m in ("lightning", "torch") if m in sys.modules)
+
+import lightning_gradhealth
+assert heavy() == [], ("import lightning_gradhealth", heavy())
+assert lightning_gradhealth.__version__ and "GradientHealthMonitor" in dir(lightning_gradhealth)
+from lightning_gradhealth.cli import main
+assert heavy() == [], ("import lightning_gradhealth.cli", heavy())
+for argv in (["--help"], ["report", "--help"], ["demo", "--help"]):
+    try:
+        main(argv)
+    except SystemExit as exc:
+        assert exc.code == 0, (argv, exc.code)
+    assert heavy() == [], (argv, heavy())
+from lightning_gradhealth import GradientHealthMonitor  # the callback really is there, on first use
+assert "lightning" in sys.modules and GradientHealthMonitor.__module__ == "lightning_gradhealth.callback"
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().endswith("ok")

@@ -66,6 +66,12 @@ def _scaled(grads: dict[str, torch.Tensor], factor: float) -> dict[str, torch.Te
     return {n: g * factor for n, g in grads.items()}
 
 
+# The monitor's clip coefficients come from float32 norms (accumulated in the CPU's kernel order: a few float32 ulps
+# times log2(n) relative to the float64 reference, more than 1e-6 on some CPUs): whatever follows from a norm is
+# compared to 1e-5. Value clipping (a clamp) and unclipped steps are exact.
+NORM_REL = 1e-5
+
+
 def _assert_grads_equal(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], rel: float = 1e-6):
     assert list(actual) == list(expected)
     for name in expected:
@@ -86,24 +92,24 @@ def test_norm_clip_matches_clip_grad_norm_and_logs_the_reference_values(tmp_path
     coefs = []
     for i, (a, b, rec) in enumerate(zip(pre.steps, post.steps, records, strict=True)):
         expected = _torch_clip(a["grads"], torch.nn.utils.clip_grad_norm_, max_norm)
-        _assert_grads_equal(b["grads"], expected)
+        _assert_grads_equal(b["grads"], expected, rel=NORM_REL)
         pre_norm, post_norm = _norm(a["grads"]), _norm(expected)
         coef = post_norm / pre_norm
         coefs.append(coef)
         clipped_so_far += coef < 1.0
         step = a["step"]
-        assert scalars["grad_health/clip_coef"][step] == pytest.approx(coef, rel=1e-6)
-        assert scalars["grad_health/clipped_norm"][step] == pytest.approx(post_norm, rel=1e-6)
+        assert scalars["grad_health/clip_coef"][step] == pytest.approx(coef, rel=NORM_REL)
+        assert scalars["grad_health/clipped_norm"][step] == pytest.approx(post_norm, rel=NORM_REL)
         assert scalars["grad_health/clip_frac"][step] == pytest.approx(clipped_so_far / (i + 1), rel=1e-6)
         # the record (and what is logged as total_norm) stays PRE-clip
         assert rec.step == step
         assert_matches(rec, reference(a["grads"], a["params"]))
-        assert scalars["grad_health/total_norm"][step] == pytest.approx(pre_norm, rel=1e-6)
+        assert scalars["grad_health/total_norm"][step] == pytest.approx(pre_norm, rel=NORM_REL)
     # the run exercises both branches: steps above max_norm are clipped, steps below it are left alone
     assert min(coefs) < 0.8 and any(c == 1.0 for c in coefs)
-    assert monitor.last_record.total_norm == pytest.approx(_norm(pre.steps[-1]["grads"]), rel=1e-6)
+    assert monitor.last_record.total_norm == pytest.approx(_norm(pre.steps[-1]["grads"]), rel=NORM_REL)
     assert trainer.callback_metrics["grad_health/clip_frac"].item() == pytest.approx(clipped_so_far / 8, rel=1e-6)
-    assert trainer.callback_metrics["grad_health/clip_coef"].item() == pytest.approx(coefs[-1], rel=1e-6)
+    assert trainer.callback_metrics["grad_health/clip_coef"].item() == pytest.approx(coefs[-1], rel=NORM_REL)
 
 
 def test_norm_clip_changes_the_update():
@@ -127,7 +133,7 @@ def test_value_clip_matches_clip_grad_value():
         expected = _torch_clip(a["grads"], torch.nn.utils.clip_grad_value_, clip_value)
         _assert_grads_equal(b["grads"], expected)
         assert max(g.abs().max().item() for g in a["grads"].values()) > clip_value  # something really is clipped
-        assert m["grad_health/clipped_norm"] == pytest.approx(_norm(expected), rel=1e-6)
+        assert m["grad_health/clipped_norm"] == pytest.approx(_norm(expected), rel=NORM_REL)
         assert m["grad_health/clip_frac"] == 1.0
         assert_matches(rec, reference(a["grads"], a["params"]))  # pre-clip
         assert rec.total_norm > _norm(expected)
@@ -214,11 +220,11 @@ def test_autoclip_clips_to_the_percentile_of_the_norm_history():
         thr = float(np.percentile(history, p))
         coef = min(1.0, thr / (norm + 1e-6))
         clipped += coef < 1.0
-        _assert_grads_equal(b["grads"], _scaled(a["grads"], coef))
-        assert m["grad_health/clip_coef"] == pytest.approx(coef, rel=1e-6)
-        assert m["grad_health/clipped_norm"] == pytest.approx(norm * coef, rel=1e-6)
+        _assert_grads_equal(b["grads"], _scaled(a["grads"], coef), rel=NORM_REL)
+        assert m["grad_health/clip_coef"] == pytest.approx(coef, rel=NORM_REL)
+        assert m["grad_health/clipped_norm"] == pytest.approx(norm * coef, rel=NORM_REL)
         assert m["grad_health/clip_frac"] == pytest.approx(clipped / (i + 1), rel=1e-6)
-    assert list(monitor._clipper.history) == pytest.approx(history, rel=1e-6)
+    assert list(monitor._clipper.history) == pytest.approx(history, rel=NORM_REL)
     assert any(_norm(a["grads"]) > 1.01 * _norm(b["grads"]) for a, b in zip(pre.steps, post.steps, strict=True))
 
 
@@ -263,11 +269,11 @@ def test_zclip_matches_its_definition_and_clips_an_injected_spike():
         norm = _norm(a["grads"])
         coef = ref.step(norm)
         coefs.append(coef)
-        _assert_grads_equal(b["grads"], _scaled(a["grads"], coef))
-        assert m["grad_health/clipped_norm"] == pytest.approx(norm * coef, rel=1e-6)
+        _assert_grads_equal(b["grads"], _scaled(a["grads"], coef), rel=NORM_REL)
+        assert m["grad_health/clipped_norm"] == pytest.approx(norm * coef, rel=NORM_REL)
     assert coefs[:3] == [1.0, 1.0, 1.0]  # warm-up never clips
     assert coefs[5] < 0.2  # the spike is really clipped, hard
-    assert monitor._clipper.mean == pytest.approx(ref.mean, rel=1e-6)
+    assert monitor._clipper.mean == pytest.approx(ref.mean, rel=NORM_REL)
     assert monitor._clipper.var == pytest.approx(ref.var, rel=1e-5)
     n_clipped = sum(c < 1.0 for c in coefs)
     assert trainer.callback_metrics["grad_health/clip_frac"].item() == pytest.approx(n_clipped / 9, rel=1e-6)
@@ -301,17 +307,17 @@ def test_nan_step_does_not_poison_the_adaptive_state(clip):
             history.append(norm)
             coef = min(1.0, float(np.percentile(history, 50.0)) / (norm + 1e-6))
         coefs.append(coef)
-        _assert_grads_equal(b["grads"], _scaled(a["grads"], coef))
+        _assert_grads_equal(b["grads"], _scaled(a["grads"], coef), rel=NORM_REL)
     assert any(c < 0.5 for c in coefs[nan_step:])  # clipping still really happens after the NaN step
 
     state = monitor._clipper.state_dict()
     if clip == "zclip":
         assert math.isfinite(state["mean"]) and math.isfinite(state["var"])
-        assert state["mean"] == pytest.approx(zref.mean, rel=1e-6)
+        assert state["mean"] == pytest.approx(zref.mean, rel=NORM_REL)
         assert state["var"] == pytest.approx(zref.var, rel=1e-5)
     else:
         assert all(math.isfinite(h) for h in state["history"])
-        assert state["history"] == pytest.approx(history, rel=1e-6)
+        assert state["history"] == pytest.approx(history, rel=NORM_REL)
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
@@ -379,10 +385,10 @@ def test_16_mixed_fused_optimizer_clips_the_true_gradient(kind, bound):
             expected = _torch_clip(true_pre, torch.nn.utils.clip_grad_value_, bound)
         else:
             expected = _agc_reference(true_pre, a["params"], bound, 1e-3)
-        _assert_grads_equal(_scaled(b["grads"], 1 / scale), expected, rel=1e-5 if kind == "agc" else 1e-6)
+        _assert_grads_equal(_scaled(b["grads"], 1 / scale), expected, rel=1e-6 if kind == "value" else NORM_REL)
         any_clipped |= _norm(expected) < 0.99 * _norm(true_pre)
-        assert m["grad_health/clipped_norm"] == pytest.approx(_norm(expected), rel=1e-6)
-        assert rec.total_norm == pytest.approx(_norm(true_pre), rel=1e-6)  # pre-clip, unscaled
+        assert m["grad_health/clipped_norm"] == pytest.approx(_norm(expected), rel=NORM_REL)
+        assert rec.total_norm == pytest.approx(_norm(true_pre), rel=NORM_REL)  # pre-clip, unscaled
     assert any_clipped
 
 

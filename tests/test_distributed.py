@@ -102,13 +102,14 @@ def test_fsdp2_sharded_statistics_match_an_unsharded_reference(fsdp_stats):
     tp_message, tp_steps = r0["tp"]
     assert "tensor parallelism is not supported" in tp_message and "`net.0.weight`" in tp_message
     assert tp_steps == 0  # refused before a step was spent
-    assert r0["param_norm"] == pytest.approx(ref["param_norm"], rel=1e-6)
+    # float32 norms in the CPU's kernel order against float64: 1e-5 (1e-6 does not hold on every CPU)
+    assert r0["param_norm"] == pytest.approx(ref["param_norm"], rel=1e-5)
     assert r0["zero_frac"] == pytest.approx(ref["zero_frac"], abs=1e-12)
     assert r0["layer_norm_ratio"] == pytest.approx(ref["layer_norm_ratio"], rel=1e-5)
     assert list(r0["layers"]) == ["net.0", "net.2", "net.4"]  # net.4's weight shard is empty on one rank
     for name, (grad_norm, param_norm, zero_frac) in r0["layers"].items():
         assert grad_norm == pytest.approx(ref["layers"][name]["grad_norm"], rel=1e-5), name
-        assert param_norm == pytest.approx(ref["layers"][name]["param_norm"], rel=1e-6), name
+        assert param_norm == pytest.approx(ref["layers"][name]["param_norm"], rel=1e-5), name
         assert zero_frac == pytest.approx(ref["layers"][name]["zero_frac"], abs=1e-12), name
 
 
@@ -131,7 +132,7 @@ def test_fsdp2_full_statistics_and_inf_norm_match_the_all_gathered_gradients(fsd
         assert zero_frac == pytest.approx(r["zero_frac"], abs=1e-12), name
         assert max_abs == pytest.approx(r["max_abs"], rel=1e-6), name
         assert min_nz == pytest.approx(r["min_abs_nonzero"], rel=1e-6), name
-        assert mean == pytest.approx(r["mean"], rel=1e-5, abs=1e-6 * r["std"]), name
+        assert mean == pytest.approx(r["mean"], rel=1e-5, abs=1e-5 * r["std"]), name  # a float32 sum that cancels
         assert std == pytest.approx(r["std"], rel=1e-5), name
     ref_inf = reference(step["grads"], step["params"], norm_type=math.inf)
     inf = r0["inf"]
@@ -222,29 +223,48 @@ def test_fsdp1_flat_shards_match_an_unsharded_reference(tmp_path):
         assert r0[key] == r1[key], key
     assert r0["no_grad"] == []
     assert "clip='agc'" in r0["agc_refused"] and "FSDPStrategy" in r1["agc_refused"]
+    # the unsharded gradient: same initialisation, the union of the two ranks' batches, one process
     make_data()
     model = Sharded()
     batches = [torch.load(tmp_path / f"batch_rank{r}.pt") for r in (0, 1)]
     nn.functional.mse_loss(model.net(torch.cat([b[0] for b in batches])), torch.cat([b[1] for b in batches])).backward()
-    grads = {n: p.grad.double() for n, p in model.named_parameters()}
-    params = {n: p.detach().double() for n, p in model.named_parameters()}
+    whole = {n: p.grad.double() for n, p in model.named_parameters()}
+    # the gradient the monitors saw: rank 0's flat piece of each parameter, then rank 1's (FSDP1 shards the flat
+    # parameter in rank order); a rank whose piece is empty has no gradient for it
+    pieces = [torch.load(tmp_path / f"pieces_rank{r}.pt") for r in (0, 1)]
+    grads = {n: torch.cat([p["grads"][n] for p in pieces if n in p["grads"]]) for n in whole}
+    params = {n: torch.cat([p["params"][n] for p in pieces]) for n in whole}
+    for name, p in model.named_parameters():
+        assert torch.equal(params[name], p.detach().double().reshape(-1)), name
+        # FSDP's reduce-scatter averages two half-batch gradients, the reference sums the whole batch at once:
+        # same float32 gradient up to rounding. Each entry is a float32 sum over 16 samples and up to 16 units,
+        # its error a few float32 ulps (6e-8) of its largest terms, which are no larger than the parameter's
+        # largest entry: 1e-5 of that is far outside the rounding (a wrong shard or scaling is not)
+        torch.testing.assert_close(
+            grads[name], whole[name].reshape(-1), rtol=1e-5, atol=1e-5 * whole[name].abs().max().item()
+        )
+    # every statistic against a float64 reference of those very float32 values (not of the unsharded gradient,
+    # whose smallest entries differ from FSDP's by more than 1e-6 relative, depending on the CPU's kernels).
+    # Maxima and minima pick one of the same float32 values: exact on any CPU. Norms and sums are float32
+    # accumulations (another order than float64's, per CPU): relative error a few ulps times log2(n), n <= 128
+    # here, so rel=1e-5; means are compared to 1e-5 of the std, as their sums cancel.
     ref = reference(grads, params)
     assert r0["total_norm"] == pytest.approx(ref["total_norm"], rel=1e-5)
     assert r0["guard_total_norm"] == pytest.approx(ref["total_norm"], rel=1e-5)
-    assert r0["param_norm"] == pytest.approx(ref["param_norm"], rel=1e-6)
+    assert r0["param_norm"] == pytest.approx(ref["param_norm"], rel=1e-5)
     assert r0["zero_frac"] == pytest.approx(ref["zero_frac"], abs=1e-12)
-    assert r0["inf"] == pytest.approx(reference(grads, params, norm_type=math.inf)["total_norm"], rel=1e-6)
+    assert r0["inf"] == reference(grads, params, norm_type=math.inf)["total_norm"]
     assert list(r0["layers"]) == ["net.0", "net.2", "net.4"]
     for name, (grad_norm, param_norm, zero_frac, numel) in r0["layers"].items():
         r = ref["layers"][name]
         assert grad_norm == pytest.approx(r["grad_norm"], rel=1e-5), name
-        assert param_norm == pytest.approx(r["param_norm"], rel=1e-6), name
+        assert param_norm == pytest.approx(r["param_norm"], rel=1e-5), name
         assert zero_frac == pytest.approx(r["zero_frac"], abs=1e-12), name
-        assert numel == sum(grads[n].numel() for n in grads if n.startswith(name + "."))
+        assert numel == sum(whole[n].numel() for n in whole if n.startswith(name + "."))
         max_abs, min_nz, mean, std = r0["full"][name]
-        assert max_abs == pytest.approx(r["max_abs"], rel=1e-6), name
-        assert min_nz == pytest.approx(r["min_abs_nonzero"], rel=1e-6), name
-        assert mean == pytest.approx(r["mean"], rel=1e-5, abs=1e-6 * r["std"]), name
+        assert max_abs == r["max_abs"], name
+        assert min_nz == r["min_abs_nonzero"], name
+        assert mean == pytest.approx(r["mean"], rel=1e-5, abs=1e-5 * r["std"]), name
         assert std == pytest.approx(r["std"], rel=1e-5), name
     # per parameter: a parameter with no piece on one rank still gets its true numbers (that rank contributes the
     # neutral values, -inf for the negated minimum); a rank with no watched gradient at all still takes part
@@ -252,11 +272,14 @@ def test_fsdp1_flat_shards_match_an_unsharded_reference(tmp_path):
     assert list(r0["per_param"]) == list(ref_p["layers"])
     for name, (grad_norm, min_nz, numel) in r0["per_param"].items():
         assert grad_norm == pytest.approx(ref_p["layers"][name]["grad_norm"], rel=1e-5), name
-        assert min_nz == pytest.approx(ref_p["layers"][name]["min_abs_nonzero"], rel=1e-6), name
-        assert numel == grads[name].numel()
-    # NO_SHARD units: whole parameters on every rank, counted once (not world-size times)
-    assert r0["no_shard"] == pytest.approx([ref["total_norm"], ref["zero_frac"]], rel=1e-5)
-    assert r0["no_shard_guard"] == pytest.approx(ref["total_norm"], rel=1e-5)
+        assert min_nz == ref_p["layers"][name]["min_abs_nonzero"], name
+        assert numel == whole[name].numel()
+    # NO_SHARD units: whole parameters on every rank, counted once (not world-size times). Another run, whose
+    # all-reduce rounds otherwise again: against the unsharded gradient, to the float32 norms' 1e-5
+    ref_whole = reference(whole, params)
+    assert r0["no_shard"] == pytest.approx([ref_whole["total_norm"], ref_whole["zero_frac"]], rel=1e-5)
+    assert r0["no_shard_guard"] == pytest.approx(ref_whole["total_norm"], rel=1e-5)
+    # one entry: its float32 norm sqrt(g * g) is |g| exactly; the guard's exp(log(.)) is float64 rounding
     bias = ref_p["layers"]["net.4.bias"]["grad_norm"]
     assert r0["narrow"] == r1["narrow"] == pytest.approx(bias, rel=1e-6)
     assert r0["narrow_guard"] == pytest.approx(bias, rel=1e-6)
@@ -264,7 +287,7 @@ def test_fsdp1_flat_shards_match_an_unsharded_reference(tmp_path):
 
     acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"histograms": 0})
     acc.Reload()
-    for name, g in grads.items():
+    for name, g in whole.items():
         (event,) = acc.Histograms(f"grad_hist/{name}")
         assert event.histogram_value.num == g.numel() == sum(event.histogram_value.bucket), name
 

@@ -68,10 +68,12 @@ def test_grad_scale_is_divided_out_of_every_magnitude():
     engine = GradStatsEngine(stats="full")
     layout = build_layout(model.named_parameters())
     rec = engine.finish(engine.compute(layout, grad_scale=torch.tensor(1024.0)), StepMeta())
-    assert rec.total_norm == pytest.approx(ref["total_norm"], rel=1e-6)
+    # float32 norms against float64: a few ulps times log2(n), in the CPU's kernel order (1e-5 holds on any CPU);
+    # the scale (a power of two) divides exactly, and max / min pick one of the same values (exact)
+    assert rec.total_norm == pytest.approx(ref["total_norm"], rel=1e-5)
     for lay in rec.layers:
         r = ref["layers"][lay.name]
-        assert lay.grad_norm == pytest.approx(r["grad_norm"], rel=1e-6)
+        assert lay.grad_norm == pytest.approx(r["grad_norm"], rel=1e-5)
         assert lay.max_abs == pytest.approx(r["max_abs"], rel=1e-6)
         assert lay.min_abs_nonzero == pytest.approx(r["min_abs_nonzero"], rel=1e-6)
         assert lay.std == pytest.approx(r["std"], rel=1e-5)
@@ -99,8 +101,8 @@ def test_layer_norm_ratio_ignores_zero_layers_and_true_global_norm_is_not_a_sum(
     model[4].bias.grad.zero_()
     rec = _run(model)
     ref = reference(*_captured(model))
-    assert rec.layer_norm_ratio == pytest.approx(ref["layer_norm_ratio"], rel=1e-6)
-    assert rec.total_norm == pytest.approx(ref["total_norm"], rel=1e-6)
+    assert rec.layer_norm_ratio == pytest.approx(ref["layer_norm_ratio"], rel=1e-5)  # float32 norms (see above)
+    assert rec.total_norm == pytest.approx(ref["total_norm"], rel=1e-5)
     assert rec.total_norm < sum(lay.grad_norm for lay in rec.layers)
     assert rec.layer("4").zero_frac == 1.0
 

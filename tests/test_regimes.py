@@ -46,10 +46,11 @@ def test_norm_types_match_reference(norm_type):
     _, capture, records = _fit(TinyMLP(), monitor, max_steps=2)
     for rec, cap in zip(records, capture.steps, strict=True):
         ref = reference(cap["grads"], cap["params"], norm_type=norm_type)
-        assert rec.total_norm == pytest.approx(ref["total_norm"], rel=1e-6)
+        # float32 power sums in the CPU's kernel order against float64: 1e-5 holds on any CPU (inf is exact)
+        assert rec.total_norm == pytest.approx(ref["total_norm"], rel=1e-5)
         for lay in rec.layers:
-            assert lay.grad_norm == pytest.approx(ref["layers"][lay.name]["grad_norm"], rel=1e-6)
-            assert lay.param_norm == pytest.approx(ref["layers"][lay.name]["param_norm"], rel=1e-6)
+            assert lay.grad_norm == pytest.approx(ref["layers"][lay.name]["grad_norm"], rel=1e-5)
+            assert lay.param_norm == pytest.approx(ref["layers"][lay.name]["param_norm"], rel=1e-5)
 
 
 def test_bf16_mixed_matches_reference():
@@ -78,7 +79,7 @@ def test_16_mixed_fused_optimizer_grads_still_scaled_are_unscaled():
     cap = capture.steps[0]
     # the hook really sees scaled gradients here: their raw norm is the true norm times the scale
     raw = reference(cap["grads"], cap["params"])["total_norm"]
-    assert raw == pytest.approx(records[0].total_norm * cap["scale"], rel=1e-6)
+    assert raw == pytest.approx(records[0].total_norm * cap["scale"], rel=1e-5)  # a float32 norm against float64
     assert cap["scale"] > 1
     _check_all(capture, records, full=True, scaled=True)
 
@@ -251,9 +252,10 @@ def test_per_layer_false_keeps_global_metrics_only(tmp_path):
     trainer, capture, records = _fit(TinyMLP(), monitor, max_steps=2)
     assert records[0].layers == ()
     ref = reference(capture.steps[0]["grads"], capture.steps[0]["params"])
-    assert records[0].total_norm == pytest.approx(ref["total_norm"], rel=1e-6)
+    # float32 norms against float64, in the CPU's kernel order: 1e-5 holds on any CPU
+    assert records[0].total_norm == pytest.approx(ref["total_norm"], rel=1e-5)
     assert records[0].zero_frac == pytest.approx(ref["zero_frac"], abs=1e-12)
-    assert records[0].layer_norm_ratio == pytest.approx(ref["layer_norm_ratio"], rel=1e-6)
+    assert records[0].layer_norm_ratio == pytest.approx(ref["layer_norm_ratio"], rel=1e-5)
 
 
 class WideMLP(TinyMLP):

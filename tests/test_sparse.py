@@ -70,7 +70,8 @@ def test_sparse_gradients_give_the_dense_statistics(tmp_path, accumulate):
     assert (
         emb.zero_frac == pytest.approx((dense == 0).double().mean().item(), abs=1e-12) and emb.zero_frac > 0.1
     )  # untouched rows
-    assert emb.mean == pytest.approx(dense.mean().item(), rel=1e-6)
+    # a float32 sum that cancels, against float64: to 1e-5 of the entries' size (as conftest.assert_matches)
+    assert emb.mean == pytest.approx(dense.mean().item(), rel=1e-5, abs=1e-5 * dense.std(unbiased=False).item())
     # the histogram counts the rows the sparse gradient does not store, as zeros
     acc = EventAccumulator(str(tmp_path), size_guidance={"histograms": 0})
     acc.Reload()

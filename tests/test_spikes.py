@@ -259,7 +259,7 @@ def test_raise_stops_at_the_spiking_step():
     assert err.record.batch_idx == 1 and err.record.epoch == 1
     assert len(pre.steps) == SPIKE_STEP + 1
     # the record carries the (pre-clip, unscaled) statistics of that step
-    assert err.record.total_norm == pytest.approx(_norms(pre)[SPIKE_STEP], rel=1e-6)
+    assert err.record.total_norm == pytest.approx(_norms(pre)[SPIKE_STEP], rel=1e-5)  # float32 norm vs float64
 
 
 @pytest.mark.parametrize("accumulate", [1, 2])

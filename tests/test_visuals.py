@@ -97,7 +97,7 @@ def test_tags_in_a_real_tensorboard(run_dir):
         assert [p[1] for p in points] == [1, 3]
         for _, step, value in points:
             reference = torch.cat([grads[step]["net.0.weight"].reshape(-1), grads[step]["net.0.bias"]]).norm().item()
-            assert value == pytest.approx(reference, rel=1e-6)
+            assert value == pytest.approx(reference, rel=1e-5)  # a float32 norm (CPU's kernel order) vs float64
         assert "grad_hist/net.0" in _get(port, "/data/plugin/histograms/tags")[run]
         assert "grad_health/gradient_flow" in _get(port, "/data/plugin/images/tags")[run]
         layout = _get(port, "/data/plugin/custom_scalars/layout")
