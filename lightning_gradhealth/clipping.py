@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from lightning_gradhealth.distributed import Shards, sum_over
-from lightning_gradhealth.engine import _foreach_norm_f32_or_wider
+from lightning_gradhealth.kernels import foreach_norm_f32_or_wider as _foreach_norm_f32_or_wider
 
 __all__ = [
     "AGCClipper",

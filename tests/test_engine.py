@@ -11,6 +11,7 @@ from torch import nn
 
 from lightning_gradhealth import GradStatsEngine, build_layout
 from lightning_gradhealth.engine import NonFiniteTracker, StepMeta
+from lightning_gradhealth.kernels import SCRATCH_MAX, SCRATCH_MIN, abs_max_and_min_nonzero, nonzero_counts
 
 
 def _model_with_grads(dtype=torch.float32, scale=1.0, seed=0):
@@ -157,14 +158,12 @@ def _special(n: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
 def test_nonzero_counts_and_abs_extremes_match_the_plain_formulas(dtype):
     """The buffered CPU paths against count_nonzero and a masked min, across the size thresholds, with NaN, ±inf,
     -0.0, subnormals, non-contiguous views, and the buffer reused at growing and shrinking sizes."""
-    from lightning_gradhealth.engine import _SCRATCH_MAX, _SCRATCH_MIN, _abs_max_and_min_nonzero, nonzero_counts
-
     gen = torch.Generator().manual_seed(0)
-    sizes = [0, 7, _SCRATCH_MIN - 1, _SCRATCH_MIN, 100_000, _SCRATCH_MAX, _SCRATCH_MAX + 1, 70_000]
+    sizes = [0, 7, SCRATCH_MIN - 1, SCRATCH_MIN, 100_000, SCRATCH_MAX, SCRATCH_MAX + 1, 70_000]
     tensors = [_special(n, dtype, gen) for n in sizes]
-    tensors.append(_special(2 * _SCRATCH_MIN, dtype, gen).reshape(256, -1).t())  # transposed view
-    tensors.append(torch.zeros(_SCRATCH_MIN, dtype=dtype))  # all zeros
-    with_nan = _special(_SCRATCH_MIN, dtype, gen)
+    tensors.append(_special(2 * SCRATCH_MIN, dtype, gen).reshape(256, -1).t())  # transposed view
+    tensors.append(torch.zeros(SCRATCH_MIN, dtype=dtype))  # all zeros
+    with_nan = _special(SCRATCH_MIN, dtype, gen)
     with_nan[10] = float("nan")
     tensors.append(with_nan)
     scratch: dict = {}
@@ -176,7 +175,7 @@ def test_nonzero_counts_and_abs_extremes_match_the_plain_formulas(dtype):
         if t.numel() == 0 or dtype == torch.float64:
             continue
         a = t.float().abs()
-        largest, smallest = _abs_max_and_min_nonzero(t, buf)
+        largest, smallest = abs_max_and_min_nonzero(t, buf)
         nz = a[a != 0]
         if torch.isnan(a).any():
             assert math.isnan(largest.item()) and math.isnan(smallest.item())
