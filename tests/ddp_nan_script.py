@@ -77,8 +77,8 @@ if __name__ == "__main__":
             "micro_batch": err.record.first_nonfinite_micro_batch,
             "global_step": trainer.global_step,
         }
-    result["skipped"] = monitor._policy.skipped_steps
-    result["spikes"] = monitor._spike_count
+    result["skipped"] = monitor.health.guard.policy.skipped_steps
+    result["spikes"] = monitor.health.guard.spike_count
     result["params"] = [p.detach().double().sum().item() for p in model.parameters()]
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
     # tear the gloo process group down explicitly: left to interpreter exit, it can abort the process

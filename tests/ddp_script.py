@@ -38,7 +38,7 @@ if __name__ == "__main__":
         "log_calls": CountingTB.calls,
         "total_norm": rec.total_norm,
         "step": rec.step,
-        "activations": monitor._history.activations,
+        "activations": monitor.health.history.activations,
     }
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
     # tear the gloo process group down explicitly: left to interpreter exit, it can abort the process

@@ -80,12 +80,12 @@ if __name__ == "__main__":
         "layers": {lay.name: [lay.grad_norm, lay.param_norm, lay.zero_frac, lay.numel] for lay in b.layers},
         "full": {lay.name: [lay.max_abs, lay.min_abs_nonzero, lay.mean, lay.std] for lay in f.layers},
         "inf": i.total_norm,
-        "guard_total_norm": math.exp(guard._spikes.mean),
+        "guard_total_norm": math.exp(guard.health.guard.spikes.mean),
         "per_param": {
             lay.name: [lay.grad_norm, lay.min_abs_nonzero, lay.numel] for lay in per_param.last_record.layers
         },
         "narrow": narrow.last_record.total_norm,
-        "narrow_guard": math.exp(narrow_guard._spikes.mean),
+        "narrow_guard": math.exp(narrow_guard.health.guard.spikes.mean),
     }
     # NO_SHARD: every parameter is whole on every rank (FSDP all-reduces the gradients): counted once, not twice
     data = make_data()
@@ -98,7 +98,7 @@ if __name__ == "__main__":
         strategy=CPUFSDP(auto_wrap_policy=ModuleWrapPolicy({nn.Linear}), sharding_strategy="NO_SHARD"),
     ).fit(no_shard_model, DataLoader(data, batch_size=8))
     result["no_shard"] = [no_shard.last_record.total_norm, no_shard.last_record.zero_frac]
-    result["no_shard_guard"] = math.exp(no_shard_guard._spikes.mean)
+    result["no_shard_guard"] = math.exp(no_shard_guard.health.guard.spikes.mean)
     # AGC needs whole rows of each weight, which FSDP1's flat shards do not keep: refused at setup, on every rank
     agc = _trainer(
         out,

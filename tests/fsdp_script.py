@@ -142,7 +142,7 @@ def stats(out: Path) -> int:
         "layers": _layers(b),
         "full": {"total_norm": f.total_norm, "grad_max_abs": f.grad_max_abs, "layers": _layers(f, full=True)},
         "inf": {"total_norm": i.total_norm, "param_norm": i.param_norm, "layers": _layers(i)},
-        "guard_total_norm": math.exp(guard._spikes.mean),
+        "guard_total_norm": math.exp(guard.health.guard.spikes.mean),
         "guard_records": guard.last_record is not None,
     }
     # a model only partly under fully_shard (the root is not): DTensor and plain gradients mixed, a clear error

@@ -54,7 +54,7 @@ def test_activation_stats_match_outputs_captured_independently(accumulate, tmp_p
             assert scalars[f"act_zero_frac/{name}"][step] == pytest.approx(zero, abs=1e-7)
     assert scalars["act_dead_frac/net.3"][3] >= 6 / 16
     assert "act_saturated_frac/net.1" not in scalars  # ReLU: no saturation metric
-    assert not monitor._act.attached  # hooks only live during sampled steps
+    assert not monitor.health.activations.attached  # hooks only live during sampled steps
     assert all(not m._forward_hooks or m in (model.net[1], model.net[3]) for m in model.modules())
 
 

@@ -224,7 +224,7 @@ def test_autoclip_clips_to_the_percentile_of_the_norm_history():
         assert m["grad_health/clip_coef"] == pytest.approx(coef, rel=NORM_REL)
         assert m["grad_health/clipped_norm"] == pytest.approx(norm * coef, rel=NORM_REL)
         assert m["grad_health/clip_frac"] == pytest.approx(clipped / (i + 1), rel=1e-6)
-    assert list(monitor._clipper.history) == pytest.approx(history, rel=NORM_REL)
+    assert list(monitor.health.guard.clipper.history) == pytest.approx(history, rel=NORM_REL)
     assert any(_norm(a["grads"]) > 1.01 * _norm(b["grads"]) for a, b in zip(pre.steps, post.steps, strict=True))
 
 
@@ -273,8 +273,8 @@ def test_zclip_matches_its_definition_and_clips_an_injected_spike():
         assert m["grad_health/clipped_norm"] == pytest.approx(norm * coef, rel=NORM_REL)
     assert coefs[:3] == [1.0, 1.0, 1.0]  # warm-up never clips
     assert coefs[5] < 0.2  # the spike is really clipped, hard
-    assert monitor._clipper.mean == pytest.approx(ref.mean, rel=NORM_REL)
-    assert monitor._clipper.var == pytest.approx(ref.var, rel=1e-5)
+    assert monitor.health.guard.clipper.mean == pytest.approx(ref.mean, rel=NORM_REL)
+    assert monitor.health.guard.clipper.var == pytest.approx(ref.var, rel=1e-5)
     n_clipped = sum(c < 1.0 for c in coefs)
     assert trainer.callback_metrics["grad_health/clip_frac"].item() == pytest.approx(n_clipped / 9, rel=1e-6)
 
@@ -310,7 +310,7 @@ def test_nan_step_does_not_poison_the_adaptive_state(clip):
         _assert_grads_equal(b["grads"], _scaled(a["grads"], coef), rel=NORM_REL)
     assert any(c < 0.5 for c in coefs[nan_step:])  # clipping still really happens after the NaN step
 
-    state = monitor._clipper.state_dict()
+    state = monitor.health.guard.clipper.state_dict()
     if clip == "zclip":
         assert math.isfinite(state["mean"]) and math.isfinite(state["var"])
         assert state["mean"] == pytest.approx(zref.mean, rel=NORM_REL)
@@ -442,7 +442,7 @@ def test_clipping_arguments_are_validated(kwargs, exc, name):
 def test_valid_clipping_arguments_are_accepted(kwargs):
     monitor = GradientHealthMonitor(**kwargs)
     assert monitor.clip == kwargs["clip"]
-    assert (monitor._clipper is None) == (kwargs["clip"] is None)
+    assert (monitor.health.guard.clipper is None) == (kwargs["clip"] is None)
 
 
 @pytest.mark.parametrize("make", [lambda: AutoClipper(10.0, 100), lambda: ZClipper(warmup_steps=5)])

@@ -45,7 +45,7 @@ def test_monitor_from_yaml_config(tmp_path):
     )
     cli = LightningCLI(CLIModel, args=["fit", "--config", str(config)], save_config_kwargs={"overwrite": True})
     (monitor,) = [c for c in cli.trainer.callbacks if isinstance(c, GradientHealthMonitor)]
-    assert (monitor.clip, monitor._clipper.max_norm, monitor.on_nonfinite) == ("norm", 0.5, "skip")
+    assert (monitor.clip, monitor.health.guard.clipper.max_norm, monitor.on_nonfinite) == ("norm", 0.5, "skip")
     assert monitor.thresholds.total_norm_high_warning == 50.0
     assert monitor.thresholds.total_norm_high_critical == 1000.0  # the other lines keep their defaults
     assert [lay.name for lay in monitor.last_record.layers] == ["net.0", "net.2", "net.4"]

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradhealth import Alert, AlertManager, GradientHealthError, GradientHealthMonitor, Severity, Thresholds
 from lightning_gradhealth.demo import ResidualReLUMLP
+from lightning_gradhealth.errors import TrainingHealthError, UnsupportedSetupError
 
 PRECISIONS = {
     "32-true": {},
@@ -204,7 +205,8 @@ def test_raise_names_step_layer_counts_and_fixes_and_logs_the_step_first(tmp_pat
     with pytest.raises(GradientHealthError) as exc:
         trainer.fit(TinyMLP(poison={42: ("net.2.weight", math.nan)}), loader(n=512))
     err = exc.value
-    assert isinstance(err, RuntimeError)
+    assert isinstance(err, TrainingHealthError)  # the run must stop: not an unsupported set-up
+    assert not isinstance(err, UnsupportedSetupError)
     msg = str(err)
     assert msg.startswith("Non-finite gradients at step 10 (global step 10, epoch 0, batch 43, micro-batch 2")
     assert "net.2: 1 NaN, 0 Inf of 272 gradient entries" in msg
@@ -348,12 +350,14 @@ def test_resumed_run_makes_the_same_decisions(tmp_path):
     make_trainer(callbacks=[resumed_mon, resumed_rec, ckpt], max_steps=16, enable_checkpointing=True).fit(
         model, loader(n=64), ckpt_path=str(tmp_path / "last.ckpt")
     )
-    assert resumed_mon._steps_seen == full_mon._steps_seen == 16
-    resumed_z, full_z = resumed_mon._clipper.state_dict(), full_mon._clipper.state_dict()
+    assert resumed_mon.health.guard.steps_seen == full_mon.health.guard.steps_seen == 16
+    resumed_z, full_z = resumed_mon.health.guard.clipper.state_dict(), full_mon.health.guard.clipper.state_dict()
     assert (resumed_z["mean"], resumed_z["var"]) == pytest.approx((full_z["mean"], full_z["var"]), rel=1e-9)
-    assert resumed_mon._spikes.state_dict() == pytest.approx(full_mon._spikes.state_dict(), rel=1e-9)
-    assert resumed_mon._spike_count == full_mon._spike_count >= 1
-    assert resumed_mon._clipped_steps == full_mon._clipped_steps >= 1
+    assert resumed_mon.health.guard.spikes.state_dict() == pytest.approx(
+        full_mon.health.guard.spikes.state_dict(), rel=1e-9
+    )
+    assert resumed_mon.health.guard.spike_count == full_mon.health.guard.spike_count >= 1
+    assert resumed_mon.health.guard.clipped_steps == full_mon.health.guard.clipped_steps >= 1
     tail = {r.step: r.total_norm for r in full_rec.records if r.step >= 8}
     assert {r.step: r.total_norm for r in resumed_rec.records} == pytest.approx(tail)
 

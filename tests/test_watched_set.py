@@ -240,7 +240,7 @@ def test_parameters_unfrozen_outside_every_optimizer_change_nothing(tmp_path):
         trainer.fit(Finetune(head_only_optimizer=True), loader())
     assert _layers_by_epoch(records.records) == {0: {("head",)}, 1: {("head",)}}
     assert not said
-    assert monitor._clipper.mean is not None  # ZClip kept its statistics (its warm-up was not restarted)
+    assert monitor.health.guard.clipper.mean is not None  # ZClip kept its statistics (its warm-up was not restarted)
 
 
 class RecreateOptimizers(Callback):
