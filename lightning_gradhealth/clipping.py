@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from lightning_gradhealth.distributed import Shards, sum_over
-from lightning_gradhealth.kernels import foreach_norm_f32_or_wider as _foreach_norm_f32_or_wider
+from lightning_gradhealth.kernels import foreach_norm_f32_or_wider
 
 __all__ = [
     "AGCClipper",
@@ -142,7 +142,7 @@ class ValueClipper(Clipper):
         else:
             torch._foreach_clamp_min_(grads, -self.clip_value)
             torch._foreach_clamp_max_(grads, self.clip_value)
-        norms = torch.stack([n.double() for n in _foreach_norm_f32_or_wider(grads, 2.0)])
+        norms = torch.stack([n.double() for n in foreach_norm_f32_or_wider(grads, 2.0)])
         post_sq, clipped = _sum_shards(norms.square().sum(), clipped, shards)
         post = post_sq.sqrt()
         if scale is not None:
