@@ -247,6 +247,7 @@ class GradientHealth:
         self._flush_pending()
         self.output.emit()
         self.output.write_report(self.watched.sparse_layers)
+        self.output.flush()  # a loop's loggers buffer (CSV) or queue (TensorBoard): on disk once closed
 
     def abort(self) -> None:
         """On an exception: write what was computed before it, so that nothing already measured is lost."""
@@ -268,6 +269,7 @@ class GradientHealth:
             self.close()
         elif not isinstance(exc, TrainingHealthError):  # (that one already logged, flushed and reported)
             self.abort()
+            self.output.flush()  # the exception may end the process: what was measured must be on disk
 
     # ------------------------------------------------------------------ front-end hooks
     def before_batch(self, step: int) -> None:

@@ -112,16 +112,15 @@ def _loggers(loggers: Any) -> list[Any]:
     """``None``, a logger, a list of loggers or a TensorBoard log directory, as a list of loggers."""
     if loggers is None:
         return []
-    if isinstance(loggers, (str, Path)):
-        return [DirectoryLogger(loggers)]
-    if isinstance(loggers, (list, tuple)):
-        return [DirectoryLogger(lg) if isinstance(lg, (str, Path)) else lg for lg in loggers]
-    if not callable(getattr(loggers, "log_metrics", None)):
-        raise TypeError(
-            "`loggers` must be None, a logger with `log_metrics(metrics, step)` (e.g. lightning.fabric.loggers."
-            f"TensorBoardLogger), a list of them, or a TensorBoard log directory; got {loggers!r}."
-        )
-    return [loggers]
+    items = list(loggers) if isinstance(loggers, (list, tuple)) else [loggers]
+    for logger in items:  # (every item: one that is not a logger would fail at the first logged step)
+        if not isinstance(logger, (str, Path)) and not callable(getattr(logger, "log_metrics", None)):
+            raise TypeError(
+                "`loggers` must be None, a logger with `log_metrics(metrics, step)` (e.g. lightning.fabric.loggers."
+                f"TensorBoardLogger), a list of them, or a TensorBoard log directory; got {logger!r}"
+                + (f" in {loggers!r}." if logger is not loggers else ".")
+            )
+    return [DirectoryLogger(lg) if isinstance(lg, (str, Path)) else lg for lg in items]
 
 
 def _is_tensorboard(logger: Any) -> bool:
