@@ -257,6 +257,8 @@ def stub_trainer(step: int, optimizer: torch.optim.Optimizer | None = None) -> S
         world_size=1,
         loggers=[],  # logger cost is measured separately (TensorBoard table)
         strategy=SimpleNamespace(),
+        callbacks=[],
+        default_root_dir=".",
     )
 
 

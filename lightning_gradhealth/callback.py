@@ -336,10 +336,14 @@ class GradientHealthMonitor(Callback):
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
         """Check, measure, decide and clip, on the accumulated, unscaled, pre-clip gradient of this step."""
+        step, due_now = self._log_step(trainer), self._due(trainer)
+        if not self.health.before_step(step, due_now):  # the hot path: nothing to do at this step
+            self._batches.clear()
+            return
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         ctx = StepContext(
-            step=self._log_step(trainer),
-            due=self._due(trainer),
+            step=step,
+            due=due_now,
             global_step=trainer.global_step,
             epoch=trainer.current_epoch,
             batch_idx=self._batch_idx,

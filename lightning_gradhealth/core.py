@@ -235,7 +235,7 @@ class GradientHealth:
             micro_batches=self._tracker.micro_batches > 1,
             batches=() if batch is None else (batch,),
         )
-        go = self.on_step(optimizer, ctx, known)
+        go = self.on_step(optimizer, ctx, known) if self.before_step(ctx.step, ctx.due) else True
         self.end_batch()
         if self.activations is not None and due(step + 1, self.options.activation_stats_every_n_steps):
             self.activations.attach()  # for the next step's forward pass
@@ -286,17 +286,27 @@ class GradientHealth:
         """Look for parameters frozen, unfrozen or replaced anywhere in the model (one pass over them)."""
         self._changed(self.watched.check(optimizers), step)
 
+    def before_step(self, step: int, due: bool) -> bool:
+        """The start of every optimizer step; returns whether anything is to be done at it.
+
+        A step that is not due, with no guard, clipping or spike detection, stops here: it runs no torch operation.
+        """
+        self._flush_pending()
+        if self.activations is not None and self.activations.attached:
+            self._read_activations(step)
+        if due or self.options.guards_every_step:
+            return True
+        self._end_step(True)
+        return False
+
     def on_step(self, optimizer: Optimizer, ctx: StepContext, optimizers: Sequence[Optimizer]) -> bool:
-        """The optimizer step described by ``ctx``: what :meth:`step` and the callback's hook both run.
+        """The optimizer step described by ``ctx``, once :meth:`before_step` said there is something to do.
+
+        What :meth:`step` and the callback's hook both run.
 
         Returns:
             Whether the update goes ahead.
         """
-        self._flush_pending()
-        if self.activations is not None and self.activations.attached:
-            self._read_activations(ctx.step)
-        if not (ctx.due or self.options.guards_every_step):
-            return self._end_step(True)
         if ctx.due:
             self.check_watched(optimizers, ctx.step)
         layout, change = self.watched.layout_for(optimizer, optimizers)

@@ -30,17 +30,18 @@ class GradientHealthError(RuntimeError):
 
 
 class TrainingHealthError(GradientHealthError):
-    """The run must stop: non-finite gradients (``on_nonfinite="raise"``, or too many skipped steps), a collapsing
-    loss scale, or a gradient-norm spike with ``on_spike="raise"``.
+    """The run must stop.
 
-    Raised after the failing step was logged, the loggers flushed and the report written.
+    Non-finite gradients (``on_nonfinite="raise"``, or too many skipped steps), a collapsing loss scale, or a
+    gradient-norm spike with ``on_spike="raise"``. Raised after the failing step was logged, the loggers flushed
+    and the report written.
     ``error.context`` holds ``record``, ``step`` and ``layers`` (the non-finite layers, in definition order).
     """
 
 
 class UnsupportedSetupError(GradientHealthError, ValueError):
-    """The set-up cannot be watched (a strategy whose gradients are not on the parameters, a model only partly
-    sharded, a clipper that cannot clip these gradients, ...). Raised before a step is spent.
+    """The set-up cannot be watched; raised before a step is spent.
 
-    Also a :class:`ValueError`, as these refusals were before this class existed.
+    A strategy whose gradients are not on the parameters, a model only partly sharded, a clipper that cannot clip
+    these gradients, ... Also a :class:`ValueError`, as these refusals were before this class existed.
     """
