@@ -31,6 +31,7 @@ class Kind:
         RISING_TREND: The global norm rising steadily over the run (finding).
         DECAYING_TREND: The global norm decaying over the run (finding).
         NO_GRADIENT: Trainable parameters that never got a gradient (finding).
+        DIVERGING: The training loss rising together with the gradient norm (alert and finding).
     """
 
     NONFINITE: Final = "nonfinite"
@@ -45,6 +46,7 @@ class Kind:
     RISING_TREND: Final = "rising_trend"
     DECAYING_TREND: Final = "decaying_trend"
     NO_GRADIENT: Final = "no_gradient"
+    DIVERGING: Final = "diverging"
 
 
 #: Every kind, in the order of :class:`Kind`.
@@ -61,6 +63,7 @@ KINDS: tuple[str, ...] = (
     Kind.RISING_TREND,
     Kind.DECAYING_TREND,
     Kind.NO_GRADIENT,
+    Kind.DIVERGING,
 )
 
 #: The kinds an :class:`~lightning_gradhealth.alerts.Alert` can have (the others are findings only).
@@ -74,5 +77,6 @@ ALERT_KINDS: frozenset[str] = frozenset(
         Kind.DEAD,
         Kind.RATIO_HIGH,
         Kind.RATIO_LOW,
+        Kind.DIVERGING,
     )
 )

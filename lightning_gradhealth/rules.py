@@ -33,6 +33,7 @@ CODE: dict[str, str] = {
     Kind.RATIO_LOW: "# raise the learning rate, or check that these layers are not frozen by mistake",
     Kind.NO_GRADIENT: "for name, p in model.named_parameters():\n    if p.grad is None:\n"
     "        print('no gradient:', name)",
+    Kind.DIVERGING: "optimizer = torch.optim.AdamW(model.parameters(), lr=lr / 10)  # and a warm-up",
 }
 
 
