@@ -205,6 +205,7 @@ class GradientHealthMonitor(Callback):
         self._batch_idx = 0
         self._batches: list[Any] = []
         self._checked_epoch = -1
+        self._loss: torch.Tensor | None = None
 
     def __getattr__(self, name: str) -> Any:
         # the options read as attributes (monitor.clip, monitor.on_nonfinite, ...), as before they had one object
@@ -329,6 +330,11 @@ class GradientHealthMonitor(Callback):
         if self.options.spike_dir is not None:
             self._batches.append(batch)
 
+    def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
+        """On computed steps, keep the loss on the device (summed over micro-batches; read with the statistics)."""
+        if self._due(trainer):
+            self._loss = loss.detach() if self._loss is None else self._loss + loss.detach()
+
     def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Under accumulation, note on the device whether this micro-batch made the gradient non-finite."""
         if self._accumulates(trainer, pl_module) and (self.options.guards_every_step or self._due(trainer)):
@@ -337,10 +343,13 @@ class GradientHealthMonitor(Callback):
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
         """Check, measure, decide and clip, on the accumulated, unscaled, pre-clip gradient of this step."""
         step, due_now = self._log_step(trainer), self._due(trainer)
+        loss, self._loss = self._loss, None
         if not self.health.before_step(step, due_now):  # the hot path: nothing to do at this step
             self._batches.clear()
             return
         scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if loss is not None and scaler is not None and getattr(scaler, "_scale", None) is not None:
+            loss = loss / scaler._scale  # the precision plugin scaled it before on_before_backward
         ctx = StepContext(
             step=step,
             due=due_now,
@@ -356,6 +365,7 @@ class GradientHealthMonitor(Callback):
             defer_publish=pl_module.automatic_optimization
             and (bool(trainer.gradient_clip_val) or is_overridden("configure_gradient_clipping", pl_module)),
             batches=tuple(self._batches),
+            loss=loss,
         )
         self._batches.clear()
         self.health.on_step(optimizer, ctx, trainer.optimizers)

@@ -61,6 +61,8 @@ class StepContext:
         defer_publish: The framework clips the gradients after this call: the record is published at
             :meth:`GradientHealth.end_batch`, with the post-clip norm.
         batches: The step's batches, saved with a spike when ``spike_dir`` is set.
+        loss: The step's training loss (a device scalar, unscaled; the mean over micro-batches), read on computed
+            steps with the statistics' one transfer.
     """
 
     step: int
@@ -75,6 +77,7 @@ class StepContext:
     micro_batches: bool = False
     defer_publish: bool = False
     batches: Sequence[Any] = ()
+    loss: torch.Tensor | float | None = None
 
 
 def due(step: int, every: int | None) -> bool:
@@ -199,12 +202,22 @@ class GradientHealth:
             return
         self._tracker.observe(self.watched.model_layout)
 
-    def step(self, optimizer: Optimizer, *, step: int | None = None, epoch: int = 0, batch: Any = None) -> bool:
+    def step(
+        self,
+        optimizer: Optimizer,
+        *,
+        step: int | None = None,
+        loss: torch.Tensor | float | None = None,
+        epoch: int = 0,
+        batch: Any = None,
+    ) -> bool:
         """Check, measure, decide and clip, on this optimizer step's gradient. Call before ``optimizer.step()``.
 
         Args:
             optimizer: The optimizer about to step.
             step: The loggers' x-axis value; default: the count of calls so far (from 0).
+            loss: The step's training loss (unscaled; under accumulation the mean over micro-batches). Read on
+                computed steps, in the statistics' one transfer (no extra sync), for the divergence diagnosis.
             epoch: The epoch, for messages and the record.
             batch: The step's batch, saved with a spike when ``spike_dir`` is set.
 
@@ -234,6 +247,7 @@ class GradientHealth:
             grads_scaled=scaler is not None and _still_scaled(scaler, optimizer),
             micro_batches=self._tracker.micro_batches > 1,
             batches=() if batch is None else (batch,),
+            loss=loss,
         )
         go = self.on_step(optimizer, ctx, known) if self.before_step(ctx.step, ctx.due) else True
         self.end_batch()
@@ -320,7 +334,7 @@ class GradientHealth:
         if pending is None:
             self._nothing_to_watch(layout)
             return self._end_step(True)
-        self._add_extras(pending, scale)
+        self._add_extras(pending, scale, ctx.loss if ctx.due else None)
         meta = StepMeta(ctx.step, ctx.global_step, ctx.epoch, ctx.batch_idx, ctx.optimizer_idx)
         record = self.engine.finish(pending, meta) if ctx.due else None
         total = record.total_norm if record is not None else self.engine.read_guard(pending)[0]
@@ -332,7 +346,7 @@ class GradientHealth:
                 return record
             full = self.engine.compute(layout, grad_scale, red)
             assert full is not None
-            self._add_extras(full, scale)
+            self._add_extras(full, scale, ctx.loss)
             return self.engine.finish(full, meta)
 
         outcome = self.guard.decide(
@@ -410,9 +424,11 @@ class GradientHealth:
             self._fsdp1_done = True
         return frontend.reduction
 
-    def _add_extras(self, pending: PendingStats, scale: torch.Tensor | None) -> None:
+    def _add_extras(self, pending: PendingStats, scale: torch.Tensor | None, loss: torch.Tensor | float | None) -> None:
         if scale is not None:
             pending.extras["amp_scale"] = scale
+        if loss is not None:
+            pending.extras["loss"] = torch.as_tensor(loss).detach().reshape(()).to(pending.packed.device)
         if self._tracker.first_bad is not None:
             pending.extras["first_nonfinite_micro_batch"] = self._tracker.first_bad
         # else: a single micro-batch; the engine reports micro-batch 0 for a non-finite step
