@@ -98,6 +98,9 @@ class GradientHealthMonitor(Callback):
     ``EarlyStopping(monitor="grad_health/total_norm")`` and ``ModelCheckpoint`` can use them. The latest record
     is :attr:`last_record`.
 
+    The callback is a thin adapter: it maps the Trainer's state onto :class:`~lightning_gradhealth.GradientHealth`
+    (:attr:`health`), which does the work and also serves plain PyTorch and Fabric loops.
+
     Args:
         log_every_n_steps: Compute and log every this many optimizer steps, on the same step values as the
             Trainer's own scalars. ``None`` follows ``Trainer(log_every_n_steps=...)``.
@@ -156,6 +159,7 @@ class GradientHealthMonitor(Callback):
         activation_stats_every_n_steps: Opt-in activation statistics every this many optimizer steps: forward hooks
             on ReLU, LeakyReLU, GELU, SiLU, Sigmoid and Tanh modules for that step only (dead units, zero
             activations, saturation), summed across ranks with torchmetrics, one more transfer on those steps.
+        verbose: ``False`` prints no alert line (alerts are still counted, passed to ``on_alert`` and reported).
 
     Raises:
         TypeError: An argument has the wrong type.
@@ -197,6 +201,7 @@ class GradientHealthMonitor(Callback):
         activation_stats_every_n_steps: int | None = None,
         histogram_every_n_steps: int | None = None,
         figure_every_n_steps: int | None = None,
+        verbose: bool = True,
     ) -> None:
         self.options = HealthOptions(**{name: value for name, value in locals().items() if name in _OPTIONS})
         self.health = GradientHealth(None, options=self.options)
@@ -290,6 +295,7 @@ class GradientHealthMonitor(Callback):
             default_dir=Path(trainer.default_root_dir),
             info=rank_zero_info,
             warn=rank_zero_warn,
+            log_every_n_steps=self._every(trainer),
             on_summary=lambda summary: trainer.callback_metrics.update(
                 {k: torch.tensor(v) for k, v in summary.items()}
             ),

@@ -150,9 +150,11 @@ class GradientHealth:
         self._scaler = scaler
         self._steps = itertools.count()
         self._fsdp1_done = False
+        self._run_steps = 0  # optimizer steps of this run
         self.model: nn.Module | None = None
         if model is not None:
-            self.attach(Frontend.for_model(model, loggers, amp=scaler is not None))
+            every = self.options.log_every_n_steps
+            self.attach(Frontend.for_model(model, loggers, amp=scaler is not None, every=every))
             self.output.start()
             self.before_batch(0)
 
@@ -183,6 +185,7 @@ class GradientHealth:
         self._awaiting_clip.clear()
         self._tracker.reset()
         self._fsdp1_done = False
+        self._run_steps = 0
         self.watched.start(names_model, optimizers, resumed=self.guard.steps_seen > 0)
         if self.watched.waiting:
             self.output.warn(
@@ -237,7 +240,7 @@ class GradientHealth:
         scaler = self._scaler if self._scaler is not None and self._scaler.is_enabled() else None
         ctx = StepContext(
             step=step,
-            due=due(step, self.options.log_every_n_steps or DEFAULT_LOG_EVERY_N_STEPS),
+            due=due(step, self.output.frontend.log_every_n_steps or DEFAULT_LOG_EVERY_N_STEPS),
             global_step=count,
             epoch=epoch,
             batch_idx=step,
@@ -260,7 +263,17 @@ class GradientHealth:
         self.guard.resolve_clip_count()
         self._flush_pending()
         self.output.emit()
-        self.output.write_report(self.watched.sparse_layers)
+        if self.output.history.records_seen:
+            self.output.write_report(self.watched.sparse_layers)
+        elif self._run_steps:
+            every = self.output.frontend.log_every_n_steps or DEFAULT_LOG_EVERY_N_STEPS
+            self.output.warn(
+                f"{self.output.frontend.name}: no step was computed, so there is no record and no report: the run "
+                f"made {self._run_steps} optimizer step(s) and statistics are taken every {every} steps (steps "
+                f"{every - 1}, {2 * every - 1}, ...). Fix: log more often, e.g. "
+                f"`log_every_n_steps={max(1, min(every, self._run_steps) // 4)}` (on the monitor, or on the Trainer, "
+                "whose value the monitor follows)."
+            )
         self.output.flush()  # a loop's loggers buffer (CSV) or queue (TensorBoard): on disk once closed
 
     def abort(self) -> None:
@@ -305,6 +318,7 @@ class GradientHealth:
 
         A step that is not due, with no guard, clipping or spike detection, stops here: it runs no torch operation.
         """
+        self._run_steps += 1
         self._flush_pending()
         if self.activations is not None and self.activations.attached:
             self._read_activations(step)

@@ -92,6 +92,7 @@ class HealthOptions:
     activation_stats_every_n_steps: int | None = None
     histogram_every_n_steps: int | None = None
     figure_every_n_steps: int | None = None
+    verbose: bool = True
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -126,6 +127,7 @@ class HealthOptions:
                 check_type(name, value, (str, Path), "None, a str or a pathlib.Path")
                 set_(self, name, Path(value))
         check_type("report", self.report, bool, "a bool")
+        check_type("verbose", self.verbose, bool, "a bool")
         for name in ("activation_stats_every_n_steps", "histogram_every_n_steps", "figure_every_n_steps"):
             check_int(name, getattr(self, name), minimum=1, allow_none=True)
 

@@ -58,6 +58,7 @@ class Frontend:
         info: Shows an informational message (rank zero only).
         warn: Shows a warning (rank zero only).
         on_summary: Receives the summary metrics of each published record, on every rank.
+        log_every_n_steps: The schedule of computed steps (the option, or the framework's own).
     """
 
     model: nn.Module
@@ -73,6 +74,7 @@ class Frontend:
     info: Callable[[str], None] = _print
     warn: Callable[[str], None] = _warn
     on_summary: Callable[[dict[str, float]], None] | None = None
+    log_every_n_steps: int | None = None
 
     @property
     def rank_zero(self) -> bool:
@@ -80,7 +82,15 @@ class Frontend:
         return self.rank == 0
 
     @classmethod
-    def for_model(cls, model: nn.Module, loggers: Any, *, amp: bool = False, name: str = "GradientHealth") -> Frontend:
+    def for_model(
+        cls,
+        model: nn.Module,
+        loggers: Any,
+        *,
+        amp: bool = False,
+        every: int | None = None,
+        name: str = "GradientHealth",
+    ) -> Frontend:
         """The front-end of a plain or Fabric loop: ranks from ``torch.distributed``, wrappers found on ``model``.
 
         A Fabric module is unwrapped; a ``DistributedDataParallel`` module is unwrapped and its decisions averaged
@@ -95,6 +105,7 @@ class Frontend:
         module = getattr(model, "_forward_module", model)  # Lightning Fabric's _FabricModule
         ddp = isinstance(module, DistributedDataParallel)
         frontend = cls(model=module.module if ddp else module, name=name, loggers=_loggers(loggers), rank=rank, amp=amp)
+        frontend.log_every_n_steps = every
         if ddp and world > 1:
             frontend.ddp = True
             frontend.reduction = Reduction(replica_group=torch.distributed.group.WORLD)

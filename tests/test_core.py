@@ -443,3 +443,62 @@ def test_plain_loop_example_runs(tmp_path):
     assert f"report: {report.relative_to(tmp_path)}" in proc.stdout
     assert report.is_file()
     assert "grad_health/total_norm" in _tb_scalars(tmp_path / "runs" / "plain")
+
+
+# ---------------------------------------------------------------- a run that computed nothing, and the loss
+def test_a_run_shorter_than_the_schedule_says_so_with_the_fix(tmp_path):
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    health = GradientHealth(model, log_every_n_steps=50, report_dir=tmp_path)
+    for x, y in data(n=40):  # 5 optimizer steps, none of them due
+        nn.functional.mse_loss(model(x), y).backward()
+        assert health.step(opt)
+        opt.step()
+        opt.zero_grad()
+    with pytest.warns(UserWarning, match=r"no step was computed.*5 optimizer step\(s\).*every 50.*log_every_n_steps=1"):
+        health.close()
+    assert health.last_record is None and not list(tmp_path.iterdir())
+
+
+def test_a_trainer_fit_shorter_than_log_every_n_steps_says_so(tmp_path):
+    monitor = GradientHealthMonitor()  # follows the Trainer's log_every_n_steps=50
+    trainer = make_trainer(tmp_path, callbacks=[monitor], max_steps=32, accumulate_grad_batches=4, log_every_n_steps=50)
+    with pytest.warns(
+        UserWarning, match=r"no step was computed.*32 optimizer step\(s\).*every 50.*log_every_n_steps=8"
+    ):
+        trainer.fit(TinyMLP(), data(n=8 * 128))
+    assert monitor.last_record is None and monitor.findings == []
+
+
+def test_the_loss_is_read_on_computed_steps_with_the_statistics(tmp_path):
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    health = GradientHealth(model, log_every_n_steps=2)
+    losses = []
+    for i, (x, y) in enumerate(data()):
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        losses.append(loss.item())
+        health.step(opt, loss=loss)
+        if i % 2 == 1:
+            assert health.last_record.step == i
+            assert health.last_record.loss == pytest.approx(losses[-1], rel=1e-6)
+        opt.step()
+        opt.zero_grad()
+    assert health.history.loss == pytest.approx([losses[i] for i in range(1, len(losses), 2)], rel=1e-6)
+
+
+def test_the_callback_reads_the_mean_loss_of_the_accumulated_micro_batches(tmp_path):
+    seen: list[float] = []
+
+    class Module(TinyMLP):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            seen.append(float(loss.detach()))
+            return loss
+
+    monitor = GradientHealthMonitor(log_every_n_steps=1)
+    trainer = make_trainer(tmp_path, callbacks=[monitor], max_steps=3, accumulate_grad_batches=2)
+    trainer.fit(Module(), data(n=8 * 6))
+    mean_last = (seen[-2] + seen[-1]) / 2
+    assert monitor.last_record.loss == pytest.approx(mean_last, rel=1e-5)
