@@ -442,7 +442,9 @@ class GradientHealth:
         if scale is not None:
             pending.extras["amp_scale"] = scale
         if loss is not None:
-            pending.extras["loss"] = torch.as_tensor(loss).detach().reshape(()).to(pending.packed.device)
+            value = torch.as_tensor(loss).detach().reshape(())
+            device = pending.packed.device
+            pending.extras["loss"] = value if value.device == device else value.to(device)  # (a plain float)
         if self._tracker.first_bad is not None:
             pending.extras["first_nonfinite_micro_batch"] = self._tracker.first_bad
         # else: a single micro-batch; the engine reports micro-batch 0 for a non-finite step
