@@ -1,0 +1,814 @@
+"""What the model is made of: the kind of every layer, its activations, norms and residual connections.
+
+An *inventory* is taken once per model, in one pass over its modules (no forward pass), so that the rules can
+compare like with like (the weight matrices of linear and convolution layers, not embeddings against norm biases),
+read a depth profile along the main path, and so that the fixes fit the model (a GELU transformer is not told to
+use GELU; a ResNet is not told to add residual connections).
+
+Layer names are those of :class:`~lightning_gradhealth.layout.ParamLayout`: the parameter names without the
+segments wrappers insert (:func:`~lightning_gradhealth.layout.clean_name`), grouped by
+:func:`~lightning_gradhealth.layout.layer_name`.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import operator
+import re
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal
+
+import torch
+from torch import nn
+
+from lightning_gradhealth.layout import GroupBy, clean_name, layer_name
+
+__all__ = [
+    "ACTIVATIONS",
+    "LAYER_KINDS",
+    "NORMS",
+    "LayerInfo",
+    "LayerKind",
+    "ModelInventory",
+    "take_inventory",
+]
+
+LayerKind = Literal["linear", "conv", "embedding", "norm", "attention", "recurrent", "other"]
+
+#: Every layer kind, in the order of :data:`LayerKind`.
+LAYER_KINDS: Final[tuple[str, ...]] = ("linear", "conv", "embedding", "norm", "attention", "recurrent", "other")
+
+#: The activation names an inventory can report.
+ACTIVATIONS: Final[frozenset[str]] = frozenset(
+    (
+        "relu", "leaky_relu", "prelu", "rrelu", "elu", "selu", "celu", "gelu", "silu", "mish", "hardswish",
+        "softplus", "glu", "sigmoid", "hardsigmoid", "tanh", "hardtanh", "softmax",
+    )
+)  # fmt: skip
+
+#: The normalisation names an inventory can report.
+NORMS: Final[frozenset[str]] = frozenset(
+    ("batchnorm", "layernorm", "groupnorm", "instancenorm", "rmsnorm", "weightnorm", "spectralnorm")
+)
+
+# Kinds whose weight matrices are compared with each other (see LayerInfo.comparable).
+_COMPARABLE_KINDS = frozenset(("linear", "conv", "attention"))
+
+# ---------------------------------------------------------------------------------------------- activations
+# Module classes of torch.nn -> activation (isinstance, so subclasses count).
+_ACTIVATION_CLASSES: tuple[tuple[type[nn.Module], str], ...] = (
+    (nn.LeakyReLU, "leaky_relu"),
+    (nn.PReLU, "prelu"),
+    (nn.RReLU, "rrelu"),
+    (nn.ReLU, "relu"),
+    (nn.ReLU6, "relu"),
+    (nn.SELU, "selu"),
+    (nn.CELU, "celu"),
+    (nn.ELU, "elu"),
+    (nn.GELU, "gelu"),
+    (nn.SiLU, "silu"),
+    (nn.Mish, "mish"),
+    (nn.Hardswish, "hardswish"),
+    (nn.Softplus, "softplus"),
+    (nn.GLU, "glu"),
+    (nn.Hardsigmoid, "hardsigmoid"),
+    (nn.Sigmoid, "sigmoid"),
+    (nn.Hardtanh, "hardtanh"),
+    (nn.Tanh, "tanh"),
+    (nn.Softmax, "softmax"),
+    (nn.LogSoftmax, "softmax"),
+    (nn.Softmax2d, "softmax"),
+)
+
+# Names (of classes, functions, config strings) -> activation; first match wins, so the longer names come first
+# ("gelu_pytorch_tanh" is a GELU, "hardswish" is not a SiLU, "leaky_relu" is not a ReLU).
+_ACTIVATION_NAMES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
+    (re.compile(pattern), act)
+    for pattern, act in (
+        (r"leaky_?relu", "leaky_relu"),
+        (r"^prelu|[^a-z]prelu", "prelu"),
+        (r"rrelu", "rrelu"),
+        (r"gelu|geglu", "gelu"),
+        (r"hard_?swish", "hardswish"),
+        (r"silu|swish|swiglu", "silu"),
+        (r"mish", "mish"),
+        (r"selu", "selu"),
+        (r"celu", "celu"),
+        (r"^elu|[^a-z]elu", "elu"),
+        (r"relu", "relu"),
+        (r"hard_?sigmoid", "hardsigmoid"),
+        (r"sigmoid|logistic|expit", "sigmoid"),
+        (r"hard_?tanh", "hardtanh"),
+        (r"tanh", "tanh"),
+        (r"softmax", "softmax"),
+        (r"softplus", "softplus"),
+        (r"^glu|[^a-z]glu", "glu"),
+    )
+)
+
+# Attributes that hold an activation as a function, a class or a string (nn.TransformerEncoderLayer.activation,
+# timm's act_layer, HF's act_fn / activation_function, ...).
+_ACTIVATION_ATTR = re.compile(r"^(act|activation|nonlinearity|non_linearity|hidden_act)(_fn|_func|_layer|_function)?$")
+# The same in a HF-style config of the model.
+_CONFIG_ACTIVATION_ATTRS = ("hidden_act", "activation_function", "hidden_activation", "act_fn", "activation")
+
+# Functional calls in the source of a module class: F.relu(...), torch.sigmoid(...), x.tanh(), ...
+_FUNCTIONAL = re.compile(
+    r"\b(?:F|torch|nn\.functional|torch\.nn\.functional|torch\.special)\.(leaky_relu|relu6|relu|prelu|rrelu|gelu|"
+    r"silu|mish|selu|celu|elu|hardswish|softplus|glu|hardsigmoid|sigmoid|expit|hardtanh|tanh|log_softmax|softmax|"
+    r"scaled_dot_product_attention)\s*\("
+    r"|\.(relu|sigmoid|tanh|softmax|log_softmax)_?\(\s*[^\s)]?"
+)
+_COMMENT = re.compile(r"#[^\n]*")
+
+# ---------------------------------------------------------------------------------------------- norms, residuals
+_NORM_NAMES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
+    (re.compile(pattern, re.IGNORECASE), norm)
+    for pattern, norm in (
+        (r"rms_?norm", "rmsnorm"),
+        (r"layer_?norm", "layernorm"),
+        (r"group_?norm", "groupnorm"),
+        (r"batch_?norm", "batchnorm"),
+        (r"instance_?norm", "instancenorm"),
+        (r"weight_?norm", "weightnorm"),
+        (r"spectral_?norm", "spectralnorm"),
+    )
+)
+# A class name that names a normalisation layer of another kind (ScaleNorm, L2Norm, LayerNorm2d, ...).
+_NORM_CLASS = re.compile(r"Norm(\d[dD])?$|Norm(alization|alisation)(Layer)?$")
+# Classes whose forward is known to add a residual connection.
+_RESIDUAL_CLASSES = re.compile(
+    r"^(BasicBlock|Bottleneck|PreAct(Block|Bottleneck)|InvertedResidual|ResidualAttentionBlock)$"
+    r"|Res(idual)?(Net|net)?(Block|Unit|Layer|Stage)(\d[dD])?$|^Residual"
+)
+_BLOCK_CLASS = re.compile(r"(Block|Layer)$")
+# Layers on a skip connection of a residual block, not on the main path.
+_SHORTCUT_SEGMENT = re.compile(r"(^|\.)(\w*shortcut\w*|skip|skip_connection|res_proj)(\.|$)")
+_DOWNSAMPLE_SEGMENT = re.compile(r"(^|\.)downsample(\.|$)")
+_PROJECTION_PARAM = re.compile(r"weight|proj", re.IGNORECASE)
+_EMBEDDING_PARAM = re.compile(r"(embed|token|pos_?emb|position)", re.IGNORECASE)
+
+_ADD_FUNCTIONS = frozenset((operator.add, operator.iadd, torch.add))
+_MAX_TRACE_MODULES = 20_000
+
+
+def _activation_from_name(name: str) -> str | None:
+    """The activation a name stands for (``"NewGELUActivation"`` -> ``"gelu"``), or None."""
+    low = name.lower()
+    for pattern, act in _ACTIVATION_NAMES:
+        if pattern.search(low):
+            return act
+    return None
+
+
+def _activation_of_value(value: Any) -> str | None:
+    """The activation held by an attribute: a string, a function, a partial, a class or a module."""
+    if isinstance(value, str):
+        return _activation_from_name(value)
+    if isinstance(value, functools.partial):
+        return _activation_of_value(value.func)
+    if isinstance(value, nn.Module):
+        return _activation_of_module(value)
+    if isinstance(value, type):
+        return _activation_from_name(value.__name__) if issubclass(value, nn.Module) else None
+    name = getattr(value, "__name__", None)
+    return _activation_from_name(name) if callable(value) and isinstance(name, str) else None
+
+
+def _activation_of_module(module: nn.Module) -> str | None:
+    """The activation a module is (nn.GELU, HF's NewGELUActivation), or None; only leaf modules count by name."""
+    for cls, act in _ACTIVATION_CLASSES:
+        if isinstance(module, cls):
+            return act
+    if next(iter(module.children()), None) is None and not module._parameters:
+        return _activation_from_name(type(module).__name__)
+    return None
+
+
+@functools.lru_cache(maxsize=1024)
+def _source_activations(cls: type) -> tuple[frozenset[str], bool]:
+    """The activations called functionally in the methods of a module class, and whether it computes attention.
+
+    The methods the class and its bases define are read (``forward`` and its helpers), each with
+    ``inspect.getsource`` (cheap for a function: no parse of the whole file). Classes of torch itself are not read
+    (their activations are known by class or attribute). The source may be unavailable (a class defined in a
+    REPL, a compiled extension): nothing is found then.
+    """
+    found: set[str] = set()
+    attention = False
+    for klass in cls.__mro__:
+        if klass is object or (klass.__module__ or "").startswith("torch."):
+            continue
+        for value in vars(klass).values():
+            func = value.__func__ if isinstance(value, staticmethod | classmethod) else value
+            if not inspect.isfunction(func):
+                continue
+            try:
+                source = inspect.getsource(func)
+            except (OSError, TypeError):
+                continue
+            for match in _FUNCTIONAL.finditer(_COMMENT.sub("", source)):
+                name = match.group(1) or match.group(2)
+                if name == "scaled_dot_product_attention":
+                    attention = True
+                    found.add("softmax")
+                elif (act := _activation_from_name(name)) is not None:
+                    found.add(act)
+    return frozenset(found), attention
+
+
+def _norm_of_module(module: nn.Module) -> str | None:
+    """The normalisation a module is (``"batchnorm"``, ``"rmsnorm"``, ...), ``"norm"`` for another kind, or None."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return "batchnorm"
+    if isinstance(module, nn.modules.instancenorm._InstanceNorm):
+        return "instancenorm"
+    if isinstance(module, nn.LayerNorm):
+        return "layernorm"
+    if isinstance(module, nn.GroupNorm):
+        return "groupnorm"
+    rms = getattr(nn, "RMSNorm", None)
+    if rms is not None and isinstance(module, rms):
+        return "rmsnorm"
+    name = type(module).__name__
+    for pattern, norm in _NORM_NAMES:
+        if pattern.search(name):
+            return norm
+    if _NORM_CLASS.search(name) or isinstance(module, nn.LocalResponseNorm):
+        return "norm"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- layer kinds
+def _shape(param: torch.Tensor) -> tuple[int, ...] | None:
+    """The shape of a parameter, or None for a lazy one not materialised yet."""
+    try:
+        return tuple(param.shape)
+    except (ValueError, RuntimeError):
+        return None
+
+
+def _numel(param: torch.Tensor) -> int:
+    shape = _shape(param)
+    return 0 if shape is None else int(torch.Size(shape).numel())
+
+
+def _weight_ndim(module: nn.Module) -> int:
+    weight = module._parameters.get("weight")
+    shape = None if weight is None else _shape(weight)
+    return -1 if shape is None else len(shape)
+
+
+@dataclass(frozen=True)
+class _ModuleKind:
+    kind: str
+    units: int | None = None
+    kernel_size: tuple[int, ...] | None = None
+
+
+def _module_kind(module: nn.Module) -> _ModuleKind:
+    """The kind of a module, with its units and kernel size, by type first, then by duck typing."""
+    name = type(module).__name__
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return _ModuleKind("conv", int(module.out_channels), tuple(int(k) for k in module.kernel_size))
+    if isinstance(module, nn.Linear | nn.Bilinear):
+        return _ModuleKind("linear", int(module.out_features))
+    if isinstance(module, nn.Embedding | nn.EmbeddingBag):
+        return _ModuleKind("embedding", int(module.num_embeddings))
+    if isinstance(module, nn.MultiheadAttention):
+        return _ModuleKind("attention", int(module.embed_dim))
+    if isinstance(module, nn.RNNBase | nn.RNNCellBase):
+        return _ModuleKind("recurrent", int(module.hidden_size))
+    if _norm_of_module(module) is not None:
+        return _ModuleKind("norm", _norm_units(module))
+    ndim = _weight_ndim(module)
+    weight = module._parameters.get("weight")
+    shape = None if weight is None else _shape(weight)
+    if name == "Conv1D" and ndim == 2 and shape is not None:  # HF transformers (GPT-2): a linear, weight [in, out]
+        return _ModuleKind("linear", int(getattr(module, "nf", shape[1])))
+    if "conv" in name.lower() and ndim >= 3 and shape is not None:
+        kernel = getattr(module, "kernel_size", shape[2:])
+        kernel = (kernel,) * (ndim - 2) if isinstance(kernel, int) else kernel
+        return _ModuleKind("conv", int(getattr(module, "out_channels", shape[0])), tuple(int(k) for k in kernel))
+    if re.search(r"Linear|Dense", name) and ndim == 2 and shape is not None:  # LoRA, tensor-parallel, TE linears
+        return _ModuleKind("linear", int(getattr(module, "out_features", shape[0])))
+    if "Embedding" in name and ndim == 2 and shape is not None:
+        return _ModuleKind("embedding", int(getattr(module, "num_embeddings", shape[0])))
+    if re.search(r"LSTM|GRU|RNN", name) and hasattr(module, "hidden_size"):
+        return _ModuleKind("recurrent", int(module.hidden_size))
+    if "Attention" in name and module._parameters:
+        return _ModuleKind("attention", getattr(module, "embed_dim", None))
+    return _ModuleKind("other")
+
+
+def _norm_units(module: nn.Module) -> int | None:
+    for attr in ("num_features", "num_channels", "hidden_size", "dim"):
+        value = getattr(module, attr, None)
+        if isinstance(value, int):
+            return value
+    shape = getattr(module, "normalized_shape", None)
+    if isinstance(shape, tuple | list) and shape:
+        return int(shape[-1])
+    weight = module._parameters.get("weight")
+    weight_shape = None if weight is None else _shape(weight)
+    return int(weight_shape[0]) if weight_shape else None
+
+
+# ---------------------------------------------------------------------------------------------- results
+@dataclass(frozen=True)
+class LayerInfo:
+    """One layer, as the monitor groups parameters into layers.
+
+    Attributes:
+        name: The layer's name, as in :attr:`~lightning_gradhealth.layout.ParamLayout.layer_names`.
+        kind: ``"linear"``, ``"conv"``, ``"embedding"``, ``"norm"``, ``"attention"`` (the projections a
+            ``nn.MultiheadAttention`` owns itself), ``"recurrent"`` (LSTM/GRU/RNN) or ``"other"``. A layer that
+            groups the parameters of several modules takes the kind of the module owning its largest parameter.
+        module_class: The class name of that module (``"Linear"``, ``"Conv1D"``, ``"BatchNorm2d"``).
+        params: The names of its parameters, including the names under which a shared parameter is registered
+            again (which ``named_parameters()`` drops).
+        numel: Number of elements of its distinct parameters.
+        depth: Its position among the inventory's layers, in definition order (the order of
+            ``named_parameters(remove_duplicate=False)``).
+        units: Output features, output channels, embeddings, hidden size or normalised features, where known.
+        kernel_size: The kernel of a convolution, else None.
+        comparable: A weight matrix of a linear, convolution or attention projection (a parameter of 2 or more
+            dimensions): the layers whose gradient norms are compared with each other. Embeddings, norms,
+            recurrent weights and layers of 1-D parameters only (biases) are not comparable.
+        tied: One of its parameters is also registered under another layer (GPT-2's ``wte``/``lm_head``).
+        tied_with: The other layers sharing its parameters.
+        alias: Every parameter is registered first under another name: ``named_parameters()`` (and so the
+            layout) does not list this layer; its gradient is accumulated in the first one.
+        is_head: The output head: the module owning the last comparable layer.
+        shortcut: A projection on the skip connection of a residual block (ResNet's ``downsample``), off the
+            main path.
+        trainable: At least one of its parameters requires a gradient.
+    """
+
+    name: str
+    kind: str
+    module_class: str
+    params: tuple[str, ...]
+    numel: int
+    depth: int
+    units: int | None = None
+    kernel_size: tuple[int, ...] | None = None
+    comparable: bool = False
+    tied: bool = False
+    tied_with: tuple[str, ...] = ()
+    alias: bool = False
+    is_head: bool = False
+    shortcut: bool = False
+    trainable: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "module_class": self.module_class,
+            "params": list(self.params),
+            "numel": self.numel,
+            "depth": self.depth,
+            "units": self.units,
+            "kernel_size": None if self.kernel_size is None else list(self.kernel_size),
+            "comparable": self.comparable,
+            "tied": self.tied,
+            "tied_with": list(self.tied_with),
+            "alias": self.alias,
+            "is_head": self.is_head,
+            "shortcut": self.shortcut,
+            "trainable": self.trainable,
+        }
+
+
+@dataclass(frozen=True)
+class ModelInventory:
+    """What a model is made of (:func:`take_inventory`).
+
+    Attributes:
+        layers: Every layer, in definition order (``layers[i].depth == i``).
+        activations: The activations found (:data:`ACTIVATIONS`): activation modules, activation attributes
+            (``nn.TransformerEncoderLayer(activation="gelu")``, ``act_layer``), the model's HF-style config
+            (``hidden_act``) and the functional calls visible in the source of its module classes (``F.relu``,
+            ``torch.sigmoid``, ``x.tanh()``). The gates inside LSTM/GRU cells are not counted (see
+            :attr:`is_recurrent`).
+        norms: The normalisations found (:data:`NORMS`), parameters or not.
+        residual: The model adds residual connections: a known residual block or transformer layer class, or,
+            in a traced forward, an addition joining a value with one computed from it through a layer.
+        residual_evidence: What showed it (``"class BasicBlock"``, ``"traced add in layer1.0"``), or ``""``.
+        has_attention: The model computes attention (``nn.MultiheadAttention``, a class named ``*Attention*``,
+            ``F.scaled_dot_product_attention``).
+        pre_norm: For models built of ``nn.TransformerEncoderLayer``/``DecoderLayer``: True when every one of
+            them normalises before its sublayers (``norm_first=True``), False when one does after (post-norm);
+            None when unknown.
+        main_activation: The most frequent hidden activation (softmax aside), or None.
+        group_by: How parameters were grouped into layers: ``"module"``, ``"parameter"`` or ``"callable"``.
+    """
+
+    layers: tuple[LayerInfo, ...]
+    activations: frozenset[str] = frozenset()
+    norms: frozenset[str] = frozenset()
+    residual: bool = False
+    residual_evidence: str = ""
+    has_attention: bool = False
+    pre_norm: bool | None = None
+    main_activation: str | None = None
+    group_by: str = "module"
+    _by_name: dict[str, LayerInfo] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._by_name.update((layer.name, layer) for layer in self.layers)
+
+    # ---------------------------------------------------------------------------------- look-up
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __iter__(self) -> Iterator[LayerInfo]:
+        return iter(self.layers)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._by_name
+
+    def __getitem__(self, name: str) -> LayerInfo:
+        return self._by_name[name]
+
+    def get(self, name: str) -> LayerInfo | None:
+        """The layer called ``name``, or None."""
+        return self._by_name.get(name)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The layer names, in definition order."""
+        return tuple(layer.name for layer in self.layers)
+
+    def kind_of(self, name: str) -> str:
+        """The kind of layer ``name``; ``"other"`` for a name the inventory does not know."""
+        layer = self._by_name.get(name)
+        return "other" if layer is None else layer.kind
+
+    def _select(self, names: Iterable[str] | None) -> list[LayerInfo]:
+        if names is None:
+            return list(self.layers)
+        return sorted((self._by_name[n] for n in dict.fromkeys(names) if n in self._by_name), key=lambda x: x.depth)
+
+    def of_kind(self, *kinds: str, names: Iterable[str] | None = None) -> tuple[str, ...]:
+        """The layers of the given kinds, in depth order, among ``names`` if given."""
+        return tuple(layer.name for layer in self._select(names) if layer.kind in kinds)
+
+    def comparable(self, names: Iterable[str] | None = None) -> tuple[str, ...]:
+        """The comparable layers (weight matrices; head included), in depth order, among ``names`` if given."""
+        return tuple(layer.name for layer in self._select(names) if layer.comparable)
+
+    def main_path(self, names: Iterable[str] | None = None) -> tuple[str, ...]:
+        """The layers along the main path, for a depth profile.
+
+        Args:
+            names: Keep only these layers (e.g. a layout's or a history's layer names; unknown names are
+                dropped). None: every layer of the inventory.
+
+        Returns:
+            The comparable layers (linear, convolution and attention weight matrices) in depth order, without
+            embeddings, norms, recurrent layers, the output head, shortcut projections and aliases of tied
+            parameters.
+        """
+        return tuple(
+            layer.name
+            for layer in self._select(names)
+            if layer.comparable and not layer.is_head and not layer.shortcut and not layer.alias
+        )
+
+    @property
+    def head(self) -> str | None:
+        """The first layer of the output head, or None when the model has no comparable layer."""
+        return next((layer.name for layer in self.layers if layer.is_head), None)
+
+    @property
+    def tied(self) -> tuple[str, ...]:
+        """The layers sharing a parameter with another layer, in depth order."""
+        return tuple(layer.name for layer in self.layers if layer.tied)
+
+    @property
+    def kinds(self) -> frozenset[str]:
+        """The layer kinds present."""
+        return frozenset(layer.kind for layer in self.layers)
+
+    # ---------------------------------------------------------------------------------- model-level flags
+    @property
+    def has_conv(self) -> bool:
+        """The model has convolution layers."""
+        return "conv" in self.kinds
+
+    @property
+    def has_linear(self) -> bool:
+        """The model has linear layers (HF ``Conv1D`` included)."""
+        return "linear" in self.kinds
+
+    @property
+    def is_transformer(self) -> bool:
+        """Attention with layer or RMS normalisation."""
+        return self.has_attention and bool(self.norms & {"layernorm", "rmsnorm"})
+
+    @property
+    def is_convnet(self) -> bool:
+        """Convolutions, and not a transformer (a ViT's patch embedding does not make it a convnet)."""
+        return self.has_conv and not self.is_transformer
+
+    @property
+    def is_recurrent(self) -> bool:
+        """LSTM/GRU/RNN layers."""
+        return "recurrent" in self.kinds
+
+    @property
+    def recurrent_classes(self) -> frozenset[str]:
+        """The classes of the recurrent layers (``"LSTM"``, ``"GRU"``, ``"RNN"``)."""
+        return frozenset(layer.module_class for layer in self.layers if layer.kind == "recurrent")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict, for the report."""
+        return {
+            "group_by": self.group_by,
+            "activations": sorted(self.activations),
+            "main_activation": self.main_activation,
+            "norms": sorted(self.norms),
+            "residual": self.residual,
+            "residual_evidence": self.residual_evidence,
+            "has_attention": self.has_attention,
+            "pre_norm": self.pre_norm,
+            "is_transformer": self.is_transformer,
+            "is_convnet": self.is_convnet,
+            "is_recurrent": self.is_recurrent,
+            "head": self.head,
+            "tied": list(self.tied),
+            "main_path": list(self.main_path()),
+            "layers": [layer.to_dict() for layer in self.layers],
+        }
+
+
+# ---------------------------------------------------------------------------------------------- taking it
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model under DDP / DataParallel / ``torch.compile`` / Fabric wrappers (for tracing only)."""
+    for _ in range(8):
+        inner = getattr(model, "_orig_mod", None)
+        if inner is None:
+            inner = getattr(model, "_forward_module", None)
+        if inner is None and type(model).__name__ in ("DistributedDataParallel", "DataParallel"):
+            inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+    return model
+
+
+def _traced_residual(model: nn.Module) -> str:
+    """Trace ``model`` symbolically and return where an addition joins a value with one computed from it.
+
+    The path between the two must go through a layer (a module with parameters, or a parameter read in the
+    forward), so that ``x + 0.044715 * x**3`` inside a GELU is not a residual. Returns ``""`` when none, or when
+    the model cannot be traced (data-dependent control flow, unsupported calls: the common case for big models).
+    """
+    root = _unwrap(model)
+    if sum(1 for _ in root.modules()) > _MAX_TRACE_MODULES:
+        return ""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph = torch.fx.symbolic_trace(root).graph
+    except Exception:  # tracing arbitrary user code fails in arbitrary ways
+        return ""
+    nodes = list(graph.nodes)
+    index = {node: i for i, node in enumerate(nodes)}
+    with_params: dict[str, bool] = {}
+
+    def is_layer(node: torch.fx.Node) -> bool:
+        if node.op == "call_module":
+            target = str(node.target)
+            if target not in with_params:
+                try:
+                    sub = root.get_submodule(target)
+                except AttributeError:
+                    sub = None
+                with_params[target] = sub is not None and next(sub.parameters(), None) is not None
+            return with_params[target]
+        return any(isinstance(a, torch.fx.Node) and a.op == "get_attr" for a in node.all_input_nodes)
+
+    for node in nodes:
+        is_add = (node.op == "call_function" and node.target in _ADD_FUNCTIONS) or (
+            node.op == "call_method" and node.target in ("add", "add_")
+        )
+        if not is_add:
+            continue
+        args = [a for a in node.args[:2] if isinstance(a, torch.fx.Node)]
+        if len(args) != 2 or args[0] is args[1]:
+            continue
+        early, late = sorted(args, key=index.__getitem__)
+        # ancestors of `late` defined after `early`, then those of them reachable from `early`
+        between: set[torch.fx.Node] = set()
+        stack = [late]
+        while stack:
+            cur = stack.pop()
+            if cur in between or index[cur] <= index[early]:
+                continue
+            between.add(cur)
+            stack.extend(cur.all_input_nodes)
+        reached: set[torch.fx.Node] = set()
+        stack = [u for u in early.users if u in between]
+        while stack:
+            cur = stack.pop()
+            if cur in reached:
+                continue
+            reached.add(cur)
+            stack.extend(u for u in cur.users if u in between)
+        if late in reached and any(is_layer(n) for n in reached):
+            return f"traced add {node.name}({early.name}, {late.name})"
+    return ""
+
+
+def _group_key(group_by: GroupBy) -> str:
+    return "callable" if callable(group_by) else str(group_by)
+
+
+def take_inventory(model: nn.Module, group_by: GroupBy = "module", *, trace: bool = True) -> ModelInventory:
+    """Take the inventory of ``model``: one pass over its modules, no forward pass.
+
+    Args:
+        model: The model (wrappers are seen through: names are cleaned as in the layout).
+        group_by: How parameters are grouped into layers, as for the monitor (see
+            :func:`~lightning_gradhealth.layout.layer_name`).
+        trace: When no known residual block is found by class, trace the forward symbolically
+            (``torch.fx.symbolic_trace``, guarded: a model that cannot be traced is just not known to be
+            residual) to find residual additions. False: classes only.
+
+    Returns:
+        The inventory. Layers include frozen parameters (see :attr:`LayerInfo.trainable`) and the aliases of
+        shared parameters (see :attr:`LayerInfo.alias`).
+    """
+    if group_by not in ("module", "parameter") and not callable(group_by):
+        raise ValueError(f"group_by must be 'module', 'parameter' or a callable, got {group_by!r}")
+    modules: dict[str, nn.Module] = {}
+    # per layer: [param names], {id: numel}, trainable, (largest numel, module name, kind), ndim>=2 weight seen
+    params_of: dict[str, list[str]] = {}
+    numel_of: dict[str, dict[int, int]] = {}
+    trainable: dict[str, bool] = {}
+    owner: dict[str, tuple[int, str, _ModuleKind, str]] = {}
+    matrix: dict[str, bool] = {}
+    layers_of_param: dict[int, list[str]] = {}
+    first_name: dict[int, str] = {}
+    name_count: dict[int, int] = {}
+    alias_only: dict[str, bool] = {}
+    act_counts: dict[str, int] = {}
+    norms: set[str] = set()
+    has_attention = False
+    pre_norm: bool | None = None
+    residual_evidence = ""
+
+    def count(act: str | None, n: int = 1) -> None:
+        if act is not None:
+            act_counts[act] = act_counts.get(act, 0) + n
+
+    configs: set[int] = set()
+    for raw_prefix, module in model.named_modules(remove_duplicate=False):
+        prefix = clean_name(raw_prefix)
+        modules.setdefault(prefix, module)
+        cls = type(module)
+        config = vars(module).get("config")  # a HF-style config (PreTrainedModel and its modules keep one)
+        if config is not None and id(config) not in configs:
+            configs.add(id(config))
+            for attr in _CONFIG_ACTIVATION_ATTRS:
+                value = getattr(config, attr, None)
+                if isinstance(value, str):
+                    count(_activation_from_name(value))
+        # activations: the module itself, its activation attributes, the functional calls of its class
+        own = _activation_of_module(module)
+        count(own)
+        for attr, value in () if isinstance(module, nn.RNNBase | nn.RNNCellBase) else vars(module).items():
+            if _ACTIVATION_ATTR.match(attr) and not isinstance(value, nn.Module):
+                count(_activation_of_value(value))
+        # an activation module's own formula (NewGELU's tanh) is not another activation of the model
+        functional, attends = (frozenset(), False) if own is not None else _source_activations(cls)
+        for act in functional:
+            count(act)
+        norm = _norm_of_module(module)
+        if norm is not None and norm != "norm":
+            norms.add(norm)
+        if isinstance(module, nn.MultiheadAttention) or "Attention" in cls.__name__ or attends:
+            has_attention = True
+        if isinstance(module, nn.MultiheadAttention):
+            count("softmax")
+        if isinstance(module, nn.TransformerEncoderLayer | nn.TransformerDecoderLayer):
+            has_attention = True
+            first = bool(getattr(module, "norm_first", False))
+            pre_norm = first if pre_norm is None else pre_norm and first
+            residual_evidence = residual_evidence or f"class {cls.__name__}"
+        elif not residual_evidence and _RESIDUAL_CLASSES.search(cls.__name__):
+            residual_evidence = f"class {cls.__name__}"
+        elif not residual_evidence and _BLOCK_CLASS.search(cls.__name__) and prefix:
+            subs = list(module.modules())[1:]
+            if any(_norm_of_module(m) for m in subs) and any(
+                isinstance(m, nn.MultiheadAttention) or "Attention" in type(m).__name__ for m in subs
+            ):
+                residual_evidence = f"class {cls.__name__}"
+        if not module._parameters:
+            continue
+        # parameters: the module owns them directly (a parametrized weight is owned by its ParametrizationList)
+        kind_module = module
+        if type(module).__name__ == "ParametrizationList":
+            base_name = raw_prefix.rsplit(".parametrizations", 1)[0] if ".parametrizations" in raw_prefix else ""
+            try:
+                kind_module = model.get_submodule(base_name) if base_name else model
+            except AttributeError:
+                kind_module = module
+        mkind = _module_kind(kind_module)
+        for pname, param in module._parameters.items():
+            if param is None:
+                continue
+            name = clean_name(f"{raw_prefix}.{pname}" if raw_prefix else pname)
+            layer = layer_name(name, group_by)
+            kind = mkind
+            if kind.kind == "other" and _EMBEDDING_PARAM.search(pname):  # pos_embed, cls_token of a ViT root
+                shape = _shape(param)
+                kind = _ModuleKind("embedding", shape[-2] if shape and len(shape) >= 2 else None)
+            pid = id(param)
+            is_alias = pid in first_name
+            first_name.setdefault(pid, name)
+            name_count[pid] = name_count.get(pid, 0) + 1
+            if layer not in params_of:
+                params_of[layer] = []
+                numel_of[layer] = {}
+                trainable[layer] = False
+                matrix[layer] = False
+                alias_only[layer] = True
+            params_of[layer].append(name)
+            n = _numel(param)
+            numel_of[layer][pid] = n
+            trainable[layer] = trainable[layer] or param.requires_grad
+            alias_only[layer] = alias_only[layer] and is_alias
+            shape = _shape(param)
+            if (
+                shape is not None
+                and len(shape) >= 2
+                and kind.kind in _COMPARABLE_KINDS
+                and (kind.kind != "attention" or _PROJECTION_PARAM.search(pname) is not None)
+            ):  # a weight matrix; not an attention's relative-position table
+                matrix[layer] = True
+            if layer not in owner or n > owner[layer][0]:
+                owner[layer] = (n, prefix, kind, type(kind_module).__name__)
+            holders = layers_of_param.setdefault(pid, [])
+            if layer not in holders:
+                holders.append(layer)
+
+    tied_with: dict[str, set[str]] = {layer: set() for layer in params_of}
+    shared: set[str] = set()
+    for pid, holders in layers_of_param.items():
+        if name_count[pid] > 1:  # registered under two names or more: tied
+            shared.update(holders)
+            for layer in holders:
+                tied_with[layer].update(h for h in holders if h != layer)
+
+    order = list(params_of)
+    comparable = {layer: matrix[layer] and owner[layer][2].kind in _COMPARABLE_KINDS for layer in order}
+    head_module = next((owner[layer][1] for layer in reversed(order) if comparable[layer]), None)
+    infos: list[LayerInfo] = []
+    for depth, layer in enumerate(order):
+        _, module_name, kind, module_class = owner[layer]
+        shortcut = bool(kind.kind in ("linear", "conv") and _SHORTCUT_SEGMENT.search(module_name))
+        if not shortcut and kind.kind in ("linear", "conv") and (m := _DOWNSAMPLE_SEGMENT.search(module_name)):
+            block = modules.get(module_name[: m.start()])
+            shortcut = block is not None and bool(_RESIDUAL_CLASSES.search(type(block).__name__))
+        infos.append(
+            LayerInfo(
+                name=layer,
+                kind=kind.kind,
+                module_class=module_class,
+                params=tuple(params_of[layer]),
+                numel=sum(numel_of[layer].values()),
+                depth=depth,
+                units=kind.units,
+                kernel_size=kind.kernel_size,
+                comparable=comparable[layer],
+                tied=layer in shared,
+                tied_with=tuple(sorted(tied_with[layer], key=order.index)),
+                alias=alias_only[layer],
+                is_head=head_module is not None and module_name == head_module,
+                shortcut=shortcut,
+                trainable=trainable[layer],
+            )
+        )
+    if not residual_evidence and trace:
+        residual_evidence = _traced_residual(model)
+    hidden = {a: c for a, c in act_counts.items() if a != "softmax"}
+    main_activation = max(hidden, key=lambda a: (hidden[a], a in ("relu", "gelu", "silu"))) if hidden else None
+    return ModelInventory(
+        layers=tuple(infos),
+        activations=frozenset(act_counts),
+        norms=frozenset(norms),
+        residual=bool(residual_evidence),
+        residual_evidence=residual_evidence,
+        has_attention=has_attention,
+        pre_norm=pre_norm,
+        main_activation=main_activation,
+        group_by=_group_key(group_by),
+    )
