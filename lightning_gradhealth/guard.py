@@ -155,11 +155,12 @@ class StepGuard:
                 )
         if out.failure is not None:
             return out
-        if not out.skip and clip is not None and self.clipper is not None and math.isfinite(total):
+        clip_now = not out.skip and clip is not None and self.clipper is not None and math.isfinite(total)
+        if clip_now:
             clip()
         if out.record is not None and thresholds is not None:
             out.alerts += check_record(out.record, thresholds, steps_seen=self.steps_seen, sparse_layers=sparse_layers)
-        out.clip = dict(self._last_clip)
+        out.clip = dict(self._last_clip) if clip_now else {}  # not the last clipped step's metrics
         return out
 
     def _nonfinite(self, out: StepOutcome, amp: bool) -> None:
