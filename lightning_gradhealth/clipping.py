@@ -245,10 +245,9 @@ class AutoClipper(Clipper):
         self.history: deque[float] = deque(maxlen=history)
 
     def clip(self, grads, params, total_norm, scale=None, shards=None):  # noqa: D102, ANN001, ANN201
-        if math.isfinite(total_norm):
-            self.history.append(total_norm)
-        if not self.history:
-            return ClipOutcome(clipped=False)
+        if not math.isfinite(total_norm):
+            return ClipOutcome(clipped=False)  # (as ZClip: a non-finite gradient is the guard's business)
+        self.history.append(total_norm)
         return self._scale_by(grads, total_norm, percentile(self.history, self.percentile))
 
     def state_dict(self) -> dict[str, Any]:  # noqa: D102
