@@ -28,6 +28,7 @@ from lightning_gradhealth.distributed import Reduction, fsdp1_reduction
 from lightning_gradhealth.engine import GradStatsEngine, NonFiniteTracker, PendingStats, StepMeta, stat_grads
 from lightning_gradhealth.errors import TrainingHealthError
 from lightning_gradhealth.guard import Failure, StepGuard, StepOutcome
+from lightning_gradhealth.inventory import ModelInventory, take_inventory
 from lightning_gradhealth.layout import ParamLayout
 from lightning_gradhealth.options import HealthOptions
 from lightning_gradhealth.output import Frontend, Output
@@ -152,6 +153,9 @@ class GradientHealth:
         self._fsdp1_done = False
         self._run_steps = 0  # optimizer steps of this run
         self.model: nn.Module | None = None
+        self.inventory: ModelInventory | None = None
+        """What the model is made of (layer kinds, activations, norms, residual connections): rules and fixes read
+        it. Taken when a run starts."""
         if model is not None:
             every = self.options.log_every_n_steps
             self.attach(Frontend.for_model(model, loggers, amp=scaler is not None, every=every))
@@ -187,6 +191,7 @@ class GradientHealth:
         self._fsdp1_done = False
         self._run_steps = 0
         self.watched.start(names_model, optimizers, resumed=self.guard.steps_seen > 0)
+        self.inventory = take_inventory(names_model, self.options.group_by)
         if self.watched.waiting:
             self.output.warn(
                 f"{frontend.name} watches nothing yet: the parameters `include`/`exclude` select are all frozen "
@@ -264,7 +269,7 @@ class GradientHealth:
         self._flush_pending()
         self.output.emit()
         if self.output.history.records_seen:
-            self.output.write_report(self.watched.sparse_layers)
+            self.output.write_report(self.watched.sparse_layers, self.inventory)
         elif self._run_steps:
             every = self.output.frontend.log_every_n_steps or DEFAULT_LOG_EVERY_N_STEPS
             self.output.warn(
@@ -486,7 +491,7 @@ class GradientHealth:
                           batch_idx=record.batch_idx, message=first))  # fmt: skip
         self._publish(record, ctx.several)
         self.output.emit()
-        self.output.write_report(self.watched.sparse_layers)
+        self.output.write_report(self.watched.sparse_layers, self.inventory)
         self.output.flush()
         raise TrainingHealthError(
             message, record=record, step=record.step, layers=[lay.name for lay in record.nonfinite_layers]

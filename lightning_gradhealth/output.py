@@ -20,6 +20,7 @@ from torch import nn
 from lightning_gradhealth import metrics
 from lightning_gradhealth.distributed import Reduction
 from lightning_gradhealth.history import History
+from lightning_gradhealth.inventory import ModelInventory
 from lightning_gradhealth.layout import ParamLayout
 from lightning_gradhealth.options import HealthOptions
 from lightning_gradhealth.record import StepStats
@@ -294,12 +295,12 @@ class Output:
         log_dir = next((lg.log_dir for lg in self.frontend.loggers if getattr(lg, "log_dir", None)), None)
         return Path(log_dir) if log_dir is not None else self.frontend.default_dir
 
-    def write_report(self, sparse_layers: frozenset[str]) -> None:
+    def write_report(self, sparse_layers: frozenset[str], inventory: ModelInventory | None = None) -> None:
         """Diagnose the run; on rank zero write the report and show a summary."""
         if not self.history.records_seen:
             return
         thresholds = self.options.thresholds or Thresholds()
-        self.findings = diagnose(self.history, thresholds, sparse_layers=sparse_layers)
+        self.findings = diagnose(self.history, thresholds, sparse_layers=sparse_layers, inventory=inventory)
         if not self.options.report or not self.frontend.rank_zero:
             return
         path = write_report(self.report_dir(), self.history, self.findings, thresholds)

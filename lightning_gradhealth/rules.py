@@ -4,37 +4,18 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any
 
-from lightning_gradhealth.fixes import FIXES
+from lightning_gradhealth.fixes import CODE, code_for, fixes_for
 from lightning_gradhealth.history import History
+from lightning_gradhealth.inventory import ModelInventory
 from lightning_gradhealth.kinds import Kind
 from lightning_gradhealth.thresholds import Severity, Thresholds
 
-__all__ = ["CODE", "Finding", "diagnose"]
-
-#: Code to add, per finding kind (:class:`~lightning_gradhealth.kinds.Kind`; seeds 002, 003).
-CODE: dict[str, str] = {
-    Kind.NONFINITE: "GradientHealthMonitor(on_nonfinite='raise', clip='norm', max_norm=1.0)\n"
-    "loss = F.cross_entropy(logits, targets, label_smoothing=0.1)",
-    Kind.EXPLODING: "GradientHealthMonitor(clip='norm', max_norm=1.0)  # or Trainer(gradient_clip_val=1.0)",
-    Kind.VANISHING: "def init_weights(m):\n    if isinstance(m, nn.Linear):\n"
-    "        nn.init.kaiming_normal_(m.weight, nonlinearity='relu')\n\nmodel.apply(init_weights)",
-    Kind.DEAD: "nn.LeakyReLU(negative_slope=0.01)  # instead of nn.ReLU()",
-    Kind.SATURATION: "nn.GELU()  # instead of nn.Sigmoid() / nn.Tanh() inside the network",
-    Kind.LAYER_IMBALANCE: "x = x + block(norm(x))  # residual connection around a normalised block",
-    Kind.SPIKE: "GradientHealthMonitor(clip='zclip', on_spike='skip', spike_dir='spikes/')",
-    Kind.RISING_TREND: "GradientHealthMonitor(clip='norm', max_norm=1.0)",
-    Kind.DECAYING_TREND: "# check the learning rate schedule and the architecture (see vanishing)",
-    Kind.RATIO_HIGH: "# lower the learning rate of the optimizer",
-    Kind.RATIO_LOW: "# raise the learning rate, or check that these layers are not frozen by mistake",
-    Kind.NO_GRADIENT: "for name, p in model.named_parameters():\n    if p.grad is None:\n"
-    "        print('no gradient:', name)",
-    Kind.DIVERGING: "optimizer = torch.optim.AdamW(model.parameters(), lr=lr / 10)  # and a warm-up",
-}
+__all__ = ["CODE", "Finding", "diagnose"]  # (CODE: the generic code to add, from fixes.py)
 
 
 @dataclass(frozen=True)
@@ -74,8 +55,14 @@ class Finding:
         }
 
 
-def _finding(kind: str, severity: Severity, summary: str, fix_kind: str | None = None, **kw: Any) -> Finding:
-    return Finding(kind, severity, summary, fixes=FIXES[fix_kind or kind], code=CODE.get(kind, ""), **kw)
+def _finder(inventory: ModelInventory | None) -> Callable[..., Finding]:
+    """Makes findings whose fixes and code fit ``inventory`` (the model's make-up; ``None``: generic fixes)."""
+
+    def finding(kind: str, severity: Severity, summary: str, fix_kind: str | None = None, **kw: Any) -> Finding:
+        fixes = fixes_for(fix_kind or kind, inventory)
+        return Finding(kind, severity, summary, fixes=fixes, code=code_for(kind, inventory), **kw)
+
+    return finding
 
 
 def _median(values: Sequence[float]) -> float:
@@ -84,7 +71,12 @@ def _median(values: Sequence[float]) -> float:
 
 
 def diagnose(
-    history: History, th: Thresholds, *, sparse_layers: Collection[str] = (), min_snapshots: int = 3
+    history: History,
+    th: Thresholds,
+    *,
+    sparse_layers: Collection[str] = (),
+    inventory: ModelInventory | None = None,
+    min_snapshots: int = 3,
 ) -> list[Finding]:
     """Run every rule over ``history``.
 
@@ -95,11 +87,13 @@ def diagnose(
         history: The kept records.
         th: The thresholds the states are judged by.
         sparse_layers: Layers with sparse gradients by design (embeddings), left out of the "dead" rule.
+        inventory: What the model is made of (:func:`~lightning_gradhealth.inventory.take_inventory`): fixes fit it.
         min_snapshots: Fewer kept records than this: only non-finite and no-gradient findings.
 
     Returns:
         Findings, critical first, then in the order of the rules above.
     """
+    _finding = _finder(inventory)
     out: list[Finding] = []
     first_bad = history.first_nonfinite
     if first_bad is not None:
