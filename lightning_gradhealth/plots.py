@@ -20,9 +20,7 @@ def write_plots(history: History, directory: str | Path) -> list[Path]:
     Raises:
         ImportError: matplotlib is not installed.
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
+    # a bare Figure draws on its own Agg canvas: pyplot's backend (a notebook's inline one) is left alone
     from matplotlib.figure import Figure
 
     out = Path(directory)
@@ -32,7 +30,8 @@ def write_plots(history: History, directory: str | Path) -> list[Path]:
     fig = Figure(figsize=(8, 4), dpi=100)
     ax = fig.add_subplot()
     ax.axhspan(0.1, 10, color="tab:green", alpha=0.12, label="healthy band (0.1-10)")
-    ax.semilogy(history.steps, [v if v > 0 else math.nan for v in history.total_norm], "-", label="global norm")
+    norms = [v if v > 0 and math.isfinite(v) else math.nan for v in history.total_norm]
+    ax.semilogy(history.steps, norms, "-", label="global norm")
     ax.set_xlabel("step")
     ax.set_ylabel("gradient norm (log scale)")
     ax.set_title("Global gradient norm")
@@ -43,13 +42,21 @@ def write_plots(history: History, directory: str | Path) -> list[Path]:
     fig.savefig(paths[-1])
 
     if history.layer_names:
-        rows = [[math.log10(v) if v > 0 and math.isfinite(v) else math.nan for v in row] for row in history.layer_norm]
+        import numpy as np
+
         n = len(history.layer_names)
-        grid = [[row[j] if j < len(row) else math.nan for row in rows] for j in range(n)]
-        fig = Figure(figsize=(8, max(3.0, 0.2 * n)), dpi=100)
+        grid = np.full((n, len(history.layer_norm)), np.nan)
+        for i, row in enumerate(history.layer_norm):
+            grid[: min(n, len(row)), i] = row[:n]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            grid = np.where(np.isfinite(grid) & (grid > 0), np.log10(grid), np.nan)
+        first, last_step = history.steps[0], history.steps[-1]
+        if first == last_step:  # one record: a column one step wide
+            first, last_step = first - 0.5, last_step + 0.5
+        fig = Figure(figsize=(8, min(12.0, max(3.0, 0.2 * n))), dpi=100)
         ax = fig.add_subplot()
         image = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="viridis",
-                          extent=(history.steps[0], history.steps[-1], n - 0.5, -0.5))  # fmt: skip
+                          extent=(first, last_step, n - 0.5, -0.5))  # fmt: skip
         fig.colorbar(image, ax=ax, label="log10 gradient norm")
         ax.set_xlabel("step")
         ax.set_ylabel("layer (depth)")
