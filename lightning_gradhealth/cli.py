@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import warnings
@@ -74,18 +75,16 @@ def _report(args: argparse.Namespace) -> int:
         out = Path(args.out) / run.relative_to(root) if args.out else run
         findings = diagnose(history, Thresholds())
         md = write_report(out, history, findings, Thresholds())
+        plots = json.loads((out / REPORT_JSON).read_text()).get("plots", [])  # (written with the report)
         unwanted = {"md": REPORT_JSON, "json": REPORT_MD}.get(args.format)
         if unwanted:
             (out / unwanted).unlink()
         path = md if args.format != "json" else out / REPORT_JSON
         print(f"{run}:")
         print(console_summary(findings, path))
-        try:
-            from lightning_gradhealth.plots import write_plots
-
-            plots = write_plots(history, out)
-            print("  Plots: " + ", ".join(str(p) for p in plots))
-        except ImportError:
+        if plots:
+            print("  Plots: " + ", ".join(str(out / p) for p in plots))
+        else:
             print("  (no PNG plots: pip install lightning-gradhealth[plots] for matplotlib)")
     return 0
 

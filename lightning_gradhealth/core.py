@@ -136,7 +136,9 @@ class GradientHealth:
         self.options = options if options is not None else HealthOptions(**kwargs)
         self.guard = StepGuard(self.options)
         self.watched = WatchedSet(self.options)
-        self.alerts = AlertManager(window=self.options.alert_window, on_alert=self.options.on_alert)
+        self.alerts = AlertManager(
+            window=self.options.alert_window, on_alert=self.options.on_alert, verbose=self.options.verbose
+        )
         self.engine = GradStatsEngine(
             norm_type=self.options.norm_type, stats=self.options.stats, per_layer=self.options.per_layer
         )
@@ -385,8 +387,7 @@ class GradientHealth:
     def _act_on(self, outcome: StepOutcome, optimizer: Optimizer, ctx: StepContext, layout: ParamLayout) -> None:
         if outcome.spike is not None:
             self.output.history.add_spike(ctx.step, outcome.spike)
-        for alert in outcome.alerts:
-            self._alert(alert)
+        self.alerts.emit_step(outcome.alerts, rank_zero=self.output.frontend.rank_zero)
         if outcome.failure is not None:
             assert outcome.record is not None
             self._fail(outcome.record, outcome.failure, ctx)

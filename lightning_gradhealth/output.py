@@ -303,5 +303,5 @@ class Output:
         self.findings = diagnose(self.history, thresholds, sparse_layers=sparse_layers, inventory=inventory)
         if not self.options.report or not self.frontend.rank_zero:
             return
-        path = write_report(self.report_dir(), self.history, self.findings, thresholds)
+        path = write_report(self.report_dir(), self.history, self.findings, thresholds, inventory=inventory)
         self.info(console_summary(self.findings, path))

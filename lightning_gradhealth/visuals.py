@@ -46,10 +46,7 @@ def gradient_flow_figure(record: StepStats) -> Any:
     Raises:
         ImportError: matplotlib is not installed (``pip install lightning-gradhealth[plots]``).
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # (a Figure needs no backend: the notebook's is left alone)
 
     fig = Figure(figsize=(max(6.0, 0.25 * len(record.layers)), 4.0), dpi=100)
     ax = fig.add_subplot()
