@@ -188,19 +188,25 @@ def _activation_of_module(module: nn.Module) -> str | None:
     return None
 
 
+#: Frameworks whose classes are not read: their docstrings show activations the user's model may not have (every
+#: LightningModule's methods mention ``F.relu`` in examples).
+_FRAMEWORKS = ("torch.", "lightning.", "pytorch_lightning.", "lightning_fabric.", "torchmetrics.")
+_STRING = re.compile(r'("""|\'\'\')(?:.|\n)*?\1')  # docstrings and other triple-quoted strings
+
+
 @functools.lru_cache(maxsize=1024)
 def _source_activations(cls: type) -> tuple[frozenset[str], bool]:
     """The activations called functionally in the methods of a module class, and whether it computes attention.
 
     The methods the class and its bases define are read (``forward`` and its helpers), each with
     ``inspect.getsource`` (cheap for a function: no parse of the whole file). Classes of torch itself are not read
-    (their activations are known by class or attribute). The source may be unavailable (a class defined in a
-    REPL, a compiled extension): nothing is found then.
+    (their activations are known by class or attribute), nor Lightning's; docstrings are left out. The source may
+    be unavailable (a class defined in a REPL, a compiled extension): nothing is found then.
     """
     found: set[str] = set()
     attention = False
     for klass in cls.__mro__:
-        if klass is object or (klass.__module__ or "").startswith("torch."):
+        if klass is object or (klass.__module__ or "").startswith(_FRAMEWORKS):
             continue
         for value in vars(klass).values():
             func = value.__func__ if isinstance(value, staticmethod | classmethod) else value
@@ -210,7 +216,7 @@ def _source_activations(cls: type) -> tuple[frozenset[str], bool]:
                 source = inspect.getsource(func)
             except (OSError, TypeError):
                 continue
-            for match in _FUNCTIONAL.finditer(_COMMENT.sub("", source)):
+            for match in _FUNCTIONAL.finditer(_STRING.sub("", _COMMENT.sub("", source))):
                 name = match.group(1) or match.group(2)
                 if name == "scaled_dot_product_attention":
                     attention = True

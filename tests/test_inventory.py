@@ -608,3 +608,20 @@ def test_edge_cases():
     with pytest.raises(ValueError, match="group_by"):
         take_inventory(shared, "layer")
     assert take_inventory(nn.ReLU()).layers == () and take_inventory(nn.ReLU()).head is None
+
+
+def test_a_lightning_module_is_not_taken_for_a_relu_model():
+    """LightningModule's own methods show ``F.relu`` in their docstrings: that is not the user's model."""
+    import lightning as L
+
+    class SigmoidNet(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(4, 4), nn.Sigmoid(), nn.Linear(4, 1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            """Example in a docstring: ``F.relu(x)`` is not called."""
+            return self.net(x)
+
+    inventory = take_inventory(SigmoidNet())
+    assert inventory.activations == {"sigmoid"}
