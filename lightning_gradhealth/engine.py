@@ -37,6 +37,7 @@ from lightning_gradhealth.kernels import (
     full_stats,
     layer_maxes,
     layer_sums,
+    nonzero_and_dead_rows,
     nonzero_counts,
     stat_grads,
 )
@@ -185,9 +186,10 @@ class GradStatsEngine:
 
     Args:
         norm_type: Order of the norms (any float ``>= 1`` or ``inf``).
-        stats: ``"basic"`` (norms, ratios, zero fraction, non-finite counts) or ``"full"`` (adds max ``|g|``,
-            min non-zero ``|g|``, mean and std per layer).
-        per_layer: Whether to produce per-layer statistics; ``False`` keeps only the global ones.
+        stats: ``"basic"`` (norms, ratios, zero fraction, dead units, non-finite counts) or ``"full"`` (adds max
+            ``|g|``, min non-zero ``|g|``, mean and std per layer).
+        per_layer: Whether to produce per-layer statistics (dead units among them); ``False`` keeps only the
+            global ones.
         eps: Added to the parameter norm in the grad/param ratio.
     """
 
@@ -206,6 +208,7 @@ class GradStatsEngine:
             tuple[int, tuple[int, ...], torch.device], tuple[weakref.ReferenceType[ParamLayout], torch.Tensor]
         ] = {}
         self._scratch: dict[torch.device, torch.Tensor] = {}  # zero counting's reused buffer (CPU)
+        self._units_cache: dict[tuple[Any, ...], tuple[weakref.ReferenceType[ParamLayout], Any]] = {}
 
     # ------------------------------------------------------------------ device side
     def _layer_index(self, layout: ParamLayout, present: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -218,6 +221,58 @@ class GradStatsEngine:
         index = torch.tensor([layout.layer_of_param[i] for i in present], dtype=torch.long, device=device)
         self._index_cache[key] = (weakref.ref(layout), index)
         return index
+
+    def _cached(self, key: tuple[Any, ...], layout: ParamLayout, make: Any) -> Any:
+        """``make()``, kept under ``key`` (which begins with ``id(layout)``) while ``layout`` lives."""
+        cached = self._units_cache.get(key)
+        if cached is not None and cached[0]() is layout:  # a weak reference: a freed layout's id may be reused
+            return cached[1]
+        if len(self._units_cache) > 64:
+            self._units_cache.clear()
+        value = make()
+        self._units_cache[key] = (weakref.ref(layout), value)
+        return value
+
+    def _unit_rows(self, layout: ParamLayout, red: Reduction) -> tuple[int, ...]:
+        """Per parameter, its units: rows along dim 0 with two dimensions or more (else 0), or -1 if unknowable.
+
+        Unknowable from the gradient a rank holds: a sparse gradient (its coalesced rows only), an FSDP1 flat shard
+        (rows cut anywhere), a DTensor sharded along another dimension than 0. A DTensor's shape is the whole one.
+        """
+        flat = red.shard_group is not None and bool(layout.params) and not is_dtensor(layout.params[0])  # FSDP1
+
+        def make() -> tuple[int, ...]:
+            rows = []
+            for i, q in enumerate(layout.params):
+                cut = is_dtensor(q) and any(pl.is_shard() and pl.dim != 0 for pl in q.placements)  # type: ignore[attr-defined]
+                if i in layout.sparse or cut or (flat and id(q) not in red.whole):
+                    rows.append(-1)
+                else:
+                    rows.append(int(q.shape[0]) if q.ndim >= 2 and q.numel() > 0 else 0)
+            return tuple(rows)
+
+        return self._cached((id(layout), "rows", flat, red.whole), layout, make)  # type: ignore[no-any-return]
+
+    def _unit_mask(self, layout: ParamLayout, present: tuple[int, ...], red: Reduction) -> tuple[bool, ...]:
+        """Per present parameter, whether its gradient's dead rows are counted (:meth:`_unit_rows` > 0)."""
+        rows = self._unit_rows(layout, red)
+        return self._cached(  # type: ignore[no-any-return]
+            (id(layout), "mask", present, rows), layout, lambda: tuple(rows[i] > 0 for i in present)
+        )
+
+    def _layer_units(self, layout: ParamLayout, present: tuple[int, ...], red: Reduction) -> tuple[int | None, ...]:
+        """Per layer, the units of its ``present`` parameters; ``None`` without any, or when some cannot be told."""
+        rows = self._unit_rows(layout, red)
+
+        def make() -> tuple[int | None, ...]:
+            units: list[int | None] = [0] * layout.num_layers
+            for i in present:
+                j = layout.layer_of_param[i]
+                have = units[j]
+                units[j] = None if have is None or rows[i] < 0 else have + rows[i]
+            return tuple(u or None for u in units)
+
+        return self._cached((id(layout), "layers", present, rows), layout, make)  # type: ignore[no-any-return]
 
     def norms(self, tensors: Sequence[torch.Tensor], ord: float | None = None) -> torch.Tensor:
         """Per-tensor norms, accumulated in float32 whatever the tensors' dtype, as one device vector.
@@ -272,7 +327,7 @@ class GradStatsEngine:
         """Launch every reduction of one step on the device; nothing is copied to the host.
 
         Every statistic is first formed per layer from this rank's tensors, as sums (powered norms, zero counts,
-        sums of ``g`` and ``g**2``) and maxima (``inf`` norms, largest ``|g|``, smallest non-zero ``|g|``
+        dead rows, sums of ``g`` and ``g**2``) and maxima (``inf`` norms, largest ``|g|``, smallest non-zero ``|g|``
         negated). Sharded gradients combine them over the sharding group in ONE collective
         (:func:`~lightning_gradhealth.distributed.reduce_sum_max`); replicated ones (DDP) average the global
         norm over the replicas (one scalar all-reduce), so that every rank takes the same decisions.
@@ -316,7 +371,11 @@ class GradStatsEngine:
         raw_g_norm = self.norms(local_g)
         p_norm = self.norms(local_p)
         acc = raw_g_norm.dtype
-        nonzero = nonzero_counts(local_g, self._scratch).to(acc)
+        layer = self.per_layer  # per-layer blocks are copied to the host only for per-layer records
+        # dead units (rows of 2-D+ gradients entirely zero): per-layer records only, in the zero counting's pass
+        units = (self._unit_mask(layout, present, red) if present else (False,)) if layer else None
+        nonzero, dead_rows = nonzero_and_dead_rows(local_g, units, self._scratch)
+        nonzero = nonzero.to(acc)
         inv_scale = None
         g_norm = raw_g_norm
         if grad_scale is not None:
@@ -332,7 +391,6 @@ class GradStatsEngine:
 
         # this rank's per-layer contributions (blocks of n numbers), combined over the sharding group by name
         pack = Pack()
-        layer = self.per_layer  # per-layer blocks are copied to the host only for per-layer records
         if inf_norm:
             pack.add_max("grad_norm", layer_max(g_norm), send=layer)
             pack.add_max("param_norm", layer_max(p_norm), send=layer)
@@ -340,6 +398,8 @@ class GradStatsEngine:
             pack.add_sum("grad_norm_pow", layer_sum(g_norm.pow(p)), send=False)
             pack.add_sum("param_norm_pow", layer_sum(p_norm.pow(p)), send=False)
         pack.add_sum("nonzero", layer_sum(nonzero), send=layer)
+        if dead_rows is not None:  # FSDP2 shards hold whole rows: the ranks' dead rows add up
+            pack.add_sum("dead_units", layer_sum(dead_rows.to(acc)))
         if sharded:  # element counts of the local shards (FSDP1's are flat pieces, FSDP2's may be empty)
             numel = torch.tensor([float(g.numel()) for g in local_g], dtype=acc).to(device, non_blocking=True)
             pack.add_sum("numel", layer_sum(numel), send=layer)
@@ -531,11 +591,18 @@ class GradStatsEngine:
             if sharded:  # element counts summed over the shards
                 present_numel = [int(v) for v in host.get("numel")]
             full = "max_abs" in host  # stats="full"
+            # dead units: dead rows summed on the device; a layer's units (rows of its parameters with a gradient
+            # on some rank) counted here
+            counted = "dead_units" in host
+            dead = host.get("dead_units") if counted else [0.0] * n
+            have = tuple(sorted(present)) if sharded else pending.present
+            units_l = self._layer_units(layout, have, pending.reduction) if counted else (None,) * n
             mx, mn, s, sq = (host.get(k) if full else [] for k in ("max_abs", "min_abs_nonzero", "sum", "sum_squares"))
             for j in range(n):
                 if present_numel[j] == 0:
                     continue
                 numel = present_numel[j]
+                units = units_l[j]
                 kwargs: dict[str, float | None] = {}
                 if full:
                     mean = s[j] / numel
@@ -551,6 +618,8 @@ class GradStatsEngine:
                         zero_frac=(numel - nz[j]) / numel,
                         nan_count=nan_l[j],
                         inf_count=inf_l[j],
+                        units=units,
+                        dead_unit_frac=None if units is None else dead[j] / units,
                         **kwargs,  # type: ignore[arg-type]
                     )
                 )
@@ -561,6 +630,7 @@ class GradStatsEngine:
             layer_norm_ratio = host.scalar("max_layer_norm") / host.scalar("min_layer_norm") if n_ratio >= 2 else 1.0
         no_grad = tuple(name for i, name in enumerate(layout.param_names) if i not in present)
         grad_scale = extras.get("amp_scale")
+        loss = extras.get("loss")
         micro = extras.get("first_nonfinite_micro_batch")
         if not math.isfinite(total) and not pending.reduction.empty:
             # each rank saw its own gradient (or shard) go bad at its own micro-batch: the first one anywhere
@@ -586,6 +656,7 @@ class GradStatsEngine:
             amp_overflow=grad_scale is not None and not math.isfinite(total),
             first_nonfinite_micro_batch=None if micro is None or micro < 0 else int(micro),
             grad_max_abs=max((lay.max_abs for lay in layers if lay.max_abs is not None), default=None),
+            loss=loss,
         )
 
     @staticmethod

@@ -27,6 +27,9 @@ class History:
         layer_norm: Per kept record, the gradient norm of each layer (``nan`` where the layer had no gradient).
         layer_zero_frac: Per kept record, the zero fraction of each layer.
         layer_ratio: Per kept record, the grad/param ratio of each layer.
+        layer_dead_units: Per kept record, the dead-unit fraction of each layer (``nan`` where it is ``None``: no
+            gradient, or no units, see :attr:`~lightning_gradhealth.record.LayerStats.dead_unit_frac`).
+        loss: The training loss of each kept record (``nan`` where the record has none).
         first_nonfinite: The first non-finite record, if any.
         last_nonfinite: The latest non-finite record, if any.
         nonfinite_records: How many records offered to :meth:`add` were non-finite.
@@ -47,6 +50,8 @@ class History:
     layer_norm: list[list[float]] = field(default_factory=list)
     layer_zero_frac: list[list[float]] = field(default_factory=list)
     layer_ratio: list[list[float]] = field(default_factory=list)
+    layer_dead_units: list[list[float]] = field(default_factory=list)
+    loss: list[float] = field(default_factory=list)
     first_nonfinite: StepStats | None = None
     last_nonfinite: StepStats | None = None
     nonfinite_records: int = 0
@@ -80,10 +85,12 @@ class History:
             self._merge_layers([lay.name for lay in record.layers])
         index = self._index
         n = len(self.layer_names)
-        norm, zero, ratio = [math.nan] * n, [math.nan] * n, [math.nan] * n
+        norm, zero, ratio, dead = [math.nan] * n, [math.nan] * n, [math.nan] * n, [math.nan] * n
         for lay in record.layers:
             j = index[lay.name]
             norm[j], zero[j], ratio[j] = lay.grad_norm, lay.zero_frac, lay.ratio
+            if lay.dead_unit_frac is not None:
+                dead[j] = lay.dead_unit_frac
         self.steps.append(record.step)
         self.total_norm.append(record.total_norm)
         self.zero_frac.append(record.zero_frac)
@@ -91,6 +98,8 @@ class History:
         self.layer_norm.append(norm)
         self.layer_zero_frac.append(zero)
         self.layer_ratio.append(ratio)
+        self.layer_dead_units.append(dead)
+        self.loss.append(math.nan if record.loss is None else record.loss)
         if len(self.steps) > self.max_snapshots:
             self._thin()
 
@@ -113,7 +122,7 @@ class History:
                 placed.add(name)
         order += [known for known in self.layer_names[k:] if known not in placed]
         source = [old.get(name) for name in order]
-        for rows in (self.layer_norm, self.layer_zero_frac, self.layer_ratio):
+        for rows in (self.layer_norm, self.layer_zero_frac, self.layer_ratio, self.layer_dead_units):
             rows[:] = [[row[j] if j is not None and j < len(row) else math.nan for j in source] for row in rows]
         self.layer_names = order
         self._index = {name: i for i, name in enumerate(order)}
@@ -132,15 +141,19 @@ class History:
     def _thin(self) -> None:
         keep = [i for i in range(len(self.steps)) if i % 2 == 0 or not math.isfinite(self.total_norm[i])]
         for name in ("steps", "total_norm", "zero_frac", "layer_norm_ratio", "layer_norm", "layer_zero_frac",
-                     "layer_ratio"):  # fmt: skip
+                     "layer_ratio", "layer_dead_units", "loss"):  # fmt: skip
             series = getattr(self, name)
             setattr(self, name, [series[i] for i in keep])
         self._keep_every *= 2
 
     def layer_series(self, name: str, which: str = "norm") -> list[float]:
-        """One layer's values over the kept records (``which``: ``"norm"``, ``"zero_frac"`` or ``"ratio"``)."""
+        """One layer's values over the kept records.
+
+        ``which``: ``"norm"``, ``"zero_frac"``, ``"ratio"`` or ``"dead_units"`` (the dead-unit fraction).
+        """
         j = self.layer_names.index(name)
-        rows = {"norm": self.layer_norm, "zero_frac": self.layer_zero_frac, "ratio": self.layer_ratio}[which]
+        rows = {"norm": self.layer_norm, "zero_frac": self.layer_zero_frac, "ratio": self.layer_ratio,
+                "dead_units": self.layer_dead_units}[which]  # fmt: skip
         return [row[j] if j < len(row) else math.nan for row in rows]
 
     def recent(self, fraction: float = 0.25, minimum: int = 3) -> slice:

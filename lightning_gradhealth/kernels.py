@@ -32,6 +32,7 @@ __all__ = [
     "full_stats",
     "layer_maxes",
     "layer_sums",
+    "nonzero_and_dead_rows",
     "nonzero_counts",
     "scratch_buffer",
     "stat_grads",
@@ -106,45 +107,157 @@ def scratch_buffer(store: dict[torch.device, torch.Tensor], device: torch.device
     return buf
 
 
+def _on(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor copied to ``device`` without waiting (nothing to do for the CPU)."""
+    return host if device.type == "cpu" else host.to(device, non_blocking=True)
+
+
 def nonzero_counts(
     tensors: Sequence[torch.Tensor], scratch: dict[torch.device, torch.Tensor] | None = None
 ) -> torch.Tensor:
     """Exact number of non-zero entries of each tensor (NaN counts as non-zero, -0.0 as zero), as float64.
 
-    On the CPU ``count_nonzero`` branches per element, so its cost grows with how scattered the zeros are (3x a
-    norm pass on a ReLU MLP's gradient, up to 24x with zeros spread at random). For tensors of 64K to 4M entries,
-    ``g != 0`` written into a reused float32 buffer and summed costs ~2x a norm pass whatever the data, with no
-    allocation; the float32 sum of 0/1 values is exact (every partial sum is an integer below 2**24). Smaller
-    tensors (where one kernel's overhead dominates), larger ones, and other devices (CUDA, where
-    ``count_nonzero`` is bandwidth-bound) use ``count_nonzero``.
+    See :func:`nonzero_and_dead_rows`, which this is without the dead rows.
 
     Args:
         tensors: Tensors on one device.
         scratch: Where the buffer is kept between calls (per device); ``None``: a buffer for this call only.
 
     Returns:
-        A 1-D float64 tensor of counts, one per tensor.
+        A 1-D tensor of counts in :func:`accum_dtype` (float64 except on MPS), one per tensor.
+    """
+    return nonzero_and_dead_rows(tensors, None, scratch)[0]
+
+
+def nonzero_and_dead_rows(
+    tensors: Sequence[torch.Tensor],
+    units: Sequence[bool] | None = None,
+    scratch: dict[torch.device, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per tensor, the exact number of non-zero entries and, for the tensors in ``units``, of dead rows.
+
+    A tensor's *rows* are its slices along dim 0 (a Linear weight's output units, a convolution's output
+    channels); a row is *dead* when every entry of it is exactly zero. NaN counts as non-zero, -0.0 as zero. Rows
+    are counted for the tensors marked in ``units`` that have two dimensions or more and at least one entry.
+
+    Every tensor is counted per row (or whole): on the CPU, ``count_nonzero`` branches per element, so its cost
+    grows with how scattered the zeros are (3x a norm pass on a ReLU MLP's gradient, up to 24x with zeros spread
+    at random). So on the CPU:
+
+    - tensors of 64K to 4M entries: ``g != 0`` is written into a reused float32 buffer and summed per row, ~2x a
+      norm pass whatever the data, with no allocation (the row sums cost what one sum does);
+    - smaller float32/float16/bfloat16 tensors (where one kernel's overhead dominates) are copied together into
+      the buffer, by row length (one ``torch.cat``/``torch.stack`` per length), compared and summed per row: a
+      few kernels for any number of tensors;
+    - larger tensors, and float64 ones (which a float32 copy could underflow), use ``count_nonzero``.
+
+    Other devices (CUDA, where ``count_nonzero`` is bandwidth-bound) use ``count_nonzero``, per row for the
+    tensors in ``units``. The per-row counts are summed per tensor through one float64 cumulative sum. Every
+    float32 sum is exact: every partial sum is an integer below 2**24.
+
+    Args:
+        tensors: Tensors on one device.
+        units: Per tensor, whether to count its dead rows; ``None``: for none (and no dead rows are returned).
+        scratch: Where the CPU buffer is kept between calls (per device); ``None``: a buffer for this call only.
+
+    Returns:
+        ``(counts, dead)``: 1-D tensors in :func:`accum_dtype` (float64 except on MPS), one entry per tensor;
+        ``dead`` is 0 for a tensor whose rows are not counted, and ``None`` when ``units`` is ``None``.
     """
     device = tensors[0].device
-    mid = [k for k, t in enumerate(tensors) if SCRATCH_MIN <= t.numel() <= SCRATCH_MAX] if device.type == "cpu" else []
-    if not mid:
-        return torch.stack([torch.count_nonzero(t) for t in tensors]).double()
-    buf = scratch_buffer({} if scratch is None else scratch, device, max(tensors[k].numel() for k in mid))
-    counts = []
-    for k in mid:
-        t = tensors[k]
-        view = buf[: t.numel()].view(t.shape)
-        torch.ne(t, 0, out=view)
-        counts.append(view.sum())  # float32, exact: every partial sum is an integer <= 2**22
-    mid_counts = torch.stack(counts).double()
-    if len(mid) == len(tensors):
-        return mid_counts
-    in_mid = set(mid)
-    rest = [k for k in range(len(tensors)) if k not in in_mid]
-    out = torch.empty(len(tensors), dtype=torch.float64, device=device)
-    out[mid] = mid_counts
-    out[rest] = torch.stack([torch.count_nonzero(tensors[k]) for k in rest]).double()
-    return out
+    acc = accum_dtype(device)
+    n = len(tensors)
+    cpu = device.type == "cpu"
+    store: dict[torch.device, torch.Tensor] = {} if scratch is None else scratch
+    marks = (False,) * n if units is None else units
+    # The counts come as segments: the rows of a tensor, or the whole of it. Per tensor, in the order of its
+    # segments: its index, how many segments, whether they are rows whose deaths are counted.
+    owner: list[int] = []
+    lengths: list[int] = []
+    measured: list[bool] = []
+    f32: list[torch.Tensor] = []  # 1-D float32 counts, from the buffer
+    rows64: list[tuple[int, torch.Tensor]] = []  # (tensor, 1-D int64 per-row counts)
+    whole64: list[tuple[int, torch.Tensor]] = []  # (tensor, 0-d int64 count)
+    # small tensors by (two dimensions or more, row length): (index, as 2-D or 1-D, entries, segments, measured)
+    groups: dict[tuple[bool, int], list[tuple[int, torch.Tensor, int, int, bool]]] = {}
+    for k, t in enumerate(tensors):  # (the per-tensor Python work is kept to a few attribute reads)
+        numel = t.numel()
+        shape = t.shape
+        if cpu and numel:
+            if numel < SCRATCH_MIN:
+                if shape and t.dtype in _BUFFERED_DTYPES:
+                    if len(shape) == 1:
+                        groups.setdefault((False, numel), []).append((k, t, numel, 1, False))
+                    else:
+                        rows = shape[0]
+                        width = numel // rows
+                        flat = t if len(shape) == 2 else t.reshape(rows, width)
+                        groups.setdefault((True, width), []).append((k, flat, numel, rows, bool(marks[k])))
+                    continue
+            elif numel <= SCRATCH_MAX:
+                view = scratch_buffer(store, device, numel)[:numel].view(shape)
+                torch.ne(t, 0, out=view)
+                by_row = bool(marks[k]) and len(shape) >= 2
+                rows = shape[0] if by_row else 1
+                f32.append(view.view(rows, -1).sum(1))
+                owner.append(k)
+                lengths.append(rows)
+                measured.append(by_row)
+                continue
+        if marks[k] and len(shape) >= 2 and numel:
+            rows64.append((k, torch.count_nonzero(t.reshape(shape[0], -1), dim=1)))
+        else:
+            whole64.append((k, torch.count_nonzero(t)))
+    for (wide, width), members in groups.items():
+        start, m = 0, len(members)
+        while start < m:  # blocks of at most SCRATCH_MAX entries
+            stop, size = start + 1, members[start][2]
+            while stop < m and size + members[stop][2] <= SCRATCH_MAX:
+                size += members[stop][2]
+                stop += 1
+            chunk = members[start:stop] if start or stop < m else members
+            block = scratch_buffer(store, device, size)[:size].view(-1, width)
+            if wide:  # each tensor's rows, one after the other
+                torch.cat([c[1] for c in chunk], out=block)
+            else:  # 1-D tensors of one length: one row each
+                torch.stack([c[1] for c in chunk], out=block)
+            f32.append(block.ne_(0).sum(1))
+            owner += [c[0] for c in chunk]
+            lengths += [c[3] for c in chunk]
+            measured += [c[4] for c in chunk]
+            start = stop
+    parts = [torch.cat(f32).to(acc)] if f32 else []
+    if rows64:
+        parts.append(torch.cat([c for _, c in rows64]).to(acc))
+        owner += [k for k, _ in rows64]
+        lengths += [len(c) for _, c in rows64]
+        measured += [True] * len(rows64)
+    if whole64:
+        parts.append(torch.stack([c for _, c in whole64]).to(acc))
+        owner += [k for k, _ in whole64]
+        lengths += [1] * len(whole64)
+        measured += [False] * len(whole64)
+    segments = parts[0] if len(parts) == 1 else torch.cat(parts)
+    in_order = owner == list(range(n))
+    if len(segments) == n and (units is None or not any(measured)):  # one segment per tensor: its count
+        if not in_order:
+            segments = torch.empty_like(segments).index_copy_(0, _on(torch.tensor(owner), device), segments)
+        return segments, None if units is None else torch.zeros(n, dtype=acc, device=device)
+    meta = _on(torch.tensor([owner, lengths, measured]), device)
+    ends = meta[1].cumsum(0) - 1  # each tensor's last segment
+    exact = torch.int64 if acc == torch.float32 else acc  # running sums of counts: exact integers
+
+    def per_tensor(per_segment: torch.Tensor) -> torch.Tensor:  # the sum of each tensor's segments
+        running = per_segment.cumsum(0, dtype=exact)[ends]
+        return torch.diff(running, prepend=running.new_zeros(1)).to(acc)
+
+    def in_tensor_order(values: torch.Tensor) -> torch.Tensor:
+        return values if in_order else torch.empty_like(values).index_copy_(0, meta[0], values)
+
+    counts = in_tensor_order(per_tensor(segments))
+    if units is None:
+        return counts, None
+    return counts, in_tensor_order(per_tensor(segments == 0) * meta[2].to(acc))
 
 
 def abs_max_and_min_nonzero(g: torch.Tensor, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,6 +26,7 @@ __all__ = [
     "CLIP_FRAC",
     "GLOBAL_KEYS",
     "GRADIENT_FLOW",
+    "GRAD_DEAD_UNITS",
     "GRAD_INF",
     "GRAD_MAX",
     "GRAD_MEAN",
@@ -39,6 +40,7 @@ __all__ = [
     "INF_COUNT",
     "LAYER_KEYS",
     "LAYER_NORM_RATIO",
+    "LOSS",
     "NAN_COUNT",
     "NO_GRAD_COUNT",
     "PARAM_NORM",
@@ -90,6 +92,9 @@ CLIP_FRAC = "grad_health/clip_frac"
 #: Logged when the Trainer clips gradients, and when a GradScaler is active.
 POST_CLIP_NORM = "grad_health/post_clip_norm"
 AMP_SCALE = "grad_health/amp_scale"
+#: The step's training loss (:attr:`StepStats.loss`): never logged by this package (the training loop logs its
+#: loss); named for the evidence of the "diverging" diagnosis, and read back by :func:`metrics_to_record`.
+LOSS = "grad_health/loss"
 #: TensorBoard-only: the gradient-flow figure's tag, and the per-layer histograms' prefix.
 GRADIENT_FLOW = "grad_health/gradient_flow"
 HISTOGRAM = "grad_hist"
@@ -97,7 +102,7 @@ HISTOGRAM = "grad_hist"
 #: Every global (not per-layer) key.
 GLOBAL_KEYS: frozenset[str] = frozenset(
     (*SUMMARY_KEYS, ALERTS, SKIPPED_STEPS, AMP_OVERFLOW, SPIKES, CLIP_COEF, CLIPPED_NORM, CLIP_FRAC, POST_CLIP_NORM,
-     AMP_SCALE, GRADIENT_FLOW)
+     AMP_SCALE, GRADIENT_FLOW, LOSS)
 )  # fmt: skip
 
 #: Per-layer gradient metrics (``<metric>/<layer>``).
@@ -110,12 +115,16 @@ GRAD_MAX = "grad_max"
 GRAD_MIN = "grad_min"
 GRAD_MEAN = "grad_mean"
 GRAD_STD = "grad_std"
+#: Fraction of the layer's units (rows of its 2-D+ parameters) whose gradient is entirely zero.
+GRAD_DEAD_UNITS = "grad_dead_units"
 
-#: Per-layer key prefixes: always, only on steps where the value is non-zero, and with ``stats="full"``.
+#: Per-layer key prefixes: always, only on steps where the value is non-zero, with ``stats="full"``, and for
+#: layers that have units (a parameter with two dimensions or more: not for biases or norms alone).
 LAYER_KEYS: dict[str, tuple[str, ...]] = {
     "always": (GRAD_NORM, GRAD_RATIO, GRAD_ZERO_FRAC),
     "nonzero": (GRAD_NAN, GRAD_INF),
     "full": (GRAD_MAX, GRAD_MIN, GRAD_MEAN, GRAD_STD),
+    "units": (GRAD_DEAD_UNITS,),
 }
 
 #: Per-module activation metrics (``<metric>/<module>``; never suffixed by an optimizer).
@@ -244,6 +253,7 @@ def record_to_metrics(record: StepStats, optimizer_idx: int | None = None) -> di
             GRAD_ZERO_FRAC: layer.zero_frac,
             GRAD_NAN: float(layer.nan_count) if layer.nan_count else None,
             GRAD_INF: float(layer.inf_count) if layer.inf_count else None,
+            GRAD_DEAD_UNITS: layer.dead_unit_frac,
         }
         if layer.max_abs is not None:
             values |= {GRAD_MAX: layer.max_abs, GRAD_MIN: layer.min_abs_nonzero, GRAD_MEAN: layer.mean,
@@ -257,8 +267,9 @@ def record_to_metrics(record: StepStats, optimizer_idx: int | None = None) -> di
 def metrics_to_record(metrics: Mapping[str, float], step: int, optimizer_idx: int | None = None) -> StepStats:
     """Rebuild a record from one step's logged metrics: the inverse of :func:`record_to_metrics`, as far as it goes.
 
-    What is not logged comes back as a neutral value: every layer's ``numel`` is 1 and its ``param_norm`` NaN;
-    a missing summary value is NaN (norms, fractions) or 0 (counts), a missing layer-norm ratio 1.0. A layer is
+    What is not logged comes back as a neutral value: every layer's ``numel`` is 1, its ``param_norm`` NaN and its
+    ``units`` ``None`` (its ``dead_unit_frac`` is read back); a missing summary value is NaN (norms, fractions)
+    or 0 (counts), a missing layer-norm ratio 1.0; the loss is read when logged under :data:`LOSS`. A layer is
     in the record when its :data:`GRAD_NORM` key is, in the order of ``metrics``. Keys this package does not
     log, and those of other optimizers, are ignored.
 
@@ -294,7 +305,8 @@ def metrics_to_record(metrics: Mapping[str, float], step: int, optimizer_idx: in
                    ratio=values.get(GRAD_RATIO, math.nan), zero_frac=values.get(GRAD_ZERO_FRAC, math.nan),
                    nan_count=int(values.get(GRAD_NAN, 0)), inf_count=int(values.get(GRAD_INF, 0)),
                    max_abs=optional(values, GRAD_MAX), min_abs_nonzero=optional(values, GRAD_MIN),
-                   mean=optional(values, GRAD_MEAN), std=optional(values, GRAD_STD))
+                   mean=optional(values, GRAD_MEAN), std=optional(values, GRAD_STD),
+                   dead_unit_frac=values.get(GRAD_DEAD_UNITS))
         for name, values in layers.items()
         if GRAD_NORM in values
     )  # fmt: skip
@@ -304,7 +316,7 @@ def metrics_to_record(metrics: Mapping[str, float], step: int, optimizer_idx: in
         zero_frac=summary.get(ZERO_FRAC, math.nan), nan_count=int(summary.get(NAN_COUNT, 0)),
         inf_count=int(summary.get(INF_COUNT, 0)), layer_norm_ratio=summary.get(LAYER_NORM_RATIO, 1.0),
         no_grad_count=int(summary.get(NO_GRAD_COUNT, 0)), layers=stats,
-        post_clip_norm=summary.get(POST_CLIP_NORM), amp_scale=summary.get(AMP_SCALE),
+        post_clip_norm=summary.get(POST_CLIP_NORM), amp_scale=summary.get(AMP_SCALE), loss=summary.get(LOSS),
     )  # fmt: skip
 
 

@@ -28,6 +28,15 @@ class LayerStats:
         min_abs_nonzero: Smallest non-zero ``|g|`` (``stats="full"``; ``inf`` when every entry is zero).
         mean: Mean of the gradient entries (``stats="full"``).
         std: Standard deviation of the gradient entries, population form (``stats="full"``).
+        units: The layer's units: the rows along dim 0 of its parameters with two dimensions or more that got a
+            gradient (a Linear weight's output features, a convolution's output channels, an embedding's rows).
+            ``None`` when it has no such parameter (biases and norms only), when they cannot be told (a sparse
+            gradient, an FSDP1 flat shard), with ``per_layer=False``, and in a record rebuilt from logged metrics
+            (:func:`~lightning_gradhealth.metrics.metrics_to_record`), which keep the fraction only.
+        dead_unit_frac: Fraction of :attr:`units` whose gradient row is entirely exactly zero at this step (0..1);
+            ``None`` when the units are not known. Unlike :attr:`zero_frac`, zeros scattered over live units (a
+            convolution's padding taps, masked positions, untouched embedding rows) do not count: a unit is dead
+            when nothing reaches it.
     """
 
     name: str
@@ -42,6 +51,15 @@ class LayerStats:
     min_abs_nonzero: float | None = None
     mean: float | None = None
     std: float | None = None
+    units: int | None = None
+    dead_unit_frac: float | None = None
+
+    @property
+    def dead_units(self) -> int | None:
+        """Number of dead units (exact: ``dead_unit_frac * units`` rounded), or ``None`` when :attr:`units` is."""
+        if self.units is None or self.dead_unit_frac is None:
+            return None
+        return round(self.dead_unit_frac * self.units)
 
     @property
     def is_finite(self) -> bool:
@@ -81,6 +99,9 @@ class StepStats:
             the optimizer step of the first micro-batch after which the accumulated gradient was non-finite.
         post_clip_norm: Global norm after the Trainer's gradient clipping (``gradient_clip_val``), if any.
         grad_max_abs: Largest ``|g|`` over all layers (``stats="full"``).
+        loss: The step's training loss (unscaled; under gradient accumulation the mean over the micro-batches),
+            when the caller gave it (the callback does; ``GradientHealth.step(loss=...)``), read in the same
+            transfer as the statistics.
     """
 
     step: int
@@ -102,6 +123,7 @@ class StepStats:
     first_nonfinite_micro_batch: int | None = None
     post_clip_norm: float | None = None
     grad_max_abs: float | None = None
+    loss: float | None = None
 
     @property
     def is_finite(self) -> bool:
