@@ -135,6 +135,7 @@ class AlertManager:
         self._last: dict[tuple[str, str | None], int] = {}
         self._held: dict[tuple[str, str | None], int] = {}
         self._severity: dict[tuple[str, str | None], Severity] = {}  # of the last emitted alert per key
+        self._printed: dict[tuple[str, bool], tuple[int, Severity]] = {}  # last line per kind (global or layers)
 
     # ------------------------------------------------------------------ emitting
     def __call__(self, alert: Alert, *, rank_zero: bool = True) -> bool:
@@ -154,9 +155,10 @@ class AlertManager:
     def emit_step(self, alerts: Iterable[Alert], *, rank_zero: bool = True) -> list[Alert]:
         """Count and rate-limit the alerts of one step like :meth:`__call__`, but log one line per group.
 
-        A group is the emitted alerts of one kind and severity: those about layers make one line naming how many
-        layers, the first and the last (in the order given: depth order from the checks) and their values; a
-        global alert (no layer) keeps its own line. A group of one alert logs the same line as :meth:`__call__`.
+        A group is the emitted alerts of one kind: those about layers make one line at the worst severity, naming
+        how many layers, the first and the last (in the order given: depth order from the checks) and their values;
+        a global alert (no layer) keeps its own line. A group of one alert logs the same line as :meth:`__call__`.
+        Lines are rate-limited by kind: within ``window`` steps of a kind's line only a more severe one is printed.
         ``on_alert`` still gets every emitted alert, one by one.
 
         Args:
@@ -173,16 +175,33 @@ class AlertManager:
                 emitted.append(admitted)
         if rank_zero:
             if self.verbose:
-                groups: dict[tuple[str, Severity, bool], list[tuple[Alert, int | None]]] = {}
+                groups: dict[tuple[str, bool], list[tuple[Alert, int | None]]] = {}
                 for item in emitted:
-                    a = item[0]
-                    groups.setdefault((a.kind, a.severity, a.layer is None), []).append(item)
-                for (_, severity, _), group in groups.items():
-                    _log(severity, _group_line(group))
+                    groups.setdefault((item[0].kind, item[0].layer is None), []).append(item)
+                for key, group in groups.items():
+                    self._print_group(key, group)
             if self.on_alert is not None:
                 for alert, _ in emitted:
                     self.on_alert(alert)
         return [alert for alert, _ in emitted]
+
+    def _print_group(self, key: tuple[str, bool], group: list[tuple[Alert, int | None]]) -> None:
+        """One line for a kind's alerts of a step, unless that kind was printed within the window at this severity.
+
+        Lines are rate-limited by kind (per-layer alerts of one kind are one line), so a run that stays unhealthy
+        prints a few lines per window, not one per layer; a more severe line always goes out.
+        """
+        worst = max((a.severity for a, _ in group), key=lambda sev: _RANK.get(sev, 0))
+        step = group[0][0].step
+        printed = self._printed.get(key)
+        if printed is not None and 0 <= step - printed[0] < self.window and _RANK[worst] <= _RANK[printed[1]]:
+            return
+        self._printed[key] = (step, worst)
+        severe = [item for item in group if item[0].severity is worst]  # the worst first, then the others
+        line = _group_line(severe)
+        if len(severe) < len(group):
+            line = line.replace(" Fix: ", f" (and {len(group) - len(severe)} more layer(s) less severe) Fix: ", 1)
+        _log(worst, line)
 
     def _admit(self, alert: Alert) -> tuple[Alert, int | None] | None:
         """Count ``alert``; ``None`` if rate-limited, else it (``held_back`` filled in) and the previous step."""

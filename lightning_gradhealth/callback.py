@@ -62,6 +62,8 @@ class GradientHealthMonitor(Callback):
     - ``grad_norm/<layer>``: the layer's gradient norm.
     - ``grad_ratio/<layer>``: ``||g|| / (||θ|| + 1e-8)`` for the layer.
     - ``grad_zero_frac/<layer>``: fraction of exactly-zero gradient entries in the layer.
+    - ``grad_dead_units/<layer>``: fraction of the layer's units (output rows or channels of its 2-D+ parameters)
+      whose gradient is entirely zero; not logged for layers without such a parameter.
     - ``grad_nan/<layer>``, ``grad_inf/<layer>``: NaN / Inf entries (only on steps where they are non-zero).
     - ``grad_max/<layer>``, ``grad_min/<layer>``, ``grad_mean/<layer>``, ``grad_std/<layer>``: largest
       ``|g|``, smallest non-zero ``|g|``, mean and standard deviation (only with ``stats="full"``).

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection
+from typing import Any
 
 from lightning_gradhealth.alerts import Alert
-from lightning_gradhealth.fixes import FIXES
+from lightning_gradhealth.fixes import fixes_for
+from lightning_gradhealth.inventory import ModelInventory
 from lightning_gradhealth.kinds import Kind
 from lightning_gradhealth.record import StepStats
+from lightning_gradhealth.rules import compared_layers, layer_spread
 from lightning_gradhealth.thresholds import Severity, Thresholds
 
-__all__ = ["check_global_norm", "check_record"]
+__all__ = ["EARLY", "check_global_norm", "check_growth", "check_record"]
 
 
 def _check(
@@ -27,6 +30,8 @@ def _check(
     epoch: int,
     batch_idx: int,
     layer: str | None = None,
+    inventory: ModelInventory | None = None,
+    fix: str | None = None,
 ) -> None:
     """Grade ``value`` against the ``<check>_warning`` / ``<check>_critical`` lines; append an alert if it fires.
 
@@ -42,7 +47,8 @@ def _check(
             kind=kind,
             severity=sev,
             step=step,
-            message=message.format(value=value, line=line, layer=layer) + f" Fix: {FIXES[kind][0]}.",
+            message=message.format(value=value, line=line, layer=layer)
+            + f" Fix: {fix or fixes_for(kind, inventory)[0]}.",
             layer=layer,
             value=value,
             threshold=line,
@@ -80,41 +86,119 @@ def check_global_norm(
     return out
 
 
+#: How many first values make a run's own baseline (:func:`~lightning_gradhealth.rules.baseline`).
+EARLY = 3
+
+
+def check_growth(
+    total_norm: float, loss: float | None, early_norm: float, early_loss: float | None, meta: Any, th: Thresholds
+) -> list[Alert]:
+    """The global norm, and the loss, against the run's own early level (the median of its first values).
+
+    A norm grown ``norm_growth`` times over it means unstable updates whatever the absolute scale; a loss risen
+    ``loss_rise`` times together with a norm grown as much means divergence. Both point at the learning rate.
+
+    Args:
+        total_norm: The step's global gradient norm.
+        loss: The step's training loss, when known (computed steps).
+        early_norm: The run's early global norm.
+        early_loss: The run's early loss, when known.
+        meta: Where the step is (``step``, ``epoch``, ``batch_idx``).
+        th: Thresholds.
+
+    Returns:
+        Zero, one or two alerts.
+    """
+    out: list[Alert] = []
+    if not math.isfinite(total_norm) or early_norm <= 0:
+        return out
+    where = {"step": meta.step, "epoch": meta.epoch, "batch_idx": meta.batch_idx}
+    growth = total_norm / early_norm
+    msg = "global gradient norm {value:.3g}x its level early in the run (> {line:g}x): the updates are unstable."
+    _check(out, th, "norm_growth", growth, high=True, kind=Kind.EXPLODING, message=msg, **where,
+           fix=fixes_for(Kind.DIVERGING)[0])  # fmt: skip
+    if loss is None or early_loss is None or not math.isfinite(loss) or early_loss <= 0:
+        return out
+    rise = loss / early_loss
+    if growth >= th.loss_rise_warning:
+        msg = (
+            f"training diverges: the loss is {{value:.3g}}x its early level (> {{line:g}}x, {early_loss:.3g} -> "
+            f"{loss:.3g}) and the gradient norm {growth:.3g}x."
+        )
+        _check(out, th, "loss_rise", rise, high=True, kind=Kind.DIVERGING, message=msg, **where)
+    return out
+
+
 def check_record(
-    record: StepStats, th: Thresholds, *, steps_seen: int, sparse_layers: Collection[str] = ()
+    record: StepStats,
+    th: Thresholds,
+    *,
+    steps_seen: int,
+    sparse_layers: Collection[str] = (),
+    inventory: ModelInventory | None = None,
 ) -> list[Alert]:
     """Per-layer and ratio checks of a full record (logged steps). The global norm is checked separately.
+
+    With an ``inventory`` like is compared with like: the spread of layer norms over the weight matrices of the
+    repeated blocks (not embeddings against norm biases), dead units (output rows or channels with an all-zero
+    gradient) over the weight matrices but embeddings, low norms along the main path, grad/param ratios of weight
+    matrices. Every check waits ``th.warmup_steps``: at initialisation extreme values are the rule.
 
     Args:
         record: The step's record.
         th: Thresholds.
-        steps_seen: Optimizer steps seen so far (checks of scale-dependent values wait ``th.warmup_steps``).
-        sparse_layers: Layers whose gradients are sparse by design (embeddings): left out of the zero fraction.
+        steps_seen: Optimizer steps seen so far.
+        sparse_layers: Layers whose gradients are sparse by design (embeddings): never dead.
+        inventory: What the model is made of (:func:`~lightning_gradhealth.inventory.take_inventory`).
 
     Returns:
         The alerts, global ones first, then per layer in definition order.
     """
     out: list[Alert] = []
-    if not record.is_finite:
+    if not record.is_finite or steps_seen < th.warmup_steps:
         return out
-    where = {"step": record.step, "epoch": record.epoch, "batch_idx": record.batch_idx}
-    msg = "layer gradient norms span a factor of {value:.3g} (> {line:g}): gradients do not flow evenly."
-    _check(out, th, "layer_norm_ratio", record.layer_norm_ratio, high=True, kind=Kind.LAYER_IMBALANCE, message=msg,
-           **where)  # fmt: skip
-    if steps_seen < th.warmup_steps:
-        return out
-    zero_frac = record.zero_frac
+    where = {"step": record.step, "epoch": record.epoch, "batch_idx": record.batch_idx, "inventory": inventory}
+    names = [lay.name for lay in record.layers]
     if record.layers:
-        dense = [lay for lay in record.layers if lay.name not in sparse_layers]
+        spread = layer_spread([lay.grad_norm for lay in record.layers], compared_layers(names, inventory))
+        ratio = record.layer_norm_ratio if spread is None else spread
+    else:
+        ratio = record.layer_norm_ratio
+    msg = "the gradient norms of comparable layers span a factor of {value:.3g} (> {line:g}): gradients do not flow "
+    msg += "evenly."
+    _check(out, th, "layer_norm_ratio", ratio, high=True, kind=Kind.LAYER_IMBALANCE, message=msg, **where)
+    embeddings = set(sparse_layers) | (set(inventory.of_kind("embedding")) if inventory is not None else set())
+    weights = set(inventory.comparable(names)) if inventory is not None else set(names)
+    candidates = [lay for lay in record.layers if lay.name in weights and lay.name not in embeddings]
+    with_units = [
+        lay
+        for lay in candidates
+        if lay.units
+        and lay.dead_unit_frac is not None
+        and not (lay.dead_unit_frac >= 1.0 and lay.grad_norm > 0)  # zero inputs (dead upstream), live bias
+    ]
+    if with_units:
+        units = sum(lay.units for lay in with_units)  # type: ignore[misc]
+        dead = sum(lay.dead_unit_frac * lay.units for lay in with_units) / units  # type: ignore[operator]
+        msg = "{value:.0%} of the units (output rows or channels) get an exactly-zero gradient (> {line:.0%}): dead "
+        msg += "units."
+        _check(out, th, "dead_units", dead, high=True, kind=Kind.DEAD, message=msg, **where)
+    elif record.layers:  # no unit statistic: exact zero entries (convolutions left out: padding taps are zeros)
+        dense = [lay for lay in candidates if inventory is None or inventory.kind_of(lay.name) != "conv"]
         numel = sum(lay.numel for lay in dense)
         zero_frac = sum(lay.zero_frac * lay.numel for lay in dense) / numel if numel else 0.0
-    msg = "{value:.0%} of gradient entries are exactly zero (> {line:.0%}): many dead units."
-    _check(out, th, "zero_frac", zero_frac, high=True, kind=Kind.DEAD, message=msg, **where)
+        msg = "{value:.0%} of gradient entries are exactly zero (> {line:.0%}): many dead units."
+        _check(out, th, "zero_frac", zero_frac, high=True, kind=Kind.DEAD, message=msg, **where)
+    else:
+        msg = "{value:.0%} of gradient entries are exactly zero (> {line:.0%}): many dead units."
+        _check(out, th, "zero_frac", record.zero_frac, high=True, kind=Kind.DEAD, message=msg, **where)
+    path = set(inventory.main_path(names)) if inventory is not None else set(names)
     for lay in record.layers:
-        msg = "layer {layer}: gradient norm {value:.3g} < {line:g}: vanishing gradient in this layer."
-        _check(out, th, "layer_norm_low", lay.grad_norm, high=False, kind=Kind.VANISHING, message=msg,
-               layer=lay.name, **where)  # fmt: skip
-        if lay.param_norm <= 0:
+        if lay.name in path:
+            msg = "layer {layer}: gradient norm {value:.3g} < {line:g}: vanishing gradient in this layer."
+            _check(out, th, "layer_norm_low", lay.grad_norm, high=False, kind=Kind.VANISHING, message=msg,
+                   layer=lay.name, **where)  # fmt: skip
+        if lay.param_norm <= 0 or lay.name not in weights:
             continue
         msg = "layer {layer}: grad/param ratio {value:.3g} > {line:g}: updates too large for the weights."
         _check(out, th, "grad_param_ratio_high", lay.ratio, high=True, kind=Kind.RATIO_HIGH, message=msg,

@@ -377,6 +377,7 @@ class GradientHealth:
             full_record,
             amp=ctx.scaler is not None,
             sparse_layers=self.watched.sparse_layers,
+            inventory=self.inventory,
             batches=ctx.batches,
             clip=lambda: self.guard.clip(layout, grad_scale, total, ctx.due, red),
         )

@@ -107,6 +107,7 @@ class DemoRun:
     records: tuple[StepStats, ...]
     final_loss: float
     findings: tuple[Finding, ...] = ()
+    alerts: int = 0
 
     def summary(self) -> str:
         """A few lines: global norm, depth profile, zero fraction."""
@@ -124,6 +125,7 @@ class DemoRun:
                 f"{last_l.grad_norm:.3g}   first/last = {depth_ratio:.2g}",
                 f"  largest/smallest layer norm: {last.layer_norm_ratio:.3g}   zero fraction: {last.zero_frac:.1%}   "
                 f"NaN/Inf: {last.nan_count}/{last.inf_count}",
+                f"  alerts raised during the run: {self.alerts}",
                 "  diagnosis: "
                 + (
                     " ".join(f"[{f.severity.value}] {f.kind}: {f.summary}" for f in self.findings)
@@ -183,6 +185,7 @@ def run_demo(out_dir: str | Path = "gradhealth_demo", steps: int = 200, log_ever
                 records=tuple(collect.records),
                 final_loss=float(loss) if loss is not None else math.nan,
                 findings=tuple(monitor.findings),
+                alerts=monitor.health.alerts.total,
             )
         )
     return runs

@@ -8,6 +8,8 @@ what clipping did. It never logs, raises or touches a training framework; the ca
 from __future__ import annotations
 
 import math
+import statistics
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,18 +19,19 @@ import torch
 
 from lightning_gradhealth import metrics
 from lightning_gradhealth.alerts import Alert
-from lightning_gradhealth.checks import check_global_norm, check_record
+from lightning_gradhealth.checks import EARLY, check_global_norm, check_growth, check_record
 from lightning_gradhealth.clipping import AutoClipper, ZClipper
 from lightning_gradhealth.distributed import Reduction, local, resolve, shards_of
 from lightning_gradhealth.engine import StepMeta
 from lightning_gradhealth.fixes import FIXES
+from lightning_gradhealth.inventory import ModelInventory
 from lightning_gradhealth.kinds import Kind
 from lightning_gradhealth.layout import ParamLayout
 from lightning_gradhealth.options import HealthOptions
 from lightning_gradhealth.record import StepStats
 from lightning_gradhealth.safety import NonFinitePolicy
 from lightning_gradhealth.spikes import SpikeDetector
-from lightning_gradhealth.thresholds import Severity
+from lightning_gradhealth.thresholds import Severity, Thresholds
 
 __all__ = ["Failure", "StepGuard", "StepOutcome"]
 
@@ -109,6 +112,10 @@ class StepGuard:
         self.spike_count = 0
         self._clipped_dev: torch.Tensor | None = None
         self._last_clip: dict[str, float] = {}
+        self.early_norms: list[float] = []  # the run's first finite global norms: its own baseline
+        self.early_losses: list[float] = []  # and its first losses (computed steps)
+        self._norms: deque[float] = deque(maxlen=EARLY)  # the latest ones
+        self._losses: deque[float] = deque(maxlen=EARLY)
 
     def decide(
         self,
@@ -119,6 +126,7 @@ class StepGuard:
         *,
         amp: bool = False,
         sparse_layers: frozenset[str] = frozenset(),
+        inventory: ModelInventory | None = None,
         batches: Sequence[Any] = (),
         clip: Callable[[], None] | None = None,
     ) -> StepOutcome:
@@ -131,6 +139,7 @@ class StepGuard:
             full_record: Computes the full record (exact counts) of a guarded step that fails.
             amp: Whether a GradScaler is active (non-finite steps are then its business).
             sparse_layers: Layers whose gradients are sparse by design (no "dead" alerts).
+            inventory: What the model is made of: the per-layer checks compare like with like.
             batches: The step's batches, saved with a spike when ``spike_dir`` is set.
             clip: Applies the clipper (:meth:`clip`) when the update goes ahead with a finite norm.
 
@@ -153,15 +162,34 @@ class StepGuard:
                 out.alerts += check_global_norm(
                     total, meta.step, thresholds, steps_seen=self.steps_seen, epoch=meta.epoch, batch_idx=meta.batch_idx
                 )
+                out.alerts += self._growth(total, None if record is None else record.loss, meta, thresholds)
         if out.failure is not None:
             return out
         clip_now = not out.skip and clip is not None and self.clipper is not None and math.isfinite(total)
         if clip_now:
             clip()
         if out.record is not None and thresholds is not None:
-            out.alerts += check_record(out.record, thresholds, steps_seen=self.steps_seen, sparse_layers=sparse_layers)
+            out.alerts += check_record(
+                out.record, thresholds, steps_seen=self.steps_seen, sparse_layers=sparse_layers, inventory=inventory
+            )
         out.clip = dict(self._last_clip) if clip_now else {}  # not the last clipped step's metrics
         return out
+
+    def _growth(self, total: float, loss: float | None, meta: StepMeta, thresholds: Thresholds) -> list[Alert]:
+        """The norm (and the loss, on computed steps) against the run's own first values: grown far above them."""
+        for early, latest, value in ((self.early_norms, self._norms, total), (self.early_losses, self._losses, loss)):
+            if value is not None and math.isfinite(value):
+                latest.append(value)
+                if len(early) < EARLY:
+                    early.append(value)
+        if len(self.early_norms) < EARLY or len(self._norms) < EARLY:
+            return []
+        # the median of the latest values against the median of the first: a lasting change, not a noisy step
+        loss_early = statistics.median(self.early_losses) if len(self.early_losses) == EARLY else None
+        loss_now = statistics.median(self._losses) if loss is not None and len(self._losses) == EARLY else None
+        return check_growth(
+            statistics.median(self._norms), loss_now, statistics.median(self.early_norms), loss_early, meta, thresholds
+        )
 
     def _nonfinite(self, out: StepOutcome, amp: bool) -> None:
         record = out.record
@@ -299,6 +327,8 @@ class StepGuard:
             self.spikes.reset()
         if self.clipper is not None:
             self.clipper.reset()
+        self.early_norms.clear()  # (norms of other parameters now; the loss is the same loss)
+        self._norms.clear()
         return restarted
 
     # ------------------------------------------------------------------ state
@@ -313,6 +343,8 @@ class StepGuard:
             "spikes": None if self.spikes is None else self.spikes.state_dict(),
             "clipper": None if self.clipper is None else self.clipper.state_dict(),
             "clip": self.options.clip,
+            "early_norms": list(self.early_norms),
+            "early_losses": list(self.early_losses),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> str | None:
@@ -321,6 +353,8 @@ class StepGuard:
         self.clipped_steps = int(state.get("clipped_steps", 0))
         self.spike_count = int(state.get("spike_count", 0))
         self.policy.load_state_dict(state.get("policy") or {})
+        self.early_norms = [float(v) for v in state.get("early_norms", ())]
+        self.early_losses = [float(v) for v in state.get("early_losses", ())]
         if self.spikes is not None and state.get("spikes") is not None:
             self.spikes.load_state_dict(state["spikes"])
         if self.clipper is not None and state.get("clipper") is not None:

@@ -188,6 +188,8 @@ def _activation_of_module(module: nn.Module) -> str | None:
     return None
 
 
+_INDEX_SEGMENT = re.compile(r"(^|\.)\d+(\.|$)")  # a repeated block's index in a layer name
+
 #: Frameworks whose classes are not read: their docstrings show activations the user's model may not have (every
 #: LightningModule's methods mention ``F.relu`` in examples).
 _FRAMEWORKS = ("torch.", "lightning.", "pytorch_lightning.", "lightning_fabric.", "torchmetrics.")
@@ -486,6 +488,18 @@ class ModelInventory:
             for layer in self._select(names)
             if layer.comparable and not layer.is_head and not layer.shortcut and not layer.alias
         )
+
+    def blocks(self, names: Iterable[str] | None = None) -> tuple[str, ...]:
+        """The main path's layers inside repeated blocks, to compare like with like.
+
+        A layer is in a repeated block when its name has an index segment (``encoder.3.attention.self.query``,
+        ``layer2.0.conv1``, ``h.11.mlp.c_fc``, ``features.4``): stems, heads and the layers around the blocks
+        (an MLM head's transform, a patch embedding) are left out. Falls back to :meth:`main_path` when fewer than
+        two layers are in blocks.
+        """
+        path = self.main_path(names)
+        inside = tuple(name for name in path if _INDEX_SEGMENT.search(name))
+        return inside if len(inside) >= 2 else path
 
     @property
     def head(self) -> str | None:

@@ -56,6 +56,13 @@ class Thresholds:
         saturation_warning: Fraction of sigmoid/tanh outputs in the saturated range (ours: 20%, mirroring dead
             units; seed 001 gives no number).
         saturation_critical: The same, critical (50%).
+        norm_growth_warning: The latest global norm over the run's own early level (the median of its first eighth)
+            above this: the updates are unstable, whatever the absolute scale (ours: 30x; healthy runs of the
+            real-architecture suite stay within 3x, an SGD step above the stability limit grows it ~1.3x a step).
+        norm_growth_critical: The same, critical (1000x).
+        loss_rise_warning: The latest training loss over its early level, together with a global norm grown as
+            much, above this: training diverges (ours: 2x; the loss of a healthy run falls).
+        loss_rise_critical: The same, critical (4x).
         warmup_steps: Optimizer steps before the scale-dependent checks start.
     """
 
@@ -77,6 +84,10 @@ class Thresholds:
     dead_units_critical: float = 0.5
     saturation_warning: float = 0.2
     saturation_critical: float = 0.5
+    norm_growth_warning: float = 30.0
+    norm_growth_critical: float = 1000.0
+    loss_rise_warning: float = 2.0
+    loss_rise_critical: float = 4.0
     warmup_steps: int = 10
 
     def __post_init__(self) -> None:
@@ -95,6 +106,8 @@ class Thresholds:
             "grad_param_ratio_high",
             "dead_units",
             "saturation",
+            "norm_growth",
+            "loss_rise",
         ):
             self._ordered(name, high=True)
         for name in ("total_norm_low", "layer_norm_low", "grad_param_ratio_low"):
@@ -141,14 +154,15 @@ THRESHOLD_SOURCES: tuple[tuple[str, str, str, str], ...] = (
     ("global norm too small", "< 1e-3", "< 1e-8", "seed 003 (warning), seed 000's `is_healthy` (critical)"),
     ("layer vanishing", "< 1e-5", "< 1e-7", "seed 004 (warning), seed 000 (critical)"),
     (
-        "layer-norm ratio",
+        "layer-norm ratio (weight matrices of the repeated blocks)",
         "> 1e3",
         "> 1e4",
-        "seed 002 (3-4 orders of magnitude); seed 000's 10x / 100x fires on "
-        "healthy nets: measured up to 513 on a pre-LayerNorm residual MLP",
+        "seed 002 (3-4 orders of magnitude); seed 000's 10x / 100x fires on healthy nets: measured up to 513 on a "
+        "pre-LayerNorm residual MLP, ~360 in BERT (query/key vs the feed-forward at init); over every layer a "
+        "healthy BERT spans 1.4e4 (embeddings vs LayerNorm biases), so only like is compared with like",
     ),
     (
-        "zero fraction (embeddings excluded)",
+        "zero fraction (when no unit statistic: FSDP1 shards; convolutions and embeddings excluded)",
         "> 50%",
         "> 90%",
         "seed 003 (warning); seed 000's 5% / 20% fire on "
@@ -162,13 +176,28 @@ THRESHOLD_SOURCES: tuple[tuple[str, str, str, str], ...] = (
     ),
     ("grad/param ratio too small", "< 1e-6", "< 1e-9", "seed 000 (warning); critical is ours"),
     (
-        "dead units (activation statistics)",
+        "dead units (gradient rows; activation statistics)",
         "> 20%",
         "> 50%",
-        "seeds 001 (warning) and 000 (critical), counted "
-        "as units zero for the whole batch: seed 001's 'zero activations > 20%' fires on every ReLU net (about half "
-        "of ReLU outputs are zero)",
+        "seeds 001 (warning) and 000 (critical), counted as units: output rows or channels whose whole gradient is "
+        "zero (0% on every healthy model of the suite, ResNet-18's layer4 on 1x1 maps included, where 89% of the "
+        "entries are zero padding taps), or units zero for the whole sampled batch; seed 001's 'zero activations > "
+        "20%' fires on every ReLU net (about half of ReLU outputs are zero)",
     ),
     ("saturated sigmoid/tanh outputs", "> 20%", "> 50%", "ours (seed 001 names the symptom, not a number)"),
+    (
+        "global norm grown over the run's early level",
+        "> 30x",
+        "> 1000x",
+        "ours: healthy ResNet/GPT-2/BERT/ViT/LSTM runs stay within 3x; gradient descent above its stability limit "
+        "2/λmax grows it geometrically (Cohen et al., 2021, 'Gradient Descent on Neural Networks Typically Occurs "
+        "at the Edge of Stability')",
+    ),
+    (
+        "loss risen with the gradient norm (diverging)",
+        "> 2x",
+        "> 4x",
+        "ours: the loss of a healthy run falls; a learning rate far too large raises both (GPT-2 at Adam lr 1: 6x)",
+    ),
     ("non-finite gradients", "-", "any NaN/Inf", "seeds 000, 003"),
 )

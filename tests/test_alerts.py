@@ -96,7 +96,7 @@ def test_emit_step_logs_one_line_per_kind_with_the_layer_count_first_and_last(ca
     assert len(lines) == 3, lines  # layer_imbalance (global), vanishing and ratio_low: one line each
     imbalance, vanishing, ratio = lines
     assert imbalance.startswith(
-        "[grad_health critical] step 40: layer gradient norms span a factor of 1.75e+17 (> 10000)"
+        "[grad_health critical] step 40: the gradient norms of comparable layers span a factor of 1.75e+17 (> 10000)"
     )
     assert vanishing.startswith(
         "[grad_health critical] step 40: vanishing in 15 layers (net.0 … net.28, first/last 5.7e-18 / 3e-12 "

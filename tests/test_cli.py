@@ -142,3 +142,17 @@ print("ok")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().endswith("ok")
+
+
+def test_demo_alerts_fit_on_a_screen_and_the_healthy_net_raises_none(tmp_path):
+    """What a new user sees: the unhealthy net's alerts as a few grouped lines, none for the healthy net."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "lightning_gradhealth.cli", "demo", "--out", str(tmp_path / "demo")],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("[grad_health ")]
+    assert 1 <= len(lines) <= 10, "\n".join(lines)
+    sick, healthy = proc.stdout.split("residual_relu  (")
+    assert "alerts raised during the run: 0" in healthy and "diagnosis: healthy, no issue detected" in healthy
+    assert "alerts raised during the run: 0" not in sick

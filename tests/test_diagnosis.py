@@ -67,9 +67,10 @@ def test_dead_relu_layers(tmp_path):
         net[2].bias.fill_(-20.0)  # every unit of the 2nd layer is off for every input: its ReLU kills the gradient
     monitor, _ = _fit(Regression(net), regression_data(), tmp_path, steps=20)
     finding = _kinds(monitor)["dead"]
-    # the dead layer itself and everything upstream of its ReLUs get exactly-zero gradients
-    assert finding.layers[:2] == ("model.0", "model.2")
-    assert finding.evidence["mean_zero_frac"]["model.0"] == 1.0
+    # the dead layer's units, and every unit upstream of its ReLUs, get exactly-zero gradients; the output layer's
+    # single unit is alive (its inputs are dead, not it)
+    assert finding.layers == ("model.0", "model.2")
+    assert finding.evidence["dead_unit_frac"] == {"model.0": 1.0, "model.2": 1.0}
 
 
 def test_nonfinite_report_is_written_when_failing_fast(tmp_path):
@@ -148,9 +149,13 @@ def test_trend_rules_follow_seed_003():
     from lightning_gradhealth.rules import diagnose
 
     th = Thresholds()
-    rising = diagnose(_history([1.0 * 1.1**i for i in range(48)]), th)
+    rising = diagnose(_history([1.0 * 1.1**i for i in range(36)]), th)  # 25x its first values: not yet exploding
     assert [f.kind for f in rising] == ["rising_trend"]
     assert rising[0].evidence["late"] / rising[0].evidence["early"] >= 10
+    # further on, 88x its first values: grown past the run's own baseline, exploding, the learning rate first
+    exploded = diagnose(_history([1.0 * 1.1**i for i in range(48)]), th)
+    assert [f.kind for f in exploded] == ["exploding"] and exploded[0].evidence["growth"] > 30
+    assert "learning rate" in exploded[0].fixes[0]
     decaying = diagnose(_history([1.0 * 0.7**i for i in range(40)]), th)
     assert "decaying_trend" in [f.kind for f in decaying]
     assert diagnose(_history([1.0 + 0.1 * math.sin(i) for i in range(40)]), th) == []  # stable: healthy

@@ -477,6 +477,7 @@ def run(rank, mode, out):
     result = {"layers": {lay.name: [lay.units, lay.dead_units, lay.dead_unit_frac] for lay in record.layers},
               "shapes": shapes}
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(result))
+    dist.barrier()  # (tearing gloo down while the other rank still talks aborts the process)
     dist.destroy_process_group()
 
 
