@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any
@@ -28,7 +28,7 @@ from lightning_gradhealth.distributed import Reduction, fsdp1_reduction
 from lightning_gradhealth.engine import GradStatsEngine, NonFiniteTracker, PendingStats, StepMeta, stat_grads
 from lightning_gradhealth.errors import TrainingHealthError
 from lightning_gradhealth.guard import Failure, StepGuard, StepOutcome
-from lightning_gradhealth.inventory import ModelInventory, take_inventory
+from lightning_gradhealth.inventory import ModelInventory, take_inventory, watch_feature_maps
 from lightning_gradhealth.layout import ParamLayout
 from lightning_gradhealth.options import HealthOptions
 from lightning_gradhealth.output import Frontend, Output
@@ -156,6 +156,7 @@ class GradientHealth:
         self._run_steps = 0  # optimizer steps of this run
         self.model: nn.Module | None = None
         self.inventory: ModelInventory | None = None
+        self._unwatch_maps: Callable[[], None] = lambda: None
         """What the model is made of (layer kinds, activations, norms, residual connections): rules and fixes read
         it. Taken when a run starts."""
         if model is not None:
@@ -194,6 +195,8 @@ class GradientHealth:
         self._run_steps = 0
         self.watched.start(names_model, optimizers, resumed=self.guard.steps_seen > 0)
         self.inventory = take_inventory(names_model, self.options.group_by)
+        self._unwatch_maps()
+        self._unwatch_maps = watch_feature_maps(self.inventory, names_model)  # (one-shot hooks: the next forward)
         if self.watched.waiting:
             self.output.warn(
                 f"{frontend.name} watches nothing yet: the parameters `include`/`exclude` select are all frozen "

@@ -17,7 +17,7 @@ import inspect
 import operator
 import re
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
@@ -34,6 +34,7 @@ __all__ = [
     "LayerKind",
     "ModelInventory",
     "take_inventory",
+    "watch_feature_maps",
 ]
 
 LayerKind = Literal["linear", "conv", "embedding", "norm", "attention", "recurrent", "other"]
@@ -415,6 +416,8 @@ class ModelInventory:
             None when unknown.
         main_activation: The most frequent hidden activation (softmax aside), or None.
         group_by: How parameters were grouped into layers: ``"module"``, ``"parameter"`` or ``"callable"``.
+        feature_maps: The input feature-map size of each convolution layer, once seen (:func:`watch_feature_maps`:
+            the first forward pass after the inventory was taken).
     """
 
     layers: tuple[LayerInfo, ...]
@@ -426,6 +429,7 @@ class ModelInventory:
     pre_norm: bool | None = None
     main_activation: str | None = None
     group_by: str = "module"
+    feature_maps: dict[str, tuple[int, ...]] = field(default_factory=dict, compare=False)
     _by_name: dict[str, LayerInfo] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -565,7 +569,38 @@ class ModelInventory:
             "tied": list(self.tied),
             "main_path": list(self.main_path()),
             "layers": [layer.to_dict() for layer in self.layers],
+            "feature_maps": {name: list(size) for name, size in self.feature_maps.items()},
         }
+
+
+def watch_feature_maps(inventory: ModelInventory, model: nn.Module) -> Callable[[], None]:
+    """Record each convolution's input feature-map size at the next forward pass (one-shot hooks, then gone).
+
+    A 3x3 convolution on 1x1 maps only ever sees zero padding in 8 of its 9 taps: the report shows the size beside
+    the kernel, so such zero gradient entries read as structure. Hooks remove themselves after their first call;
+    the returned function removes those that never fired.
+    """
+    handles: list[Any] = []
+    for mod_name, module in model.named_modules():
+        if not isinstance(module, nn.modules.conv._ConvNd):
+            continue
+        name = clean_name(mod_name) if inventory.group_by == "module" else clean_name(f"{mod_name}.weight")
+        if inventory.get(name) is None:
+            continue
+
+        def hook(_module: nn.Module, args: tuple[Any, ...], *, name: str = name, index: int = len(handles)) -> None:
+            if args and isinstance(args[0], torch.Tensor):
+                spatial = _module.weight.dim() - 2  # type: ignore[union-attr,operator]
+                inventory.feature_maps[name] = tuple(int(d) for d in args[0].shape[-spatial:])
+            handles[index].remove()
+
+        handles.append(module.register_forward_pre_hook(hook))
+
+    def remove() -> None:
+        for handle in handles:
+            handle.remove()
+
+    return remove
 
 
 # ---------------------------------------------------------------------------------------------- taking it

@@ -139,8 +139,12 @@ def _kinds_by_layer(inventory: Any) -> dict[str, str]:
     layers = getattr(inventory, "layers", None)
     if layers is not None and not isinstance(inventory, Mapping):  # a ModelInventory (duck-typed: no torch here)
         out = {}
+        maps = getattr(inventory, "feature_maps", {})
         for info in layers:
             kind, cls = getattr(info, "kind", ""), getattr(info, "module_class", "")
+            kernel, size = getattr(info, "kernel_size", None), maps.get(info.name)
+            if kernel:  # "conv 3x3 on 1x1 maps": padding taps are structure there
+                kind += " " + "x".join(map(str, kernel)) + (f" on {'x'.join(map(str, size))} maps" if size else "")
             out[info.name] = f"{kind} ({cls})" if kind and cls else str(kind or cls)
         return out
     out = {}

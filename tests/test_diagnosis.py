@@ -129,18 +129,19 @@ def test_history_is_bounded_and_keeps_the_first_and_nonfinite_records():
     assert max(gaps) <= 2 * min(gaps)  # evenly thinned
 
 
-def _history(norms, layer_norms=None):
+def _history(norms, layer_norms=None, losses=None):
     from lightning_gradhealth.record import LayerStats
 
     history = History()
     for step, total in enumerate(norms):
+        loss = None if losses is None else losses[step]
         layers = tuple(
             LayerStats(name=f"l{j}", numel=10, grad_norm=n, param_norm=1.0, ratio=n, zero_frac=0.0)
             for j, n in enumerate(layer_norms or [total / 2, total / 2])
         )
         history.add(StepStats(step=step, global_step=step, epoch=0, batch_idx=step, optimizer_idx=0,
                               total_norm=total, param_norm=1.0, zero_frac=0.0, nan_count=0, inf_count=0,
-                              layer_norm_ratio=1.0, no_grad_count=0, layers=layers))  # fmt: skip
+                              layer_norm_ratio=1.0, no_grad_count=0, layers=layers, loss=loss))  # fmt: skip
     return history
 
 
@@ -259,3 +260,21 @@ def test_metric_keys_round_trip():
     assert parse_key("act_dead_frac/relu") == MetricKey(ACT_DEAD_FRAC, "relu", None)
     assert parse_key(ALERTS) == MetricKey(ALERTS, None, None)
     assert parse_key("loss") is None and parse_key("grad_norm") is None and parse_key("grad_health/x") is None
+
+
+def test_a_converged_run_is_not_stalling_and_a_rising_loss_is_divergence():
+    from lightning_gradhealth import Thresholds
+    from lightning_gradhealth.rules import diagnose
+
+    th = Thresholds()
+    norms = [1.0 * 0.7**i for i in range(40)]
+    # the norm decays 1e6x while the loss falls to ~6e-5: converged (a ReLU MLP fitting its data), not stalling
+    converged = diagnose(_history(norms, losses=[1.0 * 0.78**i for i in range(40)]), th)
+    assert "decaying_trend" not in [f.kind for f in converged]
+    stalled = diagnose(_history(norms, losses=[1.0] * 40), th)  # the same norms, the loss flat: stalling
+    assert "decaying_trend" in [f.kind for f in stalled]
+    # the loss 6x its first values while the norm grows 8x (Adam at lr 1): diverging, the learning rate first
+    diverging = diagnose(_history([2.0 + 0.4 * i for i in range(40)], losses=[4.0 + 0.6 * i for i in range(40)]), th)
+    (finding,) = [f for f in diverging if f.kind == "diverging"]
+    assert finding.severity.value == "critical" and "learning rate" in finding.fixes[0]
+    assert diverging[0].kind == "diverging"

@@ -625,3 +625,24 @@ def test_a_lightning_module_is_not_taken_for_a_relu_model():
 
     inventory = take_inventory(SigmoidNet())
     assert inventory.activations == {"sigmoid"}
+
+
+def test_feature_maps_are_seen_at_the_first_forward_and_shown_in_the_report(tmp_path):
+    """ResNet-18 at 32x32: layer4's 3x3 convolutions see 1x1 maps (8 of 9 taps are padding: structure)."""
+    from lightning_gradhealth import GradientHealth
+
+    model = ResNet()
+    health = GradientHealth(model, log_every_n_steps=1, report_dir=tmp_path)
+    assert health.inventory.feature_maps == {}  # not seen before a forward pass
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for _ in range(3):
+        model(torch.randn(2, 3, 32, 32)).sum().backward()
+        health.step(opt)
+        opt.step()
+        opt.zero_grad()
+    maps = health.inventory.feature_maps
+    assert maps["conv1"] == (32, 32) and maps["layer1.0.conv1"] == (8, 8)  # stride 2, then max-pooling
+    assert maps["layer4.0.conv1"] == (2, 2) and maps["layer4.1.conv2"] == (1, 1)
+    assert all(not m._forward_pre_hooks for m in model.modules())  # one-shot hooks: gone
+    health.close()
+    assert "conv 3x3 on 1x1 maps (Conv2d)" in (tmp_path / "gradient_health_report.md").read_text()
