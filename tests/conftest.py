@@ -242,3 +242,17 @@ class Records(Callback):
 
     def on_train_end(self, *args: Any) -> None:
         self._grab()
+
+
+def run_example(name: str, cwd: Any) -> Any:
+    """Run ``examples/<name>`` as a user would (a subprocess in ``cwd``); the completed process."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / name
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, str(script)], cwd=cwd, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc

@@ -7,15 +7,12 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from conftest import Records, TinyMLP, assert_matches, make_trainer, reference
+from conftest import Records, TinyMLP, assert_matches, make_trainer, reference, run_example
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -429,15 +426,7 @@ def test_bad_input_is_refused_naming_the_argument(kwargs, error, name):
 
 # --------------------------------------------------------------------------- the example
 def test_plain_loop_example_runs(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "plain_loop.py")],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_example("plain_loop.py", tmp_path)
     assert "grad_health/total_norm at step 199" in proc.stdout
     report = tmp_path / "runs" / "plain" / "gradient_health_report.md"
     assert f"report: {report.relative_to(tmp_path)}" in proc.stdout

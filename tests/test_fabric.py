@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import reference
+from conftest import reference, run_example
 from fabric_script import BAD_STEP, EVERY, STEPS, batch, make_model
 from torch import nn
 
@@ -90,15 +90,7 @@ def test_fabric_ddp_nan_on_one_rank_stops_both_ranks_naming_the_layer(tmp_path, 
 
 
 def test_fabric_example_runs(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "fabric_loop.py")],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_example("fabric_loop.py", tmp_path)
     assert "grad_health/total_norm at step" in proc.stdout
     line = next(line for line in proc.stdout.splitlines() if line.startswith("report: "))
     report = tmp_path / line.removeprefix("report: ")
