@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_gradhealth import GradStatsEngine, build_layout, engine
+from lightning_gradhealth import GradStatsEngine, build_layout
+from lightning_gradhealth import pack as pack_module
 from lightning_gradhealth.engine import Pack, PackValues, StepMeta
 from lightning_gradhealth.kernels import (
     SCRATCH_MIN,
@@ -153,7 +154,7 @@ def test_pack_sums_sums_and_maxes_maxes_in_one_collective(monkeypatch):
         sent.append((sums.clone(), maxes.clone()))
         return sums, maxes
 
-    monkeypatch.setattr(engine, "reduce_sum_max", capture)
+    monkeypatch.setattr(pack_module, "reduce_sum_max", capture)
     _pack(4.0).reduce(group=object())  # the other rank: what it sends
     (other_sums, other_maxes), calls = sent[0], []
 
@@ -161,7 +162,7 @@ def test_pack_sums_sums_and_maxes_maxes_in_one_collective(monkeypatch):
         calls.append(group)
         return sums + other_sums, torch.maximum(maxes, other_maxes)
 
-    monkeypatch.setattr(engine, "reduce_sum_max", two_ranks)
+    monkeypatch.setattr(pack_module, "reduce_sum_max", two_ranks)
     pack = _pack(1.0)
     pack.add("kept", torch.tensor(7.0, dtype=torch.float64))  # already combined: left alone
     pack.reduce(group=object())
