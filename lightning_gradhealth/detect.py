@@ -347,6 +347,10 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_pre_hooks or module._forward_hooks or module._backward_hooks)
+
+
 def traced_residual(model: nn.Module) -> str:
     """Trace ``model`` symbolically and return where an addition joins a value with one computed from it.
 
@@ -355,7 +359,10 @@ def traced_residual(model: nn.Module) -> str:
     the model cannot be traced (data-dependent control flow, unsupported calls: the common case for big models).
     """
     root = _unwrap(model)
-    if sum(1 for _ in root.modules()) > _MAX_TRACE_MODULES:
+    modules = list(root.modules())
+    if len(modules) > _MAX_TRACE_MODULES or any(_hooked(m) for m in modules):
+        return ""  # a module with hooks (FSDP2's, the user's) must not run them on proxies: they may keep state
+    if any(type(p).__name__ == "DTensor" for p in root.parameters()):
         return ""
     try:
         with warnings.catch_warnings():

@@ -7,6 +7,9 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -491,3 +494,34 @@ def test_the_callback_reads_the_mean_loss_of_the_accumulated_micro_batches(tmp_p
     trainer.fit(Module(), data(n=8 * 6))
     mean_last = (seen[-2] + seen[-1]) / 2
     assert monitor.last_record.loss == pytest.approx(mean_last, rel=1e-5)
+
+
+# --------------------------------------------------------------------------- FSDP2 in a plain loop
+def test_plain_loop_fsdp2_matches_an_unsharded_reference_and_a_nan_stops_every_rank(tmp_path):
+    """fully_shard on 2 gloo processes, no Lightning: the records are the unsharded model's (one collective), and a
+    NaN in one rank's shard stops both ranks at that step, naming the layer."""
+    script = Path(__file__).with_name("plain_fsdp2_script.py")
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + str(script.parent)})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["error"] == r1["error"] == {"step": 2, "layers": ["2"]}  # both ranks stop at step 2
+    assert r0["records"] == r1["records"] and len(r0["records"]) == 2  # global numbers on every rank
+    from plain_fsdp2_script import make_model
+
+    model = make_model()  # the unsharded twin: same initialisation, the union of the ranks' batches
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for step, rec in enumerate(r0["records"]):
+        batches = [torch.load(tmp_path / f"batch_rank{r}_step{step}.pt") for r in (0, 1)]
+        x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+        nn.functional.mse_loss(model(x), y).backward()
+        ref = reference({n: p.grad.double() for n, p in model.named_parameters()},
+                        {n: p.detach().double() for n, p in model.named_parameters()})  # fmt: skip
+        assert rec["total_norm"] == pytest.approx(ref["total_norm"], rel=1e-5)
+        assert rec["param_norm"] == pytest.approx(ref["param_norm"], rel=1e-5)
+        for name, (grad_norm, param_norm, zero_frac) in rec["layers"].items():
+            assert grad_norm == pytest.approx(ref["layers"][name]["grad_norm"], rel=1e-5), name
+            assert param_norm == pytest.approx(ref["layers"][name]["param_norm"], rel=1e-5), name
+            assert zero_frac == pytest.approx(ref["layers"][name]["zero_frac"], abs=1e-12), name
+        opt.step()
+        opt.zero_grad()
