@@ -194,7 +194,7 @@ def check_record(
         _check(out, th, "zero_frac", record.zero_frac, high=True, kind=Kind.DEAD, message=msg, **where)
     path = set(inventory.main_path(names)) if inventory is not None else set(names)
     for lay in record.layers:
-        if lay.name in path:
+        if lay.name in path and lay.grad_norm > 0:  # (exactly zero: dead units or no gradient, not vanishing)
             msg = "layer {layer}: gradient norm {value:.3g} < {line:g}: vanishing gradient in this layer."
             _check(out, th, "layer_norm_low", lay.grad_norm, high=False, kind=Kind.VANISHING, message=msg,
                    layer=lay.name, **where)  # fmt: skip

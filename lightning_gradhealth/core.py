@@ -10,6 +10,7 @@ for plain PyTorch and Lightning Fabric loops.
 
 from __future__ import annotations
 
+import difflib
 import itertools
 import weakref
 from collections.abc import Callable, Sequence
@@ -133,6 +134,17 @@ class GradientHealth:
     ) -> None:
         if options is not None and kwargs:
             raise TypeError(f"Give `options` or keyword options, not both; got `options` and {sorted(kwargs)}.")
+        if options is not None and not isinstance(options, HealthOptions):
+            raise TypeError(f"`options` must be a lightning_gradhealth.HealthOptions or None, got {options!r}.")
+        if model is not None and not isinstance(model, nn.Module):
+            raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+        if scaler is not None and not (callable(getattr(scaler, "is_enabled", None)) and hasattr(scaler, "scale")):
+            raise TypeError(f"`scaler` must be a torch.amp.GradScaler (or None), got {type(scaler).__name__}.")
+        unknown = sorted(set(kwargs) - set(HealthOptions.names()))
+        if unknown:
+            close = {name: difflib.get_close_matches(name, HealthOptions.names(), n=1) for name in unknown}
+            hints = "; ".join(f"`{n}`" + (f" (did you mean `{c[0]}`?)" if c else "") for n, c in close.items())
+            raise TypeError(f"GradientHealth got unknown option(s): {hints}. The options are those of HealthOptions.")
         self.options = options if options is not None else HealthOptions(**kwargs)
         self.guard = StepGuard(self.options)
         self.watched = WatchedSet(self.options)
@@ -153,7 +165,8 @@ class GradientHealth:
         self._scaler = scaler
         self._steps = itertools.count()
         self._fsdp1_done = False
-        self._run_steps = 0  # optimizer steps of this run
+        self._run_steps = self._due_steps = 0  # optimizer steps of this run, and the computed ones
+        self._closed = False
         self.model: nn.Module | None = None
         self.inventory: ModelInventory | None = None
         self._unwatch_maps: Callable[[], None] = lambda: None
@@ -192,7 +205,8 @@ class GradientHealth:
         self._awaiting_clip.clear()
         self._tracker.reset()
         self._fsdp1_done = False
-        self._run_steps = 0
+        self._run_steps = self._due_steps = 0
+        self._closed = False
         self.watched.start(names_model, optimizers, resumed=self.guard.steps_seen > 0)
         self.inventory = take_inventory(names_model, self.options.group_by)
         self._unwatch_maps()
@@ -241,12 +255,20 @@ class GradientHealth:
         Raises:
             TrainingHealthError: The run must stop.
         """
+        if self.model is None:
+            raise RuntimeError("GradientHealth(model=None) has no model to watch: pass the model to GradientHealth.")
+        if not hasattr(optimizer, "param_groups"):
+            raise TypeError(f"`optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__}.")
+        if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
+            raise TypeError(f"`step` must be None or an int >= 0, got {step!r}.")
         count = next(self._steps)
         step = count if step is None else step
         known = [opt for ref in self._optimizers if (opt := ref()) is not None]
         if all(opt is not optimizer for opt in known):
             self._optimizers.append(weakref.ref(optimizer))
             known.append(optimizer)
+            if self.watched.names is not None and count < len(known) + 1:
+                self.watched.rebuild(known)  # a loop's optimizers show up one by one at the start: not a change
         scaler = self._scaler if self._scaler is not None and self._scaler.is_enabled() else None
         ctx = StepContext(
             step=step,
@@ -270,11 +292,19 @@ class GradientHealth:
 
     def close(self) -> None:
         """Write anything still buffered, then the report (on rank zero). Idempotent per run."""
+        if self._closed:
+            return
+        self._closed = True
         self.guard.resolve_clip_count()
         self._flush_pending()
         self.output.emit()
         if self.output.history.records_seen:
             self.output.write_report(self.watched.sparse_layers, self.inventory)
+        elif self._due_steps:
+            self.output.warn(
+                f"{self.output.frontend.name}: no record and no report: {self._due_steps} computed step(s) found no "
+                "gradient on the watched parameters. Call step() after loss.backward(), before optimizer.zero_grad()."
+            )
         elif self._run_steps:
             every = self.output.frontend.log_every_n_steps or DEFAULT_LOG_EVERY_N_STEPS
             self.output.warn(
@@ -329,6 +359,7 @@ class GradientHealth:
         A step that is not due, with no guard, clipping or spike detection, stops here: it runs no torch operation.
         """
         self._run_steps += 1
+        self._due_steps += bool(due)
         self._flush_pending()
         if self.activations is not None and self.activations.attached:
             self._read_activations(step)
@@ -498,6 +529,7 @@ class GradientHealth:
         self.output.emit()
         self.output.write_report(self.watched.sparse_layers, self.inventory)
         self.output.flush()
+        self._closed = True  # (the report is written: a close() in a finally adds nothing)
         raise TrainingHealthError(
             message, record=record, step=record.step, layers=[lay.name for lay in record.nonfinite_layers]
         )

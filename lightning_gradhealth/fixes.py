@@ -295,7 +295,9 @@ def _dead(t: _Traits) -> list[str]:
     units = "/".join(sorted(t.smooth | ({"leaky"} if t.leaky else set())))
     elsewhere = "the zeros come from elsewhere: masked or padded positions, outputs the loss does not use, or unused "
     out = [
-        f"no unit of this model can die (its {units} units never have an exactly-zero gradient): {elsewhere}parameters"
+        f"lower the learning rate (3-10x) or add warm-up: {units} units get an exactly-zero gradient only when their "
+        "inputs are pushed far negative (the derivative underflows), the trace of updates that were too large; "
+        f"else {elsewhere}parameters"
         if units
         else f"an LSTM/GRU has no ReLU units to die: {elsewhere}parameters (pack padded sequences)",
         reach,

@@ -29,7 +29,7 @@ from lightning_gradhealth.kinds import Kind
 from lightning_gradhealth.layout import ParamLayout
 from lightning_gradhealth.options import HealthOptions
 from lightning_gradhealth.record import StepStats
-from lightning_gradhealth.safety import NonFinitePolicy
+from lightning_gradhealth.safety import NonFinitePolicy, nonfinite_fixes
 from lightning_gradhealth.spikes import SpikeDetector
 from lightning_gradhealth.thresholds import Severity, Thresholds
 
@@ -216,7 +216,7 @@ class StepGuard:
             if record.nan_count or record.inf_count
             else "finite gradients so large that their norm overflows float32 (exploding)"
         )
-        message = f"{what} in {names}; {action}. Fix: {FIXES[Kind.NONFINITE][0]}."
+        message = f"{what} in {names}; {action}. Fix: {nonfinite_fixes(record)[0]}."
         out.alerts.append(
             _alert(Kind.NONFINITE, Severity.CRITICAL, record, message, record.nan_count + record.inf_count)
         )

@@ -9,7 +9,7 @@ from lightning_gradhealth.fixes import FIXES
 from lightning_gradhealth.kinds import Kind
 from lightning_gradhealth.record import StepStats
 
-__all__ = ["NonFinitePolicy", "format_nonfinite_message"]
+__all__ = ["NonFinitePolicy", "format_nonfinite_message", "nonfinite_fixes"]
 
 Decision = Literal["raise", "skip", "warn", "amp_overflow", "amp_collapse", "skip_limit"]
 
@@ -80,6 +80,19 @@ class NonFinitePolicy:
             setattr(self, key, int(state.get(key, 0)))
 
 
+def nonfinite_fixes(record: StepStats) -> tuple[str, ...]:
+    """The fixes of a non-finite step, most likely first.
+
+    A non-finite loss (read with the statistics) means the forward pass or the loss produced the NaN/Inf, not an
+    update that was too large: numerical stability comes first then.
+    """
+    fixes = FIXES[Kind.NONFINITE]
+    if record.loss is not None and not math.isfinite(record.loss):
+        stable = [fix for fix in fixes if "numerically stable" in fix]
+        return (*stable, *(fix for fix in fixes if fix not in stable))
+    return fixes
+
+
 def format_nonfinite_message(record: StepStats, reason: str, max_layers: int = 5, micro_batches: bool = True) -> str:
     """The message of a fail-fast error: where, which layers, what to do.
 
@@ -119,5 +132,5 @@ def format_nonfinite_message(record: StepStats, reason: str, max_layers: int = 5
             "them (a non-finite weight makes every later gradient non-finite)."
         )
     lines.append("Fixes:")
-    lines += [f"  {i}. {fix}" for i, fix in enumerate(FIXES[Kind.NONFINITE], 1)]
+    lines += [f"  {i}. {fix}" for i, fix in enumerate(nonfinite_fixes(record), 1)]
     return "\n".join(lines)

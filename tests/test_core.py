@@ -525,3 +525,65 @@ def test_plain_loop_fsdp2_matches_an_unsharded_reference_and_a_nan_stops_every_r
             assert zero_frac == pytest.approx(ref["layers"][name]["zero_frac"], abs=1e-12), name
         opt.step()
         opt.zero_grad()
+
+
+# --------------------------------------------------------------------------- what a new user runs into
+def test_two_optimizers_showing_up_one_by_one_are_not_a_change(capfd):
+    model = Net()
+    first = torch.optim.SGD([*model.net[0].parameters(), *model.net[2].parameters()], lr=0.01)
+    second = torch.optim.SGD(model.net[4].parameters(), lr=0.01)
+    health = GradientHealth(model, log_every_n_steps=1, report=False)
+    for i, (x, y) in enumerate(data(n=24)):
+        nn.functional.mse_loss(model(x), y).backward()
+        for opt in (first, second):
+            health.step(opt, step=i)
+            opt.step()
+            opt.zero_grad()
+    health.close()
+    assert "watched parameters changed" not in capfd.readouterr().err
+    assert health.last_record.optimizer_idx == 1 and [lay.name for lay in health.last_record.layers] == ["net.4"]
+
+
+def test_a_nan_born_in_the_forward_pass_puts_numerical_stability_first(tmp_path):
+    model = Net()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    health = GradientHealth(model, log_every_n_steps=50, report_dir=tmp_path)
+    with pytest.raises(TrainingHealthError) as err:
+        for i, (x, y) in enumerate(data()):
+            out = model(x)
+            if i == 3:
+                out = torch.log(out - 100.0)  # NaN from the forward pass, not from a too-large update
+            loss = nn.functional.mse_loss(out, y)
+            loss.backward()
+            health.step(opt, loss=loss)
+            opt.step()
+            opt.zero_grad()
+    fixes = str(err.value).split("Fixes:")[1]
+    assert fixes.strip().startswith("1. make the loss numerically stable")
+    health.close()  # after the failure the report is written already: nothing more, no error
+
+
+def test_close_is_idempotent_and_step_before_backward_says_why_nothing_was_recorded(tmp_path):
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    health = GradientHealth(model, log_every_n_steps=1, report_dir=tmp_path)
+    health.step(opt)  # no backward yet: no gradient
+    with pytest.warns(UserWarning, match=r"found no gradient.*after loss.backward\(\)"):
+        health.close()
+    health.close()  # a second close: nothing again
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: GradientHealth(Net(), options={"clip": "norm"}), "`options` must be"),
+        (lambda: GradientHealth("model"), "`model` must be a torch.nn.Module"),
+        (lambda: GradientHealth(Net(), scaler=object()), "`scaler` must be"),
+        (lambda: GradientHealth(Net(), log_every_n_step=10), r"did you mean `log_every_n_steps`"),
+        (lambda: GradientHealth(Net()).step(None), "`optimizer` must be"),
+        (lambda: GradientHealth(Net()).step(torch.optim.SGD(Net().parameters(), lr=0.1), step="a"), "`step` must"),
+    ],
+)
+def test_bad_calls_say_what_is_wrong(call, message):
+    with pytest.raises((TypeError, RuntimeError), match=message):
+        call()
