@@ -309,7 +309,7 @@ class GradientHealthMonitor(Callback):
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Give TensorBoard a custom-scalars layout grouping the monitor's charts."""
-        self.health.output.start()
+        self.health.start()
 
     # ------------------------------------------------------------------ when
     def _every(self, trainer: Trainer) -> int:

@@ -9,6 +9,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 __all__ = ["main"]
 
@@ -50,7 +51,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from lightning_gradhealth.errors import GradientHealthError
     from lightning_gradhealth.eventfiles import find_runs, history_from_events
-    from lightning_gradhealth.report import REPORT_JSON, REPORT_MD, console_summary, write_report
+    from lightning_gradhealth.report import MODEL_JSON, REPORT_JSON, REPORT_MD, console_summary, write_report
     from lightning_gradhealth.rules import diagnose
     from lightning_gradhealth.thresholds import Thresholds
 
@@ -73,8 +74,9 @@ def _report(args: argparse.Namespace) -> int:
     root = Path(args.logdir)
     for run, history in histories:
         out = Path(args.out) / run.relative_to(root) if args.out else run
-        findings = diagnose(history, Thresholds())
-        md = write_report(out, history, findings, Thresholds())
+        inventory = _inventory(run)
+        findings = diagnose(history, Thresholds(), inventory=inventory)
+        md = write_report(out, history, findings, Thresholds(), inventory=inventory)
         plots = json.loads((out / REPORT_JSON).read_text()).get("plots", [])  # (written with the report)
         unwanted = {"md": REPORT_JSON, "json": REPORT_MD}.get(args.format)
         if unwanted:
@@ -82,11 +84,30 @@ def _report(args: argparse.Namespace) -> int:
         path = md if args.format != "json" else out / REPORT_JSON
         print(f"{run}:")
         print(console_summary(findings, path))
+        if inventory is None:
+            print(f"  (no {MODEL_JSON} beside the event files: the model is unknown here, so every layer is compared "
+                  "and the fixes are generic; the report written during training knows the model)")  # fmt: skip
         if plots:
             print("  Plots: " + ", ".join(str(out / p) for p in plots))
         else:
             print("  (no PNG plots: pip install lightning-gradhealth[plots] for matplotlib)")
     return 0
+
+
+def _inventory(run: Path) -> Any:
+    """The model's inventory saved with the run (:data:`~lightning_gradhealth.output.MODEL_JSON`), or None."""
+    from lightning_gradhealth.report import MODEL_JSON
+
+    path = run / MODEL_JSON
+    if not path.is_file():
+        return None
+    from lightning_gradhealth.inventory import ModelInventory  # (imports torch: only when there is one to read)
+
+    try:
+        return ModelInventory.from_dict(json.loads(path.read_text())["inventory"])
+    except (KeyError, TypeError, ValueError) as err:
+        print(f"gradhealth report: {path} is unreadable ({err}); the model is unknown here", file=sys.stderr)
+        return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -175,7 +175,7 @@ class GradientHealth:
         if model is not None:
             every = self.options.log_every_n_steps
             self.attach(Frontend.for_model(model, loggers, amp=scaler is not None, every=every))
-            self.output.start()
+            self.start()
             self.before_batch(0)
 
     # ------------------------------------------------------------------ public
@@ -218,6 +218,10 @@ class GradientHealth:
             )
         if self.options.activation_stats_every_n_steps is not None:
             self.activations = ActivationStats(names_model)
+
+    def start(self) -> None:
+        """When training starts: the model's inventory next to the logs, TensorBoard's layout (front-ends call it)."""
+        self.output.start(self.inventory)
 
     def after_backward(self) -> None:
         """Under accumulation, call after each backward pass.

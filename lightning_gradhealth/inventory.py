@@ -13,7 +13,7 @@ segments wrappers insert (:func:`~lightning_gradhealth.layout.clean_name`), grou
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 import torch
@@ -126,6 +126,9 @@ class LayerInfo:
             "shortcut": self.shortcut,
             "trainable": self.trainable,
         }
+
+
+_LAYER_FIELDS = frozenset(f.name for f in fields(LayerInfo))
 
 
 @dataclass(frozen=True)
@@ -284,6 +287,37 @@ class ModelInventory:
     def recurrent_classes(self) -> frozenset[str]:
         """The classes of the recurrent layers (``"LSTM"``, ``"GRU"``, ``"RNN"``)."""
         return frozenset(layer.module_class for layer in self.layers if layer.kind == "recurrent")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelInventory:
+        """The inventory :meth:`to_dict` wrote (``gradhealth report`` reads it back with the run).
+
+        Raises:
+            KeyError: A field is missing.
+        """
+        layers = tuple(
+            LayerInfo(
+                **{
+                    **{k: v for k, v in layer.items() if k in _LAYER_FIELDS},
+                    "params": tuple(layer["params"]),
+                    "kernel_size": None if layer.get("kernel_size") is None else tuple(layer["kernel_size"]),
+                    "tied_with": tuple(layer.get("tied_with", ())),
+                }
+            )
+            for layer in data["layers"]
+        )
+        return cls(
+            layers=layers,
+            activations=frozenset(data.get("activations", ())),
+            norms=frozenset(data.get("norms", ())),
+            residual=bool(data.get("residual", False)),
+            residual_evidence=str(data.get("residual_evidence", "")),
+            has_attention=bool(data.get("has_attention", False)),
+            pre_norm=data.get("pre_norm"),
+            main_activation=data.get("main_activation"),
+            group_by=str(data.get("group_by", "module")),
+            feature_maps={k: tuple(v) for k, v in data.get("feature_maps", {}).items()},
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict, for the report."""

@@ -7,6 +7,7 @@ and writes the report. Nothing here decides anything.
 
 from __future__ import annotations
 
+import json
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -24,7 +25,7 @@ from lightning_gradhealth.inventory import ModelInventory
 from lightning_gradhealth.layout import ParamLayout
 from lightning_gradhealth.options import HealthOptions
 from lightning_gradhealth.record import StepStats
-from lightning_gradhealth.report import console_summary, write_report
+from lightning_gradhealth.report import MODEL_JSON, console_summary, write_report
 from lightning_gradhealth.rules import Finding, diagnose
 from lightning_gradhealth.sinks import DirectoryLogger, write_metrics
 from lightning_gradhealth.thresholds import Thresholds
@@ -185,10 +186,17 @@ class Output:
             self.warn(message)
 
     # ------------------------------------------------------------------ metrics
-    def start(self) -> None:
-        """At the start of training: TensorBoard's custom-scalars layout; say where visuals cannot go."""
+    def start(self, inventory: ModelInventory | None = None) -> None:
+        """At the start of training: the model's inventory next to the logs, TensorBoard's layout.
+
+        ``gradhealth report`` reads the inventory back; visuals that cannot go to a logger are said once.
+        """
         if not self.frontend.rank_zero:
             return
+        if inventory is not None and self.options.report and self.frontend.loggers:
+            directory = self.report_dir()
+            directory.mkdir(parents=True, exist_ok=True)
+            (directory / MODEL_JSON).write_text(json.dumps({"inventory": inventory.to_dict()}) + "\n")
         for writer in self._writers():
             writer.add_custom_scalars(custom_scalars_layout(list(metrics.SUMMARY_KEYS)))
         visuals = self.options.histogram_every_n_steps is not None or self._figures is not None

@@ -16,6 +16,7 @@ from lightning_gradhealth.thresholds import Severity, Thresholds
 
 __all__ = [
     "LAYER_ROWS",
+    "MODEL_JSON",
     "REPORT_JSON",
     "REPORT_MD",
     "console_summary",
@@ -26,6 +27,8 @@ __all__ = [
 ]
 
 REPORT_MD = "gradient_health_report.md"
+#: The model's inventory, written next to the logs when training starts (``gradhealth report`` reads it back).
+MODEL_JSON = "gradient_health_model.json"
 REPORT_JSON = "gradient_health_report.json"
 #: The per-layer table of the Markdown report shows this many layers at each end of a deeper model.
 LAYER_ROWS = 20

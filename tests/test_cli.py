@@ -156,3 +156,46 @@ def test_demo_alerts_fit_on_a_screen_and_the_healthy_net_raises_none(tmp_path):
     sick, healthy = proc.stdout.split("residual_relu  (")
     assert "alerts raised during the run: 0" in healthy and "diagnosis: healthy, no issue detected" in healthy
     assert "alerts raised during the run: 0" not in sick
+
+
+def test_report_reads_the_model_saved_with_the_run_and_says_so_without_it(tmp_path, capsys):
+    """Offline, the findings and fixes are the live run's: the model's inventory is saved beside the event files."""
+    import lightning as L
+    import torch
+    from conftest import make_trainer
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_gradhealth import GradientHealthMonitor
+
+    class DeepSigmoid(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            layers = [m for _ in range(10) for m in (nn.Linear(16, 16), nn.Sigmoid())]
+            self.net = nn.Sequential(*layers, nn.Linear(16, 1))
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return nn.functional.mse_loss(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    torch.manual_seed(0)
+    data = DataLoader(TensorDataset(torch.randn(256, 16), torch.randn(256, 1)), batch_size=16)
+    run = tmp_path / "run"
+    trainer = make_trainer(run, callbacks=[GradientHealthMonitor(log_every_n_steps=4)], max_steps=40)
+    trainer.fit(DeepSigmoid(), data)
+    live = json.loads((run / "gradient_health_report.json").read_text())["findings"]
+    assert (run / "gradient_health_model.json").is_file() and live
+
+    assert main(["report", str(run), "--out", str(tmp_path / "offline")]) == 0
+    offline = json.loads((tmp_path / "offline" / "gradient_health_report.json").read_text())["findings"]
+    assert [(f["kind"], f["layers"], f["fixes"], f["code"]) for f in offline] == [
+        (f["kind"], f["layers"], f["fixes"], f["code"]) for f in live
+    ]
+    assert "the model is unknown here" not in capsys.readouterr().out
+
+    (run / "gradient_health_model.json").unlink()
+    assert main(["report", str(run), "--out", str(tmp_path / "generic")]) == 0
+    assert "the model is unknown here, so every layer is compared and the fixes are generic" in capsys.readouterr().out
