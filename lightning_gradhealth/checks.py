@@ -59,7 +59,14 @@ def _check(
 
 
 def check_global_norm(
-    total_norm: float, step: int, th: Thresholds, *, steps_seen: int, epoch: int = 0, batch_idx: int = 0
+    total_norm: float,
+    step: int,
+    th: Thresholds,
+    *,
+    steps_seen: int,
+    epoch: int = 0,
+    batch_idx: int = 0,
+    inventory: ModelInventory | None = None,
 ) -> list[Alert]:
     """Checks of the global gradient norm (available on every optimizer step).
 
@@ -70,6 +77,7 @@ def check_global_norm(
         steps_seen: Optimizer steps seen so far in the run (for the warm-up of the "too small" check).
         epoch: For the alert.
         batch_idx: For the alert.
+        inventory: What the model is made of: the fixes fit it.
 
     Returns:
         Zero, one or two alerts.
@@ -77,7 +85,7 @@ def check_global_norm(
     out: list[Alert] = []
     if not math.isfinite(total_norm):
         return out
-    where = {"step": step, "epoch": epoch, "batch_idx": batch_idx}
+    where = {"step": step, "epoch": epoch, "batch_idx": batch_idx, "inventory": inventory}
     msg = "global gradient norm {value:.3g} > {line:g}: exploding gradients."
     _check(out, th, "total_norm_high", total_norm, high=True, kind=Kind.EXPLODING, message=msg, **where)
     if steps_seen >= th.warmup_steps:
@@ -129,6 +137,17 @@ def check_growth(
     return out
 
 
+def _decays_with_depth(record: StepStats, names: list[str], inventory: ModelInventory | None, th: Thresholds) -> bool:
+    """Whether the main path's first quarter gets less than 1/``layer_norm_ratio_warning`` of its last quarter."""
+    path = set(inventory.main_path(names)) if inventory is not None else set(names)
+    norms = [lay.grad_norm for lay in record.layers if lay.name in path and lay.grad_norm > 0]
+    if len(norms) < 2:
+        return False
+    k = max(1, len(norms) // 4)
+    early, late = sorted(norms[:k])[k // 2], sorted(norms[-k:])[k // 2]
+    return early < late / th.layer_norm_ratio_warning
+
+
 def check_record(
     record: StepStats,
     th: Thresholds,
@@ -166,7 +185,8 @@ def check_record(
         ratio = record.layer_norm_ratio
     msg = "the gradient norms of comparable layers span a factor of {value:.3g} (> {line:g}): gradients do not flow "
     msg += "evenly."
-    _check(out, th, "layer_norm_ratio", ratio, high=True, kind=Kind.LAYER_IMBALANCE, message=msg, **where)
+    if not _decays_with_depth(record, names, inventory, th):  # (a depth pattern is vanishing, alerted per layer)
+        _check(out, th, "layer_norm_ratio", ratio, high=True, kind=Kind.LAYER_IMBALANCE, message=msg, **where)
     embeddings = set(sparse_layers) | (set(inventory.of_kind("embedding")) if inventory is not None else set())
     weights = set(inventory.comparable(names)) if inventory is not None else set(names)
     candidates = [lay for lay in record.layers if lay.name in weights and lay.name not in embeddings]

@@ -160,7 +160,13 @@ class StepGuard:
                 self.policy.finite()
             if thresholds is not None:
                 out.alerts += check_global_norm(
-                    total, meta.step, thresholds, steps_seen=self.steps_seen, epoch=meta.epoch, batch_idx=meta.batch_idx
+                    total,
+                    meta.step,
+                    thresholds,
+                    steps_seen=self.steps_seen,
+                    epoch=meta.epoch,
+                    batch_idx=meta.batch_idx,
+                    inventory=inventory,
                 )
                 out.alerts += self._growth(total, None if record is None else record.loss, meta, thresholds)
         if out.failure is not None:
