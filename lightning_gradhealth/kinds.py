@@ -50,21 +50,7 @@ class Kind:
 
 
 #: Every kind, in the order of :class:`Kind`.
-KINDS: tuple[str, ...] = (
-    Kind.NONFINITE,
-    Kind.SPIKE,
-    Kind.EXPLODING,
-    Kind.VANISHING,
-    Kind.LAYER_IMBALANCE,
-    Kind.DEAD,
-    Kind.SATURATION,
-    Kind.RATIO_HIGH,
-    Kind.RATIO_LOW,
-    Kind.RISING_TREND,
-    Kind.DECAYING_TREND,
-    Kind.NO_GRADIENT,
-    Kind.DIVERGING,
-)
+KINDS: tuple[str, ...] = tuple(value for name, value in vars(Kind).items() if name.isupper())
 
 #: The kinds an :class:`~lightning_gradhealth.alerts.Alert` can have (the others are findings only).
 ALERT_KINDS: frozenset[str] = frozenset(

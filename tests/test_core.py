@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import Records, TinyMLP, assert_matches, make_trainer, reference, run_example
+from fabric_script import Net  # the 8 → 16 → 16 → 1 ReLU MLP of conftest's TinyMLP, in plain torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -23,17 +24,6 @@ from lightning_gradhealth import GradientHealth, GradientHealthMonitor, Training
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = ["net.0", "net.2", "net.4"]
-
-
-class Net(nn.Module):
-    """The same 8 → 16 → 16 → 1 ReLU MLP as conftest's TinyMLP (same parameter names), in plain torch."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
 
 
 class ListLogger:

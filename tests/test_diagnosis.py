@@ -202,9 +202,9 @@ def test_alerts_findings_and_fixes_share_one_vocabulary():
     assert (Kind.NONFINITE, Kind.SPIKE) == ("nonfinite", "spike")  # what the guard emits
     assert ALERT_KINDS <= FIXES.keys() <= set(KINDS) and CODE.keys() == set(KINDS)
     th = Thresholds(warmup_steps=0)
-    layers = (
-        LayerStats(name="a", numel=10, grad_norm=1e-9, param_norm=1.0, ratio=1e-9, zero_frac=1.0),
+    layers = (  # (b before a: a spread, not a decay toward the input, which would be vanishing only)
         LayerStats(name="b", numel=10, grad_norm=10.0, param_norm=1e-3, ratio=1e4 + 1, zero_frac=1.0),
+        LayerStats(name="a", numel=10, grad_norm=1e-9, param_norm=1.0, ratio=1e-9, zero_frac=1.0),
     )
     record = StepStats(step=0, global_step=0, epoch=0, batch_idx=0, optimizer_idx=0, total_norm=10.0, param_norm=1.0,
                        zero_frac=1.0, nan_count=0, inf_count=0, layer_norm_ratio=1e10, no_grad_count=0,
