@@ -169,9 +169,9 @@ class GradientHealth:
         self._closed = False
         self.model: nn.Module | None = None
         self.inventory: ModelInventory | None = None
-        self._unwatch_maps: Callable[[], None] = lambda: None
         """What the model is made of (layer kinds, activations, norms, residual connections): rules and fixes read
         it. Taken when a run starts."""
+        self._unwatch_maps: Callable[[], None] = lambda: None
         if model is not None:
             every = self.options.log_every_n_steps
             self.attach(Frontend.for_model(model, loggers, amp=scaler is not None, every=every))
@@ -299,6 +299,7 @@ class GradientHealth:
         if self._closed:
             return
         self._closed = True
+        self._unwatch_maps()  # (feature-map hooks of a model that never ran forward)
         self.guard.resolve_clip_count()
         self._flush_pending()
         self.output.emit()
