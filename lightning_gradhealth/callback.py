@@ -208,7 +208,6 @@ class GradientHealthMonitor(Callback):
         self.options = HealthOptions(**{name: value for name, value in locals().items() if name in _OPTIONS})
         self.health = GradientHealth(None, options=self.options)
         """The core that does the work (:class:`~lightning_gradhealth.core.GradientHealth`)."""
-        self._trainer: Trainer | None = None
         self._batch_idx = 0
         self._batches: list[Any] = []
         self._checked_epoch = -1
@@ -256,7 +255,6 @@ class GradientHealthMonitor(Callback):
                 "(grad_health/*, grad_norm/<layer>, ...) and write the same report file, so their values interleave "
                 "in the loggers and the last report wins. Use one monitor (`include`/`exclude` choose what it watches)."
             )
-        self._trainer = trainer
         self._checked_epoch = -1
         self._batches.clear()
         clip = self.options.clip

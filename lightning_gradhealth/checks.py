@@ -11,10 +11,10 @@ from lightning_gradhealth.fixes import fixes_for
 from lightning_gradhealth.inventory import ModelInventory
 from lightning_gradhealth.kinds import Kind
 from lightning_gradhealth.record import StepStats
-from lightning_gradhealth.rules import compared_layers, layer_spread
+from lightning_gradhealth.rules import compared_layers, depth_decay, layer_spread
 from lightning_gradhealth.thresholds import Severity, Thresholds
 
-__all__ = ["EARLY", "check_global_norm", "check_growth", "check_record"]
+__all__ = ["check_global_norm", "check_growth", "check_record"]
 
 
 def _check(
@@ -94,10 +94,6 @@ def check_global_norm(
     return out
 
 
-#: How many first values make a run's own baseline (:func:`~lightning_gradhealth.rules.baseline`).
-EARLY = 3
-
-
 def check_growth(
     total_norm: float, loss: float | None, early_norm: float, early_loss: float | None, meta: Any, th: Thresholds
 ) -> list[Alert]:
@@ -141,11 +137,7 @@ def _decays_with_depth(record: StepStats, names: list[str], inventory: ModelInve
     """Whether the main path's first quarter gets less than 1/``layer_norm_ratio_warning`` of its last quarter."""
     path = set(inventory.main_path(names)) if inventory is not None else set(names)
     norms = [lay.grad_norm for lay in record.layers if lay.name in path and lay.grad_norm > 0]
-    if len(norms) < 2:
-        return False
-    k = max(1, len(norms) // 4)
-    early, late = sorted(norms[:k])[k // 2], sorted(norms[-k:])[k // 2]
-    return early < late / th.layer_norm_ratio_warning
+    return len(norms) >= 2 and depth_decay(norms)[2] < 1.0 / th.layer_norm_ratio_warning
 
 
 def check_record(

@@ -19,7 +19,7 @@ import torch
 
 from lightning_gradhealth import metrics
 from lightning_gradhealth.alerts import Alert
-from lightning_gradhealth.checks import EARLY, check_global_norm, check_growth, check_record
+from lightning_gradhealth.checks import check_global_norm, check_growth, check_record
 from lightning_gradhealth.clipping import AutoClipper, ZClipper
 from lightning_gradhealth.distributed import Reduction, local, resolve, shards_of
 from lightning_gradhealth.engine import StepMeta
@@ -29,6 +29,7 @@ from lightning_gradhealth.kinds import Kind
 from lightning_gradhealth.layout import ParamLayout
 from lightning_gradhealth.options import HealthOptions
 from lightning_gradhealth.record import StepStats
+from lightning_gradhealth.rules import EARLY
 from lightning_gradhealth.safety import NonFinitePolicy, nonfinite_fixes
 from lightning_gradhealth.spikes import SpikeDetector
 from lightning_gradhealth.thresholds import Severity, Thresholds

@@ -183,7 +183,11 @@ def _nonfinite(history: History, find: Callable[..., Finding], out: list[Finding
     ))  # fmt: skip
 
 
-def baseline(values: Sequence[float], first: int = 3) -> float:
+#: How many first values make a run's own baseline (here and in the guard's alerts).
+EARLY = 3
+
+
+def baseline(values: Sequence[float], first: int = EARLY) -> float:
     """The run's own early level: the median of its first ``first`` finite values.
 
     The first records, not a fraction of the run: a learning rate far too large shows within a few steps.
@@ -278,9 +282,7 @@ def _flow(
     present = [(names[j], n) for j, n in zip(path, depth, strict=True) if math.isfinite(n) and n > 0]
     if len(present) < 2:
         return
-    k = max(1, len(present) // 4)
-    early, late = _median([n for _, n in present[:k]]), _median([n for _, n in present[-k:]])
-    decay = early / late if late > 0 else math.inf
+    early, late, decay = depth_decay([n for _, n in present])
     tiny = [name for name, n in present if th.grade_low("layer_norm_low", n) is not Severity.OK]
     if decay < 1.0 / th.layer_norm_ratio_warning or tiny:
         critical = decay < 1.0 / th.layer_norm_ratio_critical or any(
@@ -311,6 +313,16 @@ def _flow(
             layers=(min(norms, key=lambda p: p[1])[0], max(norms, key=lambda p: p[1])[0]) if norms else (),
             evidence={"median_layer_norm_ratio": ratio, "layers_compared": len(blocks)},
         ))  # fmt: skip
+
+
+def depth_decay(norms: Sequence[float]) -> tuple[float, float, float]:
+    """A depth profile's first quarter against its last: ``(early, late, early / late)`` of the median norms.
+
+    ``norms`` are finite and positive, in depth order (at least two).
+    """
+    k = max(1, len(norms) // 4)
+    early, late = _median(norms[:k]), _median(norms[-k:])
+    return early, late, early / late if late > 0 else math.inf
 
 
 def compared_layers(names: Sequence[str], inventory: ModelInventory | None) -> list[int]:
