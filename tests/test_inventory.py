@@ -14,6 +14,7 @@ import re
 
 import pytest
 import torch
+from archs import ResNet18
 from torch import nn
 from torch.nn import functional as F
 
@@ -24,53 +25,9 @@ from lightning_gradhealth.layout import build_layout
 
 
 # ---------------------------------------------------------------------------------------------- ResNet-18
-class BasicBlock(nn.Module):
-    expansion = 1
-
-    def __init__(self, inplanes, planes, stride=1, downsample=None):
-        super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.downsample = downsample
-
-    def forward(self, x):
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
-
-
-class ResNet(nn.Module):
-    def __init__(self, layers=(2, 2, 2, 2), widths=(8, 16, 32, 64), num_classes=10):
-        super().__init__()
-        self.inplanes = widths[0]
-        self.conv1 = nn.Conv2d(3, widths[0], 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(widths[0])
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(3, 2, 1)
-        self.layer1 = self._make_layer(widths[0], layers[0])
-        self.layer2 = self._make_layer(widths[1], layers[1], stride=2)
-        self.layer3 = self._make_layer(widths[2], layers[2], stride=2)
-        self.layer4 = self._make_layer(widths[3], layers[3], stride=2)
-        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.fc = nn.Linear(widths[3], num_classes)
-
-    def _make_layer(self, planes, blocks, stride=1):
-        downsample = None
-        if stride != 1 or self.inplanes != planes:
-            downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
-        layers = [BasicBlock(self.inplanes, planes, stride, downsample)]
-        self.inplanes = planes
-        layers += [BasicBlock(planes, planes) for _ in range(1, blocks)]
-        return nn.Sequential(*layers)
-
-    def forward(self, x):
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
+def ResNet() -> nn.Module:
+    """The suite's torchvision-style ResNet-18 (tests/archs.py), narrower."""
+    return ResNet18(widths=(8, 16, 32, 64))
 
 
 # ---------------------------------------------------------------------------------------------- GPT-2
