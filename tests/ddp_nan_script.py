@@ -6,6 +6,8 @@ rank 1's gradient goes bad; every rank must take the same decision at the same s
 - ``nan_accum``: with ``accumulate_grad_batches=4``, rank 1's micro-batch 1 goes NaN inside ``no_sync``; rank 0 only
   sees it after the final micro-batch's all-reduce.
 - ``spike_after_sync``: rank 1's gradient is multiplied by 1e4 after the all-reduce, with ``on_spike="skip"``.
+- ``nan_deferred``: as ``nan``, with fused Adam and ``guard_mode="deferred"``: every rank reads the verdict one step
+  late, with no host sync, and raises at the same step; the fused kernel skipped the update on every rank.
 """
 
 import json
@@ -50,13 +52,16 @@ def _times_1e4(p):
 if __name__ == "__main__":
     out, mode = Path(sys.argv[1]), sys.argv[2]
     torch.manual_seed(0)
-    model = RankPoison()
+    model = RankPoison(optimizer="adam", lr=1e-2, fused=True) if mode == "nan_deferred" else RankPoison()
     model.rank1_poison = {}
     callbacks = []
     kwargs = {}
     monitor_kwargs = {"log_every_n_steps": 50}
     if mode == "nan":
         model.rank1_poison = {2: ("net.2.weight", float("nan"))}
+    elif mode == "nan_deferred":
+        model.rank1_poison = {2: ("net.2.weight", float("nan"))}
+        monitor_kwargs["guard_mode"] = "deferred"
     elif mode == "nan_after_sync":
         callbacks.append(AfterSync(2, _nan_first_entry))
     elif mode == "nan_accum":

@@ -61,6 +61,16 @@ def test_ddp_one_rank_goes_nan_every_rank_stops_at_that_step(tmp_path, mode, ste
     assert r0["params"] == r1["params"]
 
 
+def test_ddp_deferred_guard_stops_every_rank_at_the_same_step_with_the_weights_clean(tmp_path):
+    proc, r0, r1 = _run("ddp_nan_script.py", tmp_path, "nan_deferred")
+    for r in (r0, r1):
+        assert r["error_step"] == 2, proc.stderr[-2000:]
+        assert r["layers"] == ["net.2"]
+        assert r["global_step"] == 3  # read at the next step; the fused kernel skipped step 2's update
+    assert r0["params"] == r1["params"]
+    assert all(math.isfinite(v) for v in r0["params"])
+
+
 def test_ddp_spike_on_one_rank_is_skipped_on_every_rank(tmp_path):
     _, r0, r1 = _run("ddp_nan_script.py", tmp_path, "spike_after_sync")
     assert r0["error_step"] is None and r1["error_step"] is None

@@ -132,8 +132,9 @@ def test_accumulation_names_first_nonfinite_micro_batch(bad_value):
     assert records[0].first_nonfinite_micro_batch is None
 
 
-def test_gradient_clipping_stats_are_pre_clip_and_post_clip_norm_is_logged():
-    monitor = GradientHealthMonitor()
+@pytest.mark.parametrize("guard_mode", ["sync", "deferred"])  # deferred: the post-clip norm is copied without a sync
+def test_gradient_clipping_stats_are_pre_clip_and_post_clip_norm_is_logged(guard_mode):
+    monitor = GradientHealthMonitor(guard_mode=guard_mode)
     trainer, capture, records = _fit(TinyMLP(lr=0.01), monitor, gradient_clip_val=0.05)
     _check_all(capture, records)  # pre-clip
     for rec, cap in zip(records, capture.steps, strict=True):
