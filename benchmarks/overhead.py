@@ -43,7 +43,6 @@ import gc
 import math
 import os
 import platform
-import statistics
 import tempfile
 import time
 import warnings
@@ -53,12 +52,24 @@ from types import SimpleNamespace
 
 import lightning
 import torch
+from common import (  # (benchmarks/ is this script's directory)
+    SHAPES,
+    Holder,
+    bench,
+    build_shape,
+    fmt_iqr,
+    fmt_pct,
+    fmt_ratio,
+    fmt_t,
+    med,
+    verdict,
+)
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import grad_norm
-from torch import nn
 
 from lightning_gradhealth import GradientHealthMonitor
 from lightning_gradhealth.engine import GradStatsEngine, StepMeta, nonzero_counts
+from lightning_gradhealth.horizontal import _cpu_full_stats
 from lightning_gradhealth.layout import build_layout
 from lightning_gradhealth.metrics import record_to_metrics
 from lightning_gradhealth.sinks import write_metrics
@@ -72,6 +83,7 @@ NOT_LOGGED_MAX_FRAC = 0.001  # "nothing measurable": below 0.1% of a plain step
 DEFAULT_MAX_FRAC = {"transformer": 0.01, "many": 0.03}  # monitoring only (issue: core)
 GUARD_DEFAULT_MAX_FRAC = {"transformer": 0.01, "many": 0.05}  # default settings, guard on (issue: safety)
 GUARD_MAX_RATIO = 1.2
+IN_STEP_MAX_RATIO = {"guard": 1.3, "basic": 4.0, "full": 6.0}  # issue 12: hooks inside real steps / in-step FLOOR
 MONITOR_ONLY = {"on_nonfinite": None, "spike_z_thresh": None}  # no per-step guard: statistics on logged steps only
 
 
@@ -102,142 +114,6 @@ QUICK = Settings(
 )
 
 
-# ---------------------------------------------------------------------------------------------- models
-class Holder(LightningModule):
-    """A LightningModule around a plain network, so that the callback's hooks can be called on it."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-
-class TinyLM(nn.Module):
-    """Embedding, TransformerEncoder, vocabulary head."""
-
-    def __init__(self, vocab: int = 4096, d_model: int = 352, layers: int = 16) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(vocab, d_model)
-        layer = nn.TransformerEncoderLayer(d_model, nhead=8, dim_feedforward=1408, batch_first=True)
-        self.enc = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-        self.head = nn.Linear(d_model, vocab)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.head(self.enc(self.emb(tokens)))
-
-
-def linear_stack(n: int, width: int) -> nn.Sequential:
-    """``n`` x ``Linear(width, width)`` with ReLU between (also the sharded benchmark's network)."""
-    mods: list[nn.Module] = []
-    for i in range(n):
-        mods.append(nn.Linear(width, width))
-        if i < n - 1:
-            mods.append(nn.ReLU())
-    return nn.Sequential(*mods)
-
-
-def build_shape(key: str) -> tuple[nn.Module, Callable[[], torch.Tensor]]:
-    """A network and a closure returning its loss on a fixed batch."""
-    if key == "mlp":
-        net: nn.Module = linear_stack(10, 1000)
-        x, y = torch.randn(64, 1000), torch.randn(64, 1000)
-        return net, lambda: nn.functional.mse_loss(net(x), y)
-    if key == "many":
-        net = linear_stack(500, 64)
-        x, y = torch.randn(64, 64), torch.randn(64, 64)
-        return net, lambda: nn.functional.mse_loss(net(x), y)
-    if key == "transformer":
-        net = TinyLM()
-        tokens, target = torch.randint(0, 4096, (8, 128)), torch.randint(0, 4096, (8, 128))
-        return net, lambda: nn.functional.cross_entropy(net(tokens).reshape(-1, 4096), target.reshape(-1))
-    raise ValueError(key)
-
-
-SHAPES = {
-    "mlp": "MLP 10 x Linear(1000,1000), batch 64",
-    "transformer": "TransformerEncoder d352 x16 + emb/head 4096, 8x128 tokens",
-    "many": "500 x Linear(64,64) (1,000 tensors), batch 64",
-}
-
-
-# ---------------------------------------------------------------------------------------------- timing
-def bench(
-    cands: dict[str, Callable[[], object]],
-    reps: int,
-    min_sample_s: float,
-    warmup: int = 2,
-) -> dict[str, list[float]]:
-    """Time candidates side by side; return per-call seconds for every repetition.
-
-    Each candidate is warmed up, then an inner loop count is chosen so that one sample lasts at least
-    ``min_sample_s`` (1 when ``min_sample_s`` is 0). Every repetition runs all candidates once each, starting
-    from a rotating position.
-    """
-    names = list(cands)
-    inner: dict[str, int] = {}
-    for name in names:
-        fn = cands[name]
-        for _ in range(warmup):
-            fn()
-        if min_sample_s <= 0:
-            inner[name] = 1
-            continue
-        n = 1
-        while True:
-            t0 = time.perf_counter()
-            for _ in range(n):
-                fn()
-            dt = time.perf_counter() - t0
-            if dt >= min_sample_s / 4 or n >= 1 << 16:
-                break
-            n *= 2
-        inner[name] = max(1, math.ceil(n * min_sample_s / max(dt, 1e-9)))
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    for rep in range(reps):
-        k = rep % len(names)
-        for name in names[k:] + names[:k]:
-            fn, m = cands[name], inner[name]
-            t0 = time.perf_counter()
-            for _ in range(m):
-                fn()
-            samples[name].append((time.perf_counter() - t0) / m)
-    return samples
-
-
-def med(xs: list[float]) -> float:
-    return statistics.median(xs)
-
-
-def iqr_pct(xs: list[float]) -> float:
-    """Inter-quartile range as a percentage of the median (0 with fewer than 4 samples)."""
-    if len(xs) < 4:
-        return float("nan")
-    q = statistics.quantiles(xs, n=4)
-    return 100.0 * (q[2] - q[0]) / statistics.median(xs)
-
-
-def fmt_iqr(xs: list[float]) -> str:
-    spread = iqr_pct(xs)
-    return "n/a" if math.isnan(spread) else f"{spread:.1f}%"
-
-
-def fmt_t(seconds: float) -> str:
-    if abs(seconds) >= 1e-3:
-        return f"{seconds * 1e3:10.3f} ms"
-    return f"{seconds * 1e6:10.2f} µs"
-
-
-def fmt_pct(frac: float) -> str:
-    return f"{100 * frac:.4f}%" if abs(frac) < 0.001 else f"{100 * frac:.3f}%"
-
-
-def fmt_ratio(ratio: float) -> str:
-    return f"{ratio:9.1e}x" if ratio < 0.01 else f"{ratio:9.3f}x"
-
-
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "MISS"
-
-
 # ---------------------------------------------------------------------------------------------- stand-ins
 def stub_trainer(step: int, optimizer: torch.optim.Optimizer | None = None) -> SimpleNamespace:
     """The Trainer attributes the callback reads, with ``_batches_that_stepped = step``."""
@@ -263,6 +139,7 @@ def stub_trainer(step: int, optimizer: torch.optim.Optimizer | None = None) -> S
 
 
 ZERO_SCRATCH: dict = {}  # the engine keeps its zero-counting buffer between steps; so does row c2
+PLANS: dict = {}  # and its blocks of small tensors (stats="full"); so does row c3
 LOGGED_STEP = EVERY - 1  # (step + 1) % EVERY == 0
 NOT_LOGGED_STEP = 0
 
@@ -302,6 +179,8 @@ class ShapeResult:
     default_frac: float
     tb: dict[str, tuple[int, float]]
     guard_default_frac: float = 0.0
+    basic_in_step: float = 0.0
+    full_in_step: float = 0.0
 
 
 def run_shape(key: str, cfg: Settings) -> ShapeResult:
@@ -329,19 +208,14 @@ def run_shape(key: str, cfg: Settings) -> ShapeResult:
 
         return run
 
-    # 3. gating alone, with the stand-in the brief describes (only what _should_compute reads).
-    gate_monitor = GradientHealthMonitor(log_every_n_steps=EVERY, **MONITOR_ONLY)  # type: ignore[arg-type]
-    gate_trainer = SimpleNamespace(
-        fast_dev_run=False,
-        log_every_n_steps=EVERY,
-        fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(_batches_that_stepped=NOT_LOGGED_STEP)),
-    )
-
-    def gating() -> None:
-        gate_monitor.on_before_optimizer_step(gate_trainer, None, None)  # type: ignore[arg-type]
-
     # The callback's real hooks, on a logged and on a not-logged step (stand-in Trainer, no logger).
     hook_opt = torch.optim.AdamW(net.parameters(), lr=1e-4)  # never stepped: only identifies the params
+    # 3. gating alone: the hook where a logged step would compute, on a step that is not logged
+    gate_monitor, gate_trainer = make_monitor(NOT_LOGGED_STEP, holder, hook_opt, **MONITOR_ONLY)
+
+    def gating() -> None:
+        gate_monitor.on_before_optimizer_step(gate_trainer, holder, hook_opt)  # type: ignore[arg-type]
+
     mon_log, tr_log = make_monitor(LOGGED_STEP, holder, hook_opt)  # defaults
     mon_skip, tr_skip = make_monitor(NOT_LOGGED_STEP, holder, hook_opt, **MONITOR_ONLY)
     mon_guard, tr_guard = make_monitor(NOT_LOGGED_STEP, holder, hook_opt)  # defaults: guard on
@@ -386,12 +260,11 @@ def run_shape(key: str, cfg: Settings) -> ShapeResult:
     def comp_zero_counts() -> int:
         return nonzero_counts(grads_list, ZERO_SCRATCH).sum().item()
 
-    full_engine = GradStatsEngine(stats="full")
     l2 = torch.stack(torch._foreach_norm(grads_list, 2.0, dtype=torch.float32)).double()
 
     def comp_min_nonzero() -> float:
         # the passes stats="full" adds: max |g|, min non-zero |g| and sum per tensor (the engine's own code)
-        return torch.stack(full_engine._full_stats(grads_list, torch.float64, None, l2)).sum().item()
+        return torch.stack(_cpu_full_stats(grads_list, torch.float64, None, l2, ZERO_SCRATCH, PLANS)).sum().item()
 
     # Sanity checks before timing: the gating returns early, the logged hooks compute.
     gating()
@@ -471,6 +344,7 @@ def run_shape(key: str, cfg: Settings) -> ShapeResult:
     e2e_params = list(e2e_net.parameters())
     monitors = {
         "log": make_monitor(LOGGED_STEP, e2e_holder, opt),  # defaults, a logged step
+        "log_full": make_monitor(LOGGED_STEP, e2e_holder, opt, stats="full"),  # stats="full", a logged step
         "log_mo": make_monitor(LOGGED_STEP, e2e_holder, opt, **MONITOR_ONLY),  # monitoring only, a logged step
         "guard": make_monitor(NOT_LOGGED_STEP, e2e_holder, opt),  # defaults, a step not logged: the guard
         "skip": make_monitor(NOT_LOGGED_STEP, e2e_holder, opt, **MONITOR_ONLY),  # monitoring only, not logged
@@ -534,7 +408,8 @@ def run_shape(key: str, cfg: Settings) -> ShapeResult:
         print(f"    {label:<56} {fmt_t(seconds)}  = {fmt_pct(seconds / plain)} of a step{extra}")
 
     line("FLOOR inside a step (where the guard runs)", im["floor"])
-    line("logged step, 4 hooks, defaults", im["log"])
+    line("logged step, 4 hooks, defaults", im["log"], f", {im['log'] / im['floor']:.3f}x FLOOR")
+    line('logged step, 4 hooks, stats="full"', im["log_full"], f", {im['log_full'] / im['floor']:.3f}x FLOOR")
     line("logged step, 4 hooks, monitoring only", im["log_mo"])
     line("step not logged, 4 hooks, defaults (guard on)", im["guard"], f", {im['guard'] / im['floor']:.3f}x FLOOR")
     line("step not logged, 4 hooks, monitoring only", im["skip"])
@@ -590,6 +465,8 @@ def run_shape(key: str, cfg: Settings) -> ShapeResult:
         logged_hooks=im["log"],
         not_logged_hooks=im["skip"],
         guard_in_step=im["guard"] / im["floor"],
+        basic_in_step=im["log"] / im["floor"],
+        full_in_step=im["log_full"] / im["floor"],
         gating=meds["gating"],
         default_frac=default / plain,
         tb=tb,
@@ -624,6 +501,11 @@ def summary(results: list[ShapeResult]) -> None:
         ok = r.guard_in_step <= GUARD_MAX_RATIO
         label = f"   the same, 4 hooks inside a real step <= {GUARD_MAX_RATIO}x FLOOR there"
         print(f"    {label:<58} {r.key:<12} {r.guard_in_step:>11.2f}x  {verdict(ok)}")
+    for r in results:
+        for what, ratio in (("guard", r.guard_in_step), ("basic", r.basic_in_step), ("full", r.full_in_step)):
+            limit = IN_STEP_MAX_RATIO[what]
+            label = f"{what}, 4 hooks inside a real step <= {limit}x FLOOR there (issue 12)"
+            print(f"    {label:<58} {r.key:<12} {ratio:>11.2f}x  {verdict(ratio <= limit)}")
     for r in results:
         limit = GUARD_DEFAULT_MAX_FRAC.get(r.key)
         with_tb = r.guard_default_frac + r.tb["basic"][1] / EVERY / r.plain_step

@@ -64,7 +64,7 @@ try:
 except ImportError:  # torch < 2.6
     from torch.distributed._composable.fsdp import fully_shard
 
-from overhead import linear_stack  # the sibling benchmark's network (benchmarks/ is this script's directory)
+from common import linear_stack  # the overhead benchmark's network (benchmarks/ is this script's directory)
 
 from lightning_gradhealth.engine import GradStatsEngine, StepMeta
 from lightning_gradhealth.layout import build_layout

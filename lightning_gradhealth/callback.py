@@ -6,22 +6,24 @@ means (precision plugin, clipping, loggers, log directory, strategy); the core d
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import re
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch.optim import Optimizer
 
 from lightning_gradhealth.alerts import Alert
+from lightning_gradhealth.birth import rng_state
 from lightning_gradhealth.core import GradientHealth, StepContext, due
 from lightning_gradhealth.distributed import Reduction
 from lightning_gradhealth.errors import UnsupportedSetupError
+from lightning_gradhealth.noise import batch_size_of
 from lightning_gradhealth.options import ClipKind, HealthOptions
 from lightning_gradhealth.output import Frontend
 from lightning_gradhealth.record import StepStats
@@ -30,8 +32,41 @@ from lightning_gradhealth.thresholds import Thresholds
 
 __all__ = ["GradientHealthMonitor"]
 
+#: The Lightning namespaces a Trainer may come from: the ``lightning`` package's and the ``pytorch-lightning`` one's.
+_NAMESPACES = ("lightning.pytorch", "pytorch_lightning")
 
-class GradientHealthMonitor(Callback):
+
+def _callback_bases() -> tuple[type, ...]:
+    """``lightning.pytorch.Callback``, and ``pytorch_lightning.Callback`` when that package is installed.
+
+    Each Trainer accepts only callbacks of its own namespace (``pytorch_lightning.Trainer`` raises ``ValueError:
+    Expected a parent`` for a ``lightning.pytorch`` one), so the monitor is a callback of both; its hooks are the
+    same in both. ``pytorch_lightning`` is imported only when it is installed.
+    """
+    if importlib.util.find_spec("pytorch_lightning") is None:
+        return (Callback,)
+    from lightning_utilities.core import rank_zero
+
+    log = rank_zero.log  # (importing a namespace points the shared rank-zero logger at its own: put it back)
+    try:
+        from pytorch_lightning import Callback as PLCallback
+    except Exception:  # a broken or incompatible install: the lightning.pytorch callback still works
+        return (Callback,)
+    finally:
+        rank_zero.log = log
+    return (Callback,) if PLCallback is Callback else (Callback, PLCallback)
+
+
+def _lightning(trainer: Any, module: str = "") -> ModuleType:
+    """Module ``module`` of the namespace ``trainer`` is from: ``lightning.pytorch`` or ``pytorch_lightning``."""
+    for cls in type(trainer).__mro__:
+        for namespace in _NAMESPACES:
+            if cls.__module__ == namespace or cls.__module__.startswith(namespace + "."):
+                return importlib.import_module(f"{namespace}.{module}" if module else namespace)
+    return importlib.import_module(f"lightning.pytorch.{module}" if module else "lightning.pytorch")
+
+
+class GradientHealthMonitor(*_callback_bases()):  # type: ignore[misc]
     r"""Log correct, nearly free gradient statistics of every optimizer step to the trainer's loggers.
 
     Statistics are taken in ``on_before_optimizer_step``: gradients are accumulated over
@@ -77,6 +112,9 @@ class GradientHealthMonitor(Callback):
     - ``act_dead_frac/<module>``, ``act_zero_frac/<module>``: fraction of an activation module's units that are
       zero for the whole sampled batch, and of its outputs that are zero (``activation_stats_every_n_steps``).
     - ``act_saturated_frac/<module>``: fraction of a sigmoid/tanh module's outputs that are saturated (same).
+    - ``update_ratio/<layer>``, ``grad_health/grad_cosine``: the relative size of the layer's latest update, and the
+      cosine between consecutive steps' gradients (``update_ratio=True``, ``grad_cosine=True``).
+    - ``grad_health/noise_scale``: the gradient noise scale under gradient accumulation (``noise_scale=True``).
 
     Safety, on *every* optimizer step (one foreach norm and one transfer on steps that are not logged): a
     non-finite gradient is caught at the step it appears (``on_nonfinite``), gradient-norm spikes are detected
@@ -151,17 +189,38 @@ class GradientHealthMonitor(Callback):
         spike_warmup_steps: Finite steps observed before spike detection starts.
         on_spike: ``"warn"``, ``"skip"`` the update, or ``"raise"``.
         spike_dir: If set, the batches of a spiking step are saved there (``torch.save``) to reproduce it.
+        guard_mode: How the per-step guard reads its verdict. ``"sync"``: before the update (one host sync per
+            step; exact NaN/Inf counts). ``"deferred"``: one step later, with no host sync (a non-blocking copy);
+            fused Adam/AdamW/SGD skip a non-finite update on the device, other optimizers apply it and the run
+            raises at the next step, saying so; steps that must be decided before their update (clipping,
+            ``on_spike`` other than ``"warn"``, ``on_nonfinite="skip"`` without a fused optimizer) stay
+            synchronous. ``"auto"`` (default): ``"deferred"`` on CUDA, where a sync costs ~4-11% of a step, and
+            ``"sync"`` elsewhere.
         report: At the end of fit (and when failing fast), diagnose the run (:attr:`findings`) and write
             ``gradient_health_report.md`` / ``.json`` on rank zero, with a summary on the console.
         report_dir: Where the report goes; default: the first logger's ``log_dir``, else ``default_root_dir``.
         histogram_every_n_steps: Per-layer gradient histograms (``grad_hist/<layer>``, computed on the device) every
-            this many optimizer steps, to TensorBoard loggers; off by default (a pass over every gradient).
-        figure_every_n_steps: The gradient-flow figure (per-layer norm against depth, log scale;
-            ``grad_health/gradient_flow``) on logged steps that are multiples of this; needs matplotlib.
+            this many optimizer steps, to TensorBoard and W&B loggers; off by default (a pass over every gradient).
+        figure_every_n_steps: The gradient-flow figure (``grad_health/gradient_flow``: per-layer gradient norm against
+            depth on a log axis, the unhealthy layers coloured and named), to TensorBoard, W&B and MLflow loggers.
+            ``"auto"`` (default): at the first computed step, then whenever the figures so far took at most 0.1% of
+            the run's wall time, and for the last record at the end of fit, coloured by the diagnosis. An int: on
+            computed steps that are multiples of it, and at the end. ``None``: no figure.
         activation_stats_every_n_steps: Opt-in activation statistics every this many optimizer steps: forward hooks
             on ReLU, LeakyReLU, GELU, SiLU, Sigmoid and Tanh modules for that step only (dead units, zero
             activations, saturation), summed across ranks with torchmetrics, one more transfer on those steps.
         verbose: ``False`` prints no alert line (alerts are still counted, passed to ``on_alert`` and reported).
+        replay_nonfinite: On a failing step, re-run ``training_step`` on the failing (micro-)batch with the RNG state
+            of its start and hooks on every module, and name the module where the NaN/Inf was born (automatic
+            optimization, unsharded models).
+        update_ratio: Log ``update_ratio/<layer>`` (``‖Δθ‖ / ‖θ‖`` of the step before each logged step; one copy of
+            the watched parameters held for one step in every ``log_every_n_steps``).
+        grad_cosine: Log ``grad_health/grad_cosine`` (cosine between consecutive steps' gradients; one copy of the
+            gradients held for one step in every ``log_every_n_steps``).
+        noise_scale: Log ``grad_health/noise_scale`` (the gradient noise scale, under gradient accumulation: from
+            the first micro-batch's gradient against the accumulated one, no extra backward).
+        micro_batch_size: Examples per backward pass and rank, for the noise scale; ``None``: the first dimension
+            of the batch's first tensor.
 
     Raises:
         TypeError: An argument has the wrong type.
@@ -198,12 +257,18 @@ class GradientHealthMonitor(Callback):
         spike_warmup_steps: int = 50,
         on_spike: Literal["warn", "skip", "raise"] = "warn",
         spike_dir: str | Path | None = None,
+        guard_mode: Literal["auto", "sync", "deferred"] = "auto",
         report: bool = True,
         report_dir: str | Path | None = None,
         activation_stats_every_n_steps: int | None = None,
         histogram_every_n_steps: int | None = None,
-        figure_every_n_steps: int | None = None,
+        figure_every_n_steps: int | Literal["auto"] | None = "auto",
         verbose: bool = True,
+        replay_nonfinite: bool = True,
+        update_ratio: bool = False,
+        grad_cosine: bool = False,
+        noise_scale: bool = True,
+        micro_batch_size: int | None = None,
     ) -> None:
         self.options = HealthOptions(**{name: value for name, value in locals().items() if name in _OPTIONS})
         self.health = GradientHealth(None, options=self.options)
@@ -212,6 +277,8 @@ class GradientHealthMonitor(Callback):
         self._batches: list[Any] = []
         self._checked_epoch = -1
         self._loss: torch.Tensor | None = None
+        self._replays: list[tuple[Callable[[], Any], Any]] = []  # this step's micro-batches, to replay a failure
+        self._micro_batch_size: int | None = None
 
     def __getattr__(self, name: str) -> Any:
         # the options read as attributes (monitor.clip, monitor.on_nonfinite, ...), as before they had one object
@@ -250,7 +317,7 @@ class GradientHealthMonitor(Callback):
             return
         monitors = [cb for cb in trainer.callbacks if isinstance(cb, GradientHealthMonitor)]
         if len(monitors) > 1 and monitors[0] is self:
-            rank_zero_warn(
+            _lightning(trainer, "utilities").rank_zero_warn(
                 f"{len(monitors)} GradientHealthMonitor callbacks share this Trainer: they log the same keys "
                 "(grad_health/*, grad_norm/<layer>, ...) and write the same report file, so their values interleave "
                 "in the loggers and the last report wins. Use one monitor (`include`/`exclude` choose what it watches)."
@@ -264,10 +331,10 @@ class GradientHealthMonitor(Callback):
                 " would clip the gradients twice: keep one of them (set `gradient_clip_val=None` to let the monitor "
                 "clip, or `clip=None` to keep Lightning's clipping)."
             )
-        strategy = trainer.strategy
-        if isinstance(strategy, DeepSpeedStrategy) and (reason := _deepspeed_refusal(strategy)) is not None:
+        strategy, strategies = trainer.strategy, _lightning(trainer, "strategies")
+        if isinstance(strategy, strategies.DeepSpeedStrategy) and (reason := _deepspeed_refusal(strategy)) is not None:
             raise UnsupportedSetupError(reason)
-        if isinstance(strategy, FSDPStrategy) and clip == "agc":
+        if isinstance(strategy, strategies.FSDPStrategy) and clip == "agc":
             raise UnsupportedSetupError(
                 "GradientHealthMonitor(clip='agc') needs whole units (rows) of each weight; FSDPStrategy (FSDP1) "
                 "shards flattened parameters, so units are cut anywhere. Use ModelParallelStrategy (FSDP2), or another "
@@ -276,9 +343,11 @@ class GradientHealthMonitor(Callback):
 
     def _frontend(self, trainer: Trainer, pl_module: LightningModule) -> Frontend:
         """The Trainer's state, as the core needs it."""
-        strategy = trainer.strategy
+        strategy, strategies = trainer.strategy, _lightning(trainer, "strategies")
+        utilities = _lightning(trainer, "utilities")
         distributed = trainer.world_size > 1 and torch.distributed.is_initialized()
-        sharded = distributed and isinstance(strategy, (FSDPStrategy, ModelParallelStrategy))
+        sharded = distributed and isinstance(strategy, (strategies.FSDPStrategy, strategies.ModelParallelStrategy))
+        fsdp1 = sharded and isinstance(strategy, strategies.FSDPStrategy)
         # DDP and its relatives: every rank holds the same averaged gradient; decisions are averaged over ranks.
         # FSDP2: DTensor gradients name their groups; FSDP1: found at the first step, once the model is wrapped.
         replicas = distributed and not sharded
@@ -288,13 +357,13 @@ class GradientHealthMonitor(Callback):
             loggers=trainer.loggers,
             rank=trainer.global_rank,
             reduction=Reduction(replica_group=torch.distributed.group.WORLD) if replicas else Reduction(),
-            fsdp1_root=(lambda: strategy.model) if sharded and isinstance(strategy, FSDPStrategy) else None,  # type: ignore[arg-type,return-value]
+            fsdp1_root=(lambda: strategy.model) if fsdp1 else None,  # type: ignore[arg-type,return-value]
             sharded=sharded,
-            ddp=distributed and isinstance(strategy, DDPStrategy),
+            ddp=distributed and isinstance(strategy, strategies.DDPStrategy),
             amp=getattr(trainer.precision_plugin, "scaler", None) is not None,
             default_dir=Path(trainer.default_root_dir),
-            info=rank_zero_info,
-            warn=rank_zero_warn,
+            info=utilities.rank_zero_info,
+            warn=utilities.rank_zero_warn,
             log_every_n_steps=self._every(trainer),
             on_summary=lambda summary: trainer.callback_metrics.update(
                 {k: torch.tensor(v) for k, v in summary.items()}
@@ -335,10 +404,18 @@ class GradientHealthMonitor(Callback):
         self.health.before_batch(self._log_step(trainer))
         if self.options.spike_dir is not None:
             self._batches.append(batch)
+        if self.options.noise_scale and self._due(trainer):  # (the step this batch belongs to is logged)
+            self._micro_batch_size = batch_size_of(batch)
+        if self.options.replay_nonfinite and pl_module.automatic_optimization:
+            self._replays.append((_replay(trainer, pl_module, batch, batch_idx), rng_state()))
 
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
-        """On computed steps, keep the loss on the device (summed over micro-batches; read with the statistics)."""
-        if self._due(trainer):
+        """Keep the loss on the device (summed over micro-batches).
+
+        It is read with the statistics on computed steps, and folded into the guard's norm on every guarded step (a
+        non-finite loss fails the step, with no extra sync).
+        """
+        if self._due(trainer) or self.options.on_nonfinite is not None:
             self._loss = loss.detach() if self._loss is None else self._loss + loss.detach()
 
     def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -350,6 +427,7 @@ class GradientHealthMonitor(Callback):
         """Check, measure, decide and clip, on the accumulated, unscaled, pre-clip gradient of this step."""
         step, due_now = self._log_step(trainer), self._due(trainer)
         loss, self._loss = self._loss, None
+        replays, self._replays = self._replays, []
         if not self.health.before_step(step, due_now):  # the hot path: nothing to do at this step
             self._batches.clear()
             return
@@ -369,9 +447,11 @@ class GradientHealthMonitor(Callback):
             grads_scaled=scaler is not None and bool(getattr(optimizer, "_step_supports_amp_scaling", False)),
             micro_batches=self._accumulates(trainer, pl_module),
             defer_publish=pl_module.automatic_optimization
-            and (bool(trainer.gradient_clip_val) or is_overridden("configure_gradient_clipping", pl_module)),
+            and (bool(trainer.gradient_clip_val) or _overridden("configure_gradient_clipping", trainer, pl_module)),
             batches=tuple(self._batches),
             loss=loss,
+            replay=replays or None,
+            micro_batch_size=self._micro_batch_size,
         )
         self._batches.clear()
         self.health.on_step(optimizer, ctx, trainer.optimizers)
@@ -401,6 +481,21 @@ class GradientHealthMonitor(Callback):
 
 
 _OPTIONS = frozenset(HealthOptions.names())
+
+
+def _replay(trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> Callable[[], Any]:
+    """Re-runs ``training_step`` on a batch, in the precision plugin's context (for :mod:`~.birth`)."""
+
+    def run() -> Any:
+        with trainer.precision_plugin.train_step_context():
+            return pl_module.training_step(batch, batch_idx)
+
+    return run
+
+
+def _overridden(hook: str, trainer: Trainer, pl_module: LightningModule) -> bool:
+    """Whether ``pl_module`` overrides ``hook`` of the LightningModule of the Trainer's namespace."""
+    return bool(_lightning(trainer, "utilities.model_helpers").is_overridden(hook, pl_module))
 
 
 def _deepspeed_refusal(strategy: Any) -> str | None:

@@ -10,11 +10,10 @@ for plain PyTorch and Lightning Fabric loops.
 
 from __future__ import annotations
 
-import difflib
 import itertools
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from types import TracebackType
 from typing import Any
 
@@ -25,67 +24,33 @@ from torch.optim import Optimizer
 from lightning_gradhealth import metrics
 from lightning_gradhealth.activations import ActivationStats
 from lightning_gradhealth.alerts import Alert, AlertManager
+from lightning_gradhealth.birth import Replay, Replays, fold_loss
+from lightning_gradhealth.context import (
+    DEFAULT_LOG_EVERY_N_STEPS,
+    StepContext,
+    check_step_call,
+    checked_options,
+    due,
+    still_scaled,
+)
+from lightning_gradhealth.deferred import DeferredGuard, DeferredStep, device_skip_supported, failure_note
 from lightning_gradhealth.distributed import Reduction, fsdp1_reduction
 from lightning_gradhealth.engine import GradStatsEngine, NonFiniteTracker, PendingStats, StepMeta, stat_grads
 from lightning_gradhealth.errors import TrainingHealthError
 from lightning_gradhealth.guard import Failure, StepGuard, StepOutcome
 from lightning_gradhealth.inventory import ModelInventory, take_inventory, watch_feature_maps
 from lightning_gradhealth.layout import ParamLayout
+from lightning_gradhealth.noise import batch_size_of
 from lightning_gradhealth.options import HealthOptions
 from lightning_gradhealth.output import Frontend, Output
 from lightning_gradhealth.record import StepStats
 from lightning_gradhealth.rules import Finding
 from lightning_gradhealth.safety import format_nonfinite_message
 from lightning_gradhealth.thresholds import Severity
+from lightning_gradhealth.updates import Measures
 from lightning_gradhealth.watch import WatchChange, WatchedSet, some
 
-__all__ = ["Frontend", "GradientHealth", "StepContext"]
-
-#: ``log_every_n_steps`` when a loop does not say (Lightning's default).
-DEFAULT_LOG_EVERY_N_STEPS = 50
-
-
-@dataclass(frozen=True)
-class StepContext:
-    """A front-end's view of one optimizer step.
-
-    Attributes:
-        step: The loggers' x-axis value (counts optimizer steps).
-        due: Whether this step is computed and logged.
-        global_step: The framework's global step, for messages.
-        epoch: The epoch.
-        batch_idx: The batch that triggered the step (the last micro-batch under accumulation).
-        optimizer_idx: The optimizer's index (keys get ``/opt<index>`` when ``several``).
-        several: Whether the run has several optimizers.
-        scaler: The active GradScaler, if any.
-        grads_scaled: Whether the gradients still hold the scaler's loss scale (not yet unscaled).
-        micro_batches: Whether the step accumulates several backward passes (messages name the first bad one).
-        defer_publish: The framework clips the gradients after this call: the record is published at
-            :meth:`GradientHealth.end_batch`, with the post-clip norm.
-        batches: The step's batches, saved with a spike when ``spike_dir`` is set.
-        loss: The step's training loss (a device scalar, unscaled; the mean over micro-batches), read on computed
-            steps with the statistics' one transfer.
-    """
-
-    step: int
-    due: bool
-    global_step: int = 0
-    epoch: int = 0
-    batch_idx: int = 0
-    optimizer_idx: int = 0
-    several: bool = False
-    scaler: Any = None
-    grads_scaled: bool = False
-    micro_batches: bool = False
-    defer_publish: bool = False
-    batches: Sequence[Any] = ()
-    loss: torch.Tensor | float | None = None
-
-
-def due(step: int, every: int | None) -> bool:
-    """Whether logging step ``step`` is one of every ``every`` steps (Lightning's schedule)."""
-    return every is not None and every > 0 and (step + 1) % every == 0
-
+__all__ = ["DEFAULT_LOG_EVERY_N_STEPS", "Frontend", "GradientHealth", "StepContext", "due"]
 
 class GradientHealth:
     r"""Gradient health for a plain PyTorch or Lightning Fabric loop: the core of every front-end.
@@ -132,20 +97,7 @@ class GradientHealth:
         options: HealthOptions | None = None,
         **kwargs: Any,
     ) -> None:
-        if options is not None and kwargs:
-            raise TypeError(f"Give `options` or keyword options, not both; got `options` and {sorted(kwargs)}.")
-        if options is not None and not isinstance(options, HealthOptions):
-            raise TypeError(f"`options` must be a lightning_gradhealth.HealthOptions or None, got {options!r}.")
-        if model is not None and not isinstance(model, nn.Module):
-            raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
-        if scaler is not None and not (callable(getattr(scaler, "is_enabled", None)) and hasattr(scaler, "scale")):
-            raise TypeError(f"`scaler` must be a torch.amp.GradScaler (or None), got {type(scaler).__name__}.")
-        unknown = sorted(set(kwargs) - set(HealthOptions.names()))
-        if unknown:
-            close = {name: difflib.get_close_matches(name, HealthOptions.names(), n=1) for name in unknown}
-            hints = "; ".join(f"`{n}`" + (f" (did you mean `{c[0]}`?)" if c else "") for n, c in close.items())
-            raise TypeError(f"GradientHealth got unknown option(s): {hints}. The options are those of HealthOptions.")
-        self.options = options if options is not None else HealthOptions(**kwargs)
+        self.options = checked_options(model, scaler, options, kwargs)
         self.guard = StepGuard(self.options)
         self.watched = WatchedSet(self.options)
         self.alerts = AlertManager(
@@ -158,6 +110,12 @@ class GradientHealth:
         self.last_record: StepStats | None = None
         """The most recent record (on every rank), or ``None`` before the first computed step."""
         self._tracker = NonFiniteTracker()
+        self._measures = Measures(self.options)  # update size, gradient cosine, noise scale (updates.py, noise.py)
+        # where a failing step's NaN was born (birth.py); a deferred guard fails a step or two late: keep three
+        self._replays = Replays(self.options.replay_nonfinite, keep=1 if self.options.guard_mode == "sync" else 3)
+        self._deferred = DeferredGuard(self.engine)  # steps whose verdict is read one step late (guard_mode)
+        self._clip_pending: dict[int, tuple[DeferredStep, ParamLayout]] = {}
+        self._now = 0
         self.activations: ActivationStats | None = None
         """The activation statistics' hooks (``activation_stats_every_n_steps``), or ``None``."""
         self._awaiting_clip: dict[int, tuple[StepStats, ParamLayout, bool]] = {}
@@ -232,6 +190,7 @@ class GradientHealth:
         if self.model is None:
             return
         self._tracker.observe(self.watched.model_layout)
+        self._measures.after_backward(self.watched.model_layout, self._tracker.micro_batches)
 
     def step(
         self,
@@ -241,6 +200,7 @@ class GradientHealth:
         loss: torch.Tensor | float | None = None,
         epoch: int = 0,
         batch: Any = None,
+        replay: Replay | None = None,
     ) -> bool:
         """Check, measure, decide and clip, on this optimizer step's gradient. Call before ``optimizer.step()``.
 
@@ -250,7 +210,11 @@ class GradientHealth:
             loss: The step's training loss (unscaled; under accumulation the mean over micro-batches). Read on
                 computed steps, in the statistics' one transfer (no extra sync), for the divergence diagnosis.
             epoch: The epoch, for messages and the record.
-            batch: The step's batch, saved with a spike when ``spike_dir`` is set.
+            batch: The step's batch, saved with a spike when ``spike_dir`` is set; its first tensor's first dimension is
+                the micro-batch size that the noise scale needs (unless ``micro_batch_size`` is given).
+            replay: Recomputes this step's loss (``lambda: loss_fn(model(x), y)``), called only if the step fails, to
+                find where its NaN was born; the RNG state of the step's start is restored first. Under accumulation,
+                a list of ``(callable, lightning_gradhealth.birth.rng_state())``, one per micro-batch.
 
         Returns:
             ``True`` to go ahead with ``optimizer.step()``; ``False`` when the update was skipped (the gradients
@@ -259,12 +223,7 @@ class GradientHealth:
         Raises:
             TrainingHealthError: The run must stop.
         """
-        if self.model is None:
-            raise RuntimeError("GradientHealth(model=None) has no model to watch: pass the model to GradientHealth.")
-        if not hasattr(optimizer, "param_groups"):
-            raise TypeError(f"`optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__}.")
-        if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
-            raise TypeError(f"`step` must be None or an int >= 0, got {step!r}.")
+        check_step_call(self.model, optimizer, step)
         count = next(self._steps)
         step = count if step is None else step
         known = [opt for ref in self._optimizers if (opt := ref()) is not None]
@@ -274,19 +233,22 @@ class GradientHealth:
             if self.watched.names is not None and count < len(known) + 1:
                 self.watched.rebuild(known)  # a loop's optimizers show up one by one at the start: not a change
         scaler = self._scaler if self._scaler is not None and self._scaler.is_enabled() else None
+        is_due = due(step, self.output.frontend.log_every_n_steps or DEFAULT_LOG_EVERY_N_STEPS)
         ctx = StepContext(
             step=step,
-            due=due(step, self.output.frontend.log_every_n_steps or DEFAULT_LOG_EVERY_N_STEPS),
+            due=is_due,
             global_step=count,
             epoch=epoch,
             batch_idx=step,
             optimizer_idx=next(i for i, opt in enumerate(known) if opt is optimizer),
             several=len(known) > 1,
             scaler=scaler,
-            grads_scaled=scaler is not None and _still_scaled(scaler, optimizer),
+            grads_scaled=scaler is not None and still_scaled(scaler, optimizer),
             micro_batches=self._tracker.micro_batches > 1,
             batches=() if batch is None else (batch,),
             loss=loss,
+            replay=replay,
+            micro_batch_size=batch_size_of(batch) if self.options.noise_scale and is_due else None,
         )
         go = self.on_step(optimizer, ctx, known) if self.before_step(ctx.step, ctx.due) else True
         self.end_batch()
@@ -300,25 +262,17 @@ class GradientHealth:
             return
         self._closed = True
         self._unwatch_maps()  # (feature-map hooks of a model that never ran forward)
-        self.guard.resolve_clip_count()
         self._flush_pending()
+        try:
+            self._drain()  # the last steps' verdicts (may raise TrainingHealthError: the run's last step failed)
+        finally:
+            self._deferred.close()
+        self.guard.resolve_clip_count()
         self.output.emit()
         if self.output.history.records_seen:
             self.output.write_report(self.watched.sparse_layers, self.inventory)
-        elif self._due_steps:
-            self.output.warn(
-                f"{self.output.frontend.name}: no record and no report: {self._due_steps} computed step(s) found no "
-                "gradient on the watched parameters. Call step() after loss.backward(), before optimizer.zero_grad()."
-            )
-        elif self._run_steps:
-            every = self.output.frontend.log_every_n_steps or DEFAULT_LOG_EVERY_N_STEPS
-            self.output.warn(
-                f"{self.output.frontend.name}: no step was computed, so there is no record and no report: the run "
-                f"made {self._run_steps} optimizer step(s) and statistics are taken every {every} steps (steps "
-                f"{every - 1}, {2 * every - 1}, ...). Fix: log more often, e.g. "
-                f"`log_every_n_steps={max(1, min(every, self._run_steps) // 4)}` (on the monitor, or on the Trainer, "
-                "whose value the monitor follows)."
-            )
+        else:
+            self.output.no_report(self._due_steps, self._run_steps)
         self.output.flush()  # a loop's loggers buffer (CSV) or queue (TensorBoard): on disk once closed
 
     def abort(self) -> None:
@@ -328,7 +282,9 @@ class GradientHealth:
         try:
             # sharded: no collective here (the other ranks may not be failing), so no post-clip norm either
             self._flush_pending(collectives=not self.output.frontend.sharded)
+            self._drain(act=False)  # what was measured is logged; the run is ending on its own exception
         finally:
+            self._deferred.close()
             self.output.emit()
 
     def __enter__(self) -> GradientHealth:
@@ -348,11 +304,13 @@ class GradientHealth:
         """Before a batch's forward pass: attach the activation hooks when that step is sampled."""
         if self.activations is not None and due(step, self.options.activation_stats_every_n_steps):
             self.activations.attach()
+        self._replays.mark()  # (the RNG state a failing step's replay restores)
 
     def end_batch(self) -> None:
         """After the optimizer step: publish deferred records (post-clip norm) and write the loggers."""
         self._flush_pending()
         self.output.emit()
+        self._replays.mark()  # (plain loops: the next step's forward comes next)
 
     def check_watched(self, optimizers: Sequence[Optimizer], step: int) -> None:
         """Look for parameters frozen, unfrozen or replaced anywhere in the model (one pass over them)."""
@@ -365,7 +323,10 @@ class GradientHealth:
         """
         self._run_steps += 1
         self._due_steps += bool(due)
+        self._now = step
+        self._before_update(step)
         self._flush_pending()
+        self._drain()  # the previous step's verdict, read without blocking: it finished long ago on the device
         if self.activations is not None and self.activations.attached:
             self._read_activations(step)
         if due or self.options.guards_every_step:
@@ -388,6 +349,9 @@ class GradientHealth:
         scale = getattr(ctx.scaler, "_scale", None) if ctx.scaler is not None else None
         grad_scale = scale if ctx.grads_scaled else None
         red = self._reduction()
+        self._before_decide(ctx, layout)
+        if self._defers(optimizer, ctx, layout):
+            return self._deferred_step(optimizer, ctx, layout, grad_scale, scale, red)
         pending = (
             self.engine.compute(layout, grad_scale, red) if ctx.due else self.engine.guard(layout, grad_scale, red)
         )
@@ -395,8 +359,10 @@ class GradientHealth:
             self._nothing_to_watch(layout)
             return self._end_step(True)
         self._add_extras(pending, scale, ctx.loss if ctx.due else None)
+        self._step_extras(pending, ctx)
         meta = StepMeta(ctx.step, ctx.global_step, ctx.epoch, ctx.batch_idx, ctx.optimizer_idx)
         record = self.engine.finish(pending, meta) if ctx.due else None
+        self._measures.landed(ctx.step, ctx.optimizer_idx, pending.host_extras)
         total = record.total_norm if record is not None else self.engine.read_guard(pending)[0]
         self.output.visuals(self.engine, layout, grad_scale, meta.step, record, red)
 
@@ -423,6 +389,85 @@ class GradientHealth:
         self._act_on(outcome, optimizer, ctx, layout)
         return self._end_step(outcome.go_ahead)
 
+    # ------------------------------------------------------------------ the sync-free guard (deferred.py)
+    def _defers(self, optimizer: Optimizer, ctx: StepContext, layout: ParamLayout) -> bool:
+        """Whether this step's verdict is read one step late, without a host sync (``guard_mode``)."""
+        clipping = self.guard.clipper is not None
+        deferred, why = self._deferred.wants(optimizer, self.options, layout, clipping, ctx.scaler)
+        if why is not None:
+            self.output.info(f"{self.output.frontend.name}: guard_mode='deferred' checks synchronously here: {why}.")
+        return deferred
+
+    def _deferred_step(
+        self,
+        optimizer: Optimizer,
+        ctx: StepContext,
+        layout: ParamLayout,
+        grad_scale: torch.Tensor | None,
+        scale: torch.Tensor | None,
+        red: Reduction,
+    ) -> bool:
+        """Launch the step's statistics (or guard) and their non-blocking copy; the verdict is read next step."""
+        tensor_norms = False
+        if ctx.due:
+            pending = self.engine.compute(layout, grad_scale, red)
+        else:
+            pending, tensor_norms = self._deferred.guard(layout, grad_scale, red)
+        if pending is None:
+            self._nothing_to_watch(layout)
+            return self._end_step(True)
+        self._add_extras(pending, scale, ctx.loss if ctx.due else None)
+        self._step_extras(pending, ctx)
+        meta = StepMeta(ctx.step, ctx.global_step, ctx.epoch, ctx.batch_idx, ctx.optimizer_idx)
+        self.output.visuals(self.engine, layout, grad_scale, meta.step, None, red)  # (histograms: pre-update)
+        arm = ctx.scaler is None and self.options.on_nonfinite in ("raise", "skip") and device_skip_supported(optimizer)
+        entry = self._deferred.launch(
+            optimizer, pending, meta=meta, due=ctx.due, tensor_norms=tensor_norms, arm=arm, several=ctx.several,
+            micro_batches=ctx.micro_batches, amp=ctx.scaler is not None, batches=ctx.batches,
+        )  # fmt: skip
+        if ctx.due and ctx.defer_publish:
+            self._clip_pending[id(optimizer)] = (entry, layout)
+        return self._end_step(True)
+
+    def _drain(self, act: bool = True) -> None:
+        """Read the steps in flight and decide on them, oldest first (every rank at the same step: no collective)."""
+        for entry in self._deferred.take():
+            total, record, values = self._deferred.read(entry)
+            self._measures.landed(entry.meta.step, entry.meta.optimizer_idx, entry.pending.host_extras)
+            outcome = self.guard.decide(
+                total,
+                entry.meta,
+                record,
+                lambda r=record, e=entry, v=values: r or self._deferred.failure_record(e, v),  # type: ignore[misc]
+                amp=entry.amp,
+                sparse_layers=self.watched.sparse_layers,
+                inventory=self.inventory,
+                batches=entry.batches,
+            )
+            if outcome.spike is not None:
+                self.output.history.add_spike(entry.meta.step, outcome.spike)
+            self.alerts.emit_step(outcome.alerts, rank_zero=self.output.frontend.rank_zero)
+            if outcome.failure is not None and act:
+                assert outcome.record is not None
+                note = failure_note(entry, self._now)
+                self._fail(outcome.record, outcome.failure, entry.micro_batches, entry.several, note)
+            if record is not None:
+                self.output.figure(record)
+            if outcome.record is not None:
+                self._publish(outcome.record, entry.several)
+
+    # ------------------------------------------------------------------ update size, noise scale, NaN birthplace
+    def _before_update(self, step: int) -> None:
+        """Every step's start: snapshots for update size and gradient cosine when the next step is due."""
+        every = self.output.frontend.log_every_n_steps or DEFAULT_LOG_EVERY_N_STEPS
+        self._measures.before(step, self.watched.model_layout, due(step + 1, every))
+
+    def _before_decide(self, ctx: StepContext, layout: ParamLayout) -> None:
+        """Before the guard decides (and clips): keep the step's replay; on due steps launch the extra measures."""
+        self._replays.add(ctx.step, ctx.replay)
+        if ctx.due:
+            self._measures.launch(layout, ctx, self.output.frontend, self._tracker.micro_batches)
+
     # ------------------------------------------------------------------ internals
     def _act_on(self, outcome: StepOutcome, optimizer: Optimizer, ctx: StepContext, layout: ParamLayout) -> None:
         if outcome.spike is not None:
@@ -430,7 +475,7 @@ class GradientHealth:
         self.alerts.emit_step(outcome.alerts, rank_zero=self.output.frontend.rank_zero)
         if outcome.failure is not None:
             assert outcome.record is not None
-            self._fail(outcome.record, outcome.failure, ctx)
+            self._fail(outcome.record, outcome.failure, ctx.micro_batches, ctx.several)
         if outcome.skip:
             for group in optimizer.param_groups:  # all of the optimizer's parameters, watched or not
                 for p in group["params"]:
@@ -449,33 +494,13 @@ class GradientHealth:
             return
         restarted = self.guard.reset()
         name = self.output.frontend.name
-        self.output.info(
-            f"{name}: the watched parameters changed at step {step}: {change.describe()}. "
-            "Every statistic covers the new set from this step"
-            + (f"; the running statistics of {' and '.join(restarted)} start over." if restarted else ".")
-        )
-        if change.late and self.output.frontend.ddp:
-            self.output.warn(
-                f"{name}: {len(change.late)} parameter(s) started training after DistributedDataParallel "
-                f"wrapped the model ({some(change.late)}). DDP only averages the gradients of the parameters that "
-                "required a gradient when it wrapped the model, so these are not averaged across ranks: their "
-                "replicas drift apart, and their per-layer statistics here are rank 0's own. Create the model with "
-                "them trainable (and freeze them through the optimizer instead), or let the strategy wrap it again."
-            )
+        self.output.info(change.announcement(name, step, restarted))
+        warning = change.ddp_warning(name) if self.output.frontend.ddp else None
+        if warning is not None:
+            self.output.warn(warning)
 
     def _nothing_to_watch(self, layout: ParamLayout) -> None:
-        name = self.output.frontend.name
-        if len(layout):
-            self.output.warn_once(
-                "no-grad-at-all",
-                f"{name}: no watched parameter has a gradient at this optimizer step; nothing is recorded for it.",
-            )
-        else:
-            self.output.warn_once(
-                "nothing-watched",
-                f"{name}: this optimizer has no parameter to watch at this step (all frozen, or left out by "
-                "`include`/`exclude`); nothing is recorded for it until one trains.",
-            )
+        self.output.nothing_to_watch(bool(len(layout)))
 
     def _reduction(self) -> Reduction:
         frontend = self.output.frontend
@@ -495,6 +520,10 @@ class GradientHealth:
             pending.extras["first_nonfinite_micro_batch"] = self._tracker.first_bad
         # else: a single micro-batch; the engine reports micro-batch 0 for a non-finite step
 
+    def _step_extras(self, pending: PendingStats, ctx: StepContext) -> None:
+        fold_loss(pending, ctx.loss)  # (a non-finite loss fails the step: birth.py)
+        pending.extras |= self._measures.extras(ctx.step, ctx.optimizer_idx)  # (the noise scale's, on due steps)
+
     def _end_step(self, go: bool) -> bool:
         self._tracker.reset()
         return go
@@ -506,31 +535,40 @@ class GradientHealth:
         self.output.add_activations(step, stats)
 
     def _flush_pending(self, collectives: bool = True) -> None:
+        """Take the post-clip norm of the steps the framework clipped (after :meth:`on_step`) and publish them."""
+        while self._clip_pending:  # deferred: the post-clip norm goes to the host with the step, no sync
+            _, (entry, layout) = self._clip_pending.popitem()
+            if collectives and (norm := self._post_clip_norm(layout)) is not None:
+                self._deferred.post_clip(entry, norm)
         while self._awaiting_clip:
             _, (record, layout, several) = self._awaiting_clip.popitem()
-            present = layout.with_grad()
-            params = [layout.params[i] for i in present]
-            grads = stat_grads(layout, present)
-            if grads and collectives:  # the second transfer of a step, only when the framework clips gradients
-                norm = self.engine.global_norm(grads, self.output.frontend.reduction, params=params)  # type: ignore[arg-type]
-                record = replace(record, post_clip_norm=norm.item())
+            if collectives and (norm := self._post_clip_norm(layout)) is not None:
+                record = replace(record, post_clip_norm=norm.item())  # the second transfer of a clipped step
             self._publish(record, several)
 
+    def _post_clip_norm(self, layout: ParamLayout) -> torch.Tensor | None:
+        present = layout.with_grad()
+        grads = stat_grads(layout, present)
+        if not grads:
+            return None
+        params = [layout.params[i] for i in present]
+        return self.engine.global_norm(grads, self.output.frontend.reduction, params=params)  # type: ignore[arg-type]
+
     def _publish(self, record: StepStats, several: bool) -> None:
+        record = self._measures.apply(record)  # (update size, gradient cosine, noise scale launched at its step)
         self.last_record = record
         counters = {metrics.ALERTS: float(self.alerts.total), **self.guard.counters(self.output.frontend.amp)}
         self.output.publish(record, several, counters)
 
-    def _alert(self, alert: Alert) -> None:
-        self.alerts(alert, rank_zero=self.output.frontend.rank_zero)
-
-    def _fail(self, record: StepStats, failure: Failure, ctx: StepContext) -> None:
+    def _fail(self, record: StepStats, failure: Failure, micro_batches: bool, several: bool, note: str = "") -> None:
         """Log the step, flush the loggers, write the report, raise :class:`TrainingHealthError`."""
-        message = format_nonfinite_message(record, failure.reason, micro_batches=ctx.micro_batches)
+        record = self._replays.birth(record, self.model, self.output.frontend.sharded)  # type: ignore[arg-type]
+        message = format_nonfinite_message(record, failure.reason, micro_batches=micro_batches, note=note)
         first = message.splitlines()[0]
-        self._alert(Alert(kind=failure.kind, severity=Severity.CRITICAL, step=record.step, epoch=record.epoch,
-                          batch_idx=record.batch_idx, message=first))  # fmt: skip
-        self._publish(record, ctx.several)
+        alert = Alert(kind=failure.kind, severity=Severity.CRITICAL, step=record.step, epoch=record.epoch,
+                      batch_idx=record.batch_idx, message=first)  # fmt: skip
+        self.alerts(alert, rank_zero=self.output.frontend.rank_zero)
+        self._publish(record, several)
         self.output.emit()
         self.output.write_report(self.watched.sparse_layers, self.inventory)
         self.output.flush()
@@ -542,11 +580,13 @@ class GradientHealth:
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """All running state, so that a resumed run makes the same decisions as an uninterrupted one."""
+        self._drain()  # (the steps in flight count)
         return {
             **self.guard.state_dict(),
             "warned": sorted(self.output.warned),
             "alerts": self.alerts.state_dict(),
             "watched": self.watched.state_dict(),
+            "noise_scale": self._measures.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -554,16 +594,7 @@ class GradientHealth:
         self.output.warned = set(state_dict.get("warned", ()))
         self.watched.load_state_dict(state_dict.get("watched"))
         self.alerts.load_state_dict(state_dict.get("alerts") or {})
+        self._measures.load_state_dict(state_dict.get("noise_scale"))
         warning = self.guard.load_state_dict(state_dict)
         if warning is not None:
             self.output.warn(warning)
-
-
-def _still_scaled(scaler: Any, optimizer: Optimizer) -> bool:
-    """Whether ``optimizer``'s gradients still hold ``scaler``'s loss scale (``scaler.unscale_`` not called yet)."""
-    states = getattr(scaler, "_per_optimizer_states", None)
-    if states is None:
-        return False
-    from torch.amp.grad_scaler import OptState
-
-    return states[id(optimizer)]["stage"] is not OptState.UNSCALED

@@ -248,6 +248,26 @@ class DeferredGuard:
         self._pool: dict[tuple[int, torch.dtype], list[torch.Tensor]] = {}
         self.fallbacks: set[str] = set()  # why "deferred" fell back to synchronous checks (said once each)
 
+    def wants(
+        self, optimizer: Optimizer, options: Any, layout: ParamLayout, clipping: bool, scaler: Any
+    ) -> tuple[bool, str | None]:
+        """Whether a step is deferred (:func:`resolve_mode` with the options), and why not, said once per reason."""
+        if options.guard_mode == "sync" or not layout.params:
+            return False, None
+        deferred, why = resolve_mode(
+            options.guard_mode,
+            layout.params[0].device,
+            on_nonfinite=options.on_nonfinite,
+            on_spike=options.on_spike if options.spike_z_thresh is not None else "warn",
+            clipping=clipping,
+            can_skip=device_skip_supported(optimizer),
+            amp=scaler is not None,
+        )
+        if why is None or why in self.fallbacks:
+            return deferred, None
+        self.fallbacks.add(why)
+        return deferred, why
+
     @torch.no_grad()
     def guard(
         self, layout: ParamLayout, grad_scale: torch.Tensor | None, reduction: Reduction | None

@@ -1,8 +1,13 @@
-"""The built-in demo: an unhealthy deep sigmoid MLP beside a healthy residual ReLU MLP (seed 002's examples)."""
+"""The built-in demo: an unhealthy deep sigmoid MLP beside a healthy residual ReLU MLP.
+
+The pair is the classic one: saturating sigmoids multiply the gradient by at most 0.25 per layer (Glorot & Bengio,
+2010), while residual connections and He initialisation keep its scale through depth (He et al., 2015, 2016).
+"""
 
 from __future__ import annotations
 
 import math
+import shutil
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,14 +20,29 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradhealth.callback import GradientHealthMonitor
+from lightning_gradhealth.errors import GradientHealthError
 from lightning_gradhealth.record import StepStats
 from lightning_gradhealth.rules import Finding
 
-__all__ = ["DeepSigmoidMLP", "DemoRun", "RegressionTask", "ResidualReLUMLP", "run_demo"]
+__all__ = [
+    "DEMO_MARKER",
+    "DEMO_RUNS",
+    "DeepSigmoidMLP",
+    "DemoRun",
+    "RegressionTask",
+    "ResidualReLUMLP",
+    "clear_previous_runs",
+    "run_demo",
+]
+
+#: The demo's runs: sub-folders of its output directory, the unhealthy net first.
+DEMO_RUNS = ("deep_sigmoid", "residual_relu")
+#: The file the demo leaves in each run folder it writes: a re-run removes only the folders that hold it.
+DEMO_MARKER = ".gradhealth_demo"
 
 
 class DeepSigmoidMLP(nn.Module):
-    """Seed 002's vanishing-gradient net: ``depth`` × (Linear, Sigmoid), default PyTorch init."""
+    """The vanishing-gradient net: ``depth`` × (Linear, Sigmoid), default PyTorch init."""
 
     def __init__(self, depth: int = 20, width: int = 100, in_dim: int = 100) -> None:
         super().__init__()
@@ -53,7 +73,7 @@ class _ResidualBlock(nn.Module):
 
 
 class ResidualReLUMLP(nn.Module):
-    """Seed 002's healthy alternative: pre-LayerNorm residual ReLU blocks with He (Kaiming) initialisation."""
+    """The healthy alternative: pre-LayerNorm residual ReLU blocks with He (Kaiming) initialisation."""
 
     def __init__(self, blocks: int = 10, width: int = 100, in_dim: int = 100) -> None:
         super().__init__()
@@ -146,8 +166,36 @@ def _data(n: int, in_dim: int, seed: int) -> TensorDataset:
     return TensorDataset(x, y)
 
 
+def clear_previous_runs(out_dir: str | Path) -> list[Path]:
+    """Remove the run folders a previous demo left in ``out_dir``, so that TensorBoard shows one run per net.
+
+    Only folders holding :data:`DEMO_MARKER` are removed; nothing is removed unless every run folder present is one.
+
+    Returns:
+        The folders removed.
+
+    Raises:
+        GradientHealthError: A run folder exists that the demo did not write (it is left as it is).
+    """
+    present = [Path(out_dir) / name for name in DEMO_RUNS if (Path(out_dir) / name).exists()]
+    for run in present:
+        if not (run / DEMO_MARKER).is_file() and (not run.is_dir() or any(run.iterdir())):
+            raise GradientHealthError(
+                f"{run} exists and was not written by this demo (no {DEMO_MARKER} in it), so it is left as it is: "
+                "choose another output directory (gradhealth demo --out DIR) or remove it",
+                path=str(run),
+            )
+    cleared = [run for run in present if (run / DEMO_MARKER).is_file()]
+    for run in cleared:
+        shutil.rmtree(run)
+    return cleared
+
+
 def run_demo(out_dir: str | Path = "gradhealth_demo", steps: int = 200, log_every_n_steps: int = 5) -> list[DemoRun]:
     """Train the two demo nets with :class:`GradientHealthMonitor` and TensorBoard logs.
+
+    Each run starts clean: the folders of a previous demo in ``out_dir`` are removed first
+    (:func:`clear_previous_runs`), so TensorBoard does not overlay two runs.
 
     Args:
         out_dir: Where the TensorBoard logs go (``<out_dir>/deep_sigmoid``, ``<out_dir>/residual_relu``).
@@ -156,14 +204,20 @@ def run_demo(out_dir: str | Path = "gradhealth_demo", steps: int = 200, log_ever
 
     Returns:
         One :class:`DemoRun` per net, the unhealthy one first.
+
+    Raises:
+        GradientHealthError: A run folder in ``out_dir`` was not written by the demo.
     """
+    clear_previous_runs(out_dir)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     runs: list[DemoRun] = []
-    for name, make in (("deep_sigmoid", DeepSigmoidMLP), ("residual_relu", ResidualReLUMLP)):
+    for name, make in zip(DEMO_RUNS, (DeepSigmoidMLP, ResidualReLUMLP), strict=True):
         seed_everything(0, verbose=False)
         monitor = GradientHealthMonitor()
         collect = _Collect(monitor)
         logger = TensorBoardLogger(str(out_dir), name=name, version="")
+        Path(logger.log_dir).mkdir(parents=True, exist_ok=True)
+        (Path(logger.log_dir) / DEMO_MARKER).write_text("written by `gradhealth demo`: a re-run replaces this folder\n")
         trainer = Trainer(
             max_steps=steps,
             callbacks=[monitor, collect],

@@ -30,14 +30,13 @@ from lightning_gradhealth.distributed import (
     sum_over,
 )
 from lightning_gradhealth.histograms import layer_histograms
+from lightning_gradhealth.horizontal import HorizontalPlan, gradient_stats
 from lightning_gradhealth.kernels import (
     NonFiniteTracker,
     accum_dtype,
     foreach_norms,
-    full_stats,
     layer_maxes,
     layer_sums,
-    nonzero_and_dead_rows,
     nonzero_counts,
     stat_grads,
 )
@@ -85,6 +84,7 @@ class PendingStats:
         extras: Optional device scalars appended at transfer time, by name.
         reduction: The process groups the statistics were combined over.
         schema: Where each named value lies in ``packed`` (read back by :class:`PackValues`).
+        host_extras: The extras as read back by :meth:`GradStatsEngine.finish`, by name.
     """
 
     layout: ParamLayout
@@ -95,6 +95,7 @@ class PendingStats:
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
     reduction: Reduction = field(default_factory=Reduction)
     schema: PackSchema = ()
+    host_extras: dict[str, float] = field(default_factory=dict)
 
 
 class GradStatsEngine:
@@ -124,6 +125,8 @@ class GradStatsEngine:
             tuple[int, tuple[int, ...], torch.device], tuple[weakref.ReferenceType[ParamLayout], torch.Tensor]
         ] = {}
         self._scratch: dict[torch.device, torch.Tensor] = {}  # zero counting's reused buffer (CPU)
+        self._plans: dict[tuple[object, ...], HorizontalPlan] = {}  # the multi-tensor path's blocks, by shapes
+        self._horizontal: bool | None = None  # multi-tensor path: None = by device (use_horizontal); tests force it
         self._units_cache: dict[tuple[Any, ...], tuple[weakref.ReferenceType[ParamLayout], Any]] = {}
 
     # ------------------------------------------------------------------ device side
@@ -284,19 +287,18 @@ class GradStatsEngine:
         p = self.norm_type
         inf_norm = math.isinf(p)
 
-        raw_g_norm = self.norms(local_g)
-        p_norm = self.norms(local_p)
-        acc = raw_g_norm.dtype
+        acc = accum_dtype(device)
         layer = self.per_layer  # per-layer blocks are copied to the host only for per-layer records
         # dead units (rows of 2-D+ gradients entirely zero): per-layer records only, in the zero counting's pass
         units = (self._unit_mask(layout, present, red) if present else (False,)) if layer else None
-        nonzero, dead_rows = nonzero_and_dead_rows(local_g, units, self._scratch)
-        nonzero = nonzero.to(acc)
-        inv_scale = None
-        g_norm = raw_g_norm
-        if grad_scale is not None:
-            inv_scale = grad_scale.detach().to(acc).reshape(()).reciprocal()
-            g_norm = raw_g_norm * inv_scale
+        inv_scale = None if grad_scale is None else grad_scale.detach().to(acc).reshape(()).reciprocal()
+        # the gradients' norms, zero counts, dead rows and (stats="full") extremes and sums, in one place: each
+        # tensor in turn while in cache on the CPU, multi-tensor (few kernels for all) on accelerators
+        raw_g_norm, nonzero, dead_rows, full = gradient_stats(
+            local_g, units, self.full, p, inv_scale, self._scratch, self._plans, self._horizontal
+        )
+        p_norm = self.norms(local_p)
+        g_norm = raw_g_norm if inv_scale is None else raw_g_norm * inv_scale
 
         sharded = red.shard_group is not None
         # a tensor that is whole on every rank of the sharding group is counted on its first rank only
@@ -322,9 +324,8 @@ class GradStatsEngine:
             # which parameters have a gradient on some rank (FSDP1: not an empty shard)
             at = torch.tensor(present, dtype=torch.long).to(device, non_blocking=True)  # may be empty
             pack.add_sum("presence", torch.zeros(len(params), dtype=acc, device=device).index_fill_(0, at, 1.0))
-        if self.full:
-            l2 = raw_g_norm if p == 2.0 else None  # reuse the L2 norms already taken
-            max_abs, neg_min_abs, g_sum, g_sq = full_stats(local_g, acc, inv_scale, l2, self._scratch)
+        if full is not None:
+            max_abs, neg_min_abs, g_sum, g_sq = full
             pack.add_sum("sum", layer_sum(g_sum), send=layer)
             pack.add_sum("sum_squares", layer_sum(g_sq), send=layer)
             pack.add_max("max_abs", layer_max(max_abs), send=layer)
@@ -366,10 +367,6 @@ class GradStatsEngine:
         if not red.skips_whole():
             return None
         return torch.tensor([0.0 if id(q) in red.whole else 1.0 for q in params], dtype=acc).to(device)
-
-    def _full_stats(self, *args: Any) -> tuple[torch.Tensor, ...]:
-        """:func:`~lightning_gradhealth.kernels.full_stats` through this engine's reused buffer (benchmarks call it)."""
-        return full_stats(*args, scratch=self._scratch)
 
     @torch.no_grad()
     def guard(
@@ -425,14 +422,23 @@ class GradStatsEngine:
         return layer_histograms(layout, bins, grad_scale, reduction)
 
     @staticmethod
-    def _transfer(pending: PendingStats) -> tuple[PackValues, dict[str, float]]:
-        """The one device-to-host copy: the packed tensor with the extras appended, read back by name."""
-        names = list(pending.extras)
+    def outgoing(pending: PendingStats) -> tuple[torch.Tensor, tuple[str, ...]]:
+        """The device tensor that goes to the host: the packed values with the extras appended (and their names)."""
+        names = tuple(pending.extras)
         packed = pending.packed
         if names:
             extra = torch.stack([pending.extras[k].detach().to(packed.dtype).reshape(()) for k in names])
             packed = torch.cat([packed, extra])
-        values: list[float] = packed.tolist()
+        return packed, names
+
+    @staticmethod
+    def _transfer(
+        pending: PendingStats, values: list[float] | None = None
+    ) -> tuple[PackValues, dict[str, float]]:
+        """The one device-to-host copy (``values``: already copied), read back by name."""
+        names = tuple(pending.extras)
+        if values is None:
+            values = GradStatsEngine.outgoing(pending)[0].tolist()
         extras = dict(zip(names, values[len(values) - len(names) :], strict=True))
         return PackValues(pending.schema, values), extras
 
@@ -471,7 +477,7 @@ class GradStatsEngine:
         return counts
 
     # ------------------------------------------------------------------ host side
-    def finish(self, pending: PendingStats, meta: StepMeta) -> StepStats:
+    def finish(self, pending: PendingStats, meta: StepMeta, values: list[float] | None = None) -> StepStats:
         """Copy the packed tensor to the host (one transfer) and build the record.
 
         A step whose global norm is non-finite makes one more transfer, for the exact NaN/Inf counts.
@@ -479,11 +485,16 @@ class GradStatsEngine:
         Args:
             pending: What :meth:`compute` returned, plus any extras added since.
             meta: Step, epoch, batch and optimizer indices.
+            values: The host copy of :meth:`outgoing`, made earlier without blocking (``guard_mode="deferred"``):
+                no transfer and no collective here; the gradients are gone, so a non-finite step's NaN/Inf
+                entries are not counted (:attr:`StepStats.counts_exact` is ``False``).
 
         Returns:
             The typed record.
         """
-        host, extras = self._transfer(pending)  # the one device -> host transfer of the step
+        exact = values is None
+        host, extras = self._transfer(pending, values)  # the one device -> host transfer of the step
+        pending.host_extras = extras
         layout = pending.layout
         n = layout.num_layers
         sharded = "presence" in host
@@ -497,7 +508,7 @@ class GradStatsEngine:
 
         nan_l, inf_l = [0] * n, [0] * n
         total = host.scalar("total_norm")
-        if not math.isfinite(total):
+        if not math.isfinite(total) and exact:
             counts = [int(c) for c in self.nonfinite_counts(pending).tolist()]  # rare second transfer
             nan_l, inf_l = counts[:n], counts[n:]
 
@@ -548,7 +559,7 @@ class GradStatsEngine:
         grad_scale = extras.get("amp_scale")
         loss = extras.get("loss")
         micro = extras.get("first_nonfinite_micro_batch")
-        if not math.isfinite(total) and not pending.reduction.empty:
+        if not math.isfinite(total) and not pending.reduction.empty and exact:
             # each rank saw its own gradient (or shard) go bad at its own micro-batch: the first one anywhere
             micro = self._first_micro_batch_anywhere(micro, pending)
         if micro is None and not math.isfinite(total):
@@ -573,6 +584,7 @@ class GradStatsEngine:
             first_nonfinite_micro_batch=None if micro is None or micro < 0 else int(micro),
             grad_max_abs=max((lay.max_abs for lay in layers if lay.max_abs is not None), default=None),
             loss=loss,
+            counts_exact=exact or math.isfinite(total),
         )
 
     @staticmethod

@@ -30,6 +30,10 @@ class History:
         layer_dead_units: Per kept record, the dead-unit fraction of each layer (``nan`` where it is ``None``: no
             gradient, or no units, see :attr:`~lightning_gradhealth.record.LayerStats.dead_unit_frac`).
         loss: The training loss of each kept record (``nan`` where the record has none).
+        layer_update_ratio: Per kept record, the update ratio of each layer (``nan`` where not measured).
+        grad_cosine: The gradient cosine of each kept record (``nan`` where not measured).
+        noise_scale: The gradient noise scale of each kept record (``nan`` where not measured).
+        batch_size: The examples per optimizer step of the latest record with a noise scale.
         first_nonfinite: The first non-finite record, if any.
         last_nonfinite: The latest non-finite record, if any.
         nonfinite_records: How many records offered to :meth:`add` were non-finite.
@@ -51,6 +55,10 @@ class History:
     layer_zero_frac: list[list[float]] = field(default_factory=list)
     layer_ratio: list[list[float]] = field(default_factory=list)
     layer_dead_units: list[list[float]] = field(default_factory=list)
+    layer_update_ratio: list[list[float]] = field(default_factory=list)
+    grad_cosine: list[float] = field(default_factory=list)
+    noise_scale: list[float] = field(default_factory=list)
+    batch_size: int | None = None
     loss: list[float] = field(default_factory=list)
     first_nonfinite: StepStats | None = None
     last_nonfinite: StepStats | None = None
@@ -75,7 +83,8 @@ class History:
             self.nonfinite_records += 1
             self.worst_nonfinite_layers = max(self.worst_nonfinite_layers, len(record.nonfinite_layers))
         # NaN only: a norm can overflow to inf on finite weights (float32, large norm_type), never to NaN
-        if self.nonfinite_params_step is None and math.isnan(record.param_norm):
+        # (a failing step read without a host sync has no parameter norms: NaN there means "not measured")
+        if self.nonfinite_params_step is None and math.isnan(record.param_norm) and record.counts_exact:
             self.nonfinite_params_step = record.step
         names = set(record.no_grad_params)
         self.no_grad_params = names if self.no_grad_params is None else self.no_grad_params & names
@@ -86,11 +95,14 @@ class History:
         index = self._index
         n = len(self.layer_names)
         norm, zero, ratio, dead = [math.nan] * n, [math.nan] * n, [math.nan] * n, [math.nan] * n
+        update = [math.nan] * n
         for lay in record.layers:
             j = index[lay.name]
             norm[j], zero[j], ratio[j] = lay.grad_norm, lay.zero_frac, lay.ratio
             if lay.dead_unit_frac is not None:
                 dead[j] = lay.dead_unit_frac
+            if lay.update_ratio is not None:
+                update[j] = lay.update_ratio
         self.steps.append(record.step)
         self.total_norm.append(record.total_norm)
         self.zero_frac.append(record.zero_frac)
@@ -100,6 +112,10 @@ class History:
         self.layer_ratio.append(ratio)
         self.layer_dead_units.append(dead)
         self.loss.append(math.nan if record.loss is None else record.loss)
+        self.layer_update_ratio.append(update)
+        self.grad_cosine.append(math.nan if record.grad_cosine is None else record.grad_cosine)
+        self.noise_scale.append(math.nan if record.noise_scale is None else record.noise_scale)
+        self.batch_size = record.batch_size or self.batch_size
         if len(self.steps) > self.max_snapshots:
             self._thin()
 
@@ -122,7 +138,8 @@ class History:
                 placed.add(name)
         order += [known for known in self.layer_names[k:] if known not in placed]
         source = [old.get(name) for name in order]
-        for rows in (self.layer_norm, self.layer_zero_frac, self.layer_ratio, self.layer_dead_units):
+        for rows in (self.layer_norm, self.layer_zero_frac, self.layer_ratio, self.layer_dead_units,
+                     self.layer_update_ratio):  # fmt: skip
             rows[:] = [[row[j] if j is not None and j < len(row) else math.nan for j in source] for row in rows]
         self.layer_names = order
         self._index = {name: i for i, name in enumerate(order)}
@@ -141,7 +158,8 @@ class History:
     def _thin(self) -> None:
         keep = [i for i in range(len(self.steps)) if i % 2 == 0 or not math.isfinite(self.total_norm[i])]
         for name in ("steps", "total_norm", "zero_frac", "layer_norm_ratio", "layer_norm", "layer_zero_frac",
-                     "layer_ratio", "layer_dead_units", "loss"):  # fmt: skip
+                     "layer_ratio", "layer_dead_units", "loss", "layer_update_ratio", "grad_cosine",
+                     "noise_scale"):  # fmt: skip
             series = getattr(self, name)
             setattr(self, name, [series[i] for i in keep])
         self._keep_every *= 2
@@ -149,11 +167,12 @@ class History:
     def layer_series(self, name: str, which: str = "norm") -> list[float]:
         """One layer's values over the kept records.
 
-        ``which``: ``"norm"``, ``"zero_frac"``, ``"ratio"`` or ``"dead_units"`` (the dead-unit fraction).
+        ``which``: ``"norm"``, ``"zero_frac"``, ``"ratio"``, ``"dead_units"`` (the dead-unit fraction) or
+        ``"update_ratio"``.
         """
         j = self.layer_names.index(name)
         rows = {"norm": self.layer_norm, "zero_frac": self.layer_zero_frac, "ratio": self.layer_ratio,
-                "dead_units": self.layer_dead_units}[which]  # fmt: skip
+                "dead_units": self.layer_dead_units, "update_ratio": self.layer_update_ratio}[which]  # fmt: skip
         return [row[j] if j < len(row) else math.nan for row in rows]
 
     def recent(self, fraction: float = 0.25, minimum: int = 3) -> slice:

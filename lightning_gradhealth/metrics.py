@@ -26,6 +26,7 @@ __all__ = [
     "CLIP_FRAC",
     "GLOBAL_KEYS",
     "GRADIENT_FLOW",
+    "GRAD_COSINE",
     "GRAD_DEAD_UNITS",
     "GRAD_INF",
     "GRAD_MAX",
@@ -42,6 +43,7 @@ __all__ = [
     "LAYER_NORM_RATIO",
     "LOSS",
     "NAN_COUNT",
+    "NOISE_SCALE",
     "NO_GRAD_COUNT",
     "PARAM_NORM",
     "POST_CLIP_NORM",
@@ -49,6 +51,7 @@ __all__ = [
     "SPIKES",
     "SUMMARY_KEYS",
     "TOTAL_NORM",
+    "UPDATE_RATIO",
     "ZERO_FRAC",
     "MetricKey",
     "activation_metrics",
@@ -95,6 +98,10 @@ AMP_SCALE = "grad_health/amp_scale"
 #: The step's training loss (:attr:`StepStats.loss`): never logged by this package (the training loop logs its
 #: loss); named for the evidence of the "diverging" diagnosis, and read back by :func:`metrics_to_record`.
 LOSS = "grad_health/loss"
+#: Update size and batch-size advice (:mod:`~lightning_gradhealth.updates`, :mod:`~lightning_gradhealth.noise`), on
+#: computed steps when measured: the cosine between consecutive steps' gradients, and the gradient noise scale.
+GRAD_COSINE = "grad_health/grad_cosine"
+NOISE_SCALE = "grad_health/noise_scale"
 #: TensorBoard-only: the gradient-flow figure's tag, and the per-layer histograms' prefix.
 GRADIENT_FLOW = "grad_health/gradient_flow"
 HISTOGRAM = "grad_hist"
@@ -102,7 +109,7 @@ HISTOGRAM = "grad_hist"
 #: Every global (not per-layer) key.
 GLOBAL_KEYS: frozenset[str] = frozenset(
     (*SUMMARY_KEYS, ALERTS, SKIPPED_STEPS, AMP_OVERFLOW, SPIKES, CLIP_COEF, CLIPPED_NORM, CLIP_FRAC, POST_CLIP_NORM,
-     AMP_SCALE, GRADIENT_FLOW, LOSS)
+     AMP_SCALE, GRADIENT_FLOW, LOSS, GRAD_COSINE, NOISE_SCALE)
 )  # fmt: skip
 
 #: Per-layer gradient metrics (``<metric>/<layer>``).
@@ -117,6 +124,8 @@ GRAD_MEAN = "grad_mean"
 GRAD_STD = "grad_std"
 #: Fraction of the layer's units (rows of its 2-D+ parameters) whose gradient is entirely zero.
 GRAD_DEAD_UNITS = "grad_dead_units"
+#: ``‖θ_after − θ_before‖ / ‖θ_before‖`` of the layer's latest update (when measured).
+UPDATE_RATIO = "update_ratio"
 
 #: Per-layer key prefixes: always, only on steps where the value is non-zero, with ``stats="full"``, and for
 #: layers that have units (a parameter with two dimensions or more: not for biases or norms alone).
@@ -125,6 +134,7 @@ LAYER_KEYS: dict[str, tuple[str, ...]] = {
     "nonzero": (GRAD_NAN, GRAD_INF),
     "full": (GRAD_MAX, GRAD_MIN, GRAD_MEAN, GRAD_STD),
     "units": (GRAD_DEAD_UNITS,),
+    "update": (UPDATE_RATIO,),
 }
 
 #: Per-module activation metrics (``<metric>/<module>``; never suffixed by an optimizer).
@@ -232,6 +242,10 @@ def summary_metrics(record: StepStats, optimizer_idx: int | None = None) -> dict
         out[metric_key(POST_CLIP_NORM, None, optimizer_idx)] = record.post_clip_norm
     if record.amp_scale is not None:
         out[metric_key(AMP_SCALE, None, optimizer_idx)] = record.amp_scale
+    if record.grad_cosine is not None:
+        out[metric_key(GRAD_COSINE, None, optimizer_idx)] = record.grad_cosine
+    if record.noise_scale is not None:
+        out[metric_key(NOISE_SCALE, None, optimizer_idx)] = record.noise_scale
     return out
 
 
@@ -254,6 +268,7 @@ def record_to_metrics(record: StepStats, optimizer_idx: int | None = None) -> di
             GRAD_NAN: float(layer.nan_count) if layer.nan_count else None,
             GRAD_INF: float(layer.inf_count) if layer.inf_count else None,
             GRAD_DEAD_UNITS: layer.dead_unit_frac,
+            UPDATE_RATIO: layer.update_ratio,
         }
         if layer.max_abs is not None:
             values |= {GRAD_MAX: layer.max_abs, GRAD_MIN: layer.min_abs_nonzero, GRAD_MEAN: layer.mean,
@@ -306,7 +321,7 @@ def metrics_to_record(metrics: Mapping[str, float], step: int, optimizer_idx: in
                    nan_count=int(values.get(GRAD_NAN, 0)), inf_count=int(values.get(GRAD_INF, 0)),
                    max_abs=optional(values, GRAD_MAX), min_abs_nonzero=optional(values, GRAD_MIN),
                    mean=optional(values, GRAD_MEAN), std=optional(values, GRAD_STD),
-                   dead_unit_frac=values.get(GRAD_DEAD_UNITS))
+                   dead_unit_frac=values.get(GRAD_DEAD_UNITS), update_ratio=values.get(UPDATE_RATIO))
         for name, values in layers.items()
         if GRAD_NORM in values
     )  # fmt: skip
@@ -317,6 +332,7 @@ def metrics_to_record(metrics: Mapping[str, float], step: int, optimizer_idx: in
         inf_count=int(summary.get(INF_COUNT, 0)), layer_norm_ratio=summary.get(LAYER_NORM_RATIO, 1.0),
         no_grad_count=int(summary.get(NO_GRAD_COUNT, 0)), layers=stats,
         post_clip_norm=summary.get(POST_CLIP_NORM), amp_scale=summary.get(AMP_SCALE), loss=summary.get(LOSS),
+        grad_cosine=summary.get(GRAD_COSINE), noise_scale=summary.get(NOISE_SCALE),
     )  # fmt: skip
 
 

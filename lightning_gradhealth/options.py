@@ -87,12 +87,18 @@ class HealthOptions:
     spike_warmup_steps: int = 50
     on_spike: Literal["warn", "skip", "raise"] = "warn"
     spike_dir: str | Path | None = None
+    guard_mode: Literal["auto", "sync", "deferred"] = "auto"
     report: bool = True
     report_dir: str | Path | None = None
     activation_stats_every_n_steps: int | None = None
     histogram_every_n_steps: int | None = None
-    figure_every_n_steps: int | None = None
+    figure_every_n_steps: int | Literal["auto"] | None = "auto"
     verbose: bool = True
+    replay_nonfinite: bool = True
+    update_ratio: bool = False
+    grad_cosine: bool = False
+    noise_scale: bool = True
+    micro_batch_size: int | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -121,6 +127,7 @@ class HealthOptions:
         check_float("spike_z_thresh", self.spike_z_thresh, low=0, low_open=True, allow_none=True)
         check_int("spike_warmup_steps", self.spike_warmup_steps, minimum=1)
         check_choice("on_spike", self.on_spike, ("warn", "skip", "raise"))
+        check_choice("guard_mode", self.guard_mode, ("auto", "sync", "deferred"))
         for name in ("spike_dir", "report_dir"):
             value = getattr(self, name)
             if value is not None:
@@ -128,8 +135,16 @@ class HealthOptions:
                 set_(self, name, Path(value))
         check_type("report", self.report, bool, "a bool")
         check_type("verbose", self.verbose, bool, "a bool")
-        for name in ("activation_stats_every_n_steps", "histogram_every_n_steps", "figure_every_n_steps"):
+        for name in ("replay_nonfinite", "update_ratio", "grad_cosine", "noise_scale"):
+            check_type(name, getattr(self, name), bool, "a bool")
+        check_int("micro_batch_size", self.micro_batch_size, minimum=1, allow_none=True)
+        for name in ("activation_stats_every_n_steps", "histogram_every_n_steps"):
             check_int(name, getattr(self, name), minimum=1, allow_none=True)
+        figures = self.figure_every_n_steps
+        if figures != "auto" and figures is not None:
+            check_type("figure_every_n_steps", figures, int, "'auto', an int >= 1 or None")
+            if figures < 1:
+                raise ValueError(f"`figure_every_n_steps` must be 'auto', an int >= 1 or None, got {figures!r}.")
 
     def _check_clip(self) -> None:
         check_choice("clip", self.clip, (None, *CLIP_DEFAULTS))

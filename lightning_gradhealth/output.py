@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,11 +28,21 @@ from lightning_gradhealth.options import HealthOptions
 from lightning_gradhealth.record import StepStats
 from lightning_gradhealth.report import MODEL_JSON, console_summary, write_report
 from lightning_gradhealth.rules import Finding, diagnose
-from lightning_gradhealth.sinks import DirectoryLogger, write_metrics
+from lightning_gradhealth.sinks import MEDIA_SUPPORT, DirectoryLogger, Media, logger_kind, write_metrics
 from lightning_gradhealth.thresholds import Thresholds
-from lightning_gradhealth.visuals import custom_scalars_layout, gradient_flow_figure, write_histograms
+from lightning_gradhealth.visuals import (
+    custom_scalars_layout,
+    flagged_layers,
+    gradient_flow_figure,
+    reference_lines,
+    render,
+)
 
-__all__ = ["Frontend", "Output"]
+__all__ = ["FIGURE_SHARE", "Frontend", "Output"]
+
+#: ``figure_every_n_steps="auto"``: the gradient-flow figures take at most this share of the run's wall time (the
+#: figure of a 30-layer model takes ~0.2 s to draw on a CPU core: one every ~3 minutes; plus one at the end).
+FIGURE_SHARE = 0.001
 
 
 def _print(message: str) -> None:
@@ -136,10 +147,6 @@ def _loggers(loggers: Any) -> list[Any]:
     return [DirectoryLogger(lg) if isinstance(lg, (str, Path)) else lg for lg in items]
 
 
-def _is_tensorboard(logger: Any) -> bool:
-    return isinstance(logger, DirectoryLogger) or any(c.__name__ == "TensorBoardLogger" for c in type(logger).__mro__)
-
-
 class Output:
     """Records to metrics, loggers, visuals, history and report.
 
@@ -159,7 +166,14 @@ class Output:
         self.warned: set[str] = set()
         self.frontend = Frontend(model=nn.Module())
         self._unlogged: dict[int, dict[str, float]] = {}
+        self._media: dict[int, Media] = {}
         self._figures = options.figure_every_n_steps
+        self._inventory: ModelInventory | None = None
+        self._last_figure: int | None = None  # the step of the last figure drawn
+        self._last_record: StepStats | None = None
+        self._figure_clock: float | None = None  # when the first figure was drawn
+        self._takes: set[str] = set()  # what the loggers take besides scalars ("histograms", "figures")
+        self._figure_seconds = 0.0  # what the figures took so far
 
     def begin(self, frontend: Frontend) -> None:
         """A new run: fresh history and findings."""
@@ -167,6 +181,10 @@ class Output:
         self.history = History()
         self.findings = []
         self._unlogged.clear()
+        self._media.clear()
+        self._takes = {what for lg in frontend.loggers for what in MEDIA_SUPPORT[logger_kind(lg)]}
+        self._last_figure = self._last_record = self._figure_clock = None
+        self._figure_seconds = 0.0
 
     # ------------------------------------------------------------------ messages
     def info(self, message: str) -> None:
@@ -187,23 +205,36 @@ class Output:
 
     # ------------------------------------------------------------------ metrics
     def start(self, inventory: ModelInventory | None = None) -> None:
-        """At the start of training: the model's inventory next to the logs, TensorBoard's layout.
+        """At the start of training: the model's inventory and the thresholds next to the logs, TensorBoard's layout.
 
-        ``gradhealth report`` reads the inventory back; visuals that cannot go to a logger are said once.
+        ``gradhealth report`` reads both back (its report then knows the model and grades with the run's lines);
+        visuals that cannot go to a logger are said once.
         """
         if not self.frontend.rank_zero:
             return
-        if inventory is not None and self.options.report and self.frontend.loggers:
+        if self.options.report and self.frontend.loggers:
             directory = self.report_dir()
             directory.mkdir(parents=True, exist_ok=True)
-            (directory / MODEL_JSON).write_text(json.dumps({"inventory": inventory.to_dict()}) + "\n")
+            saved = {
+                "inventory": inventory.to_dict() if inventory is not None else None,
+                "thresholds": (self.options.thresholds or Thresholds()).to_dict(),  # the report's lines
+            }
+            (directory / MODEL_JSON).write_text(json.dumps(saved) + "\n")
+        self._inventory = inventory
+        layers = [layer.name for layer in inventory.layers] if inventory is not None else []
         for writer in self._writers():
-            writer.add_custom_scalars(custom_scalars_layout(list(metrics.SUMMARY_KEYS)))
-        visuals = self.options.histogram_every_n_steps is not None or self._figures is not None
-        others = [type(lg).__name__ for lg in self.frontend.loggers if not _is_tensorboard(lg)]
-        if visuals and others:
+            writer.add_custom_scalars(custom_scalars_layout(list(metrics.SUMMARY_KEYS), layers))
+        wanted = {"histograms": self.options.histogram_every_n_steps, "figures": self._figures}
+        skipped = {
+            type(lg).__name__: missing
+            for lg in self.frontend.loggers
+            if (missing := [v for v, on in wanted.items() if on and v not in MEDIA_SUPPORT[logger_kind(lg)]])
+        }
+        if skipped:
+            said = ", ".join(f"{' and '.join(what)} for {name}" for name, what in skipped.items())
             self.info(
-                f"{self.frontend.name}: histograms and figures go to TensorBoard loggers only; skipped for {others}."
+                f"{self.frontend.name}: histograms go to TensorBoard and W&B loggers, the gradient-flow figure also to "
+                f"MLflow; skipped: {said}."
             )
 
     def publish(self, record: StepStats, several: bool, counters: dict[str, float]) -> None:
@@ -235,13 +266,14 @@ class Output:
 
     def emit(self) -> None:
         """Write the buffered metrics: one write per logger and step, on rank zero."""
-        if not self._unlogged:
+        if not self._unlogged and not self._media:
             return
         batches, self._unlogged = self._unlogged, {}
+        media, self._media = self._media, {}
         if not self.frontend.rank_zero:
             return
-        for step, values in sorted(batches.items()):
-            write_metrics(self.frontend.loggers, values, step)
+        for step in sorted(set(batches) | set(media)):
+            write_metrics(self.frontend.loggers, batches.get(step, {}), step, media.get(step))
 
     def flush(self) -> None:
         """Make the loggers write what they hold (before a raise)."""
@@ -259,7 +291,7 @@ class Output:
         """The SummaryWriters of the TensorBoard loggers (rank zero only)."""
         if not self.frontend.rank_zero:
             return []
-        return [lg.experiment for lg in self.frontend.loggers if _is_tensorboard(lg)]
+        return [lg.experiment for lg in self.frontend.loggers if logger_kind(lg) == "tensorboard"]
 
     def visuals(
         self,
@@ -270,30 +302,131 @@ class Output:
         record: StepStats | None,
         reduction: Reduction,
     ) -> None:
-        """Histograms and the gradient-flow figure, pre-clip, to TensorBoard on rank zero."""
-        if self.options.histogram_every_n_steps is None and self._figures is None:
-            return  # the hot path: nothing to draw
-        writers = self._writers()
-        # sharded: every rank takes part in the histograms' collectives (a condition the same on every rank)
-        joins = self.frontend.sharded and any(_is_tensorboard(lg) for lg in self.frontend.loggers)
-        if not (writers or joins):
-            return
-        from lightning_gradhealth.core import due
+        """Histograms and the gradient-flow figure, pre-clip, for the loggers that take them (written by :meth:`emit`).
 
-        if due(step, self.options.histogram_every_n_steps):
-            histograms = engine.histograms(layout, grad_scale=grad_scale, reduction=reduction)
-            for writer in writers:
-                write_histograms(writer, histograms, step)
-        if not writers or record is None or not record.layers or not due(step, self._figures):
+        The figure is drawn on the computed steps :meth:`_figure_due` picks, and once more at the end of the run
+        (:meth:`write_report`) for the last record, coloured by the diagnosis.
+        """
+        if record is not None and record.layers:
+            self._last_record = record
+        histograms_every = self.options.histogram_every_n_steps
+        if (histograms_every is None or (step + 1) % histograms_every) and (record is None or self._figures is None):
+            return  # the hot path (a step that is not logged): nothing to draw
+        takes = self._takes
+        rank_zero = self.frontend.rank_zero
+        from lightning_gradhealth.context import due
+
+        # sharded: every rank takes part in the histograms' collectives (a condition the same on every rank)
+        if due(step, histograms_every) and "histograms" in takes:
+            if rank_zero or self.frontend.sharded:
+                histograms = engine.histograms(layout, grad_scale=grad_scale, reduction=reduction)
+                if rank_zero:
+                    self._media.setdefault(step, Media()).histograms.update(histograms)
+        if record is not None:
+            self.figure(record)
+
+    def figure(self, record: StepStats) -> None:
+        """The gradient-flow figure of a computed step, when :meth:`_figure_due` picks it.
+
+        A deferred step's record arrives a step late, after its histograms (:meth:`visuals` took those with the
+        step's gradients).
+        """
+        if record.layers:
+            self._last_record = record
+        step = record.step
+        if not self.frontend.rank_zero or "figures" not in self._takes or not record.layers or self._figures is None:
             return
+        thresholds = self.options.thresholds or Thresholds()
+        if self._figure_due(record, thresholds):
+            drawn = self._figure(record, flagged_layers(record, thresholds, self._inventory))
+            if drawn is not None:
+                media = self._media.setdefault(step, Media())
+                media.figure, media.image = drawn.figure, drawn.image
+
+    def _figure_due(self, record: StepStats, thresholds: Thresholds) -> bool:
+        """Whether a computed step draws the figure.
+
+        Every ``figure_every_n_steps``; under ``"auto"``, the first computed step past the checks' warm-up (whose
+        figure can name unhealthy layers), then whenever the figures so far took at most :data:`FIGURE_SHARE` of the
+        wall time since the first one.
+        """
+        if self._figures != "auto":
+            from lightning_gradhealth.context import due
+
+            return due(record.step, self._figures)
+        if self._figure_clock is None:
+            return record.global_step + 1 >= thresholds.warmup_steps
+        return self._figure_seconds <= FIGURE_SHARE * (time.perf_counter() - self._figure_clock)
+
+    def _figure(self, record: StepStats, flagged: dict[str, tuple[str, str]]) -> Media | None:
+        """The gradient-flow figure of ``record``, drawn; ``None`` (said once) without matplotlib."""
+        start = time.perf_counter()
+        if self._figure_clock is None:
+            self._figure_clock = start
         try:
-            figure = gradient_flow_figure(record)
+            figure = gradient_flow_figure(record, flagged, reference_lines(self.options.thresholds or Thresholds()))
+            image = render(figure)
         except ImportError:
             self._figures = None
-            self.warn(f"{self.frontend.name}: figures need matplotlib (pip install lightning-gradhealth[plots]).")
+            self.warn(
+                f"{self.frontend.name}: the gradient-flow figure needs matplotlib, which is not installed: no figure "
+                "will be drawn (pip install matplotlib)."
+            )
+            return None
+        self._last_figure = record.step
+        self._figure_seconds += time.perf_counter() - start
+        return Media(figure=figure, image=image)
+
+    def _final_figure(self) -> None:
+        """At the end of the run: the last record's figure, coloured by the diagnosis, unless already drawn."""
+        record = self._last_record
+        if self._figures is None or record is None or self._last_figure == record.step or not self.frontend.rank_zero:
             return
-        for writer in writers:
-            writer.add_figure(metrics.GRADIENT_FLOW, figure, step, close=False)
+        if "figures" not in self._takes:
+            return
+        flagged: dict[str, tuple[str, str]] = {}
+        for finding in self.findings:
+            for layer in finding.layers:
+                if flagged.get(layer, ("",))[0] != "critical":
+                    flagged[layer] = (str(getattr(finding.severity, "value", finding.severity)), str(finding.kind))
+        media = self._figure(record, flagged)
+        if media is not None:
+            write_metrics(self.frontend.loggers, {}, record.step, media)
+
+    def nothing_to_watch(self, has_params: bool) -> None:
+        """A step found nothing to measure (said once): no gradient on the watched parameters, or none watched."""
+        name = self.frontend.name
+        if has_params:
+            self.warn_once(
+                "no-grad-at-all",
+                f"{name}: no watched parameter has a gradient at this optimizer step; nothing is recorded for it.",
+            )
+        else:
+            self.warn_once(
+                "nothing-watched",
+                f"{name}: this optimizer has no parameter to watch at this step (all frozen, or left out by "
+                "`include`/`exclude`); nothing is recorded for it until one trains.",
+            )
+
+    def no_report(self, due_steps: int, run_steps: int) -> None:
+        """Why a run ends without a record (and so without a report), with the fix."""
+        name = self.frontend.name
+        if due_steps:
+            self.warn(
+                f"{name}: no record and no report: {due_steps} computed step(s) found no gradient on the watched "
+                "parameters. Call step() after loss.backward(), before optimizer.zero_grad()."
+            )
+        elif run_steps:
+            from lightning_gradhealth.context import DEFAULT_LOG_EVERY_N_STEPS
+
+            every = self.frontend.log_every_n_steps or DEFAULT_LOG_EVERY_N_STEPS
+            self.warn(
+                f"{name}: no step was computed, so there is no record and no report: the run made {run_steps} "
+                f"optimizer step(s) and statistics are taken every {every} steps (steps {every - 1}, "
+                f"{2 * every - 1}, ...). Fix: log more often, e.g. "
+                f"`log_every_n_steps={max(1, min(every, run_steps) // 4)}` (on the monitor, or on the Trainer, "
+                "whose value the monitor follows)."
+            )
 
     # ------------------------------------------------------------------ report
     def report_dir(self) -> Path:
@@ -304,11 +437,12 @@ class Output:
         return Path(log_dir) if log_dir is not None else self.frontend.default_dir
 
     def write_report(self, sparse_layers: frozenset[str], inventory: ModelInventory | None = None) -> None:
-        """Diagnose the run; on rank zero write the report and show a summary."""
+        """Diagnose the run; on rank zero draw the last figure, write the report and show a summary."""
         if not self.history.records_seen:
             return
         thresholds = self.options.thresholds or Thresholds()
         self.findings = diagnose(self.history, thresholds, sparse_layers=sparse_layers, inventory=inventory)
+        self._final_figure()
         if not self.options.report or not self.frontend.rank_zero:
             return
         path = write_report(self.report_dir(), self.history, self.findings, thresholds, inventory=inventory)

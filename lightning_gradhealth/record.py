@@ -37,6 +37,8 @@ class LayerStats:
             ``None`` when the units are not known. Unlike :attr:`zero_frac`, zeros scattered over live units (a
             convolution's padding taps, masked positions, untouched embedding rows) do not count: a unit is dead
             when nothing reaches it.
+        update_ratio: ``‖θ_after − θ_before‖ / ‖θ_before‖`` of the update the optimizer applied at the step before
+            this one (:mod:`~lightning_gradhealth.updates`); ``None`` when not measured.
     """
 
     name: str
@@ -53,6 +55,7 @@ class LayerStats:
     std: float | None = None
     units: int | None = None
     dead_unit_frac: float | None = None
+    update_ratio: float | None = None
 
     @property
     def dead_units(self) -> int | None:
@@ -102,6 +105,15 @@ class StepStats:
         loss: The step's training loss (unscaled; under gradient accumulation the mean over the micro-batches),
             when the caller gave it (the callback does; ``GradientHealth.step(loss=...)``), read in the same
             transfer as the statistics.
+        counts_exact: ``False`` on a non-finite step read without a host sync (``guard_mode="deferred"``): its
+            gradients were gone when it was read, so the NaN/Inf entries were not counted (the non-finite layers
+            are named from their norms, and parameter norms not taken are NaN).
+        grad_cosine: Cosine between this step's gradient and the previous step's (:mod:`~lightning_gradhealth.updates`).
+        noise_scale: The gradient noise scale ``B_simple`` in examples, smoothed (:mod:`~lightning_gradhealth.noise`).
+        batch_size: Examples per optimizer step (micro-batch size x micro-batches x data-parallel ranks), known when the
+            noise scale is measured.
+        nonfinite_birth: On a failing step, where the replay found the NaN/Inf born
+            (:mod:`~lightning_gradhealth.birth`), or why it could not tell.
     """
 
     step: int
@@ -124,6 +136,11 @@ class StepStats:
     post_clip_norm: float | None = None
     grad_max_abs: float | None = None
     loss: float | None = None
+    counts_exact: bool = True
+    grad_cosine: float | None = None
+    noise_scale: float | None = None
+    batch_size: int | None = None
+    nonfinite_birth: str | None = None
 
     @property
     def is_finite(self) -> bool:

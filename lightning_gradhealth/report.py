@@ -1,4 +1,4 @@
-"""The Gradient Health Report (seed 003's format): Markdown and JSON files, PNG plots, and a console summary."""
+"""The Gradient Health Report: Markdown and JSON files (summary, issues, recommendations, code), PNG plots, console."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 
 from lightning_gradhealth.history import History
 from lightning_gradhealth.kinds import Kind
+from lightning_gradhealth.noise import batch_advice
 from lightning_gradhealth.rules import Finding
 from lightning_gradhealth.thresholds import Severity, Thresholds
 
@@ -27,7 +28,8 @@ __all__ = [
 ]
 
 REPORT_MD = "gradient_health_report.md"
-#: The model's inventory, written next to the logs when training starts (``gradhealth report`` reads it back).
+#: The model's inventory and the run's thresholds, written next to the logs when training starts (``gradhealth report``
+#: reads both back).
 MODEL_JSON = "gradient_health_model.json"
 REPORT_JSON = "gradient_health_report.json"
 #: The per-layer table of the Markdown report shows this many layers at each end of a deeper model.
@@ -104,6 +106,8 @@ def _summary(history: History, findings: Sequence[Finding], th: Thresholds) -> l
         f"{min(medians):.3g} – {max(medians):.3g}" if medians else "n/a", _of(findings, *kinds), kinds,
     ))  # fmt: skip
 
+    rows += _update_rows(history, findings)
+
     kinds = (Kind.SPIKE,)
     rows.append(("Gradient-norm spikes", str(len(history.spikes)), _of(findings, *kinds), kinds))
 
@@ -118,6 +122,32 @@ def _summary(history: History, findings: Sequence[Finding], th: Thresholds) -> l
             "Saturated sigmoid/tanh outputs (worst module, last sample)",
             f"{max(saturated):.1%}" if saturated else "n/a", _of(findings, *kinds), kinds,
         ))  # fmt: skip
+    return rows
+
+
+def _update_rows(history: History, findings: Sequence[Finding]) -> list[tuple[str, str, Severity, tuple]]:
+    """Update size and batch size, when they were measured (``update_ratio``, ``grad_cosine``, ``noise_scale``)."""
+    rows: list[tuple[str, str, Severity, tuple]] = []
+    recent = history.recent()
+    medians = []
+    for j in range(len(history.layer_names)):
+        values = [row[j] for row in history.layer_update_ratio[recent] if j < len(row) and math.isfinite(row[j])]
+        if values:
+            medians.append(statistics.median(values))
+    if medians:
+        kinds = (Kind.RATIO_HIGH, Kind.RATIO_LOW)
+        rows.append((
+            "Update ratio ‖Δθ‖/‖θ‖ per step, median over recent records (lowest – highest layer; ~1e-3 is healthy)",
+            f"{min(medians):.3g} – {max(medians):.3g}", _of(findings, *kinds), kinds,
+        ))  # fmt: skip
+    cosines = [c for c in history.grad_cosine[recent] if math.isfinite(c)]
+    if cosines:
+        rows.append(("Cosine of consecutive gradients, median over recent records",
+                     f"{statistics.median(cosines):.3g}", Severity.OK, ()))  # fmt: skip
+    noise = next((v for v in reversed(history.noise_scale) if math.isfinite(v)), None)
+    if noise is not None:
+        rows.append(("Batch size against the gradient noise scale (McCandlish et al., 2018)",
+                     batch_advice(noise, history.batch_size), Severity.OK, ()))  # fmt: skip
     return rows
 
 
@@ -200,8 +230,13 @@ def report_dict(
     *,
     inventory: Any = None,
     plots: Sequence[str | Path] = (),
+    notes: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """The report as a JSON-ready dict: summary rows, findings, the per-layer table, plots, how much was seen."""
+    """The report as a JSON-ready dict.
+
+    Summary rows, findings, the per-layer table, plots, how much was seen, the thresholds it was graded with and
+    ``notes`` (warnings about its input, e.g. a truncated event file) under ``"warnings"``.
+    """
     return {
         "summary": [
             {"metric": m, "value": v, "status": s.value, "kinds": list(k)}
@@ -220,6 +255,8 @@ def report_dict(
             for row in layer_rows(history, findings, inventory)
         ],
         "plots": [Path(p).name for p in plots],
+        "thresholds": th.to_dict(),
+        "warnings": list(notes),
     }
 
 
@@ -268,8 +305,9 @@ def render_markdown(
     inventory: Any = None,
     plots: Sequence[str | Path] = (),
     plots_note: str = "",
+    notes: Sequence[str] = (),
 ) -> str:
-    """The report in seed 003's Markdown format, with a per-layer table.
+    """The report in Markdown: a summary table, the issues, a per-layer table, recommendations and code to add.
 
     Args:
         history: The kept records.
@@ -279,10 +317,11 @@ def render_markdown(
             a "Kind" column in the per-layer table (see :func:`layer_rows`).
         plots: PNG files next to the Markdown file, linked from a "Plots" section.
         plots_note: A sentence for the "Plots" section (e.g. why there are none).
+        notes: Warnings about the input (e.g. a truncated event file), shown first.
     """
-    lines = [
-        "## Gradient Health Report",
-        "",
+    lines = ["## Gradient Health Report", ""]
+    lines += [f"> ⚠️ {note}" for note in notes] + ([""] if notes else [])
+    lines += [
         "### Summary",
         "| Metric | Value | Status |",
         "|--------|-------|--------|",
@@ -336,6 +375,7 @@ def write_report(
     *,
     inventory: Any = None,
     plots: bool = True,
+    notes: Sequence[str] = (),
 ) -> Path:
     """Write ``gradient_health_report.md`` and ``.json`` into ``directory`` (created if missing).
 
@@ -351,6 +391,7 @@ def write_report(
         inventory: A :class:`~lightning_gradhealth.inventory.ModelInventory` or a mapping of layer name to kind,
             for a "Kind" column in the per-layer table (see :func:`layer_rows`).
         plots: Whether to draw the PNG plots.
+        notes: Warnings about the input (e.g. a truncated event file), shown first and kept in the JSON.
 
     Returns:
         The path of the Markdown file.
@@ -360,9 +401,10 @@ def write_report(
     pngs, note = _write_plots(history, out) if plots else ([], "")
     md = out / REPORT_MD
     md.write_text(
-        render_markdown(history, findings, th, inventory=inventory, plots=pngs, plots_note=note), encoding="utf-8"
+        render_markdown(history, findings, th, inventory=inventory, plots=pngs, plots_note=note, notes=notes),
+        encoding="utf-8",
     )
-    data = report_dict(history, findings, th, inventory=inventory, plots=pngs)
+    data = report_dict(history, findings, th, inventory=inventory, plots=pngs, notes=notes)
     (out / REPORT_JSON).write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
     return md
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any
@@ -143,6 +143,7 @@ def diagnose(
     _dead(history, th, inventory, embeddings, find, out, min_snapshots)
     _ratios(history, th, inventory, find, out, min_snapshots)
     _trends(history, th, find, out, min_snapshots, exploding=any(f.kind == Kind.EXPLODING for f in out))
+    _updates(history, th, inventory, find, out, min_snapshots)
     return _ordered(out)
 
 
@@ -167,11 +168,14 @@ def _nonfinite(history: History, find: Callable[..., Finding], out: list[Finding
         where = f", in every layer ({len(layers)}): it spread through the whole model within the step"
     else:
         where = f", first in {layers[0]}" if layers else ""
+    born = f"{first_bad.nonfinite_birth} " if first_bad.nonfinite_birth else ""  # (the replay's answer leads)
     out.append(find(
         Kind.NONFINITE, Severity.CRITICAL,
-        (
+        born + (
             f"non-finite gradients at step {first_bad.step} ({first_bad.nan_count} NaN, {first_bad.inf_count} Inf)"
             if first_bad.nan_count or first_bad.inf_count or first_bad.amp_overflow
+            else f"non-finite gradients at step {first_bad.step}"
+            if not first_bad.counts_exact
             else f"gradients at step {first_bad.step} so large that their norm overflows float32 (no NaN/Inf entry)"
         )
         + where + "." + spread,
@@ -179,7 +183,8 @@ def _nonfinite(history: History, find: Callable[..., Finding], out: list[Finding
         evidence={"step": first_bad.step, "nan_count": first_bad.nan_count, "inf_count": first_bad.inf_count,
                   "amp_overflow": first_bad.amp_overflow, "nonfinite_records": history.nonfinite_records,
                   "last_step": last_bad.step, "last_nan_count": last_bad.nan_count,
-                  "last_inf_count": last_bad.inf_count, "params_nonfinite_from": history.nonfinite_params_step},
+                  "last_inf_count": last_bad.inf_count, "params_nonfinite_from": history.nonfinite_params_step,
+                  "born": first_bad.nonfinite_birth},
     ))  # fmt: skip
 
 
@@ -467,6 +472,43 @@ def _trends(
             + (" while the loss did not fall" if losses else "") + ": training is stalling.",
             evidence={"early": early, "late": late},
         ))  # fmt: skip
+
+
+def _updates(
+    history: History,
+    th: Thresholds,
+    inventory: ModelInventory | None,
+    find: Callable[..., Finding],
+    out: list[Finding],
+    min_snapshots: int,
+) -> None:
+    """Update ratios ``‖Δθ‖ / ‖θ‖`` far from the ~1e-3 rule of thumb (Karpathy, CS231n; You et al., 2017, LARS)."""
+    recent = history.recent()
+    names = history.layer_names
+    checks = ((Kind.RATIO_HIGH, "update_ratio_high", True), (Kind.RATIO_LOW, "update_ratio_low", False))
+    for kind, check, high in checks:
+        hits: list[tuple[str, float, Severity]] = []
+        for j in _layers_of(names, inventory, main_path=False):
+            values = _series(history.layer_update_ratio[recent], j)
+            if len(values) < min_snapshots:
+                continue
+            m = statistics.median(values)
+            grade = th.grade_high(check, m) if high else th.grade_low(check, m)
+            if grade is not Severity.OK:
+                hits.append((names[j], m, grade))
+        if hits:
+            line = getattr(th, f"{check}_warning")
+            out.append(find(
+                kind, _worst_of(grade for _, _, grade in hits),
+                f"{len(hits)} layer(s) move by {'more' if high else 'less'} than {line:g} of their weights per step "
+                f"(update ratio ‖Δθ‖/‖θ‖, ~1e-3 is healthy): "
+                + ("their learning rate is too high." if high else "they barely train."),
+                layers=tuple(name for name, _, _ in hits), evidence={"median_update_ratio": {n: m for n, m, _ in hits}},
+            ))  # fmt: skip
+
+
+def _worst_of(severities: Iterable[Severity]) -> Severity:
+    return max(severities, key=_rank)
 
 
 def _rank(severity: Severity) -> int:

@@ -93,7 +93,9 @@ def nonfinite_fixes(record: StepStats) -> tuple[str, ...]:
     return fixes
 
 
-def format_nonfinite_message(record: StepStats, reason: str, max_layers: int = 5, micro_batches: bool = True) -> str:
+def format_nonfinite_message(
+    record: StepStats, reason: str, max_layers: int = 5, micro_batches: bool = True, note: str = ""
+) -> str:
     """The message of a fail-fast error: where, which layers, what to do.
 
     Args:
@@ -101,6 +103,7 @@ def format_nonfinite_message(record: StepStats, reason: str, max_layers: int = 5
         reason: Why the run stops (first line).
         max_layers: How many offending layers to name.
         micro_batches: Whether the step accumulates several micro-batches (then the first bad one is named).
+        note: A line right after the first one.
 
     Returns:
         A multi-line message.
@@ -112,20 +115,35 @@ def format_nonfinite_message(record: StepStats, reason: str, max_layers: int = 5
     if micro_batches and record.first_nonfinite_micro_batch is not None:
         lines[0] += f", micro-batch {record.first_nonfinite_micro_batch} of the accumulated step"
     lines[0] += ")."
+    if note:  # (a deferred guard: when the step was read, and what became of its update)
+        lines.append(note)
+    if record.nonfinite_birth is not None:  # the replay's answer leads (birth.py)
+        lines.append(record.nonfinite_birth)
     bad = [lay for lay in record.layers if lay.nan_count or lay.inf_count]
-    if bad:
+    if not record.counts_exact:  # read without a host sync: the layers are known by their norms, not counted
+        bad = list(record.nonfinite_layers)
+        lines.append("Non-finite layers, in definition order (entries not counted: read without a host sync):")
+        lines += [f"  {lay.name}: gradient norm {lay.grad_norm}" for lay in bad[:max_layers]]
+        if len(bad) > max_layers:
+            lines.append(f"  ... and {len(bad) - max_layers} more layer(s)")
+    elif bad:
         lines.append("First offending layers, in definition order:")
         for lay in bad[:max_layers]:
             lines.append(f"  {lay.name}: {lay.nan_count} NaN, {lay.inf_count} Inf of {lay.numel:,} gradient entries")
         if len(bad) > max_layers:
             lines.append(f"  ... and {len(bad) - max_layers} more layer(s)")
+    elif record.loss is not None and not math.isfinite(record.loss):
+        lines.append(
+            f"No gradient entry is NaN or Inf: the loss itself is {record.loss} (the forward pass or the loss function "
+            "produced it; its gradient happens to be finite)."
+        )
     elif record.layers:
         huge = [lay.name for lay in record.layers if not lay.is_finite]
         lines.append(
             "No gradient entry is NaN or Inf: the gradients are finite but so large that their norm overflows "
             f"float32 (exploding gradients), first in {', '.join(huge[:max_layers]) or 'the global norm'}."
         )
-    corrupt = [lay.name for lay in record.layers if not math.isfinite(lay.param_norm)]
+    corrupt = [lay.name for lay in record.layers if not math.isfinite(lay.param_norm)] if record.counts_exact else []
     if corrupt:
         lines.append(
             "The parameters of " + ", ".join(corrupt[:max_layers]) + " are non-finite: an earlier update corrupted "

@@ -54,6 +54,26 @@ class WatchChange:
             return f"the {self.total} parameters are other tensors (a new model, or layers replaced)"
         return f"{'; '.join(changes)} (layers frozen or unfrozen, or an optimizer's parameters changed)"
 
+    def announcement(self, name: str, step: int, restarted: Sequence[str]) -> str:
+        """The message of the change (``restarted``: the running statistics that start over)."""
+        return (
+            f"{name}: the watched parameters changed at step {step}: {self.describe()}. "
+            "Every statistic covers the new set from this step"
+            + (f"; the running statistics of {' and '.join(restarted)} start over." if restarted else ".")
+        )
+
+    def ddp_warning(self, name: str) -> str | None:
+        """Under DDP, the warning about parameters that started training after DDP wrapped the model."""
+        if not self.late:
+            return None
+        return (
+            f"{name}: {len(self.late)} parameter(s) started training after DistributedDataParallel "
+            f"wrapped the model ({some(self.late)}). DDP only averages the gradients of the parameters that "
+            "required a gradient when it wrapped the model, so these are not averaged across ranks: their "
+            "replicas drift apart, and their per-layer statistics here are rank 0's own. Create the model with "
+            "them trainable (and freeze them through the optimizer instead), or let the strategy wrap it again."
+        )
+
 
 def some(names: Sequence[str], limit: int = 5) -> str:
     """The first ``limit`` names and how many more."""

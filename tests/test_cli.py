@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -84,18 +85,163 @@ def test_report_from_event_files(tmp_path, capsys):
     assert written == ["gradient_health_report.json"]
 
 
+def test_a_re_run_demo_starts_clean_and_leaves_foreign_folders_alone(tmp_path, capsys):
+    logs = tmp_path / "logs"
+    for _ in range(2):
+        assert main(["demo", "--out", str(logs), "--steps", "6", "--log-every-n-steps", "5"]) == 0
+    out = capsys.readouterr().out
+    assert f"Removed the previous demo's runs: {logs / 'deep_sigmoid'}, {logs / 'residual_relu'}" in out
+    for name in ("deep_sigmoid", "residual_relu"):  # one event file per run: TensorBoard overlays nothing
+        assert len(list((logs / name).glob("events.out.tfevents.*"))) == 1, name
+        assert sorted(read_scalars(logs / name)["grad_health/total_norm"]) == [4]
+    # a folder the demo did not write is neither removed nor written into
+    other = tmp_path / "other"
+    (other / "residual_relu").mkdir(parents=True)
+    (other / "residual_relu" / "mine.txt").write_text("keep")
+    assert main(["demo", "--out", str(other), "--steps", "6"]) == 2
+    assert f"{other / 'residual_relu'} exists and was not written by this demo" in capsys.readouterr().err
+    assert sorted(p.name for p in other.rglob("*")) == ["mine.txt", "residual_relu"]
+
+
 def test_report_refuses_what_it_cannot_read(tmp_path, capsys):
     from torch.utils.tensorboard import SummaryWriter
 
     assert main(["report", str(tmp_path / "missing")]) == 2
-    assert "no such log directory" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"no such log directory: {tmp_path / 'missing'} does not exist" in err and "events.out.tfevents" in err
     (tmp_path / "empty").mkdir()
     assert main(["report", str(tmp_path / "empty")]) == 2
-    assert "no TensorBoard event files" in capsys.readouterr().err
+    assert f"no TensorBoard event files (events.out.tfevents.*) under {tmp_path / 'empty'}" in capsys.readouterr().err
     with SummaryWriter(str(tmp_path / "other")) as writer:
         writer.add_scalar("loss", 1.0, 0)
     assert main(["report", str(tmp_path / "other")]) == 2
-    assert "was logged with GradientHealthMonitor" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "was logged with GradientHealthMonitor" in err and "unreadable" not in err
+    # a file, not a directory: said as such, with the directory to give instead
+    event_file = next((tmp_path / "other").glob("events.out.tfevents.*"))
+    assert main(["report", str(event_file)]) == 2
+    err = capsys.readouterr().err
+    assert f"{event_file} is a file, not a directory" in err and f"gradhealth report {tmp_path / 'other'}" in err
+    (tmp_path / "notes.txt").write_text("x")
+    assert main(["report", str(tmp_path / "notes.txt")]) == 2
+    err = capsys.readouterr().err
+    assert "is a file, not a directory" in err and "here:" not in err
+    # a malformed or unknown --threshold: exit 2 before reading anything
+    assert main(["report", str(tmp_path / "other"), "--threshold", "total_norm_high_warning"]) == 2
+    assert "--threshold takes NAME=VALUE" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def custom_run(tmp_path_factory):
+    """A real short run with its own thresholds: a "too large" line below its global norm (an exploding finding
+    that the default lines do not give)."""
+    from conftest import TinyMLP, loader, make_trainer
+
+    from lightning_gradhealth import GradientHealthMonitor, Thresholds
+
+    root = tmp_path_factory.mktemp("custom")
+    th = Thresholds(total_norm_high_warning=1e-3, total_norm_high_critical=1e-2, warmup_steps=2)
+    trainer = make_trainer(root / "run", callbacks=[GradientHealthMonitor(thresholds=th, verbose=False)],
+                           max_steps=16, log_every_n_steps=1)  # fmt: skip
+    trainer.fit(TinyMLP(), loader(n=128))
+    return root / "run", th
+
+
+def _kinds(report_json: Path) -> list[str]:
+    return [f["kind"] for f in json.loads(report_json.read_text())["findings"]]
+
+
+def test_report_grades_with_the_thresholds_the_run_used(custom_run, tmp_path, capsys):
+    from lightning_gradhealth.thresholds import Thresholds
+
+    run, th = custom_run
+    saved = json.loads((run / "gradient_health_model.json").read_text())
+    assert Thresholds.from_dict(saved["thresholds"]) == th
+    live = json.loads((run / "gradient_health_report.json").read_text())
+    assert "exploding" in [f["kind"] for f in live["findings"]] and live["thresholds"] == th.to_dict()
+
+    assert main(["report", str(run), "--out", str(tmp_path / "saved")]) == 0
+    assert "Thresholds: the run's own (saved in" in capsys.readouterr().out
+    offline = json.loads((tmp_path / "saved" / "gradient_health_report.json").read_text())
+    assert [(f["kind"], f["severity"]) for f in offline["findings"]] == [
+        (f["kind"], f["severity"]) for f in live["findings"]
+    ]
+    assert offline["thresholds"] == th.to_dict()
+
+    # an explicit --threshold wins over the saved line; the other saved lines stay
+    line = ["--threshold", "total_norm_high_warning=1e5", "--threshold", "total_norm_high_critical=1e6"]
+    assert main(["report", str(run), "--out", str(tmp_path / "override"), *line]) == 0
+    assert "with total_norm_high_warning=100000, total_norm_high_critical=1e+06 from --threshold" in (
+        capsys.readouterr().out
+    )
+    overridden = json.loads((tmp_path / "override" / "gradient_health_report.json").read_text())
+    assert "exploding" not in [f["kind"] for f in overridden["findings"]]
+    assert overridden["thresholds"] == {**th.to_dict(), "total_norm_high_warning": 1e5, "total_norm_high_critical": 1e6}
+    assert main(["report", str(run), "--out", str(tmp_path / "x"), "--threshold", "no_such_line=1"]) == 2
+    assert "no line named 'no_such_line'" in capsys.readouterr().err
+    assert main(["report", str(run), "--out", str(tmp_path / "x"), "--threshold", "total_norm_high_warning=1e9"]) == 2
+    assert "total_norm_high_warning` must be <" in capsys.readouterr().err
+
+    # without the saved file: the defaults, and it says so
+    bare = tmp_path / "bare"
+    shutil.copytree(run, bare)
+    (bare / "gradient_health_model.json").unlink()
+    assert main(["report", str(bare)]) == 0
+    assert "Thresholds: the defaults (no thresholds saved in" in capsys.readouterr().out
+    assert "exploding" not in _kinds(bare / "gradient_health_report.json")
+
+
+def test_report_warns_about_truncated_and_corrupt_event_files(custom_run, tmp_path, capsys):
+    run, _ = custom_run
+    (event_file,) = run.glob("events.out.tfevents.*")
+    assert main(["report", str(run), "--out", str(tmp_path / "whole")]) == 0
+    assert "warning" not in capsys.readouterr().err
+    whole = json.loads((tmp_path / "whole" / "gradient_health_report.json").read_text())
+    assert whole["records"] == 16 and whole["warnings"] == []
+
+    # half the file: a partial report, said on stderr, on the console and in the report itself
+    cut = tmp_path / "cut"
+    shutil.copytree(run, cut)
+    (cut_file,) = cut.glob("events.out.tfevents.*")
+    size = cut_file.stat().st_size
+    with cut_file.open("r+b") as fh:
+        fh.truncate(size // 2)
+    assert main(["report", str(cut)]) == 0
+    captured = capsys.readouterr()
+    assert f"warning: {cut_file} is truncated: it ends inside a record" in captured.err
+    assert "could not be read whole" in captured.out
+    partial = json.loads((cut / "gradient_health_report.json").read_text())
+    assert 0 < partial["records"] < 16 and str(cut_file) in partial["warnings"][0]
+    assert "truncated" in (cut / "gradient_health_report.md").read_text().split("### Summary")[0]
+
+    # a byte flipped in the middle: the records after it are lost, and it says so
+    flipped = tmp_path / "flipped"
+    shutil.copytree(run, flipped)
+    (flipped_file,) = flipped.glob("events.out.tfevents.*")
+    data = bytearray(flipped_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    flipped_file.write_bytes(bytes(data))
+    assert main(["report", str(flipped)]) == 0
+    assert f"warning: {flipped_file} is corrupt: the record at byte" in capsys.readouterr().err
+    assert json.loads((flipped / "gradient_health_report.json").read_text())["records"] < 16
+
+    # a corrupt file next to a good one: the good one is read whole, the corrupt one named
+    beside = tmp_path / "beside"
+    shutil.copytree(run, beside)
+    junk = beside / (event_file.name + ".junk")
+    junk.write_bytes(bytes(range(256)) * 8)
+    assert main(["report", str(beside)]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: {junk} is corrupt: the record at byte 0 of 2048 fails its checksum; nothing in it is read" in err
+    assert json.loads((beside / "gradient_health_report.json").read_text())["records"] == 16
+
+    # nothing readable at all: refused, pointing at the warnings
+    only_junk = tmp_path / "only_junk"
+    only_junk.mkdir()
+    (only_junk / event_file.name).write_bytes(b"\x00" * 5)
+    assert main(["report", str(only_junk)]) == 2
+    err = capsys.readouterr().err
+    assert "is truncated" in err and "some event files are unreadable, see the warnings above" in err
 
 
 def test_report_reads_a_run_logged_with_a_logger_prefix(tmp_path, capsys):

@@ -249,3 +249,24 @@ def test_a_grad_scaler_overflow_is_counted_one_step_late_and_the_scaler_skips_it
     counts = {step: m["grad_health/amp_overflow"] for step, m in logger.calls}
     assert counts == {1: 0.0, 2: 1.0, 3: 1.0, 5: 1.0}  # as in synchronous mode (test_core), read a step later
     assert logger.at(3)["grad_health/amp_scale"] == 2.0**11
+
+
+
+def test_a_deferred_run_draws_the_figure_from_its_records(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    torch.manual_seed(0)
+    model = Net()
+    opt = _optimizer("fused_adamw", model)
+    with GradientHealth(model, loggers=tmp_path, log_every_n_steps=5, guard_mode="deferred", report=False) as health:
+        for i, (x, y) in zip(range(40), data(n=320), strict=False):
+            nn.functional.mse_loss(model(x), y).backward()
+            health.step(opt, step=i)
+            opt.step()
+            opt.zero_grad()
+    (events,) = {p.parent for p in tmp_path.rglob("events.out.tfevents.*")}
+    acc = EventAccumulator(str(events), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    steps = [image.step for image in acc.Images("grad_health/gradient_flow")]
+    assert steps[0] == 9 and steps[-1] == 39  # as a synchronous run draws them (test_tensorboard_view)
+    assert [e.step for e in acc.Scalars("grad_health/total_norm")] == list(range(4, 40, 5))

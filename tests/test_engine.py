@@ -1,4 +1,4 @@
-"""The engine and layout on their own (plain torch, no Trainer), against float64 references."""
+"""The engine and layout against float64 references, on their own and (multi-tensor path) in a Trainer."""
 
 from __future__ import annotations
 
@@ -6,11 +6,13 @@ import math
 
 import pytest
 import torch
-from conftest import reference
+from conftest import Capture, Records, TinyMLP, assert_matches, loader, make_trainer, reference
+from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
 
-from lightning_gradhealth import GradStatsEngine, build_layout
+from lightning_gradhealth import GradientHealthMonitor, GradStatsEngine, build_layout, horizontal
 from lightning_gradhealth.engine import NonFiniteTracker, StepMeta
+from lightning_gradhealth.horizontal import horizontal_stats
 from lightning_gradhealth.kernels import SCRATCH_MAX, SCRATCH_MIN, abs_max_and_min_nonzero, nonzero_counts
 
 
@@ -23,11 +25,15 @@ def _model_with_grads(dtype=torch.float32, scale=1.0, seed=0):
     return model
 
 
-def _run(model, **engine_kwargs):
+def _run(model, horizontal=None, **engine_kwargs):
     engine = GradStatsEngine(**engine_kwargs)
+    engine._horizontal = horizontal  # None: by device (per tensor on the CPU); True: the multi-tensor path
     layout = build_layout(model.named_parameters())
     pending = engine.compute(layout)
     return engine.finish(pending, StepMeta())
+
+
+HORIZONTAL = pytest.mark.parametrize("horizontal", [None, True], ids=["per_tensor", "multi_tensor"])
 
 
 def _captured(model):
@@ -36,13 +42,14 @@ def _captured(model):
     return grads, params
 
 
-def test_fp16_gradients_accumulate_in_float32_and_do_not_overflow():
+@HORIZONTAL
+def test_fp16_gradients_accumulate_in_float32_and_do_not_overflow(horizontal):
     # entries of ~1000 over thousands of elements: the norm itself exceeds the fp16 range (max 65504)
     model = _model_with_grads(torch.float16, scale=1000.0)
     fp16_norms = torch._foreach_norm([p.grad for p in model.parameters()], 2)
     # the trap: a global norm taken in the grads' own dtype overflows
     assert torch.isinf(torch.linalg.vector_norm(torch.stack(fp16_norms)))
-    rec = _run(model, stats="full")
+    rec = _run(model, horizontal, stats="full")
     grads, params = _captured(model)
     ref = reference(grads, params)
     assert math.isfinite(rec.total_norm) and rec.total_norm > 65504
@@ -53,20 +60,28 @@ def test_fp16_gradients_accumulate_in_float32_and_do_not_overflow():
         assert lay.std == pytest.approx(ref["layers"][lay.name]["std"], rel=1e-4)
 
 
-def test_bf16_gradients_match_reference():
+@HORIZONTAL
+def test_bf16_gradients_match_reference(horizontal):
     model = _model_with_grads(torch.bfloat16)
-    rec = _run(model, stats="full")
+    rec = _run(model, horizontal, stats="full")
     ref = reference(*_captured(model))
     assert rec.total_norm == pytest.approx(ref["total_norm"], rel=1e-5)
     assert rec.zero_frac == pytest.approx(ref["zero_frac"], abs=1e-12)
+    for lay in rec.layers:
+        r = ref["layers"][lay.name]
+        assert (lay.max_abs, lay.min_abs_nonzero) == (r["max_abs"], r["min_abs_nonzero"])  # picked values: exact
+        assert lay.zero_frac == pytest.approx(r["zero_frac"], abs=1e-12)
+        assert lay.std == pytest.approx(r["std"], rel=1e-4)
 
 
-def test_grad_scale_is_divided_out_of_every_magnitude():
+@HORIZONTAL
+def test_grad_scale_is_divided_out_of_every_magnitude(horizontal):
     model = _model_with_grads()
     ref = reference(*_captured(model))
     for p in model.parameters():
         p.grad.mul_(1024.0)
     engine = GradStatsEngine(stats="full")
+    engine._horizontal = horizontal
     layout = build_layout(model.named_parameters())
     rec = engine.finish(engine.compute(layout, grad_scale=torch.tensor(1024.0)), StepMeta())
     # float32 norms against float64: a few ulps times log2(n), in the CPU's kernel order (1e-5 holds on any CPU);
@@ -81,12 +96,13 @@ def test_grad_scale_is_divided_out_of_every_magnitude():
         assert lay.zero_frac == pytest.approx(r["zero_frac"], abs=1e-12)
 
 
-def test_nan_and_inf_counts_are_exact_per_layer():
+@HORIZONTAL
+def test_nan_and_inf_counts_are_exact_per_layer(horizontal):
     model = _model_with_grads()
     model[2].weight.grad[0, :3] = math.nan
     model[2].bias.grad[5] = math.inf
     model[4].weight.grad[1, 1] = -math.inf
-    rec = _run(model)
+    rec = _run(model, horizontal, stats="full")
     ref = reference(*_captured(model))
     assert not rec.is_finite
     assert [lay.name for lay in rec.nonfinite_layers] == ["2", "4"]
@@ -182,3 +198,44 @@ def test_nonzero_counts_and_abs_extremes_match_the_plain_formulas(dtype):
         else:
             assert largest.item() == a.max().item()
             assert smallest.item() == (nz.min().item() if nz.numel() else math.inf)
+
+
+@pytest.mark.parametrize("stats", ["basic", "full"])
+def test_multi_tensor_path_gives_the_per_tensor_record(stats):
+    """The accelerators' path (forced on CPU tensors) against the CPU's, dead units and a float16 layer included."""
+    model = _model_with_grads()
+    model[2].half()
+    model[2].weight.grad = (torch.randn(64, 64) * (torch.rand(64, 64) < 0.5)).half()
+    model[2].bias.grad = torch.randn(64).half()
+    model[0].weight.grad[[3, 17, 40]] = 0  # dead units
+    model[2].weight.grad[[0, 63]] = 0
+    records = [_run(model, horizontal, stats=stats) for horizontal in (False, True)]
+    per_tensor, multi = ([lay for lay in r.layers] for r in records)
+    dead = {"0": 3, "2": 2, "4": 0}
+    for a, b in zip(per_tensor, multi, strict=True):
+        assert a.dead_unit_frac == b.dead_unit_frac == dead[a.name] / a.units
+        assert a.zero_frac == b.zero_frac and a.grad_norm == b.grad_norm  # exact counts; the same norm kernel
+        if stats == "full":
+            assert (a.max_abs, a.min_abs_nonzero) == (b.max_abs, b.min_abs_nonzero)
+            assert b.mean == pytest.approx(a.mean, abs=1e-5 * a.grad_norm) and b.std == pytest.approx(a.std, rel=1e-5)
+
+
+@pytest.mark.parametrize("fused_scaler", [False, True], ids=["bf16-mixed", "16-mixed-fused-adam"])
+def test_multi_tensor_path_in_a_real_trainer_matches_the_float64_reference(monkeypatch, fused_scaler):
+    """The accelerators' path chosen on the CPU, through a real Trainer; a fused optimizer's still-scaled gradients
+    divided by the scale in it."""
+    monkeypatch.setattr(horizontal, "use_horizontal", lambda device: True)
+    calls = []
+    monkeypatch.setattr(horizontal, "horizontal_stats", lambda *a, **k: calls.append(1) or horizontal_stats(*a, **k))
+    monitor = GradientHealthMonitor(stats="full", log_every_n_steps=1)
+    capture, records = Capture(), Records(monitor)
+    if fused_scaler:
+        kwargs = {"plugins": [MixedPrecision("16-mixed", "cpu")]}
+        model = TinyMLP(optimizer="adam", fused=True, lr=1e-3)
+    else:
+        kwargs, model = {"precision": "bf16-mixed"}, TinyMLP()
+    make_trainer(callbacks=[monitor, capture, records], **kwargs).fit(model, loader())
+    assert len(records.records) == len(capture.steps) == len(calls) > 0
+    for rec, cap in zip(records.records, capture.steps, strict=True):
+        scale = cap["scale"] if fused_scaler else 1.0
+        assert_matches(rec, reference(cap["grads"], cap["params"], scale=scale), full=True)

@@ -372,14 +372,15 @@ def test_spike_skip_escalates_when_spikes_persist():
     assert trainer.global_step == 10
 
 
-def test_readme_threshold_table_is_the_code_s():
+def test_docs_threshold_table_is_the_code_s():
     from pathlib import Path
 
     from lightning_gradhealth.thresholds import THRESHOLD_SOURCES
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    page = (Path(__file__).resolve().parents[1] / "docs" / "diagnosis.md").read_text()
     for check, warning, critical, source in THRESHOLD_SOURCES:
-        assert f"| {check} | {warning} | {critical} | {source} |" in readme, check
+        assert f"| {check} | {warning} | {critical} | {source} |" in page, check
+        assert "seed" not in source.lower(), check  # the literature or our measurements, never outside notes
     th = Thresholds()  # the table's numbers are the defaults
     assert (th.total_norm_high_warning, th.total_norm_high_critical) == (100, 1000)
     assert (th.total_norm_low_warning, th.total_norm_low_critical) == (1e-3, 1e-8)

@@ -113,4 +113,36 @@ def test_visuals_are_skipped_for_other_loggers(tmp_path, caplog):
     trainer = make_trainer(callbacks=[monitor], logger=[CSVLogger(str(tmp_path)), TensorBoardLogger(str(tmp_path))])
     with caplog.at_level("INFO", logger="lightning.pytorch.utilities.rank_zero"):
         trainer.fit(TinyMLP(), loader())
-    assert caplog.text.count("histograms and figures go to TensorBoard loggers only; skipped for ['CSVLogger']") == 1
+    assert caplog.text.count("skipped: histograms and figures for CSVLogger.") == 1
+
+
+def test_without_matplotlib_the_run_goes_on_and_says_so_once(tmp_path, monkeypatch, recwarn):
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import matplotlib.figure -> ImportError
+    monitor = GradientHealthMonitor(figure_every_n_steps=1)
+    trainer = make_trainer(tmp_path, callbacks=[monitor], max_steps=4, log_every_n_steps=1)
+    trainer.fit(TinyMLP(), loader())
+    said = [w for w in recwarn if "the gradient-flow figure needs matplotlib" in str(w.message)]
+    assert len(said) == 1 and "pip install matplotlib" in str(said[0].message)
+    acc = EventAccumulator(str(tmp_path))
+    acc.Reload()
+    assert acc.Tags()["images"] == [] and "grad_health/total_norm" in acc.Tags()["scalars"]
+
+
+def test_a_plain_loop_logging_to_a_directory_gets_the_figure_by_default(tmp_path):
+    from torch import nn
+
+    from lightning_gradhealth import GradientHealth
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with GradientHealth(model, loggers=str(tmp_path), log_every_n_steps=5, report=False) as health:
+        for i in range(20):
+            model(torch.randn(8, 4)).square().mean().backward()
+            health.step(opt, step=i)
+            opt.step()
+            opt.zero_grad()
+    acc = EventAccumulator(str(tmp_path), size_guidance={"images": 0})
+    acc.Reload()
+    # "auto": the first computed step once the checks have seen their 10 warm-up steps (9), the last record at close
+    assert [e.step for e in acc.Images("grad_health/gradient_flow")] == [9, 19]
