@@ -85,7 +85,8 @@ MANY = {"cuda": (500, 64), "cpu": (50, 16)}  # n x Linear(width, width)
 MONITOR_ONLY: dict[str, Any] = {"on_nonfinite": None, "spike_z_thresh": None}
 VARIANTS: dict[str, dict[str, Any] | None] = {
     "none": None,
-    "defaults": {},
+    "defaults": {},  # guard_mode="auto": deferred on CUDA (no host sync; fused AdamW skips on the device)
+    "defaults_sync": {"guard_mode": "sync"},  # the guard read before the update: one host sync per step
     "monitoring_only": MONITOR_ONLY,
     "every_step": {"log_every_n_steps": 1},
     "full_every_step": {"log_every_n_steps": 1, "stats": "full"},

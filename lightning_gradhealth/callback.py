@@ -114,7 +114,7 @@ class GradientHealthMonitor(*_callback_bases()):  # type: ignore[misc]
     - ``act_saturated_frac/<module>``: fraction of a sigmoid/tanh module's outputs that are saturated (same).
     - ``update_ratio/<layer>``, ``grad_health/grad_cosine``: the relative size of the layer's latest update, and the
       cosine between consecutive steps' gradients (``update_ratio=True``, ``grad_cosine=True``).
-    - ``grad_health/noise_scale``: the gradient noise scale under gradient accumulation (``noise_scale=True``).
+    - ``grad_health/noise_scale``: the gradient noise scale under gradient accumulation or DDP (``noise_scale=True``).
 
     Safety, on *every* optimizer step (one foreach norm and one transfer on steps that are not logged): a
     non-finite gradient is caught at the step it appears (``on_nonfinite``), gradient-norm spikes are detected
@@ -218,7 +218,8 @@ class GradientHealthMonitor(*_callback_bases()):  # type: ignore[misc]
         grad_cosine: Log ``grad_health/grad_cosine`` (cosine between consecutive steps' gradients; one copy of the
             gradients held for one step in every ``log_every_n_steps``).
         noise_scale: Log ``grad_health/noise_scale`` (the gradient noise scale, under gradient accumulation: from
-            the first micro-batch's gradient against the accumulated one, no extra backward).
+            the first micro-batch's gradient against the accumulated one; under DDP without accumulation: from each
+            rank's gradient against the averaged one, read by a communication hook; no extra backward).
         micro_batch_size: Examples per backward pass and rank, for the noise scale; ``None``: the first dimension
             of the batch's first tensor.
 
@@ -372,7 +373,7 @@ class GradientHealthMonitor(*_callback_bases()):  # type: ignore[misc]
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Start watching the (wrapped) model: check what is watched; find the sparse-by-design layers."""
-        self.health.attach(self._frontend(trainer, pl_module), trainer.optimizers)
+        self.health.attach(self._frontend(trainer, pl_module), trainer.optimizers, ddp=trainer.strategy.model)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Give TensorBoard a custom-scalars layout grouping the monitor's charts."""

@@ -132,7 +132,7 @@ class GradientHealth:
         self._unwatch_maps: Callable[[], None] = lambda: None
         if model is not None:
             every = self.options.log_every_n_steps
-            self.attach(Frontend.for_model(model, loggers, amp=scaler is not None, every=every))
+            self.attach(Frontend.for_model(model, loggers, amp=scaler is not None, every=every), ddp=model)
             self.start()
             self.before_batch(0)
 
@@ -147,11 +147,11 @@ class GradientHealth:
         """The run's :class:`~lightning_gradhealth.history.History`."""
         return self.output.history
 
-    def attach(self, frontend: Frontend, optimizers: Sequence[Optimizer] = ()) -> None:
+    def attach(self, frontend: Frontend, optimizers: Sequence[Optimizer] = (), ddp: nn.Module | None = None) -> None:
         """Start a run on ``frontend.model`` (front-ends call this; ``GradientHealth(model, ...)`` does it itself).
 
-        Per-run state is reset; counters, running statistics and the watched names survive (a resumed run
-        compares against them).
+        Per-run state is reset; counters, running statistics and the watched names survive (a resumed run compares
+        against them). ``ddp``: the model's DDP wrapper, where the noise scale's communication hook goes (noise.py).
 
         Raises:
             ValueError: Nothing can be watched.
@@ -159,12 +159,12 @@ class GradientHealth:
         """
         names_model = self.model = frontend.model
         self.output.begin(frontend)
+        self._measures.noise.watch_ddp(ddp, self.output.info)  # (DDP without accumulation: a communication hook)
         self.guard.rank = frontend.rank
         self._awaiting_clip.clear()
         self._tracker.reset()
-        self._fsdp1_done = False
+        self._fsdp1_done = self._closed = False
         self._run_steps = self._due_steps = 0
-        self._closed = False
         self.watched.start(names_model, optimizers, resumed=self.guard.steps_seen > 0)
         self.inventory = take_inventory(names_model, self.options.group_by)
         self._unwatch_maps()

@@ -211,7 +211,9 @@ class StepGuard:
             )
             return
         if decision in ("raise", "skip_limit"):
-            reason = "Non-finite gradients"
+            finite_grads = not (record.nan_count or record.inf_count or record.nonfinite_layers)
+            loss_bad = record.loss is not None and not math.isfinite(record.loss)
+            reason = "Non-finite loss" if loss_bad and finite_grads else "Non-finite gradients"
             if decision == "skip_limit":
                 reason += f" for {self.policy.consecutive_skips} steps in a row (on_nonfinite='skip')"
             out.failure = Failure(reason)

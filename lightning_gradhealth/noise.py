@@ -15,17 +15,25 @@ gradient one of ``b · k`` (``k`` micro-batches; ``b · k · world`` under DDP, 
 under ``no_sync`` as Lightning does, so the first is the rank's own). The accumulated gradient is taken to be the
 *mean* over the micro-batches (the loss divided by ``k``, as Lightning does and Fabric's and Hugging Face's loops
 do); the first micro-batch's gradient is then ``k`` times what it left in ``.grad``. No extra backward pass is run.
-Not estimated: without accumulation (it would need a DDP communication hook), and for sharded gradients (FSDP).
+Under DDP without accumulation, a communication hook (:meth:`NoiseScale.watch_ddp`, registered on the
+``DistributedDataParallel`` module) gives the two batches: on due steps only, it adds up each bucket's squared norm
+before the all-reduce (the rank's own gradient, a batch of ``b``) and, in the all-reduce future's ``.then``, after it
+(the averaged gradient, ``b · world``); on other steps it only calls torch's ``allreduce_hook``. Under DDP with
+accumulation the first micro-batch's path is kept (the hook then does nothing). Not estimated: without accumulation
+outside DDP (one batch size only), where a communication hook is already registered (DDP takes one), and for sharded
+gradients (FSDP).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+import weakref
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
 import torch
+from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from lightning_gradhealth.distributed import local
@@ -71,21 +79,100 @@ class NoiseScale:
         self._small: torch.Tensor | None = None
         self._trace = self._gsq = 0.0  # the EMAs of tr(Σ) and |G|²
         self._seen = 0
+        # the DDP communication hook's (watch_ddp): per-bucket |g_local|², |G_averaged|², the buckets seen, the
+        # step they belong to (a count of step starts), whether two all-reduces ran in one step (not one batch)
+        self._ddp: weakref.ReferenceType[nn.Module] | None = None
+        self._world = 1
+        self._local: list[torch.Tensor] = []
+        self._averaged: list[torch.Tensor] = []
+        self._buckets: set[int] = set()
+        self._steps = self._hooked_at = 0
+        self._spoiled = False
+
+    def step_start(self, next_due: bool) -> None:
+        """At every optimizer step's start: whether the next step is due (the hook measures on due steps only)."""
+        self.next_due = next_due
+        self._steps += 1
+
+    def watch_ddp(self, model: nn.Module | None, info: Callable[[str], None]) -> None:
+        """Register the communication hook on ``model`` when it is (a Fabric module around) a DDP module.
+
+        Nothing is registered when the noise scale is off, outside DDP, or on a single rank. DDP takes one hook,
+        before the first backward pass: when registering fails (the user's own ``ddp_comm_hook``), ``info`` says
+        once that the noise scale is estimated under accumulation only.
+        """
+        from torch.nn.parallel import DistributedDataParallel
+
+        module = getattr(model, "_forward_module", model)  # Lightning Fabric's _FabricModule
+        if not self.enabled or not isinstance(module, DistributedDataParallel):
+            return
+        if self._ddp is not None and self._ddp() is module:  # (a second run on the same wrapper)
+            return
+        group = module.process_group
+        world = torch.distributed.get_world_size(group)
+        if world < 2:
+            return
+        try:
+            module.register_comm_hook(group, self._hook)
+        except Exception as err:  # (RuntimeError: "can only be called once"; whatever else a torch version raises)
+            info(
+                f"The gradient noise scale is estimated under gradient accumulation only: its DDP communication "
+                f"hook could not be registered ({type(err).__name__}: {str(err).strip().splitlines()[0][:200]}), "
+                "most likely because the model already has one (`ddp_comm_hook`)."
+            )
+            return
+        self._ddp, self._world = weakref.ref(module), world
+
+    def _hook(self, state, bucket):  # noqa: ANN001, ANN202 (DDP checks these annotations: string ones fail)
+        """DDP's communication hook: ``allreduce_hook``, plus two squared norms on due steps."""
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        if not self.next_due or self._small is not None:  # (not due, or the first micro-batch's path is on)
+            return allreduce_hook(state, bucket)
+        if self._hooked_at != self._steps:  # the step's first bucket: forget what an unread step left
+            self._hooked_at, self._spoiled = self._steps, False
+            self._local, self._averaged, self._buckets = [], [], set()
+        if bucket.index() in self._buckets:  # a second all-reduce in the step (accumulation without no_sync)
+            self._spoiled = True
+        self._buckets.add(bucket.index())
+        self._local.append(_squared(bucket.buffer()))  # before allreduce_hook divides and reduces it in place
+        return allreduce_hook(state, bucket).then(self._after_allreduce)
+
+    def _after_allreduce(self, future: torch.futures.Future[torch.Tensor]) -> torch.Tensor:
+        averaged = future.value()
+        self._averaged.append(_squared(averaged))
+        return averaged
 
     def first_micro_batch(self, layout: ParamLayout, micro_batches: int) -> None:
         """After a backward pass: on the first micro-batch of a due step, keep ``|g|²`` on the device."""
-        if self.enabled and self.next_due and micro_batches == 1:
+        hooked = self._hooked_at == self._steps and bool(self._local)  # (the DDP hook measured this backward)
+        if self.enabled and self.next_due and micro_batches == 1 and not hooked:
             self._small = squared_norm(layout)
 
-    def measure(self, layout: ParamLayout, micro_batches: int, sharded: bool) -> dict[str, torch.Tensor]:
-        """At a due step: ``{"noise": [|g_first|², |G_accumulated|²]}`` on the device (empty when not estimable)."""
+    def measure(self, layout: ParamLayout, micro_batches: int, sharded: bool) -> tuple[torch.Tensor, int] | None:
+        """At a due step: ``[|g_small|², |G_big|²]`` on the device and ``k`` (``None`` when not estimable).
+
+        Under accumulation ``k`` micro-batches, the first one's gradient and the accumulated one; from the DDP hook
+        ``k = 1``, the rank's gradient and the averaged one.
+        """
         small, self._small = self._small, None
-        if small is None or micro_batches < 2 or sharded:
-            return {}
-        big = squared_norm(layout)
-        if big is None:
-            return {}
-        return {"noise": torch.stack([small, big if big.device == small.device else big.to(small.device)])}
+        local, averaged, self._local, self._averaged = self._local, self._averaged, [], []
+        if sharded:
+            return None
+        if small is not None and micro_batches >= 2:
+            big = squared_norm(layout)
+            if big is None:
+                return None
+            return torch.stack([small, big if big.device == small.device else big.to(small.device)]), micro_batches
+        # the hook's sums, from the backward pass of this step (it started after the previous step's start)
+        if self._hooked_at != self._steps - 1 or self._spoiled or not local or len(averaged) != len(local):
+            return None
+        return torch.stack([torch.stack(local).sum(), torch.stack(averaged).sum()]), 1
+
+    @property
+    def replicas(self) -> int | None:
+        """The ranks the DDP hook's all-reduce averages over (``None`` when no hook is registered)."""
+        return self._world if self._ddp is not None else None
 
     def apply(
         self,
@@ -137,6 +224,12 @@ class NoiseScale:
         self._trace = float(state.get("trace", 0.0))
         self._gsq = float(state.get("gsq", 0.0))
         self._seen = int(state.get("seen", 0))
+
+
+def _squared(buffer: torch.Tensor) -> torch.Tensor:
+    """``‖buffer‖²`` as a float64 device scalar (half-precision buffers summed in float32, without a copy)."""
+    low = buffer.dtype in (torch.float16, torch.bfloat16)
+    return torch.linalg.vector_norm(buffer, dtype=torch.float32 if low else None).double() ** 2
 
 
 def batch_advice(noise_scale: float, batch_size: int | None) -> str:

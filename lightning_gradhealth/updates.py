@@ -192,7 +192,7 @@ class Measures:
 
     def before(self, step: int, layout: ParamLayout, next_due: bool) -> None:
         """At every optimizer step's start (before its update): snapshots for the next step, when it is due."""
-        self.noise.next_due = next_due
+        self.noise.step_start(next_due)
         if self.updates.enabled:
             self.updates.before(step, layout, next_due)
 
@@ -204,17 +204,19 @@ class Measures:
     def launch(self, layout: ParamLayout, ctx: Any, frontend: Any, micro_batches: int) -> None:
         """At a due step, before its update: compute on the device and start the copy to the host."""
         parts = self.updates.measure(layout, ctx.step, frontend.reduction) if self.updates.enabled else {}
-        noise = self.noise.measure(layout, micro_batches, frontend.sharded) if self.noise.enabled else {}
+        noise = self.noise.measure(layout, micro_batches, frontend.sharded) if self.noise.enabled else None
         if not (parts or noise):
             return
         group = frontend.reduction.replica_group
+        hooked = noise is not None and noise[1] == 1  # (the DDP hook's: the rank's gradient against the average)
+        replicas = self.noise.replicas if hooked else None if group is None else torch.distributed.get_world_size(group)
         info = {
-            "micro_batches": micro_batches,
-            "replicas": torch.distributed.get_world_size(group) if group is not None else 1,
+            "micro_batches": noise[1] if noise is not None else micro_batches,
+            "replicas": replicas or 1,
             "batch_size": ctx.micro_batch_size,
             "amp": ctx.scaler is not None,  # (the scale itself is read with the record: no sync here)
-            "big_scaled": ctx.grads_scaled,
-            "noise": noise.get("noise"),  # two device scalars: they ride in the statistics' one transfer
+            "big_scaled": hooked or ctx.grads_scaled,  # (the hook read both in the backward pass: both scaled)
+            "noise": noise[0] if noise is not None else None,  # two device scalars, in the statistics' one transfer
         }
         self._launched[(ctx.step, ctx.optimizer_idx)] = (layout, _Copy(parts) if parts else None, info)
         while len(self._launched) > 8:  # (records that were never published: a step that found no gradient)

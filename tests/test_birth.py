@@ -125,6 +125,7 @@ def test_a_nan_loss_with_finite_gradients_fails_the_step_and_is_born_in_the_loss
             opt.zero_grad()
     lines = str(info.value).splitlines()
     assert info.value.record.step == BAD_BATCH
+    assert lines[0].startswith(f"Non-finite loss at step {BAD_BATCH} ")  # not "gradients": they are finite
     assert lines[1] == EXPECTED["loss"]
     assert lines[2].startswith("No gradient entry is NaN or Inf: the loss itself is nan")
 

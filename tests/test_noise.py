@@ -8,6 +8,12 @@ gradient at ``w = w* + δ`` is ``g = x (x·δ − ε)``. Its mean is ``G = δ``;
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import lightning as L
 import pytest
 import torch
@@ -19,6 +25,7 @@ from lightning_gradhealth import GradientHealth, GradientHealthMonitor
 from lightning_gradhealth.noise import NoiseScale, batch_size_of
 
 D, SIGMA, DELTA = 10, 2.0, 1.0
+HERE = Path(__file__).parent
 
 
 def closed_form(d: int = D, sigma: float = SIGMA, delta: float = DELTA) -> float:
@@ -135,3 +142,30 @@ def test_the_report_compares_the_batch_size_with_the_noise_scale(tmp_path):
     assert health.last_record.batch_size == b * k
     report = (tmp_path / "gradient_health_report.md").read_text()
     assert f"batch {b * k} against a noise scale ~{noise:,.3g}" in report
+
+
+def test_ddp_without_accumulation_the_communication_hook_estimates_it(tmp_path):
+    # 2-process gloo DDP, no accumulation: each rank's gradient (batch b) against the averaged one (batch 2b)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+    script = [sys.executable, str(HERE / "ddp_noise_script.py"), str(tmp_path)]
+    proc = subprocess.run(script, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    for r in (r0, r1):  # (each rank its own gradient against the same average: both estimate it)
+        assert r["world"] == 2 and r["batch_size"] == 2 * 64
+        for noise in (r["noise_scale"], r["plain"]["noise_scale"]):
+            assert closed_form() / 2 < noise < closed_form() * 2, (noise, closed_form())
+        # the hook takes squared norms (one bucket: before and after its all-reduce) on due steps only (every
+        # second one, log_every_n_steps=2: steps 1, 3, ...); on the others it only all-reduces
+        squared = {int(k): v for k, v in r["squared"].items()}
+        assert squared == {step: 2 for step in range(1, 200, 2)}, squared
+        assert r["plain"]["batch_size"] == 2 * 64 and r["plain"]["squared"] > 0
+        # under accumulation the first micro-batch's gradient (b) against the accumulated one (b * 2 * world): the
+        # hook only all-reduces
+        accumulated = r["accumulated"]
+        assert accumulated["batch_size"] == 64 * 2 * 2 and accumulated["squared"] == 0
+        assert closed_form() / 2 < accumulated["noise_scale"] < closed_form() * 2, accumulated
+        # a DDP module with its own communication hook: said once on rank zero, not estimated without accumulation
+        assert r["own_hook"]["noise_scale"] is None
+    assert r0["own_hook"]["told"].count("noise scale is estimated under gradient accumulation only") == 1
+    assert r1["own_hook"]["told"] == ""
