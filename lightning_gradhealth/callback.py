@@ -114,7 +114,8 @@ class GradientHealthMonitor(*_callback_bases()):  # type: ignore[misc]
     - ``act_saturated_frac/<module>``: fraction of a sigmoid/tanh module's outputs that are saturated (same).
     - ``update_ratio/<layer>``, ``grad_health/grad_cosine``: the relative size of the layer's latest update, and the
       cosine between consecutive steps' gradients (``update_ratio=True``, ``grad_cosine=True``).
-    - ``grad_health/noise_scale``: the gradient noise scale under gradient accumulation or DDP (``noise_scale=True``).
+    - ``grad_health/noise_scale``: the gradient noise scale under gradient accumulation (and under DDP with
+      ``noise_scale=True``).
 
     Safety, on *every* optimizer step (one foreach norm and one transfer on steps that are not logged): a
     non-finite gradient is caught at the step it appears (``on_nonfinite``), gradient-norm spikes are detected
@@ -217,9 +218,11 @@ class GradientHealthMonitor(*_callback_bases()):  # type: ignore[misc]
             the watched parameters held for one step in every ``log_every_n_steps``).
         grad_cosine: Log ``grad_health/grad_cosine`` (cosine between consecutive steps' gradients; one copy of the
             gradients held for one step in every ``log_every_n_steps``).
-        noise_scale: Log ``grad_health/noise_scale`` (the gradient noise scale, under gradient accumulation: from
-            the first micro-batch's gradient against the accumulated one; under DDP without accumulation: from each
-            rank's gradient against the averaged one, read by a communication hook; no extra backward).
+        noise_scale: Log ``grad_health/noise_scale``, the gradient noise scale, with no extra backward.
+            ``"auto"`` (default): under gradient accumulation, from the first micro-batch's gradient against the
+            accumulated one (free). ``True``: also under DDP without accumulation, from each rank's gradient against
+            the averaged one, read by a communication hook (a Python hook then replaces DDP's C++ all-reduce on
+            every step). ``False``: off.
         micro_batch_size: Examples per backward pass and rank, for the noise scale; ``None``: the first dimension
             of the batch's first tensor.
 
@@ -268,7 +271,7 @@ class GradientHealthMonitor(*_callback_bases()):  # type: ignore[misc]
         replay_nonfinite: bool = True,
         update_ratio: bool = False,
         grad_cosine: bool = False,
-        noise_scale: bool = True,
+        noise_scale: bool | Literal["auto"] = "auto",
         micro_batch_size: int | None = None,
     ) -> None:
         self.options = HealthOptions(**{name: value for name, value in locals().items() if name in _OPTIONS})
@@ -373,7 +376,8 @@ class GradientHealthMonitor(*_callback_bases()):  # type: ignore[misc]
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Start watching the (wrapped) model: check what is watched; find the sparse-by-design layers."""
-        self.health.attach(self._frontend(trainer, pl_module), trainer.optimizers, ddp=trainer.strategy.model)
+        ddp = getattr(trainer.strategy, "model", None)  # (the DDP wrapper, once the strategy set up: noise.py)
+        self.health.attach(self._frontend(trainer, pl_module), trainer.optimizers, ddp=ddp)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Give TensorBoard a custom-scalars layout grouping the monitor's charts."""

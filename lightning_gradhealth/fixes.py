@@ -1,6 +1,6 @@
 """Recommended fixes and code to add, by problem kind, fitted to the model when its inventory is known.
 
-:data:`FIXES` and :data:`CODE` are the defaults (the seeds, the project's reference notes 000-003, give them):
+:data:`FIXES` and :data:`CODE` are the defaults (from the literature cited in ``docs/diagnosis.md``):
 what to recommend when nothing is known about the model. :func:`fixes_for` and :func:`code_for` fit them to a
 :class:`~lightning_gradhealth.inventory.ModelInventory`: a model is never told to add what it already has (a GELU
 transformer is not told to use GELU, a ResNet is not told to add residual connections and normalisation; it is
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 __all__ = ["CODE", "FIXES", "code_for", "fixes_for"]
 
-#: kind (:class:`~lightning_gradhealth.kinds.Kind`) -> fixes, most useful first (sources: seeds 000-003), when
+#: kind (:class:`~lightning_gradhealth.kinds.Kind`) -> fixes, most useful first (sources: ``docs/diagnosis.md``), when
 #: nothing is known about the model. Every kind has its own entry.
 FIXES: dict[str, tuple[str, ...]] = {
     Kind.NONFINITE: (
@@ -77,7 +77,7 @@ FIXES: dict[str, tuple[str, ...]] = {
     ),
 }
 
-#: kind -> code to add (seeds 002, 003), when nothing is known about the model.
+#: kind -> code to add, when nothing is known about the model.
 CODE: dict[str, str] = {
     Kind.NONFINITE: "GradientHealthMonitor(on_nonfinite='raise', clip='norm', max_norm=1.0)\n"
     "loss = F.cross_entropy(logits, targets, label_smoothing=0.1)",

@@ -70,8 +70,12 @@ class NoiseScale:
         beta: The moving averages' factor (per due step), bias-corrected as Adam's.
     """
 
-    def __init__(self, enabled: bool = True, batch_size: int | None = None, beta: float = 0.98) -> None:
+    def __init__(
+        self, enabled: bool = True, batch_size: int | None = None, beta: float = 0.98, hook: bool = True
+    ) -> None:
         self.enabled = enabled
+        self.hook = hook
+        """Whether DDP without accumulation gets the communication hook (it replaces DDP's C++ all-reduce)."""
         self.batch_size = batch_size
         self.beta = beta
         self.next_due = False
@@ -97,14 +101,14 @@ class NoiseScale:
     def watch_ddp(self, model: nn.Module | None, info: Callable[[str], None]) -> None:
         """Register the communication hook on ``model`` when it is (a Fabric module around) a DDP module.
 
-        Nothing is registered when the noise scale is off, outside DDP, or on a single rank. DDP takes one hook,
-        before the first backward pass: when registering fails (the user's own ``ddp_comm_hook``), ``info`` says
-        once that the noise scale is estimated under accumulation only.
+        Nothing is registered when the noise scale is off or ``"auto"``, outside DDP, or on a single rank. DDP takes
+        one hook, before the first backward pass: when registering fails (the user's own ``ddp_comm_hook``),
+        ``info`` says once that the noise scale is estimated under accumulation only.
         """
         from torch.nn.parallel import DistributedDataParallel
 
         module = getattr(model, "_forward_module", model)  # Lightning Fabric's _FabricModule
-        if not self.enabled or not isinstance(module, DistributedDataParallel):
+        if not (self.enabled and self.hook) or not isinstance(module, DistributedDataParallel):
             return
         if self._ddp is not None and self._ddp() is module:  # (a second run on the same wrapper)
             return
@@ -167,6 +171,9 @@ class NoiseScale:
         # the hook's sums, from the backward pass of this step (it started after the previous step's start)
         if self._hooked_at != self._steps - 1 or self._spoiled or not local or len(averaged) != len(local):
             return None
+        if averaged[0].is_cuda:  # (made on the future's callback stream: not reused before this stream reads them)
+            for t in averaged:
+                t.record_stream(torch.cuda.current_stream(t.device))
         return torch.stack([torch.stack(local).sum(), torch.stack(averaged).sum()]), 1
 
     @property

@@ -97,7 +97,7 @@ class HealthOptions:
     replay_nonfinite: bool = True
     update_ratio: bool = False
     grad_cosine: bool = False
-    noise_scale: bool = True
+    noise_scale: bool | Literal["auto"] = "auto"
     micro_batch_size: int | None = None
 
     def __post_init__(self) -> None:
@@ -135,7 +135,10 @@ class HealthOptions:
                 set_(self, name, Path(value))
         check_type("report", self.report, bool, "a bool")
         check_type("verbose", self.verbose, bool, "a bool")
-        for name in ("replay_nonfinite", "update_ratio", "grad_cosine", "noise_scale"):
+        noise = self.noise_scale
+        if not isinstance(noise, bool) and not (isinstance(noise, str) and noise == "auto"):
+            raise ValueError(f"`noise_scale` must be one of True | False | 'auto', got {self.noise_scale!r}.")
+        for name in ("replay_nonfinite", "update_ratio", "grad_cosine"):
             check_type(name, getattr(self, name), bool, "a bool")
         check_int("micro_batch_size", self.micro_batch_size, minimum=1, allow_none=True)
         for name in ("activation_stats_every_n_steps", "histogram_every_n_steps"):

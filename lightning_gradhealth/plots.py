@@ -13,7 +13,7 @@ __all__ = ["write_plots"]
 def write_plots(history: History, directory: str | Path) -> list[Path]:
     """Write the report's plots: global norm, layer heatmap, gradient flow.
 
-    ``global_norm.png`` shows the global norm over steps with seed 000's healthy band (0.1-10),
+    ``global_norm.png`` shows the global norm over steps with the healthy band of the thresholds (0.1-10),
     ``layer_heatmap.png`` the log10 layer norm (layer × step), ``gradient_flow.png`` the layer norm against depth
     at the last record.
 

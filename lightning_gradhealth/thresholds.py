@@ -263,6 +263,20 @@ THRESHOLD_SOURCES: tuple[tuple[str, str, str, str], ...] = (
         "ours: the loss of a healthy run falls; a learning rate far too large raises both (GPT-2 at Adam lr 1: 6x)",
     ),
     (
+        "update ratio ‖Δθ‖ / ‖θ‖ too large (a layer's median over the recent records)",
+        "> 0.1",
+        "> 1",
+        "the ~1e-3 rule of thumb for update / weight ratios (Karpathy, CS231n, 2016) and per-layer ratios (You, Gitman "
+        "& Ginsburg, 2017, LARS): warning 100x above it (healthy ResNet/GPT-2/BERT/ViT/LSTM runs stay below 0.025), "
+        "critical when a step moves the weights by their own size",
+    ),
+    (
+        "update ratio too small",
+        "< 1e-7",
+        "< 1e-9",
+        "ours: the layer barely trains; healthy runs stay above 2e-6, LayerNorms included",
+    ),
+    (
         "non-finite gradients",
         "-",
         "any NaN/Inf",

@@ -187,7 +187,8 @@ class Measures:
 
     def __init__(self, options: Any) -> None:
         self.updates = UpdateSize(options.update_ratio, options.grad_cosine)
-        self.noise = NoiseScale(options.noise_scale, options.micro_batch_size)
+        # "auto": where it is free (accumulation); True: also DDP's communication hook
+        self.noise = NoiseScale(bool(options.noise_scale), options.micro_batch_size, hook=options.noise_scale is True)
         self._launched: dict[tuple[int, int], tuple[ParamLayout, _Copy, dict[str, Any]]] = {}
 
     def before(self, step: int, layout: ParamLayout, next_due: bool) -> None:

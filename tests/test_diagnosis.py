@@ -39,7 +39,7 @@ def test_vanishing_deep_sigmoid_net(tmp_path):
 
 
 class DeepLinear(nn.Module):
-    """Seed 002's exploding net: 20 Linear layers, init std 1.5/sqrt(width)."""
+    """An exploding net: 20 Linear layers, init std 1.5/sqrt(width)."""
 
     def __init__(self, depth=20, width=32):
         super().__init__()
@@ -145,7 +145,7 @@ def _history(norms, layer_norms=None, losses=None):
     return history
 
 
-def test_trend_rules_follow_seed_003():
+def test_trend_rules_rising_and_decaying():
     from lightning_gradhealth import Thresholds
     from lightning_gradhealth.rules import diagnose
 

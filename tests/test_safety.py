@@ -179,7 +179,7 @@ def test_healthy_runs_raise_no_alert_and_get_a_clean_report(name, caplog, tmp_pa
 
 
 def test_pathological_run_raises_alerts_with_structured_records(caplog):
-    # seed 002's deep sigmoid net: vanishing gradients in the first layers
+    # a deep sigmoid net: vanishing gradients in the first layers
     from lightning_gradhealth.demo import DeepSigmoidMLP
 
     seen = []
@@ -389,3 +389,5 @@ def test_docs_threshold_table_is_the_code_s():
     assert (th.zero_frac_warning, th.zero_frac_critical) == (0.5, 0.9)
     assert (th.grad_param_ratio_high_warning, th.grad_param_ratio_high_critical) == (1e2, 1e4)
     assert (th.grad_param_ratio_low_warning, th.grad_param_ratio_low_critical) == (1e-6, 1e-9)
+    assert (th.update_ratio_high_warning, th.update_ratio_high_critical) == (0.1, 1.0)
+    assert (th.update_ratio_low_warning, th.update_ratio_low_critical) == (1e-7, 1e-9)

@@ -29,6 +29,8 @@ from lightning_gradhealth import GradientHealthMonitor
         ({"exclude": 5}, TypeError, r"`exclude` must be None, a regex string or a compiled re.Pattern, got 5"),
         ({"per_layer": "yes"}, TypeError, r"`per_layer` must be a bool, got 'yes'"),
         ({"stats": "all"}, ValueError, r"`stats` must be one of 'basic' \| 'full', got 'all'"),
+        ({"guard_mode": "async"}, ValueError, r"`guard_mode` must be one of 'auto' \| 'sync' \| 'deferred', got 'async'"),
+        ({"noise_scale": 1}, ValueError, r"`noise_scale` must be one of True \| False \| 'auto', got 1"),
     ],
 )
 def test_bad_arguments(kwargs, error, pattern):
