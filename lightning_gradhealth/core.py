@@ -358,9 +358,7 @@ class GradientHealth:
         if pending is None:
             self._nothing_to_watch(layout)
             return self._end_step(True)
-        self._add_extras(pending, scale, ctx.loss if ctx.due else None)
-        self._step_extras(pending, ctx)
-        meta = StepMeta(ctx.step, ctx.global_step, ctx.epoch, ctx.batch_idx, ctx.optimizer_idx)
+        meta = self._launched(pending, scale, ctx)
         record = self.engine.finish(pending, meta) if ctx.due else None
         self._measures.landed(ctx.step, ctx.optimizer_idx, pending.host_extras)
         total = record.total_norm if record is not None else self.engine.read_guard(pending)[0]
@@ -416,9 +414,7 @@ class GradientHealth:
         if pending is None:
             self._nothing_to_watch(layout)
             return self._end_step(True)
-        self._add_extras(pending, scale, ctx.loss if ctx.due else None)
-        self._step_extras(pending, ctx)
-        meta = StepMeta(ctx.step, ctx.global_step, ctx.epoch, ctx.batch_idx, ctx.optimizer_idx)
+        meta = self._launched(pending, scale, ctx)
         self.output.visuals(self.engine, layout, grad_scale, meta.step, None, red)  # (histograms: pre-update)
         arm = ctx.scaler is None and self.options.on_nonfinite in ("raise", "skip") and device_skip_supported(optimizer)
         entry = self._deferred.launch(
@@ -520,9 +516,12 @@ class GradientHealth:
             pending.extras["first_nonfinite_micro_batch"] = self._tracker.first_bad
         # else: a single micro-batch; the engine reports micro-batch 0 for a non-finite step
 
-    def _step_extras(self, pending: PendingStats, ctx: StepContext) -> None:
+    def _launched(self, pending: PendingStats, scale: torch.Tensor | None, ctx: StepContext) -> StepMeta:
+        """What rides with a launched step's values (loss, scale, the noise scale's); where the step is."""
+        self._add_extras(pending, scale, ctx.loss if ctx.due else None)
         fold_loss(pending, ctx.loss)  # (a non-finite loss fails the step: birth.py)
         pending.extras |= self._measures.extras(ctx.step, ctx.optimizer_idx)  # (the noise scale's, on due steps)
+        return StepMeta(ctx.step, ctx.global_step, ctx.epoch, ctx.batch_idx, ctx.optimizer_idx)
 
     def _end_step(self, go: bool) -> bool:
         self._tracker.reset()

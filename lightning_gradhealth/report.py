@@ -144,10 +144,10 @@ def _update_rows(history: History, findings: Sequence[Finding]) -> list[tuple[st
     if cosines:
         rows.append(("Cosine of consecutive gradients, median over recent records",
                      f"{statistics.median(cosines):.3g}", Severity.OK, ()))  # fmt: skip
-    noise = next((v for v in reversed(history.noise_scale) if math.isfinite(v)), None)
-    if noise is not None:
-        rows.append(("Batch size against the gradient noise scale (McCandlish et al., 2018)",
-                     batch_advice(noise, history.batch_size), Severity.OK, ()))  # fmt: skip
+    noises = [v for v in history.noise_scale[recent] if math.isfinite(v)]  # (a noisy estimate: the recent median)
+    if noises:
+        rows.append(("Batch size against the gradient noise scale (McCandlish et al., 2018), recent median",
+                     batch_advice(statistics.median(noises), history.batch_size), Severity.OK, ()))  # fmt: skip
     return rows
 
 

@@ -171,12 +171,13 @@ def _nonfinite(history: History, find: Callable[..., Finding], out: list[Finding
     born = f"{first_bad.nonfinite_birth} " if first_bad.nonfinite_birth else ""  # (the replay's answer leads)
     out.append(find(
         Kind.NONFINITE, Severity.CRITICAL,
-        born + (
-            f"non-finite gradients at step {first_bad.step} ({first_bad.nan_count} NaN, {first_bad.inf_count} Inf)"
+        born + ("N" if born else "n") + (
+            f"on-finite gradients at step {first_bad.step} ({first_bad.nan_count} NaN, {first_bad.inf_count} Inf)"
             if first_bad.nan_count or first_bad.inf_count or first_bad.amp_overflow
-            else f"non-finite gradients at step {first_bad.step}"
+            else f"on-finite gradients at step {first_bad.step}"
             if not first_bad.counts_exact
-            else f"gradients at step {first_bad.step} so large that their norm overflows float32 (no NaN/Inf entry)"
+            else f"on-finite norm at step {first_bad.step}: gradients so large that their norm overflows float32 "
+            "(no NaN/Inf entry)"
         )
         + where + "." + spread,
         layers=layers,

@@ -87,7 +87,18 @@ def nonfinite_fixes(record: StepStats) -> tuple[str, ...]:
     update that was too large: numerical stability comes first then.
     """
     fixes = FIXES[Kind.NONFINITE]
-    if record.loss is not None and not math.isfinite(record.loss):
+    born = record.nonfinite_birth or ""
+    if born.startswith("Born in `"):  # the replay named a module: what to do there comes first
+        module = born.split("`")[1]
+        there = (
+            f"guard the operation in `{module}` that made it: clamp the input of log/sqrt/pow, add an eps to "
+            "divisions and norms, or compute that module in float32"
+            if "(forward)" in born
+            else f"`{module}`'s backward produced it (a custom backward, or an op whose derivative is unbounded at its "
+            "input: sqrt or log at 0, acos at ±1): add an eps there"
+        )
+        return (there, *fixes)
+    if born.startswith("Born in the loss") or (record.loss is not None and not math.isfinite(record.loss)):
         stable = [fix for fix in fixes if "numerically stable" in fix]
         return (*stable, *(fix for fix in fixes if fix not in stable))
     return fixes
@@ -108,12 +119,13 @@ def format_nonfinite_message(
     Returns:
         A multi-line message.
     """
+    micro = record.first_nonfinite_micro_batch if micro_batches else None
     lines = [
-        f"{reason} at step {record.step} (global step {record.global_step}, epoch {record.epoch}, batch "
-        f"{record.batch_idx}"
+        f"{reason} at step {record.step} (global step {record.global_step}, epoch {record.epoch}, "
+        f"{'last batch' if micro is not None else 'batch'} {record.batch_idx}"
     ]
-    if micro_batches and record.first_nonfinite_micro_batch is not None:
-        lines[0] += f", micro-batch {record.first_nonfinite_micro_batch} of the accumulated step"
+    if micro is not None:  # (the step's batches end at batch_idx; the first that went bad is this one)
+        lines[0] += f", micro-batch {micro} (counted from 0) of the accumulated step"
     lines[0] += ")."
     if note:  # (a deferred guard: when the step was read, and what became of its update)
         lines.append(note)

@@ -92,6 +92,13 @@ def _check(err: TrainingHealthError, kind: str) -> None:
     assert err.record is not None and err.record.nonfinite_birth == EXPECTED[kind]
     # the definition-order list still follows, and its first layer is the bystander
     assert lines[2].startswith("First offending layers") and lines[3].lstrip().startswith("stem:"), message
+    # the first fix is about the module where it was born, not the learning rate
+    first_fix = message.split("Fixes:\n")[1].splitlines()[0]
+    expected_fix = {"forward": "guard the operation in `mid`", "backward": "`mid`'s backward produced it"}
+    if kind in expected_fix:
+        assert first_fix.startswith("  1. " + expected_fix[kind]), message
+    else:  # born in the loss: numerical stability first
+        assert "numerically stable" in first_fix, message
 
 
 @pytest.mark.parametrize("kind", ["forward", "backward", "loss"])
@@ -237,6 +244,6 @@ def test_the_report_leads_with_the_birthplace(tmp_path):
             health.step(opt, replay=lambda x=x, y=y: model.loss(x, y))
             opt.zero_grad()
     finding = next(f for f in health.findings if f.kind == "nonfinite")
-    assert finding.summary.startswith(EXPECTED["forward"] + " non-finite gradients at step 3")
+    assert finding.summary.startswith(EXPECTED["forward"] + " Non-finite gradients at step 3")
     assert finding.evidence["born"] == EXPECTED["forward"]
     assert EXPECTED["forward"] in (tmp_path / "gradient_health_report.md").read_text()

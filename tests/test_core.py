@@ -305,7 +305,7 @@ def test_accumulation_names_the_micro_batch_that_went_non_finite():
         health.step(opt, step=1)
     err = caught.value
     assert err.record.first_nonfinite_micro_batch == 2
-    assert "micro-batch 2 of the accumulated step" in str(err)
+    assert "last batch 1, micro-batch 2 (counted from 0) of the accumulated step" in str(err)
     assert err.context["layers"] == ["net.2"]
     assert err.record.layer("net.2").nan_count == 16  # one column of the 16x16 weight
 

@@ -208,7 +208,7 @@ def test_raise_names_step_layer_counts_and_fixes_and_logs_the_step_first(tmp_pat
     assert isinstance(err, TrainingHealthError)  # the run must stop: not an unsupported set-up
     assert not isinstance(err, UnsupportedSetupError)
     msg = str(err)
-    assert msg.startswith("Non-finite gradients at step 10 (global step 10, epoch 0, batch 43, micro-batch 2")
+    assert msg.startswith("Non-finite gradients at step 10 (global step 10, epoch 0, last batch 43, micro-batch 2 (counted")
     assert "net.2: 1 NaN, 0 Inf of 272 gradient entries" in msg
     assert msg.count("\n  ") >= 3 and "lower the learning rate" in msg
     assert err.record.step == 10 and err.context["layers"] == ["net.2"]
