@@ -135,6 +135,7 @@ class GradientHealth:
             self.attach(Frontend.for_model(model, loggers, amp=scaler is not None, every=every), ddp=model)
             self.start()
             self.before_batch(0)
+            self._replays.mark()  # (the RNG state the first step's replay restores; then after each step())
 
     # ------------------------------------------------------------------ public
     @property
@@ -252,6 +253,7 @@ class GradientHealth:
         )
         go = self.on_step(optimizer, ctx, known) if self.before_step(ctx.step, ctx.due) else True
         self.end_batch()
+        self._replays.mark()  # the next step's forward comes next (a front-end's replays carry their own states)
         if self.activations is not None and due(step + 1, self.options.activation_stats_every_n_steps):
             self.activations.attach()  # for the next step's forward pass
         return go
@@ -304,13 +306,11 @@ class GradientHealth:
         """Before a batch's forward pass: attach the activation hooks when that step is sampled."""
         if self.activations is not None and due(step, self.options.activation_stats_every_n_steps):
             self.activations.attach()
-        self._replays.mark()  # (the RNG state a failing step's replay restores)
 
     def end_batch(self) -> None:
         """After the optimizer step: publish deferred records (post-clip norm) and write the loggers."""
         self._flush_pending()
         self.output.emit()
-        self._replays.mark()  # (plain loops: the next step's forward comes next)
 
     def check_watched(self, optimizers: Sequence[Optimizer], step: int) -> None:
         """Look for parameters frozen, unfrozen or replaced anywhere in the model (one pass over them)."""
@@ -362,7 +362,7 @@ class GradientHealth:
         record = self.engine.finish(pending, meta) if ctx.due else None
         self._measures.landed(ctx.step, ctx.optimizer_idx, pending.host_extras)
         total = record.total_norm if record is not None else self.engine.read_guard(pending)[0]
-        self.output.visuals(self.engine, layout, grad_scale, meta.step, record, red)
+        self.output.visuals(layout, grad_scale, meta.step, record, red)
 
         def full_record() -> StepStats:
             # a guarded step that fails gets the full statistics with exact counts (rare: extra transfers)
@@ -415,7 +415,7 @@ class GradientHealth:
             self._nothing_to_watch(layout)
             return self._end_step(True)
         meta = self._launched(pending, scale, ctx)
-        self.output.visuals(self.engine, layout, grad_scale, meta.step, None, red)  # (histograms: pre-update)
+        self.output.visuals(layout, grad_scale, meta.step, None, red)  # (histograms: pre-update)
         arm = ctx.scaler is None and self.options.on_nonfinite in ("raise", "skip") and device_skip_supported(optimizer)
         entry = self._deferred.launch(
             optimizer, pending, meta=meta, due=ctx.due, tensor_norms=tensor_norms, arm=arm, several=ctx.several,
@@ -440,13 +440,8 @@ class GradientHealth:
                 inventory=self.inventory,
                 batches=entry.batches,
             )
-            if outcome.spike is not None:
-                self.output.history.add_spike(entry.meta.step, outcome.spike)
-            self.alerts.emit_step(outcome.alerts, rank_zero=self.output.frontend.rank_zero)
-            if outcome.failure is not None and act:
-                assert outcome.record is not None
-                note = failure_note(entry, self._now)
-                self._fail(outcome.record, outcome.failure, entry.micro_batches, entry.several, note)
+            note = failure_note(entry, self._now) if act else None  # (no raise: the run ends on its own exception)
+            self._announce(outcome, entry.meta.step, entry.micro_batches, entry.several, note)
             if record is not None:
                 self.output.figure(record)
             if outcome.record is not None:
@@ -465,13 +460,19 @@ class GradientHealth:
             self._measures.launch(layout, ctx, self.output.frontend, self._tracker.micro_batches)
 
     # ------------------------------------------------------------------ internals
-    def _act_on(self, outcome: StepOutcome, optimizer: Optimizer, ctx: StepContext, layout: ParamLayout) -> None:
+    def _announce(
+        self, outcome: StepOutcome, step: int, micro_batches: bool, several: bool, note: str | None = ""
+    ) -> None:
+        """A decided step's spike, alerts and failure (raises unless ``note is None``), decided now or a step late."""
         if outcome.spike is not None:
-            self.output.history.add_spike(ctx.step, outcome.spike)
+            self.output.history.add_spike(step, outcome.spike)
         self.alerts.emit_step(outcome.alerts, rank_zero=self.output.frontend.rank_zero)
-        if outcome.failure is not None:
+        if outcome.failure is not None and note is not None:
             assert outcome.record is not None
-            self._fail(outcome.record, outcome.failure, ctx.micro_batches, ctx.several)
+            self._fail(outcome.record, outcome.failure, micro_batches, several, note)
+
+    def _act_on(self, outcome: StepOutcome, optimizer: Optimizer, ctx: StepContext, layout: ParamLayout) -> None:
+        self._announce(outcome, ctx.step, ctx.micro_batches, ctx.several)
         if outcome.skip:
             for group in optimizer.param_groups:  # all of the optimizer's parameters, watched or not
                 for p in group["params"]:

@@ -28,11 +28,9 @@ from typing import Any, Literal
 import torch
 from torch.optim import Optimizer
 
-from lightning_gradhealth.distributed import Reduction, mean_over, resolve
+from lightning_gradhealth.distributed import Reduction
 from lightning_gradhealth.engine import GradStatsEngine, PendingStats, StepMeta
-from lightning_gradhealth.kernels import foreach_norms
 from lightning_gradhealth.layout import ParamLayout
-from lightning_gradhealth.pack import Pack
 from lightning_gradhealth.record import LayerStats, StepStats
 
 __all__ = [
@@ -268,7 +266,6 @@ class DeferredGuard:
         self.fallbacks.add(why)
         return deferred, why
 
-    @torch.no_grad()
     def guard(
         self, layout: ParamLayout, grad_scale: torch.Tensor | None, reduction: Reduction | None
     ) -> tuple[PendingStats | None, bool]:
@@ -278,24 +275,8 @@ class DeferredGuard:
             ``(pending, tensor_norms)``: ``tensor_norms`` is whether the pack holds ``tensor_norms`` (unsharded,
             dense gradients: a non-finite step then names its layers).
         """
-        present = layout.with_grad()
-        grads: list[torch.Tensor] = [layout.params[i].grad for i in present]  # type: ignore[misc]
-        red = resolve(grads, reduction) if present else reduction
-        if layout.sparse or not present or (red is not None and red.shard_group is not None):
-            return self.engine.guard(layout, grad_scale, reduction), False
-        norms = foreach_norms(grads, self.engine.norm_type)  # type: ignore[arg-type]
-        total = torch.linalg.vector_norm(norms, self.engine.norm_type)
-        if grad_scale is not None:
-            scale = grad_scale.detach().float().reshape(())
-            total, norms = total / scale, norms / scale
-        if red is not None and red.replica_group is not None:
-            total = mean_over(total, red.replica_group)  # every rank decides on the same value
-        pack = Pack()
-        pack.add("total_norm", total)
-        pack.add("tensor_norms", norms.to(total.dtype))
-        packed, schema = pack.build()
-        assert red is not None
-        return PendingStats(layout, present, packed, [], grad_scale, reduction=red, schema=schema), True
+        pending = self.engine.guard(layout, grad_scale, reduction, tensor_norms=True)
+        return pending, pending is not None and any(name == "tensor_norms" for name, _ in pending.schema)
 
     def launch(
         self,

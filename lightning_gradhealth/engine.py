@@ -18,6 +18,7 @@ from functools import partial
 from typing import Any, Literal
 
 import torch
+from torch.linalg import vector_norm
 
 from lightning_gradhealth.distributed import (
     Reduction,
@@ -29,7 +30,6 @@ from lightning_gradhealth.distributed import (
     resolve,
     sum_over,
 )
-from lightning_gradhealth.histograms import layer_histograms
 from lightning_gradhealth.horizontal import HorizontalPlan, gradient_stats
 from lightning_gradhealth.kernels import (
     NonFiniteTracker,
@@ -224,7 +224,7 @@ class GradStatsEngine:
         p = self.norm_type
         red = resolve(tensors, reduction)
         if red.shard_group is None:  # the hot path of every guarded step: no per-tensor Python work
-            return torch.linalg.vector_norm(foreach_norms(tensors, p), p)
+            return vector_norm(foreach_norms(tensors, p), p)
         norms = foreach_norms([local(t) for t in tensors], p)
         norms = norms.to(accum_dtype(norms.device))
         if math.isinf(p):
@@ -370,7 +370,11 @@ class GradStatsEngine:
 
     @torch.no_grad()
     def guard(
-        self, layout: ParamLayout, grad_scale: torch.Tensor | None = None, reduction: Reduction | None = None
+        self,
+        layout: ParamLayout,
+        grad_scale: torch.Tensor | None = None,
+        reduction: Reduction | None = None,
+        tensor_norms: bool = False,
     ) -> PendingStats | None:
         """The cheapest useful check of a step: the global gradient norm alone (one foreach kernel).
 
@@ -383,6 +387,8 @@ class GradStatsEngine:
             layout: The parameters to look at.
             grad_scale: Loss scale still contained in the gradients, divided out of the norm.
             reduction: Process groups to combine over.
+            tensor_norms: Also send the per-tensor norms the global one is made of (unsharded dense gradients
+                only: a step read later names its non-finite layers from them; ``present`` is then set).
 
         Returns:
             The pending guard, or ``None`` when no watched parameter has a gradient.
@@ -398,28 +404,23 @@ class GradStatsEngine:
         red = resolve(grads, reduction)
         # FSDP1 only (parameters whole on every rank count once): the parameters aligned with the gradients
         params = [p for p in layout.params if p.grad is not None] if red.whole else None
-        total = self.global_norm(grads, red, params=params)
+        named = tensor_norms and not layout.sparse and red.shard_group is None
+        norms = foreach_norms(grads, self.norm_type) if named else None  # (global_norm's own unsharded path)
+        total = self.global_norm(grads, red, params=params) if norms is None else vector_norm(norms, self.norm_type)
         if grad_scale is not None:
-            total = total / grad_scale.detach().float().reshape(())
+            scale = grad_scale.detach().float().reshape(())
+            total, norms = total / scale, None if norms is None else norms / scale
         if red.replica_group is not None:
             total = mean_over(total, red.replica_group)
         pack = Pack()
         pack.add("total_norm", total)  # the guard's whole pack
+        if norms is not None:
+            pack.add("tensor_norms", norms.to(total.dtype))
         packed, schema = pack.build()
-        # `present` stays empty: a guard never becomes a record (a failing step recomputes everything)
-        return PendingStats(
-            layout=layout, present=(), packed=packed, grads=grads, grad_scale=grad_scale, reduction=red, schema=schema
-        )
+        # `present` stays empty unless named: a guard never becomes a record (a failing step recomputes everything)
+        present = layout.with_grad() if named else ()
+        return PendingStats(layout, present, packed, grads, grad_scale, reduction=red, schema=schema)
 
-    def histograms(
-        self,
-        layout: ParamLayout,
-        bins: int = 64,
-        grad_scale: torch.Tensor | None = None,
-        reduction: Reduction | None = None,
-    ) -> dict[str, dict[str, Any]]:
-        """Per-layer histograms of the gradient entries, in one transfer (see :func:`.histograms.layer_histograms`)."""
-        return layer_histograms(layout, bins, grad_scale, reduction)
 
     @staticmethod
     def outgoing(pending: PendingStats) -> tuple[torch.Tensor, tuple[str, ...]]:

@@ -21,6 +21,7 @@ from torch import nn
 
 from lightning_gradhealth import metrics
 from lightning_gradhealth.distributed import Reduction
+from lightning_gradhealth.histograms import layer_histograms
 from lightning_gradhealth.history import History
 from lightning_gradhealth.inventory import ModelInventory
 from lightning_gradhealth.layout import ParamLayout
@@ -295,7 +296,6 @@ class Output:
 
     def visuals(
         self,
-        engine: Any,
         layout: ParamLayout,
         grad_scale: torch.Tensor | None,
         step: int,
@@ -319,7 +319,7 @@ class Output:
         # sharded: every rank takes part in the histograms' collectives (a condition the same on every rank)
         if due(step, histograms_every) and "histograms" in takes:
             if rank_zero or self.frontend.sharded:
-                histograms = engine.histograms(layout, grad_scale=grad_scale, reduction=reduction)
+                histograms = layer_histograms(layout, grad_scale=grad_scale, reduction=reduction)
                 if rank_zero:
                     self._media.setdefault(step, Media()).histograms.update(histograms)
         if record is not None:
