@@ -1,6 +1,6 @@
 """What update size, gradient cosine, noise scale and the NaN replay's RNG capture cost, amortised over a run.
 
-Times the work each one adds (the calls of :class:`~lightning_gradhealth.updates.Measures` and of the RNG capture,
+Times the work each one adds (the calls of :class:`~lightning_gradhealth.stats.updates.Measures` and of the RNG capture,
 wrapped with a timer) against the time of the whole training step, in a plain loop with ``GradientHealth`` and
 ``log_every_n_steps=50`` (the Trainer's default), so that the snapshot on the step before a logged one, the norms on
 the logged one and the read are all counted. Run::

@@ -48,10 +48,11 @@ from lightning.pytorch.utilities import grad_norm
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lightning_gradhealth import GradientHealthMonitor, horizontal
-from lightning_gradhealth.engine import GradStatsEngine, StepMeta
-from lightning_gradhealth.layout import build_layout
-from lightning_gradhealth.metrics import record_to_metrics
+from lightning_gradhealth import GradientHealthMonitor
+from lightning_gradhealth.model.layout import build_layout
+from lightning_gradhealth.schema.metrics import record_to_metrics
+from lightning_gradhealth.stats import horizontal
+from lightning_gradhealth.stats.engine import GradStatsEngine, StepMeta
 
 # Targets of issue 12 (H200, lm350m)
 TARGETS = {"defaults_pct": 1.0, "every_step_pct": 5.0, "basic_x": 2.5, "full_x": 4.0, "guard_x": 1.2}

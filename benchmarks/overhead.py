@@ -68,11 +68,11 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import grad_norm
 
 from lightning_gradhealth import GradientHealthMonitor
-from lightning_gradhealth.engine import GradStatsEngine, StepMeta, nonzero_counts
-from lightning_gradhealth.horizontal import _cpu_full_stats
-from lightning_gradhealth.layout import build_layout
-from lightning_gradhealth.metrics import record_to_metrics
-from lightning_gradhealth.sinks import write_metrics
+from lightning_gradhealth.model.layout import build_layout
+from lightning_gradhealth.output.sinks import write_metrics
+from lightning_gradhealth.schema.metrics import record_to_metrics
+from lightning_gradhealth.stats.engine import GradStatsEngine, StepMeta, nonzero_counts
+from lightning_gradhealth.stats.horizontal import _cpu_full_stats
 
 EVERY = 50  # the default log_every_n_steps of the Trainer (and so of the callback)
 LOG_DICT_MS_PER_KEY = 0.35  # measured elsewhere; NOT included in the grad_norm row

@@ -66,8 +66,8 @@ except ImportError:  # torch < 2.6
 
 from common import linear_stack  # the overhead benchmark's network (benchmarks/ is this script's directory)
 
-from lightning_gradhealth.engine import GradStatsEngine, StepMeta
-from lightning_gradhealth.layout import build_layout
+from lightning_gradhealth.model.layout import build_layout
+from lightning_gradhealth.stats.engine import GradStatsEngine, StepMeta
 
 WORLD = 2
 LAYERS = 500  # 500 x Linear(64, 64): 1,000 parameter tensors

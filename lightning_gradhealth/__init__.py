@@ -10,39 +10,40 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name comes from __getattr__ below
-    from lightning_gradhealth.alerts import Alert, AlertManager
-    from lightning_gradhealth.callback import GradientHealthMonitor
-    from lightning_gradhealth.core import GradientHealth
-    from lightning_gradhealth.engine import GradStatsEngine
-    from lightning_gradhealth.errors import GradientHealthError, TrainingHealthError, UnsupportedSetupError
-    from lightning_gradhealth.layout import ParamLayout, build_layout
-    from lightning_gradhealth.metrics import LAYER_KEYS, SUMMARY_KEYS, record_to_metrics
-    from lightning_gradhealth.options import HealthOptions
-    from lightning_gradhealth.record import LayerStats, StepStats
-    from lightning_gradhealth.thresholds import Severity, Thresholds
+    from lightning_gradhealth.config.options import HealthOptions
+    from lightning_gradhealth.config.thresholds import Thresholds
+    from lightning_gradhealth.core.health import GradientHealth
+    from lightning_gradhealth.frontends.lightning import GradientHealthMonitor
+    from lightning_gradhealth.model.layout import ParamLayout, build_layout
+    from lightning_gradhealth.output.alerts import AlertManager
+    from lightning_gradhealth.schema.alert import Alert, Severity
+    from lightning_gradhealth.schema.errors import GradientHealthError, TrainingHealthError, UnsupportedSetupError
+    from lightning_gradhealth.schema.metrics import LAYER_KEYS, SUMMARY_KEYS, record_to_metrics
+    from lightning_gradhealth.schema.record import LayerStats, StepStats
+    from lightning_gradhealth.stats.engine import GradStatsEngine
 
 __version__ = "0.1.0"
 
 # public name -> the module that defines it
 _EXPORTS: dict[str, str] = {
-    "Alert": "lightning_gradhealth.alerts",
-    "AlertManager": "lightning_gradhealth.alerts",
-    "GradientHealthMonitor": "lightning_gradhealth.callback",
-    "GradientHealth": "lightning_gradhealth.core",
-    "GradStatsEngine": "lightning_gradhealth.engine",
-    "GradientHealthError": "lightning_gradhealth.errors",
-    "TrainingHealthError": "lightning_gradhealth.errors",
-    "UnsupportedSetupError": "lightning_gradhealth.errors",
-    "ParamLayout": "lightning_gradhealth.layout",
-    "build_layout": "lightning_gradhealth.layout",
-    "LAYER_KEYS": "lightning_gradhealth.metrics",
-    "SUMMARY_KEYS": "lightning_gradhealth.metrics",
-    "record_to_metrics": "lightning_gradhealth.metrics",
-    "HealthOptions": "lightning_gradhealth.options",
-    "LayerStats": "lightning_gradhealth.record",
-    "StepStats": "lightning_gradhealth.record",
-    "Severity": "lightning_gradhealth.thresholds",
-    "Thresholds": "lightning_gradhealth.thresholds",
+    "Alert": "lightning_gradhealth.schema.alert",
+    "AlertManager": "lightning_gradhealth.output.alerts",
+    "GradientHealthMonitor": "lightning_gradhealth.frontends.lightning",
+    "GradientHealth": "lightning_gradhealth.core.health",
+    "GradStatsEngine": "lightning_gradhealth.stats.engine",
+    "GradientHealthError": "lightning_gradhealth.schema.errors",
+    "TrainingHealthError": "lightning_gradhealth.schema.errors",
+    "UnsupportedSetupError": "lightning_gradhealth.schema.errors",
+    "ParamLayout": "lightning_gradhealth.model.layout",
+    "build_layout": "lightning_gradhealth.model.layout",
+    "LAYER_KEYS": "lightning_gradhealth.schema.metrics",
+    "SUMMARY_KEYS": "lightning_gradhealth.schema.metrics",
+    "record_to_metrics": "lightning_gradhealth.schema.metrics",
+    "HealthOptions": "lightning_gradhealth.config.options",
+    "LayerStats": "lightning_gradhealth.schema.record",
+    "StepStats": "lightning_gradhealth.schema.record",
+    "Severity": "lightning_gradhealth.schema.alert",
+    "Thresholds": "lightning_gradhealth.config.thresholds",
 }
 
 __all__ = [

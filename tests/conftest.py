@@ -15,7 +15,7 @@ from lightning.pytorch import Callback
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_gradhealth.layout import layer_name
+from lightning_gradhealth.model.layout import layer_name
 
 warnings.filterwarnings("ignore", message=".*(does not have many workers|smaller than the logging|LeafSpec).*")
 

@@ -30,7 +30,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, TensorDataset
 
-import lightning_gradhealth.noise as noise_module
+import lightning_gradhealth.stats.noise as noise_module
 from lightning_gradhealth import GradientHealth, GradientHealthMonitor
 
 STEPS = 200

@@ -10,8 +10,8 @@ import pytest
 from conftest import TinyMLP, loader, make_trainer
 
 from lightning_gradhealth import Alert, AlertManager, GradientHealthMonitor, Severity, Thresholds
-from lightning_gradhealth.checks import check_record
-from lightning_gradhealth.record import LayerStats, StepStats
+from lightning_gradhealth.diagnosis.checks import check_record
+from lightning_gradhealth.schema.record import LayerStats, StepStats
 
 LOGGER = "lightning_gradhealth"
 

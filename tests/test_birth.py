@@ -16,8 +16,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradhealth import GradientHealth, GradientHealthMonitor
-from lightning_gradhealth.birth import Birthplace, NoBirthplace, find_birthplace, rng_state
-from lightning_gradhealth.errors import TrainingHealthError
+from lightning_gradhealth.guard.birth import Birthplace, NoBirthplace, find_birthplace, rng_state
+from lightning_gradhealth.schema.errors import TrainingHealthError
 
 MARK = 1000.0  # an example whose first feature is this triggers the fault
 BAD_BATCH = 3

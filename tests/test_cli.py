@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from test_logging import read_scalars
 
-from lightning_gradhealth.cli import main
+from lightning_gradhealth.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -152,7 +152,7 @@ def _kinds(report_json: Path) -> list[str]:
 
 
 def test_report_grades_with_the_thresholds_the_run_used(custom_run, tmp_path, capsys):
-    from lightning_gradhealth.thresholds import Thresholds
+    from lightning_gradhealth.config.thresholds import Thresholds
 
     run, th = custom_run
     saved = json.loads((run / "gradient_health_model.json").read_text())
@@ -249,7 +249,7 @@ def test_report_reads_a_run_logged_with_a_logger_prefix(tmp_path, capsys):
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from lightning_gradhealth import GradientHealthMonitor
-    from lightning_gradhealth.eventfiles import history_from_events
+    from lightning_gradhealth.output.eventfiles import history_from_events
 
     logger = TensorBoardLogger(str(tmp_path), name="run", version="", prefix="exp")
     trainer = make_trainer(callbacks=[GradientHealthMonitor()], logger=logger, max_steps=6, log_every_n_steps=2)
@@ -273,8 +273,8 @@ def heavy():
 import lightning_gradhealth
 assert heavy() == [], ("import lightning_gradhealth", heavy())
 assert lightning_gradhealth.__version__ and "GradientHealthMonitor" in dir(lightning_gradhealth)
-from lightning_gradhealth.cli import main
-assert heavy() == [], ("import lightning_gradhealth.cli", heavy())
+from lightning_gradhealth.cli.main import main
+assert heavy() == [], ("import lightning_gradhealth.cli.main", heavy())
 for argv in (["--help"], ["report", "--help"], ["demo", "--help"]):
     try:
         main(argv)
@@ -282,7 +282,7 @@ for argv in (["--help"], ["report", "--help"], ["demo", "--help"]):
         assert exc.code == 0, (argv, exc.code)
     assert heavy() == [], (argv, heavy())
 from lightning_gradhealth import GradientHealthMonitor  # the callback really is there, on first use
-assert "lightning" in sys.modules and GradientHealthMonitor.__module__ == "lightning_gradhealth.callback"
+assert "lightning" in sys.modules and GradientHealthMonitor.__module__ == "lightning_gradhealth.frontends.lightning"
 print("ok")
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
@@ -293,7 +293,7 @@ print("ok")
 def test_demo_alerts_fit_on_a_screen_and_the_healthy_net_raises_none(tmp_path):
     """What a new user sees: the unhealthy net's alerts as a few grouped lines, none for the healthy net."""
     proc = subprocess.run(
-        [sys.executable, "-m", "lightning_gradhealth.cli", "demo", "--out", str(tmp_path / "demo")],
+        [sys.executable, "-m", "lightning_gradhealth.cli.main", "demo", "--out", str(tmp_path / "demo")],
         capture_output=True, text=True, timeout=600, cwd=tmp_path, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]

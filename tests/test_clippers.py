@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_gradhealth.clipping import AGCClipper, AutoClipper, Clipper, NormClipper, ValueClipper, ZClipper
+from lightning_gradhealth.guard.clipping import AGCClipper, AutoClipper, Clipper, NormClipper, ValueClipper, ZClipper
 
 EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s
 

@@ -17,7 +17,7 @@ from lightning.pytorch.plugins import MixedPrecision
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_gradhealth import GradientHealthMonitor
-from lightning_gradhealth.clipping import AutoClipper, ZClipper, percentile
+from lightning_gradhealth.guard.clipping import AutoClipper, ZClipper, percentile
 
 CLIP_KEYS = ("grad_health/clip_coef", "grad_health/clipped_norm", "grad_health/clip_frac")
 

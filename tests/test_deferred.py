@@ -14,7 +14,7 @@ from test_core import ListLogger, data, poison, snapshot
 from torch import nn
 
 from lightning_gradhealth import GradientHealth, TrainingHealthError
-from lightning_gradhealth.deferred import DeviceSkip, device_skip_supported, resolve_mode
+from lightning_gradhealth.guard.deferred import DeviceSkip, device_skip_supported, resolve_mode
 
 
 def _optimizer(kind: str, model: nn.Module) -> torch.optim.Optimizer:

@@ -13,9 +13,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_gradhealth import GradientHealthError, GradientHealthMonitor, Severity
-from lightning_gradhealth.demo import DeepSigmoidMLP
-from lightning_gradhealth.history import History
-from lightning_gradhealth.record import StepStats
+from lightning_gradhealth.cli.demo import DeepSigmoidMLP
+from lightning_gradhealth.diagnosis.history import History
+from lightning_gradhealth.schema.record import StepStats
 
 
 def _fit(model, data, tmp_path, steps=30, **monitor_kwargs):
@@ -130,7 +130,7 @@ def test_history_is_bounded_and_keeps_the_first_and_nonfinite_records():
 
 
 def _history(norms, layer_norms=None, losses=None):
-    from lightning_gradhealth.record import LayerStats
+    from lightning_gradhealth.schema.record import LayerStats
 
     history = History()
     for step, total in enumerate(norms):
@@ -147,7 +147,7 @@ def _history(norms, layer_norms=None, losses=None):
 
 def test_trend_rules_rising_and_decaying():
     from lightning_gradhealth import Thresholds
-    from lightning_gradhealth.rules import diagnose
+    from lightning_gradhealth.diagnosis.rules import diagnose
 
     th = Thresholds()
     rising = diagnose(_history([1.0 * 1.1**i for i in range(36)]), th)  # 25x its first values: not yet exploding
@@ -166,7 +166,7 @@ def test_trend_rules_rising_and_decaying():
 
 
 def test_layers_joining_mid_run_take_their_place_in_depth_order():
-    from lightning_gradhealth.record import LayerStats
+    from lightning_gradhealth.schema.record import LayerStats
 
     history = History()
 
@@ -192,11 +192,11 @@ def test_layers_joining_mid_run_take_their_place_in_depth_order():
 
 def test_alerts_findings_and_fixes_share_one_vocabulary():
     from lightning_gradhealth import Thresholds
-    from lightning_gradhealth.checks import check_global_norm, check_record
-    from lightning_gradhealth.fixes import FIXES
-    from lightning_gradhealth.kinds import ALERT_KINDS, KINDS, Kind
-    from lightning_gradhealth.record import LayerStats
-    from lightning_gradhealth.rules import CODE
+    from lightning_gradhealth.diagnosis.checks import check_global_norm, check_record
+    from lightning_gradhealth.diagnosis.fixes import FIXES
+    from lightning_gradhealth.diagnosis.rules import CODE
+    from lightning_gradhealth.schema.kinds import ALERT_KINDS, KINDS, Kind
+    from lightning_gradhealth.schema.record import LayerStats
 
     assert len(set(KINDS)) == len(KINDS) and ALERT_KINDS <= set(KINDS)
     assert (Kind.NONFINITE, Kind.SPIKE) == ("nonfinite", "spike")  # what the guard emits
@@ -221,7 +221,7 @@ def test_alerts_findings_and_fixes_share_one_vocabulary():
 
 
 def test_metric_keys_round_trip():
-    from lightning_gradhealth.metrics import (
+    from lightning_gradhealth.schema.metrics import (
         ACT_DEAD_FRAC,
         ALERTS,
         GRAD_NORM,
@@ -234,7 +234,7 @@ def test_metric_keys_round_trip():
         parse_key,
         record_to_metrics,
     )
-    from lightning_gradhealth.record import LayerStats
+    from lightning_gradhealth.schema.record import LayerStats
 
     layers = (
         LayerStats(name="net.0", numel=1, grad_norm=2.0, param_norm=math.nan, ratio=0.5, zero_frac=0.25, nan_count=3),
@@ -264,7 +264,7 @@ def test_metric_keys_round_trip():
 
 def test_a_converged_run_is_not_stalling_and_a_rising_loss_is_divergence():
     from lightning_gradhealth import Thresholds
-    from lightning_gradhealth.rules import diagnose
+    from lightning_gradhealth.diagnosis.rules import diagnose
 
     th = Thresholds()
     norms = [1.0 * 0.7**i for i in range(40)]

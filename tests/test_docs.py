@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lightning_gradhealth.options import HealthOptions
+from lightning_gradhealth.config.options import HealthOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"

@@ -10,10 +10,11 @@ from conftest import Capture, Records, TinyMLP, assert_matches, loader, make_tra
 from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
 
-from lightning_gradhealth import GradientHealthMonitor, GradStatsEngine, build_layout, horizontal
-from lightning_gradhealth.engine import NonFiniteTracker, StepMeta
-from lightning_gradhealth.horizontal import horizontal_stats
-from lightning_gradhealth.kernels import SCRATCH_MAX, SCRATCH_MIN, abs_max_and_min_nonzero, nonzero_counts
+from lightning_gradhealth import GradientHealthMonitor, GradStatsEngine, build_layout
+from lightning_gradhealth.stats import horizontal
+from lightning_gradhealth.stats.engine import NonFiniteTracker, StepMeta
+from lightning_gradhealth.stats.horizontal import horizontal_stats
+from lightning_gradhealth.stats.kernels import SCRATCH_MAX, SCRATCH_MIN, abs_max_and_min_nonzero, nonzero_counts
 
 
 def _model_with_grads(dtype=torch.float32, scale=1.0, seed=0):

@@ -13,15 +13,15 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_gradhealth import metrics
-from lightning_gradhealth.distributed import Reduction
-from lightning_gradhealth.engine import StepMeta
-from lightning_gradhealth.guard import StepGuard, StepOutcome
-from lightning_gradhealth.kinds import Kind
-from lightning_gradhealth.layout import build_layout
-from lightning_gradhealth.options import HealthOptions
-from lightning_gradhealth.record import LayerStats, StepStats
-from lightning_gradhealth.thresholds import Severity
+from lightning_gradhealth.config.options import HealthOptions
+from lightning_gradhealth.config.thresholds import Severity
+from lightning_gradhealth.guard.step import StepGuard, StepOutcome
+from lightning_gradhealth.model.distributed import Reduction
+from lightning_gradhealth.model.layout import build_layout
+from lightning_gradhealth.schema import metrics
+from lightning_gradhealth.schema.kinds import Kind
+from lightning_gradhealth.schema.record import LayerStats, StepStats
+from lightning_gradhealth.stats.engine import StepMeta
 
 # ---------------------------------------------------------------------------------------------------- helpers
 

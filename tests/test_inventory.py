@@ -18,10 +18,10 @@ from archs import ResNet18
 from torch import nn
 from torch.nn import functional as F
 
-from lightning_gradhealth.fixes import CODE, FIXES, code_for, fixes_for
-from lightning_gradhealth.inventory import ACTIVATIONS, LAYER_KINDS, ModelInventory, take_inventory
-from lightning_gradhealth.kinds import KINDS, Kind
-from lightning_gradhealth.layout import build_layout
+from lightning_gradhealth.diagnosis.fixes import CODE, FIXES, code_for, fixes_for
+from lightning_gradhealth.model.inventory import ACTIVATIONS, LAYER_KINDS, ModelInventory, take_inventory
+from lightning_gradhealth.model.layout import build_layout
+from lightning_gradhealth.schema.kinds import KINDS, Kind
 
 
 # ---------------------------------------------------------------------------------------------- ResNet-18

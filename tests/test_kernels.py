@@ -11,11 +11,12 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_gradhealth import GradStatsEngine, build_layout, horizontal
-from lightning_gradhealth import pack as pack_module
-from lightning_gradhealth.engine import Pack, PackValues, StepMeta
-from lightning_gradhealth.horizontal import gradient_stats, horizontal_stats, use_horizontal
-from lightning_gradhealth.kernels import (
+from lightning_gradhealth import GradStatsEngine, build_layout
+from lightning_gradhealth.stats import horizontal
+from lightning_gradhealth.stats import pack as pack_module
+from lightning_gradhealth.stats.engine import Pack, PackValues, StepMeta
+from lightning_gradhealth.stats.horizontal import gradient_stats, horizontal_stats, use_horizontal
+from lightning_gradhealth.stats.kernels import (
     SCRATCH_MIN,
     accum_dtype,
     foreach_norm_f32_or_wider,
@@ -288,8 +289,7 @@ def test_triton_interpreter_runs_the_fused_tests():
 def triton_kernels(monkeypatch):
     """The kernel module (which imports Triton), its use not disabled by an earlier test."""
     monkeypatch.setitem(horizontal._FUSED, "disabled", False)
-    from lightning_gradhealth import triton_kernels
-
+    from lightning_gradhealth.stats import triton_kernels
     return triton_kernels
 
 

@@ -79,7 +79,7 @@ def test_a_real_fit_with_each_namespace(tmp_path, namespace):
 @pytest.mark.parametrize("namespace", ["lightning.pytorch", "pytorch_lightning"])
 def test_the_loggers_of_each_namespace_are_recognised(tmp_path, namespace):
     pytest.importorskip(namespace)
-    from lightning_gradhealth.sinks import logger_kind
+    from lightning_gradhealth.output.sinks import logger_kind
 
     loggers = importlib.import_module(f"{namespace}.loggers")
     assert logger_kind(loggers.TensorBoardLogger(str(tmp_path))) == "tensorboard"
@@ -93,7 +93,7 @@ def test_the_namespace_of_the_trainer_picks_its_strategies():
     import pytorch_lightning
     from lightning.pytorch import Trainer
 
-    from lightning_gradhealth.callback import _lightning
+    from lightning_gradhealth.frontends.lightning import _lightning
 
     assert _lightning(pytorch_lightning.Trainer(logger=False), "strategies").__name__ == "pytorch_lightning.strategies"
     assert _lightning(Trainer(logger=False), "strategies").__name__ == "lightning.pytorch.strategies"

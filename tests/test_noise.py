@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradhealth import GradientHealth, GradientHealthMonitor
-from lightning_gradhealth.noise import NoiseScale, batch_size_of
+from lightning_gradhealth.stats.noise import NoiseScale, batch_size_of
 
 D, SIGMA, DELTA = 10, 2.0, 1.0
 HERE = Path(__file__).parent
@@ -89,7 +89,7 @@ def test_no_estimate_without_accumulation_and_the_batch_size_option():
 def test_estimator_matches_mccandlish_formulas():
     # two batch sizes, exact squared norms: the unbiased estimators of appendix A.1 by hand
     noise = NoiseScale(beta=0.0)
-    from lightning_gradhealth.record import StepStats
+    from lightning_gradhealth.schema.record import StepStats
 
     record = StepStats(step=0, global_step=0, epoch=0, batch_idx=0, optimizer_idx=0, total_norm=1.0,
                        param_norm=1.0, zero_frac=0.0, nan_count=0, inf_count=0, layer_norm_ratio=1.0,

@@ -7,12 +7,19 @@ import sys
 
 import pytest
 
-from lightning_gradhealth.history import History
-from lightning_gradhealth.kinds import KINDS, Kind
-from lightning_gradhealth.record import LayerStats, StepStats
-from lightning_gradhealth.report import LAYER_ROWS, PLOTS_HINT, layer_rows, render_markdown, report_dict, write_report
-from lightning_gradhealth.rules import Finding, diagnose
-from lightning_gradhealth.thresholds import Severity, Thresholds
+from lightning_gradhealth.config.thresholds import Severity, Thresholds
+from lightning_gradhealth.diagnosis.history import History
+from lightning_gradhealth.diagnosis.rules import Finding, diagnose
+from lightning_gradhealth.output.report import (
+    LAYER_ROWS,
+    PLOTS_HINT,
+    layer_rows,
+    render_markdown,
+    report_dict,
+    write_report,
+)
+from lightning_gradhealth.schema.kinds import KINDS, Kind
+from lightning_gradhealth.schema.record import LayerStats, StepStats
 
 
 def _record(step, norms, *, ratio=1e-3, zero=0.0, names=None):
@@ -160,7 +167,7 @@ def test_without_matplotlib_the_report_says_how_to_get_plots(tmp_path, monkeypat
 def test_layer_table_takes_the_kinds_from_a_model_inventory():
     from torch import nn
 
-    from lightning_gradhealth.inventory import take_inventory
+    from lightning_gradhealth.model.inventory import take_inventory
 
     inventory = take_inventory(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.LayerNorm(8), nn.Linear(8, 1)))
     history = _history([0.1, 0.2, 0.3], names=["0", "2", "3"], steps=3)

@@ -17,8 +17,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradhealth import Alert, AlertManager, GradientHealthError, GradientHealthMonitor, Severity, Thresholds
-from lightning_gradhealth.demo import ResidualReLUMLP
-from lightning_gradhealth.errors import TrainingHealthError, UnsupportedSetupError
+from lightning_gradhealth.cli.demo import ResidualReLUMLP
+from lightning_gradhealth.schema.errors import TrainingHealthError, UnsupportedSetupError
 
 PRECISIONS = {
     "32-true": {},
@@ -180,7 +180,7 @@ def test_healthy_runs_raise_no_alert_and_get_a_clean_report(name, caplog, tmp_pa
 
 def test_pathological_run_raises_alerts_with_structured_records(caplog):
     # a deep sigmoid net: vanishing gradients in the first layers
-    from lightning_gradhealth.demo import DeepSigmoidMLP
+    from lightning_gradhealth.cli.demo import DeepSigmoidMLP
 
     seen = []
     monitor = GradientHealthMonitor(on_alert=seen.append)
@@ -375,7 +375,7 @@ def test_spike_skip_escalates_when_spikes_persist():
 def test_docs_threshold_table_is_the_code_s():
     from pathlib import Path
 
-    from lightning_gradhealth.thresholds import THRESHOLD_SOURCES
+    from lightning_gradhealth.config.thresholds import THRESHOLD_SOURCES
 
     page = (Path(__file__).resolve().parents[1] / "docs" / "diagnosis.md").read_text()
     for check, warning, critical, source in THRESHOLD_SOURCES:

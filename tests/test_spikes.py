@@ -12,7 +12,7 @@ import torch
 from conftest import Capture, TinyMLP, loader, make_trainer
 
 from lightning_gradhealth import GradientHealthError, GradientHealthMonitor
-from lightning_gradhealth.spikes import SpikeDetector
+from lightning_gradhealth.guard.spikes import SpikeDetector
 
 
 class SpikeReference:

@@ -13,15 +13,15 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard_screenshot import browser, screenshot, train
 
-from lightning_gradhealth.metrics import GRAD_NORM, GRAD_RATIO, metric_key
-from lightning_gradhealth.thresholds import Thresholds
-from lightning_gradhealth.visuals import (
+from lightning_gradhealth.config.thresholds import Thresholds
+from lightning_gradhealth.output.visuals import (
     LAYERS_PER_CHART,
     custom_scalars_layout,
     flagged_layers,
     gradient_flow_figure,
     reference_lines,
 )
+from lightning_gradhealth.schema.metrics import GRAD_NORM, GRAD_RATIO, metric_key
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

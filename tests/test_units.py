@@ -21,11 +21,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 
 from lightning_gradhealth import GradientHealth, GradientHealthMonitor, GradStatsEngine, build_layout
-from lightning_gradhealth.engine import StepMeta
-from lightning_gradhealth.history import History
-from lightning_gradhealth.kernels import SCRATCH_MAX, SCRATCH_MIN, nonzero_and_dead_rows, nonzero_counts
-from lightning_gradhealth.layout import layer_name
-from lightning_gradhealth.metrics import (
+from lightning_gradhealth.diagnosis.history import History
+from lightning_gradhealth.model.layout import layer_name
+from lightning_gradhealth.schema.metrics import (
     GRAD_DEAD_UNITS,
     LAYER_KEYS,
     LOSS,
@@ -35,7 +33,9 @@ from lightning_gradhealth.metrics import (
     parse_key,
     record_to_metrics,
 )
-from lightning_gradhealth.record import LayerStats, StepStats
+from lightning_gradhealth.schema.record import LayerStats, StepStats
+from lightning_gradhealth.stats.engine import StepMeta
+from lightning_gradhealth.stats.kernels import SCRATCH_MAX, SCRATCH_MIN, nonzero_and_dead_rows, nonzero_counts
 
 HERE = Path(__file__).parent
 
@@ -425,9 +425,9 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from lightning_gradhealth import GradStatsEngine, build_layout
-from lightning_gradhealth.distributed import fsdp1_reduction
-from lightning_gradhealth.engine import StepMeta
-from lightning_gradhealth.layout import clean_name
+from lightning_gradhealth.model.distributed import fsdp1_reduction
+from lightning_gradhealth.stats.engine import StepMeta
+from lightning_gradhealth.model.layout import clean_name
 
 
 def model():

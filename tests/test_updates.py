@@ -17,8 +17,8 @@ from test_logging import read_scalars
 from torch import nn
 
 from lightning_gradhealth import GradientHealth, GradientHealthMonitor
-from lightning_gradhealth.layout import layer_name
-from lightning_gradhealth.options import HealthOptions
+from lightning_gradhealth.config.options import HealthOptions
+from lightning_gradhealth.model.layout import layer_name
 
 ON = {"update_ratio": True, "grad_cosine": True}  # (opt-in: see benchmarks/extras.py for their cost)
 

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lightning_gradhealth.errors import GradientHealthError, UnsupportedSetupError
-from lightning_gradhealth.options import HealthOptions
-from lightning_gradhealth.watch import WatchChange, WatchedSet
+from lightning_gradhealth.config.options import HealthOptions
+from lightning_gradhealth.model.watch import WatchChange, WatchedSet
+from lightning_gradhealth.schema.errors import GradientHealthError, UnsupportedSetupError
 
 BACKBONE = ("backbone.0.weight", "backbone.0.bias", "backbone.2.weight", "backbone.2.bias")
 HEAD = ("head.weight", "head.bias")

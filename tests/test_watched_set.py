@@ -102,7 +102,7 @@ def test_layers_unfrozen_by_backbone_finetuning_are_watched_from_that_epoch(tmp_
 def test_spike_detection_restarts_when_the_watched_set_changes(tmp_path, monkeypatch, restart):
     # the backbone's gradients are 1,000x the head's: the global norm jumps when it is unfrozen
     if not restart:  # the control: without the restart, that jump IS a spike (so the test can fail)
-        monkeypatch.setattr("lightning_gradhealth.spikes.SpikeDetector.reset", lambda self: None)
+        monkeypatch.setattr("lightning_gradhealth.guard.spikes.SpikeDetector.reset", lambda self: None)
     torch.manual_seed(0)
     monitor = GradientHealthMonitor(log_every_n_steps=1, spike_warmup_steps=3, on_spike="raise")
     finetuning = BackboneFinetuning(unfreeze_backbone_at_epoch=1, backbone_initial_ratio_lr=0.1)

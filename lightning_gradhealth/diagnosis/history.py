@@ -1,0 +1,182 @@
+"""A compact, bounded history of records on the host, for the rules and the report."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from lightning_gradhealth.schema.record import StepStats
+
+__all__ = ["History"]
+
+
+@dataclass
+class History:
+    """Global series and per-layer snapshots of the computed steps, bounded in memory.
+
+    When more than ``max_snapshots`` records have been kept, every other one is dropped (the first and the
+    non-finite ones are always kept), so a run of any length keeps an evenly thinned picture of itself.
+
+    Attributes:
+        max_snapshots: Upper bound on the number of records kept.
+        layer_names: Every layer seen, in definition order of first appearance.
+        steps: Step of each kept record.
+        total_norm: Global gradient norm of each kept record.
+        zero_frac: Global zero fraction of each kept record.
+        layer_norm_ratio: Largest / smallest layer norm of each kept record.
+        layer_norm: Per kept record, the gradient norm of each layer (``nan`` where the layer had no gradient).
+        layer_zero_frac: Per kept record, the zero fraction of each layer.
+        layer_ratio: Per kept record, the grad/param ratio of each layer.
+        layer_dead_units: Per kept record, the dead-unit fraction of each layer (``nan`` where it is ``None``: no
+            gradient, or no units, see :attr:`~lightning_gradhealth.schema.record.LayerStats.dead_unit_frac`).
+        loss: The training loss of each kept record (``nan`` where the record has none).
+        layer_update_ratio: Per kept record, the update ratio of each layer (``nan`` where not measured).
+        grad_cosine: The gradient cosine of each kept record (``nan`` where not measured).
+        noise_scale: The gradient noise scale of each kept record (``nan`` where not measured).
+        batch_size: The examples per optimizer step of the latest record with a noise scale.
+        first_nonfinite: The first non-finite record, if any.
+        last_nonfinite: The latest non-finite record, if any.
+        nonfinite_records: How many records offered to :meth:`add` were non-finite.
+        worst_nonfinite_layers: The most layers with a non-finite gradient in one record.
+        nonfinite_params_step: The first step whose record shows a NaN parameter norm (the weights themselves
+            are corrupt), if any.
+        no_grad_params: Parameters that never got a gradient in any kept record.
+        spikes: ``(step, z)`` of every spike reported to :meth:`add_spike`.
+        records_seen: Records offered to :meth:`add`, kept or not.
+    """
+
+    max_snapshots: int = 512
+    layer_names: list[str] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)
+    total_norm: list[float] = field(default_factory=list)
+    zero_frac: list[float] = field(default_factory=list)
+    layer_norm_ratio: list[float] = field(default_factory=list)
+    layer_norm: list[list[float]] = field(default_factory=list)
+    layer_zero_frac: list[list[float]] = field(default_factory=list)
+    layer_ratio: list[list[float]] = field(default_factory=list)
+    layer_dead_units: list[list[float]] = field(default_factory=list)
+    layer_update_ratio: list[list[float]] = field(default_factory=list)
+    grad_cosine: list[float] = field(default_factory=list)
+    noise_scale: list[float] = field(default_factory=list)
+    batch_size: int | None = None
+    loss: list[float] = field(default_factory=list)
+    first_nonfinite: StepStats | None = None
+    last_nonfinite: StepStats | None = None
+    nonfinite_records: int = 0
+    worst_nonfinite_layers: int = 0
+    nonfinite_params_step: int | None = None
+    no_grad_params: set[str] | None = None
+    spikes: list[tuple[int, float]] = field(default_factory=list)
+    activations: dict[str, list[tuple[int, float, float, float | None]]] = field(default_factory=dict)
+    records_seen: int = 0
+    _keep_every: int = 1
+    _index: dict[str, int] = field(default_factory=dict)  # layer name -> column
+
+    def add(self, record: StepStats) -> None:
+        """Keep ``record`` (or thin it out), in the order the steps come."""
+        self.records_seen += 1
+        finite = record.is_finite
+        if not finite:
+            if self.first_nonfinite is None:
+                self.first_nonfinite = record
+            self.last_nonfinite = record
+            self.nonfinite_records += 1
+            self.worst_nonfinite_layers = max(self.worst_nonfinite_layers, len(record.nonfinite_layers))
+        # NaN only: a norm can overflow to inf on finite weights (float32, large norm_type), never to NaN
+        # (a failing step read without a host sync has no parameter norms: NaN there means "not measured")
+        if self.nonfinite_params_step is None and math.isnan(record.param_norm) and record.counts_exact:
+            self.nonfinite_params_step = record.step
+        names = set(record.no_grad_params)
+        self.no_grad_params = names if self.no_grad_params is None else self.no_grad_params & names
+        if finite and (self.records_seen - 1) % self._keep_every:
+            return
+        if any(lay.name not in self._index for lay in record.layers):
+            self._merge_layers([lay.name for lay in record.layers])
+        index = self._index
+        n = len(self.layer_names)
+        norm, zero, ratio, dead = [math.nan] * n, [math.nan] * n, [math.nan] * n, [math.nan] * n
+        update = [math.nan] * n
+        for lay in record.layers:
+            j = index[lay.name]
+            norm[j], zero[j], ratio[j] = lay.grad_norm, lay.zero_frac, lay.ratio
+            if lay.dead_unit_frac is not None:
+                dead[j] = lay.dead_unit_frac
+            if lay.update_ratio is not None:
+                update[j] = lay.update_ratio
+        self.steps.append(record.step)
+        self.total_norm.append(record.total_norm)
+        self.zero_frac.append(record.zero_frac)
+        self.layer_norm_ratio.append(record.layer_norm_ratio)
+        self.layer_norm.append(norm)
+        self.layer_zero_frac.append(zero)
+        self.layer_ratio.append(ratio)
+        self.layer_dead_units.append(dead)
+        self.loss.append(math.nan if record.loss is None else record.loss)
+        self.layer_update_ratio.append(update)
+        self.grad_cosine.append(math.nan if record.grad_cosine is None else record.grad_cosine)
+        self.noise_scale.append(math.nan if record.noise_scale is None else record.noise_scale)
+        self.batch_size = record.batch_size or self.batch_size
+        if len(self.steps) > self.max_snapshots:
+            self._thin()
+
+    def _merge_layers(self, names: list[str]) -> None:
+        """Add layers that join mid-run (e.g. unfrozen) at their place in definition order ("depth")."""
+        # a linear merge of two lists in definition order: the known layers and this record's
+        old = {name: i for i, name in enumerate(self.layer_names)}
+        order: list[str] = []
+        placed: set[str] = set()
+        k = 0  # the known layers before position k are placed
+        for name in names:
+            if name in old:
+                for known in self.layer_names[k : old[name] + 1]:
+                    if known not in placed:
+                        order.append(known)
+                        placed.add(known)
+                k = max(k, old[name] + 1)
+            elif name not in placed:
+                order.append(name)
+                placed.add(name)
+        order += [known for known in self.layer_names[k:] if known not in placed]
+        source = [old.get(name) for name in order]
+        for rows in (self.layer_norm, self.layer_zero_frac, self.layer_ratio, self.layer_dead_units,
+                     self.layer_update_ratio):  # fmt: skip
+            rows[:] = [[row[j] if j is not None and j < len(row) else math.nan for j in source] for row in rows]
+        self.layer_names = order
+        self._index = {name: i for i, name in enumerate(order)}
+
+    def add_activations(self, step: int, stats: dict[str, tuple[float, float, float | None]]) -> None:
+        """Keep one sample of activation statistics (the most recent ``max_snapshots`` per module)."""
+        for name, (dead, zero, sat) in stats.items():
+            samples = self.activations.setdefault(name, [])
+            samples.append((step, dead, zero, sat))
+            del samples[: max(0, len(samples) - self.max_snapshots)]
+
+    def add_spike(self, step: int, z: float) -> None:
+        """Note a spike (kept in full: spikes are rare)."""
+        self.spikes.append((step, z))
+
+    def _thin(self) -> None:
+        keep = [i for i in range(len(self.steps)) if i % 2 == 0 or not math.isfinite(self.total_norm[i])]
+        for name in ("steps", "total_norm", "zero_frac", "layer_norm_ratio", "layer_norm", "layer_zero_frac",
+                     "layer_ratio", "layer_dead_units", "loss", "layer_update_ratio", "grad_cosine",
+                     "noise_scale"):  # fmt: skip
+            series = getattr(self, name)
+            setattr(self, name, [series[i] for i in keep])
+        self._keep_every *= 2
+
+    def layer_series(self, name: str, which: str = "norm") -> list[float]:
+        """One layer's values over the kept records.
+
+        ``which``: ``"norm"``, ``"zero_frac"``, ``"ratio"``, ``"dead_units"`` (the dead-unit fraction) or
+        ``"update_ratio"``.
+        """
+        j = self.layer_names.index(name)
+        rows = {"norm": self.layer_norm, "zero_frac": self.layer_zero_frac, "ratio": self.layer_ratio,
+                "dead_units": self.layer_dead_units, "update_ratio": self.layer_update_ratio}[which]  # fmt: skip
+        return [row[j] if j < len(row) else math.nan for row in rows]
+
+    def recent(self, fraction: float = 0.25, minimum: int = 3) -> slice:
+        """The slice of the most recent kept records (the last ``fraction``, at least ``minimum``)."""
+        n = len(self.steps)
+        k = min(n, max(minimum, math.ceil(n * fraction)))
+        return slice(n - k, n)

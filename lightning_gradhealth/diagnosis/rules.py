@@ -1,0 +1,520 @@
+"""Rules over the history of records: findings with evidence, fixes and code. Pure functions."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable, Collection, Iterable, Sequence
+from dataclasses import dataclass, field
+from itertools import pairwise
+from typing import Any
+
+from lightning_gradhealth.config.thresholds import Severity, Thresholds
+from lightning_gradhealth.diagnosis.fixes import CODE, code_for, fixes_for
+from lightning_gradhealth.diagnosis.history import History
+from lightning_gradhealth.model.inventory import ModelInventory
+from lightning_gradhealth.schema.kinds import Kind
+
+__all__ = [
+    "CODE",
+    "Finding",
+    "baseline",
+    "compared_layers",
+    "diagnose",
+    "layer_spread",
+]  # (CODE: the generic code to add, from fixes.py)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One diagnosis.
+
+    Attributes:
+        kind: A :class:`~lightning_gradhealth.schema.kinds.Kind`: ``nonfinite``, ``exploding``, ``vanishing``, ``dead``,
+            ``saturation``, ``layer_imbalance``, ``ratio_high``, ``ratio_low``, ``spike``, ``rising_trend``,
+            ``decaying_trend`` or ``no_gradient``.
+        severity: ``warning`` or ``critical``.
+        summary: One sentence.
+        layers: Layers concerned, in depth (definition) order.
+        evidence: Numbers and steps behind the finding.
+        fixes: Recommended fixes, most useful first.
+        code: Code to add.
+    """
+
+    kind: str
+    severity: Severity
+    summary: str
+    layers: tuple[str, ...] = ()
+    evidence: dict[str, Any] = field(default_factory=dict)
+    fixes: tuple[str, ...] = ()
+    code: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return {
+            "kind": self.kind,
+            "severity": self.severity.value,
+            "summary": self.summary,
+            "layers": list(self.layers),
+            "evidence": self.evidence,
+            "fixes": list(self.fixes),
+            "code": self.code,
+        }
+
+
+def _finder(inventory: ModelInventory | None) -> Callable[..., Finding]:
+    """Makes findings whose fixes and code fit ``inventory`` (the model's make-up; ``None``: generic fixes)."""
+
+    def finding(kind: str, severity: Severity, summary: str, fix_kind: str | None = None, **kw: Any) -> Finding:
+        fixes = fixes_for(fix_kind or kind, inventory)
+        return Finding(kind, severity, summary, fixes=fixes, code=code_for(kind, inventory), **kw)
+
+    return finding
+
+
+def _median(values: Sequence[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return statistics.median(finite) if finite else math.nan
+
+
+def _layers_of(names: Sequence[str], inventory: ModelInventory | None, *, main_path: bool | str) -> list[int]:
+    """Indices of the layers a rule compares.
+
+    The weight matrices when the inventory knows them, else every layer: ``main_path=True`` keeps those along the
+    main path (embeddings, norms, biases, the head and shortcut projections left out), ``"blocks"`` those inside
+    the repeated blocks (like with like), ``False`` every weight matrix.
+    """
+    if inventory is None:
+        return list(range(len(names)))
+    if main_path == "blocks":
+        keep = set(inventory.blocks(names))
+    else:
+        keep = set(inventory.main_path(names) if main_path else inventory.comparable(names))
+    picked = [j for j, name in enumerate(names) if name in keep]
+    return picked if len(picked) >= 2 else list(range(len(names)))
+
+
+def _series(rows: Sequence[Sequence[float]], j: int) -> list[float]:
+    return [row[j] for row in rows if j < len(row) and math.isfinite(row[j])]
+
+
+def diagnose(
+    history: History,
+    th: Thresholds,
+    *,
+    sparse_layers: Collection[str] = (),
+    inventory: ModelInventory | None = None,
+    min_snapshots: int = 3,
+) -> list[Finding]:
+    """Run every rule over ``history``.
+
+    Rules look at the recent quarter of the run (at least ``min_snapshots`` records) for states, at the latest
+    records for a run that is blowing up now, and at the whole run for trends; a state that only showed in one
+    record is not a finding. With an ``inventory`` the rules compare like with like: depth profiles and the spread
+    of layer norms are read over the weight matrices of the main path (not embeddings against norm biases), and
+    "dead" means units (output rows or channels whose whole gradient is zero), not zero entries.
+
+    Args:
+        history: The kept records.
+        th: The thresholds the states are judged by.
+        sparse_layers: Layers with sparse gradients by design (embeddings), left out of the "dead" rule.
+        inventory: What the model is made of (:func:`~lightning_gradhealth.model.inventory.take_inventory`): the layers
+            compared, and fixes that fit the model.
+        min_snapshots: Fewer kept records than this: only non-finite and no-gradient findings.
+
+    Returns:
+        Findings, critical first, then in the order of the rules.
+    """
+    find = _finder(inventory)
+    out: list[Finding] = []
+    _nonfinite(history, find, out)
+    if history.no_grad_params:
+        names = tuple(sorted(history.no_grad_params))
+        out.append(find(
+            Kind.NO_GRADIENT, Severity.WARNING, f"{len(names)} trainable parameter(s) never got a gradient.",
+            layers=names, evidence={"parameters": list(names)},
+        ))  # fmt: skip
+    if len(history.steps) < min_snapshots:
+        return _ordered(out)
+    embeddings = set(sparse_layers) | (set(inventory.of_kind("embedding")) if inventory is not None else set())
+    growth = _exploding(history, th, inventory, find, out)
+    _diverging(history, th, find, out, growth)
+    _flow(history, th, inventory, find, out)
+    _dead(history, th, inventory, embeddings, find, out, min_snapshots)
+    _ratios(history, th, inventory, find, out, min_snapshots)
+    _trends(history, th, find, out, min_snapshots, exploding=any(f.kind == Kind.EXPLODING for f in out))
+    _updates(history, th, inventory, find, out, min_snapshots)
+    return _ordered(out)
+
+
+def _nonfinite(history: History, find: Callable[..., Finding], out: list[Finding]) -> None:
+    first_bad = history.first_nonfinite
+    if first_bad is None:
+        return
+    layers = tuple(lay.name for lay in first_bad.nonfinite_layers)
+    last_bad = history.last_nonfinite or first_bad
+    spread = ""
+    if history.nonfinite_records > 1:
+        where = f" in {len(last_bad.nonfinite_layers)} layer(s)" if last_bad.layers else ""
+        spread = (
+            f" {history.nonfinite_records} recorded steps were non-finite, the last at step {last_bad.step}{where}."
+        )
+    if history.nonfinite_params_step is not None:
+        spread += (
+            f" The weights themselves are non-finite from step {history.nonfinite_params_step}: the run cannot "
+            f"recover; restart from a checkpoint saved before step {first_bad.step}."
+        )
+    if layers and len(layers) == len(first_bad.layers) > 1:
+        where = f", in every layer ({len(layers)}): it spread through the whole model within the step"
+    else:
+        where = f", first in {layers[0]}" if layers else ""
+    born = f"{first_bad.nonfinite_birth} " if first_bad.nonfinite_birth else ""  # (the replay's answer leads)
+    out.append(find(
+        Kind.NONFINITE, Severity.CRITICAL,
+        born + ("N" if born else "n") + (
+            f"on-finite gradients at step {first_bad.step} ({first_bad.nan_count} NaN, {first_bad.inf_count} Inf)"
+            if first_bad.nan_count or first_bad.inf_count or first_bad.amp_overflow
+            else f"on-finite gradients at step {first_bad.step}"
+            if not first_bad.counts_exact
+            else f"on-finite norm at step {first_bad.step}: gradients so large that their norm overflows float32 "
+            "(no NaN/Inf entry)"
+        )
+        + where + "." + spread,
+        layers=layers,
+        evidence={"step": first_bad.step, "nan_count": first_bad.nan_count, "inf_count": first_bad.inf_count,
+                  "amp_overflow": first_bad.amp_overflow, "nonfinite_records": history.nonfinite_records,
+                  "last_step": last_bad.step, "last_nan_count": last_bad.nan_count,
+                  "last_inf_count": last_bad.inf_count, "params_nonfinite_from": history.nonfinite_params_step,
+                  "born": first_bad.nonfinite_birth},
+    ))  # fmt: skip
+
+
+#: How many first values make a run's own baseline (here and in the guard's alerts).
+EARLY = 3
+
+
+def baseline(values: Sequence[float], first: int = EARLY) -> float:
+    """The run's own early level: the median of its first ``first`` finite values.
+
+    The first records, not a fraction of the run: a learning rate far too large shows within a few steps.
+    """
+    return _median([v for v in values if math.isfinite(v)][:first])
+
+
+def _exploding(
+    history: History,
+    th: Thresholds,
+    inventory: ModelInventory | None,
+    find: Callable[..., Finding],
+    out: list[Finding],
+) -> float:
+    """Large norms now (the recent median, or the latest records all over a line), or grown far above the run's.
+
+    The run's own early level is its baseline (:func:`baseline`).
+
+    Returns:
+        The growth of the latest records over the early baseline.
+    """
+    recent = history.recent()
+    steps = history.steps
+    finite = [v for v in history.total_norm if math.isfinite(v)]
+    total_recent = _median(history.total_norm[recent])
+    latest = min(finite[-3:]) if len(finite) >= 3 else math.nan  # the last records all above it: blowing up now
+    early = baseline(history.total_norm)
+    growth = latest / early if early > 0 and math.isfinite(latest) else math.nan
+    sev = max(th.grade_high("total_norm_high", total_recent), th.grade_high("total_norm_high", latest),
+              th.grade_high("norm_growth", growth), key=_rank)  # fmt: skip
+    if sev is Severity.OK:
+        return growth
+    names = history.layer_names
+    norms = [_median([row[j] for row in history.layer_norm[recent]]) for j in range(len(names))]
+    finite_layers = [(n, name) for n, name in zip(norms, names, strict=True) if math.isfinite(n)]
+    top = tuple(name for _, name in sorted(finite_layers, reverse=True)[:3])
+    grown = th.grade_high("norm_growth", growth) is not Severity.OK
+    value = max(v for v in (total_recent, latest) if math.isfinite(v)) if finite else math.nan
+    summary = (
+        f"the global gradient norm is {value:.3g} over the latest steps"
+        + (f", {growth:.3g}x its level early in the run ({early:.3g}): the updates are unstable" if grown else "")
+        + "."
+    )
+    out.append(find(
+        Kind.EXPLODING, sev, summary,
+        fix_kind=Kind.DIVERGING if grown else None,  # grown from a healthy start: the learning rate first
+        layers=tuple(n for n in names if n in top),
+        evidence={"median_total_norm": total_recent, "latest_total_norm": latest, "early_total_norm": early,
+                  "growth": growth, "steps": [steps[recent.start], steps[-1]], "largest_layers": list(top)},
+    ))  # fmt: skip
+    return growth
+
+
+def _diverging(
+    history: History, th: Thresholds, find: Callable[..., Finding], out: list[Finding], growth: float
+) -> None:
+    """The training loss rising together with the gradient norm (the loss is read on computed steps)."""
+    losses = [v for v in history.loss if math.isfinite(v)]
+    if len(losses) < 6:
+        return
+    early, late = baseline(losses), _median(losses[-max(3, len(losses) // 8) :])
+    norm_early = baseline(history.total_norm)
+    norm_late = _median([v for v in history.total_norm if math.isfinite(v)][-max(3, len(losses) // 8) :])
+    norm_growth = norm_late / norm_early if norm_early > 0 else math.nan
+    rise = late / early if early > 0 else (math.inf if late > early else 1.0)
+    if not (rise >= th.loss_rise_warning and norm_growth >= th.loss_rise_warning):
+        return
+    severity = Severity.CRITICAL if rise >= th.loss_rise_critical else Severity.WARNING
+    out.append(find(
+        Kind.DIVERGING, severity,
+        f"training diverges: the loss rose from {early:.3g} to {late:.3g} while the gradient norm grew "
+        f"{norm_growth:.3g}x (from {norm_early:.3g} to {norm_late:.3g}).",
+        evidence={"early_loss": early, "late_loss": late, "loss_rise": rise, "norm_growth": norm_growth},
+    ))  # fmt: skip
+
+
+def _flow(
+    history: History,
+    th: Thresholds,
+    inventory: ModelInventory | None,
+    find: Callable[..., Finding],
+    out: list[Finding],
+) -> None:
+    """Vanishing (a depth profile decaying toward the input, or tiny layers) and layer imbalance.
+
+    Both read the weight matrices along the main path.
+    """
+    recent = history.recent()
+    names = history.layer_names
+    path = _layers_of(names, inventory, main_path=True)
+    depth = [_median(_series(history.layer_norm[recent], j)) for j in path]
+    present = [(names[j], n) for j, n in zip(path, depth, strict=True) if math.isfinite(n) and n > 0]
+    if len(present) < 2:
+        return
+    early, late, decay = depth_decay([n for _, n in present])
+    tiny = [name for name, n in present if th.grade_low("layer_norm_low", n) is not Severity.OK]
+    if decay < 1.0 / th.layer_norm_ratio_warning or tiny:
+        critical = decay < 1.0 / th.layer_norm_ratio_critical or any(
+            th.grade_low("layer_norm_low", n) is Severity.CRITICAL for _, n in present
+        )
+        affected = tuple(name for name, n in present if n < late / th.layer_norm_ratio_warning) or tuple(tiny)
+        toward_input = decay < 1.0 / th.layer_norm_ratio_warning
+        out.append(find(
+            Kind.VANISHING, Severity.CRITICAL if critical else Severity.WARNING,
+            (f"gradients vanish toward the input: the first layers get {decay:.1e} of the last layers' gradient"
+             if toward_input else f"{len(tiny)} layer(s) get almost no gradient")
+            + (f"; {len(tiny)} layer(s) below {th.layer_norm_low_warning:g}" if tiny and toward_input else "") + ".",
+            layers=affected,
+            evidence={"early_over_late": decay, "early_norm": early, "late_norm": late,
+                      "layer_norms": dict(present)},
+        ))  # fmt: skip
+        return
+    blocks = _layers_of(names, inventory, main_path="blocks")
+    ratio = _median([spread for row in history.layer_norm[recent] if (spread := layer_spread(row, blocks))])
+    sev = th.grade_high("layer_norm_ratio", ratio)
+    if sev is not Severity.OK:
+        norms = [(names[j], _median(_series(history.layer_norm[recent], j))) for j in blocks]
+        norms = [(name, n) for name, n in norms if math.isfinite(n)]
+        out.append(find(
+            Kind.LAYER_IMBALANCE, sev,
+            f"the gradient norms of comparable layers (the weight matrices of the repeated blocks) span a factor of "
+            f"{ratio:.3g}.",
+            layers=(min(norms, key=lambda p: p[1])[0], max(norms, key=lambda p: p[1])[0]) if norms else (),
+            evidence={"median_layer_norm_ratio": ratio, "layers_compared": len(blocks)},
+        ))  # fmt: skip
+
+
+def depth_decay(norms: Sequence[float]) -> tuple[float, float, float]:
+    """A depth profile's first quarter against its last: ``(early, late, early / late)`` of the median norms.
+
+    ``norms`` are finite and positive, in depth order (at least two).
+    """
+    k = max(1, len(norms) // 4)
+    early, late = _median(norms[:k]), _median(norms[-k:])
+    return early, late, early / late if late > 0 else math.inf
+
+
+def compared_layers(names: Sequence[str], inventory: ModelInventory | None) -> list[int]:
+    """Indices of the layers whose norms the layer-imbalance check compares (the repeated blocks' weights)."""
+    return _layers_of(names, inventory, main_path="blocks")
+
+
+def layer_spread(norms: Sequence[float], indices: Sequence[int]) -> float | None:
+    """Largest over smallest of ``norms[indices]`` (finite, positive); ``None`` with fewer than two such."""
+    values = [norms[j] for j in indices if j < len(norms) and math.isfinite(norms[j]) and norms[j] > 0]
+    return max(values) / min(values) if len(values) >= 2 else None
+
+
+def _dead(
+    history: History,
+    th: Thresholds,
+    inventory: ModelInventory | None,
+    embeddings: set[str],
+    find: Callable[..., Finding],
+    out: list[Finding],
+    min_snapshots: int,
+) -> None:
+    """Dead units: output rows or channels whose whole gradient is zero in every recent record.
+
+    Structure (padding taps, masked positions, unused embedding rows) leaves units alive. Sampled activation
+    statistics count too.
+    """
+    recent = history.recent()
+    names = history.layer_names
+    units = inventory.comparable(names) if inventory is not None else names
+    dead: list[tuple[str, float]] = []
+    for j, name in enumerate(names):
+        if name in embeddings or name not in units:
+            continue
+        fracs = _series(history.layer_dead_units[recent], j)
+        if len(fracs) >= min_snapshots:
+            norms = _series(history.layer_norm[recent], j)
+            if min(fracs) >= 1.0 and min(norms, default=0.0) > 0:
+                continue  # every weight row zero but the bias alive: its inputs are dead (upstream), not its units
+            if min(fracs) > th.dead_units_warning:
+                dead.append((name, statistics.mean(fracs)))
+            continue
+        if inventory is not None and inventory.kind_of(name) == "conv":
+            continue  # no unit statistic (FSDP1 shards): zero entries of a convolution are padding taps too
+        zeros = _series(history.layer_zero_frac[recent], j)  # no unit statistic: exact zeros, the old proxy
+        if len(zeros) >= min_snapshots and min(zeros) > th.zero_frac_warning:
+            dead.append((name, statistics.mean(zeros)))
+    act_dead: list[tuple[str, float]] = []
+    saturated: list[tuple[str, float]] = []
+    for name, samples in history.activations.items():
+        last = samples[-3:]
+        if len(last) < 2:
+            continue
+        if min(s[1] for s in last) > th.dead_units_warning:
+            act_dead.append((name, statistics.mean(s[1] for s in last)))
+        sats = [s[3] for s in last if s[3] is not None]
+        if len(sats) == len(last) and min(sats) > th.saturation_warning:
+            saturated.append((name, statistics.mean(sats)))
+    for kind, hits, check, template, key in (
+        (Kind.DEAD, act_dead, "dead_units", "{n} activation module(s) have more than {line:.0%} of their units zero "
+         "for whole batches: dead units.", "dead_unit_frac"),
+        (Kind.SATURATION, saturated, "saturation", "{n} sigmoid/tanh module(s) keep more than {line:.0%} of their "
+         "outputs saturated: their gradients vanish.", "saturated_frac"),
+        (Kind.DEAD, dead, "dead_units", "{n} layer(s) have more than {line:.0%} of their units (output rows or "
+         "channels) with an exactly-zero gradient in every recent step: dead units.", "dead_unit_frac"),
+    ):  # fmt: skip
+        if hits:  # every hit is above the warning line; the worst one decides the severity
+            out.append(find(
+                kind, th.grade_high(check, max(v for _, v in hits)),
+                template.format(n=len(hits), line=getattr(th, f"{check}_warning")),
+                layers=tuple(name for name, _ in hits), evidence={key: dict(hits)},
+            ))  # fmt: skip
+
+
+def _ratios(
+    history: History,
+    th: Thresholds,
+    inventory: ModelInventory | None,
+    find: Callable[..., Finding],
+    out: list[Finding],
+    min_snapshots: int,
+) -> None:
+    """Grad/param ratios of the weight matrices, persistently out of range."""
+    recent = history.recent()
+    names = history.layer_names
+    compared = _layers_of(names, inventory, main_path=False)
+    for kind, check, high in (
+        (Kind.RATIO_HIGH, "grad_param_ratio_high", True),
+        (Kind.RATIO_LOW, "grad_param_ratio_low", False),
+    ):
+        hits = []
+        for j in compared:
+            values = _series(history.layer_ratio[recent], j)
+            if len(values) < min_snapshots:
+                continue
+            m = statistics.median(values)
+            if (m > 0 or high) and (th.grade_high(check, m) if high else th.grade_low(check, m)) is not Severity.OK:
+                hits.append((names[j], m))
+        if hits:
+            out.append(find(
+                kind, Severity.WARNING,
+                f"{len(hits)} layer(s) have a grad/param ratio {'above' if high else 'below'} "
+                f"{getattr(th, f'{check}_warning'):g} over the recent steps.",
+                layers=tuple(name for name, _ in hits), evidence={"median_ratio": dict(hits)},
+            ))  # fmt: skip
+
+
+def _trends(
+    history: History,
+    th: Thresholds,
+    find: Callable[..., Finding],
+    out: list[Finding],
+    min_snapshots: int,
+    *,
+    exploding: bool,
+) -> None:
+    """Spikes, and the global norm rising or decaying over the whole run."""
+    if history.spikes:
+        out.append(find(
+            Kind.SPIKE, Severity.WARNING, f"{len(history.spikes)} gradient-norm spike(s), first at step "
+            f"{history.spikes[0][0]}.", evidence={"spikes": [{"step": s, "z": z} for s, z in history.spikes]},
+        ))  # fmt: skip
+    finite = [(s, v) for s, v in zip(history.steps, history.total_norm, strict=True) if math.isfinite(v) and v > 0]
+    if len(finite) < 2 * min_snapshots:
+        return
+    k = max(min_snapshots, len(finite) // 4)
+    early = _median([v for _, v in finite[:k]])
+    late = _median([v for _, v in finite[-k:]])
+    rising = [b >= a for (_, a), (_, b) in pairwise(finite)]
+    if late / early >= 10 and sum(rising) / len(rising) >= 0.6 and not exploding:
+        out.append(find(
+            Kind.RISING_TREND, Severity.WARNING,
+            f"the global gradient norm rose steadily from {early:.3g} to {late:.3g}: building to an explosion.",
+            evidence={"early": early, "late": late},
+        ))  # fmt: skip
+    losses = [v for v in history.loss if math.isfinite(v)]
+    converged = len(losses) >= 2 * min_snapshots and _median(losses[-k:]) <= _median(losses[:k]) / 10
+    if late / early <= 1e-2 and th.grade_low("total_norm_low", late) is not Severity.OK and not converged:
+        out.append(find(
+            Kind.DECAYING_TREND, Severity.WARNING,
+            f"the global gradient norm decayed from {early:.3g} to {late:.3g}"
+            + (" while the loss did not fall" if losses else "") + ": training is stalling.",
+            evidence={"early": early, "late": late},
+        ))  # fmt: skip
+
+
+def _updates(
+    history: History,
+    th: Thresholds,
+    inventory: ModelInventory | None,
+    find: Callable[..., Finding],
+    out: list[Finding],
+    min_snapshots: int,
+) -> None:
+    """Update ratios ``‖Δθ‖ / ‖θ‖`` far from the ~1e-3 rule of thumb (Karpathy, CS231n; You et al., 2017, LARS)."""
+    recent = history.recent()
+    names = history.layer_names
+    checks = ((Kind.RATIO_HIGH, "update_ratio_high", True), (Kind.RATIO_LOW, "update_ratio_low", False))
+    for kind, check, high in checks:
+        hits: list[tuple[str, float, Severity]] = []
+        for j in _layers_of(names, inventory, main_path=False):
+            values = _series(history.layer_update_ratio[recent], j)
+            if len(values) < min_snapshots:
+                continue
+            m = statistics.median(values)
+            grade = th.grade_high(check, m) if high else th.grade_low(check, m)
+            if grade is not Severity.OK:
+                hits.append((names[j], m, grade))
+        if hits:
+            line = getattr(th, f"{check}_warning")
+            out.append(find(
+                kind, _worst_of(grade for _, _, grade in hits),
+                f"{len(hits)} layer(s) move by {'more' if high else 'less'} than {line:g} of their weights per step "
+                f"(update ratio ‖Δθ‖/‖θ‖, ~1e-3 is healthy): "
+                + ("their learning rate is too high." if high else "they barely train."),
+                layers=tuple(name for name, _, _ in hits), evidence={"median_update_ratio": {n: m for n, m, _ in hits}},
+            ))  # fmt: skip
+
+
+def _worst_of(severities: Iterable[Severity]) -> Severity:
+    return max(severities, key=_rank)
+
+
+def _rank(severity: Severity) -> int:
+    return (Severity.OK, Severity.WARNING, Severity.CRITICAL).index(severity)
+
+
+def _ordered(findings: list[Finding]) -> list[Finding]:
+    return sorted(findings, key=lambda f: f.severity is not Severity.CRITICAL)

@@ -1,0 +1,5 @@
+"""What is watched, and over which process groups.
+
+Which parameters form which layers (`layout`), the watched set (`watch`), what the model is made of (`inventory`,
+`detect`) and which process groups statistics are combined over (`distributed`).
+"""

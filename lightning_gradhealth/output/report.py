@@ -1,0 +1,421 @@
+"""The Gradient Health Report: Markdown and JSON files (summary, issues, recommendations, code), PNG plots, console."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from lightning_gradhealth.config.thresholds import Severity, Thresholds
+from lightning_gradhealth.diagnosis.history import History
+from lightning_gradhealth.diagnosis.rules import Finding
+from lightning_gradhealth.schema.kinds import Kind
+from lightning_gradhealth.stats.noise import batch_advice
+
+__all__ = [
+    "LAYER_ROWS",
+    "MODEL_JSON",
+    "REPORT_JSON",
+    "REPORT_MD",
+    "console_summary",
+    "layer_rows",
+    "render_markdown",
+    "report_dict",
+    "write_report",
+]
+
+REPORT_MD = "gradient_health_report.md"
+#: The model's inventory and the run's thresholds, written next to the logs when training starts (``gradhealth report``
+#: reads both back).
+MODEL_JSON = "gradient_health_model.json"
+REPORT_JSON = "gradient_health_report.json"
+#: The per-layer table of the Markdown report shows this many layers at each end of a deeper model.
+LAYER_ROWS = 20
+PLOTS_HINT = "No PNG plots: they need matplotlib (`pip install lightning-gradhealth[plots]`)."
+_ICON = {Severity.OK: "✅", Severity.WARNING: "⚠️", Severity.CRITICAL: "❌"}
+
+
+def _worst(severities: Iterable[Severity]) -> Severity:
+    return Severity.worst(severities)
+
+
+def _of(findings: Sequence[Finding], *kinds: str) -> Severity:
+    """The worst severity of the findings of ``kinds``, ``ok`` if none."""
+    return _worst(f.severity for f in findings if f.kind in kinds)
+
+
+def _summary(history: History, findings: Sequence[Finding], th: Thresholds) -> list[tuple[str, str, Severity, tuple]]:
+    """Summary rows ``(metric, value, status, kinds)``.
+
+    Each status is the worst of the findings of its kinds and, for the global norm, the non-finite records and the
+    zero fraction, of the last record against the thresholds.
+    """
+    last = len(history.steps) - 1
+    rows: list[tuple[str, str, Severity, tuple]] = []
+    if findings:
+        crit = sum(f.severity is Severity.CRITICAL for f in findings)
+        value = f"{len(findings)} ({crit} critical, {len(findings) - crit} warning)"
+    else:
+        value = "none"
+    rows.append(
+        ("Findings", value, _worst(f.severity for f in findings), tuple(dict.fromkeys(f.kind for f in findings)))
+    )
+
+    kinds: tuple = (Kind.EXPLODING, Kind.RISING_TREND, Kind.DECAYING_TREND, Kind.DIVERGING)
+    total = history.total_norm[last] if last >= 0 else math.nan
+    if not math.isfinite(total):
+        total_sev = Severity.CRITICAL
+    else:
+        total_sev = _worst((th.grade_high("total_norm_high", total), th.grade_low("total_norm_low", total)))
+    rows.append(("Total grad norm (last record)", f"{total:.4g}", _worst((total_sev, _of(findings, *kinds))), kinds))
+
+    kinds = (Kind.NONFINITE,)
+    nan_layers = history.worst_nonfinite_layers
+    bad = Severity.CRITICAL if nan_layers or history.nonfinite_records else Severity.OK
+    rows.append((
+        "Layers with NaN/Inf gradients (worst record)",
+        str(nan_layers) if nan_layers or not history.nonfinite_records or history.layer_names else "n/a",
+        _worst((bad, _of(findings, *kinds))), kinds,
+    ))  # fmt: skip
+    bad = Severity.CRITICAL if history.nonfinite_records else Severity.OK
+    rows.append(("Non-finite records", str(history.nonfinite_records), _worst((bad, _of(findings, *kinds))), kinds))
+
+    kinds = (Kind.VANISHING, Kind.LAYER_IMBALANCE)
+    spread = history.layer_norm_ratio[last] if last >= 0 and len(history.layer_names) > 1 else math.nan
+    rows.append((
+        "Largest / smallest layer grad norm (last record)",
+        f"{spread:.4g}" if not math.isnan(spread) else "n/a", _of(findings, *kinds), kinds,
+    ))  # fmt: skip
+
+    kinds = (Kind.DEAD,)
+    zero = history.zero_frac[last] if last >= 0 else math.nan
+    zero_sev = th.grade_high("zero_frac", zero) if math.isfinite(zero) else Severity.OK
+    rows.append((
+        "Zero-grad entries (last record)", f"{zero:.1%}" if math.isfinite(zero) else "n/a",
+        _worst((zero_sev, _of(findings, *kinds))), kinds,
+    ))  # fmt: skip
+
+    kinds = (Kind.RATIO_HIGH, Kind.RATIO_LOW)
+    medians = [m for m in _median_ratios(history) if math.isfinite(m)]
+    rows.append((
+        "Grad/param ratio, median over recent records (lowest – highest layer)",
+        f"{min(medians):.3g} – {max(medians):.3g}" if medians else "n/a", _of(findings, *kinds), kinds,
+    ))  # fmt: skip
+
+    rows += _update_rows(history, findings)
+
+    kinds = (Kind.SPIKE,)
+    rows.append(("Gradient-norm spikes", str(len(history.spikes)), _of(findings, *kinds), kinds))
+
+    kinds = (Kind.NO_GRADIENT,)
+    never = len(history.no_grad_params or ())
+    rows.append(("Trainable parameters that never got a gradient", str(never), _of(findings, *kinds), kinds))
+
+    kinds = (Kind.SATURATION,)
+    saturated = [s[-1][3] for s in history.activations.values() if s and s[-1][3] is not None]
+    if saturated or _of(findings, *kinds) is not Severity.OK:
+        rows.append((
+            "Saturated sigmoid/tanh outputs (worst module, last sample)",
+            f"{max(saturated):.1%}" if saturated else "n/a", _of(findings, *kinds), kinds,
+        ))  # fmt: skip
+    return rows
+
+
+def _update_rows(history: History, findings: Sequence[Finding]) -> list[tuple[str, str, Severity, tuple]]:
+    """Update size and batch size, when they were measured (``update_ratio``, ``grad_cosine``, ``noise_scale``)."""
+    rows: list[tuple[str, str, Severity, tuple]] = []
+    recent = history.recent()
+    medians = []
+    for j in range(len(history.layer_names)):
+        values = [row[j] for row in history.layer_update_ratio[recent] if j < len(row) and math.isfinite(row[j])]
+        if values:
+            medians.append(statistics.median(values))
+    if medians:
+        kinds = (Kind.RATIO_HIGH, Kind.RATIO_LOW)
+        rows.append((
+            "Update ratio ‖Δθ‖/‖θ‖ per step, median over recent records (lowest – highest layer; ~1e-3 is healthy)",
+            f"{min(medians):.3g} – {max(medians):.3g}", _of(findings, *kinds), kinds,
+        ))  # fmt: skip
+    cosines = [c for c in history.grad_cosine[recent] if math.isfinite(c)]
+    if cosines:
+        rows.append(("Cosine of consecutive gradients, median over recent records",
+                     f"{statistics.median(cosines):.3g}", Severity.OK, ()))  # fmt: skip
+    noises = [v for v in history.noise_scale[recent] if math.isfinite(v)]  # (a noisy estimate: the recent median)
+    if noises:
+        rows.append(("Batch size against the gradient noise scale (McCandlish et al., 2018), recent median",
+                     batch_advice(statistics.median(noises), history.batch_size), Severity.OK, ()))  # fmt: skip
+    return rows
+
+
+def _median_ratios(history: History) -> list[float]:
+    """Per layer (depth order), the median grad/param ratio over the recent records (the rules' window)."""
+    recent = history.recent()
+    out = []
+    for j in range(len(history.layer_names)):
+        values = [row[j] for row in history.layer_ratio[recent] if j < len(row) and math.isfinite(row[j])]
+        out.append(statistics.median(values) if values else math.nan)
+    return out
+
+
+def _kinds_by_layer(inventory: Any) -> dict[str, str]:
+    """Layer name -> kind label.
+
+    From a :class:`~lightning_gradhealth.model.inventory.ModelInventory` (``"linear (Linear)"``), or from a mapping of
+    layer name to a kind or to a dict with a ``"kind"`` or ``"type"`` key.
+    """
+    if inventory is None:
+        return {}
+    layers = getattr(inventory, "layers", None)
+    if layers is not None and not isinstance(inventory, Mapping):  # a ModelInventory (duck-typed: no torch here)
+        out = {}
+        maps = getattr(inventory, "feature_maps", {})
+        for info in layers:
+            kind, cls = getattr(info, "kind", ""), getattr(info, "module_class", "")
+            kernel, size = getattr(info, "kernel_size", None), maps.get(info.name)
+            if kernel:  # "conv 3x3 on 1x1 maps": padding taps are structure there
+                kind += " " + "x".join(map(str, kernel)) + (f" on {'x'.join(map(str, size))} maps" if size else "")
+            out[info.name] = f"{kind} ({cls})" if kind and cls else str(kind or cls)
+        return out
+    out = {}
+    for name, entry in inventory.items():
+        if isinstance(entry, Mapping):
+            entry = entry.get("kind", entry.get("type"))
+        out[name] = "" if entry is None else str(entry)
+    return out
+
+
+def layer_rows(history: History, findings: Sequence[Finding], inventory: Any = None) -> list[dict[str, Any]]:
+    """One row per layer, in depth (definition) order.
+
+    Each row: ``layer``, ``kind`` (from ``inventory``: a :class:`~lightning_gradhealth.model.inventory.ModelInventory`,
+    giving ``"linear (Linear)"``, or a mapping of layer name to its kind or to a dict with a ``"kind"`` or
+    ``"type"`` key; ``""`` for a layer it does not name), ``last_grad_norm`` (the last kept record;
+    ``nan`` where the layer had no gradient), ``median_ratio`` (grad/param, over the recent records the rules
+    look at), ``zero_frac`` (last record) and ``status``: the worst severity of the findings naming the layer,
+    else ``ok``.
+    """
+    kinds = _kinds_by_layer(inventory)
+    worst: dict[str, Severity] = {}
+    for f in findings:
+        for name in f.layers:
+            worst[name] = _worst((worst.get(name, Severity.OK), f.severity))
+    norms = history.layer_norm[-1] if history.layer_norm else []
+    zeros = history.layer_zero_frac[-1] if history.layer_zero_frac else []
+    ratios = _median_ratios(history)
+    return [
+        {
+            "layer": name,
+            "kind": kinds.get(name, ""),
+            "last_grad_norm": norms[j] if j < len(norms) else math.nan,
+            "median_ratio": ratios[j],
+            "zero_frac": zeros[j] if j < len(zeros) else math.nan,
+            "status": worst.get(name, Severity.OK),
+        }
+        for j, name in enumerate(history.layer_names)
+    ]
+
+
+def _json_number(v: float) -> float | str | None:
+    return None if math.isnan(v) else (v if math.isfinite(v) else str(v))
+
+
+def report_dict(
+    history: History,
+    findings: list[Finding],
+    th: Thresholds,
+    *,
+    inventory: Any = None,
+    plots: Sequence[str | Path] = (),
+    notes: Sequence[str] = (),
+) -> dict[str, Any]:
+    """The report as a JSON-ready dict.
+
+    Summary rows, findings, the per-layer table, plots, how much was seen, the thresholds it was graded with and
+    ``notes`` (warnings about its input, e.g. a truncated event file) under ``"warnings"``.
+    """
+    return {
+        "summary": [
+            {"metric": m, "value": v, "status": s.value, "kinds": list(k)}
+            for m, v, s, k in _summary(history, findings, th)
+        ],
+        "findings": [f.to_dict() for f in findings],
+        "records": history.records_seen,
+        "steps": [history.steps[0], history.steps[-1]] if history.steps else [],
+        "layers": list(history.layer_names),
+        "layer_table": [
+            {
+                **row,
+                **{k: _json_number(row[k]) for k in ("last_grad_norm", "median_ratio", "zero_frac")},
+                "status": row["status"].value,
+            }
+            for row in layer_rows(history, findings, inventory)
+        ],
+        "plots": [Path(p).name for p in plots],
+        "thresholds": th.to_dict(),
+        "warnings": list(notes),
+    }
+
+
+def _num(v: float, spec: str = ".3g") -> str:
+    return "n/a" if math.isnan(v) else format(v, spec)
+
+
+def _layer_table(history: History, findings: Sequence[Finding], inventory: Any) -> list[str]:
+    rows = layer_rows(history, findings, inventory)
+    if not rows:
+        return []
+    with_kind = inventory is not None
+    head = ["#", "Layer", *(["Kind"] if with_kind else []), "Last grad norm", "Median grad/param ratio (recent)",
+            "Zero fraction (last)", "Status"]  # fmt: skip
+    lines = [
+        "",
+        "### Layers (depth order)",
+        "| " + " | ".join(head) + " |",
+        "|" + "|".join("---" for _ in head) + "|",
+    ]
+    shown: list[int | None] = list(range(len(rows)))
+    if len(rows) > 2 * LAYER_ROWS:
+        shown = [*range(LAYER_ROWS), None, *range(len(rows) - LAYER_ROWS, len(rows))]
+    for i in shown:
+        if i is None:
+            more = len(rows) - 2 * LAYER_ROWS
+            lines.append("| … | " + " | ".join([f"… {more} more layers …", *[""] * (len(head) - 2)]) + " |")
+            continue
+        r = rows[i]
+        status = f"{_ICON[r['status']]} {r['status'].value}"
+        cells = [str(i), f"`{r['layer']}`", *([r["kind"]] if with_kind else []), _num(r["last_grad_norm"]),
+                 _num(r["median_ratio"]), _num(r["zero_frac"], ".1%"), status]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _caption(path: str | Path) -> str:
+    return Path(path).stem.replace("_", " ")
+
+
+def render_markdown(
+    history: History,
+    findings: list[Finding],
+    th: Thresholds,
+    *,
+    inventory: Any = None,
+    plots: Sequence[str | Path] = (),
+    plots_note: str = "",
+    notes: Sequence[str] = (),
+) -> str:
+    """The report in Markdown: a summary table, the issues, a per-layer table, recommendations and code to add.
+
+    Args:
+        history: The kept records.
+        findings: The findings of :func:`~lightning_gradhealth.diagnosis.rules.diagnose`.
+        th: The thresholds (the summary grades the last record against them).
+        inventory: A :class:`~lightning_gradhealth.model.inventory.ModelInventory` or a mapping of layer name to kind,
+            for a "Kind" column in the per-layer table (see :func:`layer_rows`).
+        plots: PNG files next to the Markdown file, linked from a "Plots" section.
+        plots_note: A sentence for the "Plots" section (e.g. why there are none).
+        notes: Warnings about the input (e.g. a truncated event file), shown first.
+    """
+    lines = ["## Gradient Health Report", ""]
+    lines += [f"> ⚠️ {note}" for note in notes] + ([""] if notes else [])
+    lines += [
+        "### Summary",
+        "| Metric | Value | Status |",
+        "|--------|-------|--------|",
+    ]
+    lines += [f"| {m} | {v} | {_ICON[s]} |" for m, v, s, _ in _summary(history, findings, th)]
+    lines += ["", "### Issues Detected"]
+    if not findings:
+        lines.append("None: no rule fired over the run. ✅")
+    for i, f in enumerate(findings, 1):
+        where = f" Layers: {', '.join(f.layers[:8])}{' ...' if len(f.layers) > 8 else ''}." if f.layers else ""
+        lines.append(f"{i}. {_ICON[f.severity]} **{f.kind}** ({f.severity.value}): {f.summary}{where}")
+    lines += _layer_table(history, findings, inventory)
+    lines += ["", "### Recommendations"]
+    recs: list[str] = []
+    for f in findings:
+        recs += [fix for fix in f.fixes[:2] if fix not in recs]
+    lines += [f"{i}. {r}" for i, r in enumerate(recs, 1)] or ["Nothing to change."]
+    codes: list[str] = []
+    for f in findings:
+        if f.code and f.code not in codes:
+            codes.append(f.code)
+    if codes:
+        lines += ["", "### Code to Add", "```python", *"\n\n".join(codes).splitlines(), "```"]
+    if plots or plots_note:
+        lines += ["", "### Plots"]
+        for p in plots:
+            lines += ["", f"![{_caption(p)}]({Path(p).name})"]
+        lines += ["", plots_note] if plots_note else []
+    lines += ["", f"_{history.records_seen} record(s) from step {history.steps[0] if history.steps else '-'} "
+              f"to {history.steps[-1] if history.steps else '-'}._", ""]  # fmt: skip
+    return "\n".join(lines)
+
+
+def _write_plots(history: History, out: Path) -> tuple[list[Path], str]:
+    """The PNG plots (or none, and the sentence saying why)."""
+    try:
+        from lightning_gradhealth.output.plots import write_plots
+
+        return write_plots(history, out), ""
+    except ImportError:
+        return [], PLOTS_HINT
+    except Exception as err:  # a plot must never cost the report
+        return [], f"The PNG plots could not be drawn ({type(err).__name__}: {err})."
+
+
+def write_report(
+    directory: str | Path,
+    history: History,
+    findings: list[Finding],
+    th: Thresholds,
+    *,
+    inventory: Any = None,
+    plots: bool = True,
+    notes: Sequence[str] = (),
+) -> Path:
+    """Write ``gradient_health_report.md`` and ``.json`` into ``directory`` (created if missing).
+
+    With ``plots`` and matplotlib installed, the PNG plots of :func:`~lightning_gradhealth.output.plots.write_plots`
+    (``global_norm.png``, ``layer_heatmap.png``, ``gradient_flow.png``) go next to them and the Markdown links
+    them; without matplotlib there are no plots and the report says how to get them.
+
+    Args:
+        directory: Where the files go.
+        history: The kept records.
+        findings: The findings of :func:`~lightning_gradhealth.diagnosis.rules.diagnose`.
+        th: The thresholds.
+        inventory: A :class:`~lightning_gradhealth.model.inventory.ModelInventory` or a mapping of layer name to kind,
+            for a "Kind" column in the per-layer table (see :func:`layer_rows`).
+        plots: Whether to draw the PNG plots.
+        notes: Warnings about the input (e.g. a truncated event file), shown first and kept in the JSON.
+
+    Returns:
+        The path of the Markdown file.
+    """
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    pngs, note = _write_plots(history, out) if plots else ([], "")
+    md = out / REPORT_MD
+    md.write_text(
+        render_markdown(history, findings, th, inventory=inventory, plots=pngs, plots_note=note, notes=notes),
+        encoding="utf-8",
+    )
+    data = report_dict(history, findings, th, inventory=inventory, plots=pngs, notes=notes)
+    (out / REPORT_JSON).write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+    return md
+
+
+def console_summary(findings: list[Finding], path: Path | None) -> str:
+    """A few lines for the console."""
+    if not findings:
+        head = "Gradient health: ✅ no issue detected."
+    else:
+        crit = sum(f.severity is Severity.CRITICAL for f in findings)
+        head = f"Gradient health: {len(findings)} issue(s) ({crit} critical)."
+    lines = [head] + [f"  {_ICON[f.severity]} {f.kind}: {f.summary}" for f in findings[:6]]
+    if path is not None:
+        lines.append(f"  Report: {path}")
+    return "\n".join(lines)

@@ -1,0 +1,348 @@
+"""Metric names: the one place that spells the logged keys, builds them, and parses them back.
+
+A key is ``<metric>`` for a global value (``grad_health/total_norm``) or ``<metric>/<layer>`` for a per-layer
+one (``grad_norm/net.0``); with several optimizers the gradient keys end in ``/opt{idx}``. Every other module
+builds keys with :func:`metric_key` and reads them with :func:`parse_key` or :func:`metrics_to_record`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from typing import NamedTuple
+
+from lightning_gradhealth.schema.record import LayerStats, StepStats
+
+__all__ = [
+    "ACT_DEAD_FRAC",
+    "ACT_SATURATED_FRAC",
+    "ACT_ZERO_FRAC",
+    "ALERTS",
+    "AMP_OVERFLOW",
+    "AMP_SCALE",
+    "CLIPPED_NORM",
+    "CLIP_COEF",
+    "CLIP_FRAC",
+    "GLOBAL_KEYS",
+    "GRADIENT_FLOW",
+    "GRAD_COSINE",
+    "GRAD_DEAD_UNITS",
+    "GRAD_INF",
+    "GRAD_MAX",
+    "GRAD_MEAN",
+    "GRAD_MIN",
+    "GRAD_NAN",
+    "GRAD_NORM",
+    "GRAD_RATIO",
+    "GRAD_STD",
+    "GRAD_ZERO_FRAC",
+    "HISTOGRAM",
+    "INF_COUNT",
+    "LAYER_KEYS",
+    "LAYER_NORM_RATIO",
+    "LOSS",
+    "NAN_COUNT",
+    "NOISE_SCALE",
+    "NO_GRAD_COUNT",
+    "PARAM_NORM",
+    "POST_CLIP_NORM",
+    "SKIPPED_STEPS",
+    "SPIKES",
+    "SUMMARY_KEYS",
+    "TOTAL_NORM",
+    "UPDATE_RATIO",
+    "ZERO_FRAC",
+    "MetricKey",
+    "activation_metrics",
+    "layer_key_pattern",
+    "metric_key",
+    "metrics_to_record",
+    "parse_key",
+    "record_to_metrics",
+    "short_name",
+    "summary_metrics",
+]
+
+_NAMESPACE = "grad_health"
+
+#: Summary keys, logged on every computed step.
+TOTAL_NORM = "grad_health/total_norm"
+PARAM_NORM = "grad_health/param_norm"
+ZERO_FRAC = "grad_health/zero_frac"
+NAN_COUNT = "grad_health/nan_count"
+INF_COUNT = "grad_health/inf_count"
+LAYER_NORM_RATIO = "grad_health/layer_norm_ratio"
+NO_GRAD_COUNT = "grad_health/no_grad_count"
+SUMMARY_KEYS: tuple[str, ...] = (
+    TOTAL_NORM,
+    PARAM_NORM,
+    ZERO_FRAC,
+    NAN_COUNT,
+    INF_COUNT,
+    LAYER_NORM_RATIO,
+    NO_GRAD_COUNT,
+)
+
+#: Counters and per-step values of the safety features (only those that are on are logged).
+ALERTS = "grad_health/alerts"
+SKIPPED_STEPS = "grad_health/skipped_steps"
+AMP_OVERFLOW = "grad_health/amp_overflow"
+SPIKES = "grad_health/spikes"
+CLIP_COEF = "grad_health/clip_coef"
+CLIPPED_NORM = "grad_health/clipped_norm"
+CLIP_FRAC = "grad_health/clip_frac"
+#: Logged when the Trainer clips gradients, and when a GradScaler is active.
+POST_CLIP_NORM = "grad_health/post_clip_norm"
+AMP_SCALE = "grad_health/amp_scale"
+#: The step's training loss (:attr:`StepStats.loss`): never logged by this package (the training loop logs its
+#: loss); named for the evidence of the "diverging" diagnosis, and read back by :func:`metrics_to_record`.
+LOSS = "grad_health/loss"
+#: Update size and batch-size advice (:mod:`~lightning_gradhealth.stats.updates`,
+#: :mod:`~lightning_gradhealth.stats.noise`), on computed steps when measured: the cosine between consecutive steps'
+#: gradients, and the gradient noise scale.
+GRAD_COSINE = "grad_health/grad_cosine"
+NOISE_SCALE = "grad_health/noise_scale"
+#: TensorBoard-only: the gradient-flow figure's tag, and the per-layer histograms' prefix.
+GRADIENT_FLOW = "grad_health/gradient_flow"
+HISTOGRAM = "grad_hist"
+
+#: Every global (not per-layer) key.
+GLOBAL_KEYS: frozenset[str] = frozenset(
+    (*SUMMARY_KEYS, ALERTS, SKIPPED_STEPS, AMP_OVERFLOW, SPIKES, CLIP_COEF, CLIPPED_NORM, CLIP_FRAC, POST_CLIP_NORM,
+     AMP_SCALE, GRADIENT_FLOW, LOSS, GRAD_COSINE, NOISE_SCALE)
+)  # fmt: skip
+
+#: Per-layer gradient metrics (``<metric>/<layer>``).
+GRAD_NORM = "grad_norm"
+GRAD_RATIO = "grad_ratio"
+GRAD_ZERO_FRAC = "grad_zero_frac"
+GRAD_NAN = "grad_nan"
+GRAD_INF = "grad_inf"
+GRAD_MAX = "grad_max"
+GRAD_MIN = "grad_min"
+GRAD_MEAN = "grad_mean"
+GRAD_STD = "grad_std"
+#: Fraction of the layer's units (rows of its 2-D+ parameters) whose gradient is entirely zero.
+GRAD_DEAD_UNITS = "grad_dead_units"
+#: ``‖θ_after − θ_before‖ / ‖θ_before‖`` of the layer's latest update (when measured).
+UPDATE_RATIO = "update_ratio"
+
+#: Per-layer key prefixes: always, only on steps where the value is non-zero, with ``stats="full"``, and for
+#: layers that have units (a parameter with two dimensions or more: not for biases or norms alone).
+LAYER_KEYS: dict[str, tuple[str, ...]] = {
+    "always": (GRAD_NORM, GRAD_RATIO, GRAD_ZERO_FRAC),
+    "nonzero": (GRAD_NAN, GRAD_INF),
+    "full": (GRAD_MAX, GRAD_MIN, GRAD_MEAN, GRAD_STD),
+    "units": (GRAD_DEAD_UNITS,),
+    "update": (UPDATE_RATIO,),
+}
+
+#: Per-module activation metrics (``<metric>/<module>``; never suffixed by an optimizer).
+ACT_DEAD_FRAC = "act_dead_frac"
+ACT_ZERO_FRAC = "act_zero_frac"
+ACT_SATURATED_FRAC = "act_saturated_frac"
+
+_GRAD_PREFIXES = frozenset((*(k for keys in LAYER_KEYS.values() for k in keys), HISTOGRAM))
+_ACT_PREFIXES = frozenset((ACT_DEAD_FRAC, ACT_ZERO_FRAC, ACT_SATURATED_FRAC))
+_OPTIMIZER = re.compile(r"^(?P<head>.+)/opt(?P<idx>\d+)$")
+
+
+class MetricKey(NamedTuple):
+    """A key taken apart by :func:`parse_key`.
+
+    Attributes:
+        metric: A global key (``TOTAL_NORM``, ``ALERTS``, ...) or a per-layer prefix (``GRAD_NORM``,
+            ``ACT_DEAD_FRAC``, ``HISTOGRAM``, ...), without the optimizer suffix.
+        layer: The layer (or activation module), or ``None`` for a global key.
+        optimizer_idx: The ``/opt{idx}`` suffix, or ``None`` when there is none.
+    """
+
+    metric: str
+    layer: str | None
+    optimizer_idx: int | None
+
+
+def metric_key(metric: str, layer: str | None = None, optimizer_idx: int | None = None) -> str:
+    """Build a key: ``metric``, then ``/<layer>`` for a per-layer metric, then ``/opt{idx}`` with several optimizers.
+
+    Args:
+        metric: A global key (e.g. :data:`TOTAL_NORM`) or a per-layer prefix (e.g. :data:`GRAD_NORM`).
+        layer: The layer or module; ``None`` for a global key.
+        optimizer_idx: Appended as ``/opt{idx}`` when not ``None``.
+
+    Returns:
+        The key, as the loggers receive it.
+    """
+    key = metric if layer is None else f"{metric}/{layer}"
+    return key if optimizer_idx is None else f"{key}/opt{optimizer_idx}"
+
+
+def parse_key(key: str) -> MetricKey | None:
+    """Take a key made by this module apart: the inverse of :func:`metric_key`.
+
+    Layer names are module or parameter names, which hold no ``/``; the optimizer suffix is only read on
+    gradient keys (activation keys never carry one).
+
+    Args:
+        key: A logged key, without a logger's prefix.
+
+    Returns:
+        ``(metric, layer, optimizer_idx)``, or ``None`` for a key this package does not log.
+    """
+    if key in GLOBAL_KEYS:
+        return MetricKey(key, None, None)
+    suffixed = _OPTIMIZER.match(key)
+    if suffixed is not None and suffixed["head"] in GLOBAL_KEYS:
+        return MetricKey(suffixed["head"], None, int(suffixed["idx"]))
+    prefix, _, rest = key.partition("/")
+    if not rest:
+        return None
+    if prefix in _ACT_PREFIXES:
+        return MetricKey(prefix, rest, None)
+    if prefix in _GRAD_PREFIXES:
+        suffixed = _OPTIMIZER.match(rest)
+        if suffixed is not None:
+            return MetricKey(prefix, suffixed["head"], int(suffixed["idx"]))
+        return MetricKey(prefix, rest, None)
+    return None
+
+
+def layer_key_pattern(metric: str) -> str:
+    """A regular expression matching every layer's key of a per-layer ``metric`` (for TensorBoard's layouts)."""
+    return rf"{re.escape(metric)}/.*"
+
+
+def short_name(key: str) -> str:
+    """A global key without the package's namespace: ``grad_health/total_norm`` -> ``total_norm``."""
+    return key.removeprefix(f"{_NAMESPACE}/")
+
+
+def summary_metrics(record: StepStats, optimizer_idx: int | None = None) -> dict[str, float]:
+    """The summary (global) metrics of a record.
+
+    Args:
+        record: The step's record.
+        optimizer_idx: Appended as ``/opt{idx}`` to every key when not ``None`` (several optimizers).
+
+    Returns:
+        ``{key: value}`` with the keys of :data:`SUMMARY_KEYS`, plus :data:`POST_CLIP_NORM` when the Trainer
+        clips gradients and :data:`AMP_SCALE` when a GradScaler is active.
+    """
+    values = (
+        record.total_norm,
+        record.param_norm,
+        record.zero_frac,
+        float(record.nan_count),
+        float(record.inf_count),
+        record.layer_norm_ratio,
+        float(record.no_grad_count),
+    )
+    out = {metric_key(key, None, optimizer_idx): value for key, value in zip(SUMMARY_KEYS, values, strict=True)}
+    if record.post_clip_norm is not None:
+        out[metric_key(POST_CLIP_NORM, None, optimizer_idx)] = record.post_clip_norm
+    if record.amp_scale is not None:
+        out[metric_key(AMP_SCALE, None, optimizer_idx)] = record.amp_scale
+    if record.grad_cosine is not None:
+        out[metric_key(GRAD_COSINE, None, optimizer_idx)] = record.grad_cosine
+    if record.noise_scale is not None:
+        out[metric_key(NOISE_SCALE, None, optimizer_idx)] = record.noise_scale
+    return out
+
+
+def record_to_metrics(record: StepStats, optimizer_idx: int | None = None) -> dict[str, float]:
+    """All metrics of a record: the summary plus one group of keys per layer.
+
+    Args:
+        record: The step's record.
+        optimizer_idx: Appended as ``/opt{idx}`` to every key when not ``None`` (several optimizers).
+
+    Returns:
+        ``{key: value}`` ready for ``logger.log_metrics``.
+    """
+    out = summary_metrics(record, optimizer_idx)
+    for layer in record.layers:
+        values: dict[str, float | None] = {
+            GRAD_NORM: layer.grad_norm,
+            GRAD_RATIO: layer.ratio,
+            GRAD_ZERO_FRAC: layer.zero_frac,
+            GRAD_NAN: float(layer.nan_count) if layer.nan_count else None,
+            GRAD_INF: float(layer.inf_count) if layer.inf_count else None,
+            GRAD_DEAD_UNITS: layer.dead_unit_frac,
+            UPDATE_RATIO: layer.update_ratio,
+        }
+        if layer.max_abs is not None:
+            values |= {GRAD_MAX: layer.max_abs, GRAD_MIN: layer.min_abs_nonzero, GRAD_MEAN: layer.mean,
+                       GRAD_STD: layer.std}  # fmt: skip
+        for metric, value in values.items():
+            if value is not None:
+                out[metric_key(metric, layer.name, optimizer_idx)] = value
+    return out
+
+
+def metrics_to_record(metrics: Mapping[str, float], step: int, optimizer_idx: int | None = None) -> StepStats:
+    """Rebuild a record from one step's logged metrics: the inverse of :func:`record_to_metrics`, as far as it goes.
+
+    What is not logged comes back as a neutral value: every layer's ``numel`` is 1, its ``param_norm`` NaN and its
+    ``units`` ``None`` (its ``dead_unit_frac`` is read back); a missing summary value is NaN (norms, fractions)
+    or 0 (counts), a missing layer-norm ratio 1.0; the loss is read when logged under :data:`LOSS`. A layer is
+    in the record when its :data:`GRAD_NORM` key is, in the order of ``metrics``. Keys this package does not
+    log, and those of other optimizers, are ignored.
+
+    Args:
+        metrics: ``{key: value}`` of one step (keys without a logger's prefix).
+        step: The step (also used as the global step; epoch and batch index are 0).
+        optimizer_idx: Read the keys suffixed ``/opt{idx}``; ``None`` for a run with one optimizer.
+
+    Returns:
+        The record.
+
+    Raises:
+        KeyError: ``metrics`` has no :data:`TOTAL_NORM` for this optimizer.
+    """
+    summary: dict[str, float] = {}
+    layers: dict[str, dict[str, float]] = {}
+    for key, value in metrics.items():
+        parsed = parse_key(key)
+        if parsed is None or parsed.optimizer_idx != optimizer_idx:
+            continue
+        if parsed.layer is None:
+            summary[parsed.metric] = value
+        elif parsed.metric in _GRAD_PREFIXES and parsed.metric != HISTOGRAM:
+            layers.setdefault(parsed.layer, {})[parsed.metric] = value
+    if TOTAL_NORM not in summary:
+        raise KeyError(f"no {metric_key(TOTAL_NORM, None, optimizer_idx)!r} among the metrics of step {step}")
+
+    def optional(values: dict[str, float], metric: str) -> float | None:
+        return values.get(metric) if values.keys() >= {GRAD_MAX, GRAD_MIN, GRAD_MEAN, GRAD_STD} else None
+
+    stats = tuple(
+        LayerStats(name=name, numel=1, grad_norm=values[GRAD_NORM], param_norm=math.nan,
+                   ratio=values.get(GRAD_RATIO, math.nan), zero_frac=values.get(GRAD_ZERO_FRAC, math.nan),
+                   nan_count=int(values.get(GRAD_NAN, 0)), inf_count=int(values.get(GRAD_INF, 0)),
+                   max_abs=optional(values, GRAD_MAX), min_abs_nonzero=optional(values, GRAD_MIN),
+                   mean=optional(values, GRAD_MEAN), std=optional(values, GRAD_STD),
+                   dead_unit_frac=values.get(GRAD_DEAD_UNITS), update_ratio=values.get(UPDATE_RATIO))
+        for name, values in layers.items()
+        if GRAD_NORM in values
+    )  # fmt: skip
+    return StepStats(
+        step=step, global_step=step, epoch=0, batch_idx=0, optimizer_idx=optimizer_idx or 0,
+        total_norm=summary[TOTAL_NORM], param_norm=summary.get(PARAM_NORM, math.nan),
+        zero_frac=summary.get(ZERO_FRAC, math.nan), nan_count=int(summary.get(NAN_COUNT, 0)),
+        inf_count=int(summary.get(INF_COUNT, 0)), layer_norm_ratio=summary.get(LAYER_NORM_RATIO, 1.0),
+        no_grad_count=int(summary.get(NO_GRAD_COUNT, 0)), layers=stats,
+        post_clip_norm=summary.get(POST_CLIP_NORM), amp_scale=summary.get(AMP_SCALE), loss=summary.get(LOSS),
+        grad_cosine=summary.get(GRAD_COSINE), noise_scale=summary.get(NOISE_SCALE),
+    )  # fmt: skip
+
+
+def activation_metrics(stats: dict[str, tuple[float, float, float | None]]) -> dict[str, float]:
+    """The keys of the activation statistics: ``{module: (dead, zero, saturated or None)}`` to ``{key: value}``."""
+    out: dict[str, float] = {}
+    for name, (dead, zero, saturated) in stats.items():
+        out[metric_key(ACT_DEAD_FRAC, name)] = dead
+        out[metric_key(ACT_ZERO_FRAC, name)] = zero
+        if saturated is not None:
+            out[metric_key(ACT_SATURATED_FRAC, name)] = saturated
+    return out

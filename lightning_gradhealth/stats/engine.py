@@ -1,0 +1,598 @@
+"""The statistics engine: plain torch, no Lightning.
+
+Everything is computed on the gradients' device (:mod:`~lightning_gradhealth.stats.kernels`), accumulated in float32 or
+wider whatever the gradient dtype, and gathered by name in a :class:`Pack`: combined across ranks in ONE
+collective when the gradients are sharded, then packed into ONE tensor. :meth:`GradStatsEngine.finish` copies that
+tensor to the host once and reads it back by name into a :class:`~lightning_gradhealth.schema.record.StepStats`. Exact
+NaN/Inf counts cost a full pass over the gradients, so they are computed only when the global norm (which is free)
+shows something non-finite; that rare step makes one more transfer.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Literal
+
+import torch
+from torch.linalg import vector_norm
+
+from lightning_gradhealth.model.distributed import (
+    Reduction,
+    is_dtensor,
+    local,
+    mean_over,
+    min_valid_over,
+    reduce_sum_max,
+    resolve,
+    sum_over,
+)
+from lightning_gradhealth.model.layout import ParamLayout
+from lightning_gradhealth.schema.record import LayerStats, StepStats
+from lightning_gradhealth.stats.horizontal import HorizontalPlan, gradient_stats
+from lightning_gradhealth.stats.kernels import (
+    NonFiniteTracker,
+    accum_dtype,
+    foreach_norms,
+    layer_maxes,
+    layer_sums,
+    nonzero_counts,
+    stat_grads,
+)
+from lightning_gradhealth.stats.pack import Pack, PackSchema, PackValues
+
+__all__ = [
+    "GradStatsEngine",
+    "NonFiniteTracker",  # re-exported from kernels
+    "Pack",  # re-exported from pack
+    "PackSchema",  # re-exported from pack
+    "PackValues",  # re-exported from pack
+    "PendingStats",
+    "StepMeta",
+    "nonzero_counts",  # re-exported from kernels
+    "stat_grads",  # re-exported from kernels
+]
+
+StatsLevel = Literal["basic", "full"]
+
+
+@dataclass(frozen=True)
+class StepMeta:
+    """Where in training a step happened (host values known to the caller, never transferred)."""
+
+    step: int = 0
+    global_step: int = 0
+    epoch: int = 0
+    batch_idx: int = 0
+    optimizer_idx: int = 0
+
+
+@dataclass
+class PendingStats:
+    """Device-side results of one step, waiting for the single transfer.
+
+    Attributes:
+        layout: The layout the statistics were computed for.
+        present: Indices (into the layout) of the parameters that had a gradient.
+        packed: The packed device tensor.
+        grads: The gradients the statistics were computed from (references, not copies), kept so that exact
+            NaN/Inf counts can be taken if the step turns out non-finite.
+        grad_scale: Loss scale still contained in ``grads`` (fused optimizers under a GradScaler), else None.
+        extras: Optional device scalars appended at transfer time, by name.
+        reduction: The process groups the statistics were combined over.
+        schema: Where each named value lies in ``packed`` (read back by :class:`PackValues`).
+        host_extras: The extras as read back by :meth:`GradStatsEngine.finish`, by name.
+    """
+
+    layout: ParamLayout
+    present: tuple[int, ...]
+    packed: torch.Tensor
+    grads: list[torch.Tensor]
+    grad_scale: torch.Tensor | None
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    reduction: Reduction = field(default_factory=Reduction)
+    schema: PackSchema = ()
+    host_extras: dict[str, float] = field(default_factory=dict)
+
+
+class GradStatsEngine:
+    """Compute gradient statistics for a :class:`ParamLayout`.
+
+    Args:
+        norm_type: Order of the norms (any float ``>= 1`` or ``inf``).
+        stats: ``"basic"`` (norms, ratios, zero fraction, dead units, non-finite counts) or ``"full"`` (adds max
+            ``|g|``, min non-zero ``|g|``, mean and std per layer).
+        per_layer: Whether to produce per-layer statistics (dead units among them); ``False`` keeps only the
+            global ones.
+        eps: Added to the parameter norm in the grad/param ratio.
+    """
+
+    def __init__(
+        self,
+        norm_type: float = 2.0,
+        stats: StatsLevel = "basic",
+        per_layer: bool = True,
+        eps: float = 1e-8,
+    ) -> None:
+        self.norm_type = float(norm_type)
+        self.full = stats == "full"
+        self.per_layer = per_layer
+        self.eps = eps
+        self._index_cache: dict[
+            tuple[int, tuple[int, ...], torch.device], tuple[weakref.ReferenceType[ParamLayout], torch.Tensor]
+        ] = {}
+        self._scratch: dict[torch.device, torch.Tensor] = {}  # zero counting's reused buffer (CPU)
+        self._plans: dict[tuple[object, ...], HorizontalPlan] = {}  # the multi-tensor path's blocks, by shapes
+        self._horizontal: bool | None = None  # multi-tensor path: None = by device (use_horizontal); tests force it
+        self._units_cache: dict[tuple[Any, ...], tuple[weakref.ReferenceType[ParamLayout], Any]] = {}
+
+    # ------------------------------------------------------------------ device side
+    def _layer_index(self, layout: ParamLayout, present: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        key = (id(layout), present, device)
+        cached = self._index_cache.get(key)
+        if cached is not None and cached[0]() is layout:  # a weak reference: a freed layout's id may be reused
+            return cached[1]
+        if len(self._index_cache) > 64:
+            self._index_cache.clear()
+        index = torch.tensor([layout.layer_of_param[i] for i in present], dtype=torch.long, device=device)
+        self._index_cache[key] = (weakref.ref(layout), index)
+        return index
+
+    def _cached(self, key: tuple[Any, ...], layout: ParamLayout, make: Any) -> Any:
+        """``make()``, kept under ``key`` (which begins with ``id(layout)``) while ``layout`` lives."""
+        cached = self._units_cache.get(key)
+        if cached is not None and cached[0]() is layout:  # a weak reference: a freed layout's id may be reused
+            return cached[1]
+        if len(self._units_cache) > 64:
+            self._units_cache.clear()
+        value = make()
+        self._units_cache[key] = (weakref.ref(layout), value)
+        return value
+
+    def _unit_rows(self, layout: ParamLayout, red: Reduction) -> tuple[int, ...]:
+        """Per parameter, its units: rows along dim 0 with two dimensions or more (else 0), or -1 if unknowable.
+
+        Unknowable from the gradient a rank holds: a sparse gradient (its coalesced rows only), an FSDP1 flat shard
+        (rows cut anywhere), a DTensor sharded along another dimension than 0. A DTensor's shape is the whole one.
+        """
+        flat = red.shard_group is not None and bool(layout.params) and not is_dtensor(layout.params[0])  # FSDP1
+
+        def make() -> tuple[int, ...]:
+            rows = []
+            for i, q in enumerate(layout.params):
+                cut = is_dtensor(q) and any(pl.is_shard() and pl.dim != 0 for pl in q.placements)  # type: ignore[attr-defined]
+                if i in layout.sparse or cut or (flat and id(q) not in red.whole):
+                    rows.append(-1)
+                else:
+                    rows.append(int(q.shape[0]) if q.ndim >= 2 and q.numel() > 0 else 0)
+            return tuple(rows)
+
+        return self._cached((id(layout), "rows", flat, red.whole), layout, make)  # type: ignore[no-any-return]
+
+    def _unit_mask(self, layout: ParamLayout, present: tuple[int, ...], red: Reduction) -> tuple[bool, ...]:
+        """Per present parameter, whether its gradient's dead rows are counted (:meth:`_unit_rows` > 0)."""
+        rows = self._unit_rows(layout, red)
+        return self._cached(  # type: ignore[no-any-return]
+            (id(layout), "mask", present, rows), layout, lambda: tuple(rows[i] > 0 for i in present)
+        )
+
+    def _layer_units(self, layout: ParamLayout, present: tuple[int, ...], red: Reduction) -> tuple[int | None, ...]:
+        """Per layer, the units of its ``present`` parameters; ``None`` without any, or when some cannot be told."""
+        rows = self._unit_rows(layout, red)
+
+        def make() -> tuple[int | None, ...]:
+            units: list[int | None] = [0] * layout.num_layers
+            for i in present:
+                j = layout.layer_of_param[i]
+                have = units[j]
+                units[j] = None if have is None or rows[i] < 0 else have + rows[i]
+            return tuple(u or None for u in units)
+
+        return self._cached((id(layout), "layers", present, rows), layout, make)  # type: ignore[no-any-return]
+
+    def norms(self, tensors: Sequence[torch.Tensor], ord: float | None = None) -> torch.Tensor:
+        """Per-tensor norms, accumulated in float32 whatever the tensors' dtype, as one device vector.
+
+        Args:
+            tensors: Tensors on one device.
+            ord: Norm order; defaults to the engine's ``norm_type``.
+
+        Returns:
+            A 1-D tensor of per-tensor norms in the accumulation dtype (float64 except on MPS).
+        """
+        order = self.norm_type if ord is None else ord
+        return foreach_norms(tensors, order).to(accum_dtype(tensors[0].device))
+
+    @torch.no_grad()
+    def global_norm(
+        self,
+        tensors: Sequence[torch.Tensor],
+        reduction: Reduction | None = None,
+        params: Sequence[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """The global norm of ``tensors`` as a device scalar (no host synchronisation).
+
+        Sharded tensors (DTensors, or ``reduction.shard_group``): the local shards' powered sum (maximum for
+        ``inf``), combined over the sharding group in one collective. Float32 per-tensor norms: the value only
+        needs to be finite-or-not and good to float32 precision (guard, clipping thresholds, spike z-scores,
+        post-clip norm). Replicas are not averaged here (see :meth:`guard`). ``params`` (aligned with ``tensors``)
+        lets parameters that are whole on every rank of the sharding group count once.
+        """
+        p = self.norm_type
+        red = resolve(tensors, reduction)
+        if red.shard_group is None:  # the hot path of every guarded step: no per-tensor Python work
+            return vector_norm(foreach_norms(tensors, p), p)
+        norms = foreach_norms([local(t) for t in tensors], p)
+        norms = norms.to(accum_dtype(norms.device))
+        if math.isinf(p):
+            _, reduced = reduce_sum_max(norms.new_zeros(0), norms.amax().reshape(1), red.shard_group)
+            return reduced.reshape(())  # type: ignore[union-attr]
+        powered = norms.pow(p)
+        if params is not None and len(params) == len(tensors):  # tensors whole on every rank count once
+            weight = self._weights(red, list(params), powered.device, powered.dtype)
+            powered = powered if weight is None else powered * weight
+        return sum_over(powered.sum().reshape(1), red.shard_group).pow(1.0 / p).reshape(())
+
+    @torch.no_grad()
+    def compute(
+        self,
+        layout: ParamLayout,
+        grad_scale: torch.Tensor | None = None,
+        reduction: Reduction | None = None,
+    ) -> PendingStats | None:
+        """Launch every reduction of one step on the device; nothing is copied to the host.
+
+        Every statistic is first formed per layer from this rank's tensors, as sums (powered norms, zero counts,
+        dead rows, sums of ``g`` and ``g**2``) and maxima (``inf`` norms, largest ``|g|``, smallest non-zero ``|g|``
+        negated). Sharded gradients combine them over the sharding group in ONE collective
+        (:func:`~lightning_gradhealth.model.distributed.reduce_sum_max`); replicated ones (DDP) average the global
+        norm over the replicas (one scalar all-reduce), so that every rank takes the same decisions.
+
+        Args:
+            layout: The parameters to look at.
+            grad_scale: When the gradients still contain a GradScaler's loss scale (fused optimizers under
+                ``16-mixed``), the scale tensor; every magnitude is divided by it.
+            reduction: Process groups to combine over (DTensor gradients find their sharding group themselves).
+
+        Returns:
+            The pending statistics, or ``None`` when no watched parameter has a gradient.
+
+        Raises:
+            GradientHealthError: A layout of DTensor shards that is not supported.
+        """
+        params = layout.params
+        present = layout.with_grad()
+        given_shards = reduction is not None and reduction.shard_group is not None
+        if not present and not given_shards:
+            return None
+        grads = stat_grads(layout, present)
+        red = resolve(grads, reduction)
+        if grads and is_dtensor(grads[0]):  # (resolve refused a mix of DTensors and plain tensors)
+            local_g = [local(g) for g in grads]
+            local_p = [local(params[i]) for i in present]  # no_grad: no detach (a DTensor dispatch each)
+        else:
+            local_g, local_p = grads, [params[i] for i in present]
+        if not present:
+            # FSDP1: this rank's pieces are all empty, hence without gradient; it still takes part in the
+            # collective, with one empty tensor (zero contributions) standing for layer 0
+            local_g = local_p = [layout.params[0].new_zeros(0)]
+        device = local_g[0].device
+        n = layout.num_layers
+        index = (
+            self._layer_index(layout, present, device) if present else torch.zeros(1, dtype=torch.long, device=device)
+        )
+        p = self.norm_type
+        inf_norm = math.isinf(p)
+
+        acc = accum_dtype(device)
+        layer = self.per_layer  # per-layer blocks are copied to the host only for per-layer records
+        # dead units (rows of 2-D+ gradients entirely zero): per-layer records only, in the zero counting's pass
+        units = (self._unit_mask(layout, present, red) if present else (False,)) if layer else None
+        inv_scale = None if grad_scale is None else grad_scale.detach().to(acc).reshape(()).reciprocal()
+        # the gradients' norms, zero counts, dead rows and (stats="full") extremes and sums, in one place: each
+        # tensor in turn while in cache on the CPU, multi-tensor (few kernels for all) on accelerators
+        raw_g_norm, nonzero, dead_rows, full = gradient_stats(
+            local_g, units, self.full, p, inv_scale, self._scratch, self._plans, self._horizontal
+        )
+        p_norm = self.norms(local_p)
+        g_norm = raw_g_norm if inv_scale is None else raw_g_norm * inv_scale
+
+        sharded = red.shard_group is not None
+        # a tensor that is whole on every rank of the sharding group is counted on its first rank only
+        weight = self._weights(red, [layout.params[i] for i in present], device, acc) if sharded and present else None
+
+        layer_sum = partial(layer_sums, index=index, num_layers=n, weight=weight)
+        layer_max = partial(layer_maxes, index=index, num_layers=n)  # a layer with nothing here: the neutral value
+
+        # this rank's per-layer contributions (blocks of n numbers), combined over the sharding group by name
+        pack = Pack()
+        if inf_norm:
+            pack.add_max("grad_norm", layer_max(g_norm), send=layer)
+            pack.add_max("param_norm", layer_max(p_norm), send=layer)
+        else:
+            pack.add_sum("grad_norm_pow", layer_sum(g_norm.pow(p)), send=False)
+            pack.add_sum("param_norm_pow", layer_sum(p_norm.pow(p)), send=False)
+        pack.add_sum("nonzero", layer_sum(nonzero), send=layer)
+        if dead_rows is not None:  # FSDP2 shards hold whole rows: the ranks' dead rows add up
+            pack.add_sum("dead_units", layer_sum(dead_rows.to(acc)))
+        if sharded:  # element counts of the local shards (FSDP1's are flat pieces, FSDP2's may be empty)
+            numel = torch.tensor([float(g.numel()) for g in local_g], dtype=acc).to(device, non_blocking=True)
+            pack.add_sum("numel", layer_sum(numel), send=layer)
+            # which parameters have a gradient on some rank (FSDP1: not an empty shard)
+            at = torch.tensor(present, dtype=torch.long).to(device, non_blocking=True)  # may be empty
+            pack.add_sum("presence", torch.zeros(len(params), dtype=acc, device=device).index_fill_(0, at, 1.0))
+        if full is not None:
+            max_abs, neg_min_abs, g_sum, g_sq = full
+            pack.add_sum("sum", layer_sum(g_sum), send=layer)
+            pack.add_sum("sum_squares", layer_sum(g_sq), send=layer)
+            pack.add_max("max_abs", layer_max(max_abs), send=layer)
+            pack.add_max("neg_min_abs_nonzero", layer_max(neg_min_abs, neutral=-math.inf), send=False)
+        pack.reduce(red.shard_group)  # the step's one collective (none when unsharded)
+
+        # values derived from the combined blocks
+        if inf_norm:
+            layer_g, layer_p = pack["grad_norm"], pack["param_norm"]
+            total, p_total = layer_g.amax(), layer_p.amax()
+        else:
+            pw_g, pw_p = pack["grad_norm_pow"], pack["param_norm_pow"]
+            root = (lambda x: x.sqrt()) if p == 2.0 else (lambda x: x.pow(1.0 / p))
+            layer_g, layer_p = root(pw_g), root(pw_p)
+            total, p_total = root(pw_g.sum()), root(pw_p.sum())
+            pack.add("grad_norm", layer_g, send=layer)
+            pack.add("param_norm", layer_p, send=layer)
+        if self.full:
+            pack.add("min_abs_nonzero", -pack["neg_min_abs_nonzero"], send=layer)
+        if red.replica_group is not None:
+            total = mean_over(total, red.replica_group)  # decisions agree on every replica
+        usable = torch.isfinite(layer_g) & (layer_g > 0)
+        inf = torch.tensor(math.inf, dtype=acc, device=device)
+        pack.add("total_norm", total)
+        pack.add("total_param_norm", p_total)
+        pack.add("total_nonzero", pack["nonzero"].sum())
+        pack.add("max_layer_norm", torch.where(usable, layer_g, -inf).amax())
+        pack.add("min_layer_norm", torch.where(usable, layer_g, inf).amin())
+        pack.add("num_ratio_layers", usable.sum().to(acc))
+        if sharded:  # unsharded, the element count is known on the host
+            pack.add("total_numel", pack["numel"].sum())
+        packed, schema = pack.build()
+        return PendingStats(layout, present, packed, grads, grad_scale, reduction=red, schema=schema)
+
+    def _weights(
+        self, red: Reduction, params: list[torch.Tensor], device: torch.device, acc: torch.dtype
+    ) -> torch.Tensor | None:
+        """1/0 per tensor: whether this rank counts it (tensors whole on every rank count on the first only)."""
+        if not red.skips_whole():
+            return None
+        return torch.tensor([0.0 if id(q) in red.whole else 1.0 for q in params], dtype=acc).to(device)
+
+    @torch.no_grad()
+    def guard(
+        self,
+        layout: ParamLayout,
+        grad_scale: torch.Tensor | None = None,
+        reduction: Reduction | None = None,
+        tensor_norms: bool = False,
+    ) -> PendingStats | None:
+        """The cheapest useful check of a step: the global gradient norm alone (one foreach kernel).
+
+        Its finiteness catches any NaN/Inf in any gradient; :meth:`read_guard` copies it (and the extras) to the
+        host in one transfer. Sharded gradients add one scalar all-reduce over the sharding group; replicated ones
+        (``reduction.replica_group``) one over the replicas, so that every rank sees a gradient that went bad on
+        any of them.
+
+        Args:
+            layout: The parameters to look at.
+            grad_scale: Loss scale still contained in the gradients, divided out of the norm.
+            reduction: Process groups to combine over.
+            tensor_norms: Also send the per-tensor norms the global one is made of (unsharded dense gradients
+                only: a step read later names its non-finite layers from them; ``present`` is then set).
+
+        Returns:
+            The pending guard, or ``None`` when no watched parameter has a gradient.
+        """
+        if layout.sparse:
+            grads = stat_grads(layout, layout.with_grad())
+        else:
+            grads = [g for p in layout.params if (g := p.grad) is not None]  # one pass
+        if not grads:
+            if reduction is None or reduction.shard_group is None:
+                return None
+            grads = [layout.params[0].new_zeros(0)]  # FSDP1, all pieces empty here: still take part
+        red = resolve(grads, reduction)
+        # FSDP1 only (parameters whole on every rank count once): the parameters aligned with the gradients
+        params = [p for p in layout.params if p.grad is not None] if red.whole else None
+        named = tensor_norms and not layout.sparse and red.shard_group is None
+        norms = foreach_norms(grads, self.norm_type) if named else None  # (global_norm's own unsharded path)
+        total = self.global_norm(grads, red, params=params) if norms is None else vector_norm(norms, self.norm_type)
+        if grad_scale is not None:
+            scale = grad_scale.detach().float().reshape(())
+            total, norms = total / scale, None if norms is None else norms / scale
+        if red.replica_group is not None:
+            total = mean_over(total, red.replica_group)
+        pack = Pack()
+        pack.add("total_norm", total)  # the guard's whole pack
+        if norms is not None:
+            pack.add("tensor_norms", norms.to(total.dtype))
+        packed, schema = pack.build()
+        # `present` stays empty unless named: a guard never becomes a record (a failing step recomputes everything)
+        present = layout.with_grad() if named else ()
+        return PendingStats(layout, present, packed, grads, grad_scale, reduction=red, schema=schema)
+
+
+    @staticmethod
+    def outgoing(pending: PendingStats) -> tuple[torch.Tensor, tuple[str, ...]]:
+        """The device tensor that goes to the host: the packed values with the extras appended (and their names)."""
+        names = tuple(pending.extras)
+        packed = pending.packed
+        if names:
+            extra = torch.stack([pending.extras[k].detach().to(packed.dtype).reshape(()) for k in names])
+            packed = torch.cat([packed, extra])
+        return packed, names
+
+    @staticmethod
+    def _transfer(
+        pending: PendingStats, values: list[float] | None = None
+    ) -> tuple[PackValues, dict[str, float]]:
+        """The one device-to-host copy (``values``: already copied), read back by name."""
+        names = tuple(pending.extras)
+        if values is None:
+            values = GradStatsEngine.outgoing(pending)[0].tolist()
+        extras = dict(zip(names, values[len(values) - len(names) :], strict=True))
+        return PackValues(pending.schema, values), extras
+
+    def read_guard(self, pending: PendingStats) -> tuple[float, dict[str, float]]:
+        """Copy a guard's global norm and extras to the host (one transfer). Returns ``(total_norm, extras)``."""
+        host, extras = self._transfer(pending)
+        return host.scalar("total_norm"), extras
+
+    @torch.no_grad()
+    def nonfinite_counts(self, pending: PendingStats) -> torch.Tensor:
+        """Exact per-layer NaN and Inf counts, packed ``[nan_0..nan_L, inf_0..inf_L]`` (device tensor).
+
+        Summed over the sharding group (each rank counts its shard) and maxed over the replicas (a rank whose
+        gradient went bad alone still names its layers on every rank): one all-reduce each, on failing steps only.
+        """
+        layout = pending.layout
+        device = pending.packed.device
+        acc = pending.packed.dtype
+        index = self._layer_index(layout, pending.present, device)
+        local_g = [local(g) for g in pending.grads]
+        if not local_g:  # FSDP1: no piece of any gradient on this rank; it still takes part in the sums
+            local_g, index = [pending.packed.new_zeros(0)], torch.zeros(1, dtype=torch.long, device=device)
+        nan = torch.stack([torch.isnan(g).sum() for g in local_g]).to(acc)
+        inf = torch.stack([torch.isinf(g).sum() for g in local_g]).to(acc)
+        red = pending.reduction
+        weight = None  # tensors whole on every rank of the sharding group are counted once
+        if red.shard_group is not None and pending.present and pending.grads:
+            weight = self._weights(red, [layout.params[i] for i in pending.present], device, acc)
+        n = layout.num_layers
+        counts = torch.cat([layer_sums(nan, index, n, weight), layer_sums(inf, index, n, weight)])
+        if red.shard_group is not None:
+            sum_over(counts, red.shard_group)
+        if red.replica_group is not None:
+            # replicas hold the same gradient: the largest count is the broken replica's (a healthy one counts 0)
+            torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.MAX, group=red.replica_group)
+        return counts
+
+    # ------------------------------------------------------------------ host side
+    def finish(self, pending: PendingStats, meta: StepMeta, values: list[float] | None = None) -> StepStats:
+        """Copy the packed tensor to the host (one transfer) and build the record.
+
+        A step whose global norm is non-finite makes one more transfer, for the exact NaN/Inf counts.
+
+        Args:
+            pending: What :meth:`compute` returned, plus any extras added since.
+            meta: Step, epoch, batch and optimizer indices.
+            values: The host copy of :meth:`outgoing`, made earlier without blocking (``guard_mode="deferred"``):
+                no transfer and no collective here; the gradients are gone, so a non-finite step's NaN/Inf
+                entries are not counted (:attr:`StepStats.counts_exact` is ``False``).
+
+        Returns:
+            The typed record.
+        """
+        exact = values is None
+        host, extras = self._transfer(pending, values)  # the one device -> host transfer of the step
+        pending.host_extras = extras
+        layout = pending.layout
+        n = layout.num_layers
+        sharded = "presence" in host
+        present = set(pending.present)
+        if sharded:  # a gradient on any rank counts (FSDP1 leaves an empty shard without one)
+            present = {i for i, v in enumerate(host.get("presence")) if v > 0}
+        present_numel = [0] * n
+        for i in pending.present:
+            present_numel[layout.layer_of_param[i]] += layout.params[i].numel()
+        total_numel = int(host.scalar("total_numel")) if sharded else sum(present_numel)
+
+        nan_l, inf_l = [0] * n, [0] * n
+        total = host.scalar("total_norm")
+        if not math.isfinite(total) and exact:
+            counts = [int(c) for c in self.nonfinite_counts(pending).tolist()]  # rare second transfer
+            nan_l, inf_l = counts[:n], counts[n:]
+
+        layers: list[LayerStats] = []
+        if "grad_norm" in host:  # per-layer statistics
+            g, p, nz = host.get("grad_norm"), host.get("param_norm"), host.get("nonzero")
+            if sharded:  # element counts summed over the shards
+                present_numel = [int(v) for v in host.get("numel")]
+            full = "max_abs" in host  # stats="full"
+            # dead units: dead rows summed on the device; a layer's units (rows of its parameters with a gradient
+            # on some rank) counted here
+            counted = "dead_units" in host
+            dead = host.get("dead_units") if counted else [0.0] * n
+            have = tuple(sorted(present)) if sharded else pending.present
+            units_l = self._layer_units(layout, have, pending.reduction) if counted else (None,) * n
+            mx, mn, s, sq = (host.get(k) if full else [] for k in ("max_abs", "min_abs_nonzero", "sum", "sum_squares"))
+            for j in range(n):
+                if present_numel[j] == 0:
+                    continue
+                numel = present_numel[j]
+                units = units_l[j]
+                kwargs: dict[str, float | None] = {}
+                if full:
+                    mean = s[j] / numel
+                    var = max(sq[j] / numel - mean * mean, 0.0)
+                    kwargs = {"max_abs": mx[j], "min_abs_nonzero": mn[j], "mean": mean, "std": math.sqrt(var)}
+                layers.append(
+                    LayerStats(
+                        name=layout.layer_names[j],
+                        numel=numel,
+                        grad_norm=g[j],
+                        param_norm=p[j],
+                        ratio=g[j] / (p[j] + self.eps),
+                        zero_frac=(numel - nz[j]) / numel,
+                        nan_count=nan_l[j],
+                        inf_count=inf_l[j],
+                        units=units,
+                        dead_unit_frac=None if units is None else dead[j] / units,
+                        **kwargs,  # type: ignore[arg-type]
+                    )
+                )
+        n_ratio = int(host.scalar("num_ratio_layers"))
+        if not math.isfinite(total):
+            layer_norm_ratio = math.nan  # not a healthy 1.0: the layers cannot be compared on a non-finite step
+        else:
+            layer_norm_ratio = host.scalar("max_layer_norm") / host.scalar("min_layer_norm") if n_ratio >= 2 else 1.0
+        no_grad = tuple(name for i, name in enumerate(layout.param_names) if i not in present)
+        grad_scale = extras.get("amp_scale")
+        loss = extras.get("loss")
+        micro = extras.get("first_nonfinite_micro_batch")
+        if not math.isfinite(total) and not pending.reduction.empty and exact:
+            # each rank saw its own gradient (or shard) go bad at its own micro-batch: the first one anywhere
+            micro = self._first_micro_batch_anywhere(micro, pending)
+        if micro is None and not math.isfinite(total):
+            micro = 0  # no micro-batch tracking (a single micro-batch): it is the one that went non-finite
+        return StepStats(
+            step=meta.step,
+            global_step=meta.global_step,
+            epoch=meta.epoch,
+            batch_idx=meta.batch_idx,
+            optimizer_idx=meta.optimizer_idx,
+            total_norm=total,
+            param_norm=host.scalar("total_param_norm"),
+            zero_frac=(total_numel - host.scalar("total_nonzero")) / total_numel,
+            nan_count=sum(nan_l),
+            inf_count=sum(inf_l),
+            layer_norm_ratio=layer_norm_ratio,
+            no_grad_count=len(no_grad),
+            no_grad_params=no_grad,
+            layers=tuple(layers),
+            amp_scale=grad_scale,
+            amp_overflow=grad_scale is not None and not math.isfinite(total),
+            first_nonfinite_micro_batch=None if micro is None or micro < 0 else int(micro),
+            grad_max_abs=max((lay.max_abs for lay in layers if lay.max_abs is not None), default=None),
+            loss=loss,
+            counts_exact=exact or math.isfinite(total),
+        )
+
+    @staticmethod
+    def _first_micro_batch_anywhere(micro: float | None, pending: PendingStats) -> float | None:
+        device = pending.packed.device
+        value = None if micro is None else int(micro)
+        for group in (pending.reduction.shard_group, pending.reduction.replica_group):
+            if group is not None:
+                value = min_valid_over(value, group, device)
+        return value
