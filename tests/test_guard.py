@@ -50,7 +50,10 @@ def _record(step: int, total: float, *, amp_scale: float | None = None, nan: int
 
 
 class Step:
-    """Calls ``guard.decide`` for one step, counting the calls of ``full_record`` and of the clip callable."""
+    """Runs one step as the core does: ``guard.decide``, then the full record and the clip the outcome asks for.
+
+    Counts the full records made (a non-finite norm, or a failing guarded step) and the clips asked for.
+    """
 
     def __init__(self, guard: StepGuard) -> None:
         self.guard = guard
@@ -69,25 +72,25 @@ class Step:
         clip: Any = None,
     ) -> StepOutcome:
         full = _record(step, total, amp_scale=amp_scale, nan=nan, inf=inf)
-
-        def full_record() -> StepStats:
+        record = None
+        if not math.isfinite(total):
             self.full_calls += 1
-            return full
-
-        def counted_clip() -> None:
-            self.clip_calls += 1
-            if clip is not None:
-                clip()
-
-        return self.guard.decide(
+            record = full
+        outcome = self.guard.decide(
             total,
             StepMeta(step=step, global_step=step, epoch=0, batch_idx=step),
-            None,
-            full_record,
+            record,
             amp=amp_scale is not None,
             batches=batches,
-            clip=counted_clip,
         )
+        if outcome.failure is not None and outcome.record is None:
+            self.full_calls += 1
+            outcome.record = full
+        if outcome.clip_wanted:
+            self.clip_calls += 1
+            if clip is not None:
+                outcome.clip = clip() or {}
+        return outcome
 
 
 def _kinds(outcome: StepOutcome) -> list[tuple[str, Severity]]:

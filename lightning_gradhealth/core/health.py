@@ -11,6 +11,7 @@ for plain PyTorch and Lightning Fabric loops.
 from __future__ import annotations
 
 import itertools
+import math
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -34,7 +35,13 @@ from lightning_gradhealth.core.context import (
 from lightning_gradhealth.diagnosis.rules import Finding
 from lightning_gradhealth.diagnosis.safety import format_nonfinite_message
 from lightning_gradhealth.guard.birth import Replay, Replays, fold_loss
-from lightning_gradhealth.guard.deferred import DeferredGuard, DeferredStep, device_skip_supported, failure_note
+from lightning_gradhealth.guard.deferred import (
+    DeferredGuard,
+    DeferredStep,
+    LiveStep,
+    device_skip_supported,
+    failure_note,
+)
 from lightning_gradhealth.guard.step import Failure, StepGuard, StepOutcome
 from lightning_gradhealth.model.distributed import Reduction, fsdp1_reduction
 from lightning_gradhealth.model.inventory import ModelInventory, take_inventory, watch_feature_maps
@@ -113,12 +120,11 @@ class GradientHealth:
         self._measures = Measures(self.options)  # update size, gradient cosine, noise scale (updates.py, noise.py)
         # where a failing step's NaN was born (birth.py); a deferred guard fails a step or two late: keep three
         self._replays = Replays(self.options.replay_nonfinite, keep=1 if self.options.guard_mode == "sync" else 3)
-        self._deferred = DeferredGuard(self.engine)  # steps whose verdict is read one step late (guard_mode)
-        self._clip_pending: dict[int, tuple[DeferredStep, ParamLayout]] = {}
+        self._deferred = DeferredGuard(self.engine)  # the steps in flight: read at once (sync) or a step late
         self._now = 0
         self.activations: ActivationStats | None = None
         """The activation statistics' hooks (``activation_stats_every_n_steps``), or ``None``."""
-        self._awaiting_clip: dict[int, tuple[StepStats, ParamLayout, bool]] = {}
+        self._awaiting_clip: dict[int, tuple[DeferredStep, ParamLayout]] = {}  # the framework clips after on_step
         self._optimizers: list[weakref.ReferenceType[Optimizer]] = []
         self._scaler = scaler
         self._steps = itertools.count()
@@ -337,7 +343,10 @@ class GradientHealth:
     def on_step(self, optimizer: Optimizer, ctx: StepContext, optimizers: Sequence[Optimizer]) -> bool:
         """The optimizer step described by ``ctx``, once :meth:`before_step` said there is something to do.
 
-        What :meth:`step` and the callback's hook both run.
+        What :meth:`step` and the callback's hook both run. There is one decision path: the step's values are
+        launched into the queue of steps in flight (:class:`~lightning_gradhealth.guard.deferred.DeferredGuard`);
+        a synchronous step is read and decided at once (:meth:`_decide`), a deferred one at the next step's start
+        (:meth:`_drain`).
 
         Returns:
             Whether the update goes ahead.
@@ -346,48 +355,26 @@ class GradientHealth:
             self.check_watched(optimizers, ctx.step)
         layout, change = self.watched.layout_for(optimizer, optimizers)
         self._changed(change, ctx.step)
-        scale = getattr(ctx.scaler, "_scale", None) if ctx.scaler is not None else None
-        grad_scale = scale if ctx.grads_scaled else None
-        red = self._reduction()
         self._before_decide(ctx, layout)
-        if self._defers(optimizer, ctx, layout):
-            return self._deferred_step(optimizer, ctx, layout, grad_scale, scale, red)
-        pending = (
-            self.engine.compute(layout, grad_scale, red) if ctx.due else self.engine.guard(layout, grad_scale, red)
-        )
-        if pending is None:
+        deferred = self._defers(optimizer, ctx, layout)
+        entry = self._launch(optimizer, ctx, layout, deferred)
+        if entry is None:
             self._nothing_to_watch(layout)
             return self._end_step(True)
-        meta = self._launched(pending, scale, ctx)
-        record = self.engine.finish(pending, meta) if ctx.due else None
-        self._measures.landed(ctx.step, ctx.optimizer_idx, pending.host_extras)
-        total = record.total_norm if record is not None else self.engine.read_guard(pending)[0]
-        self.output.visuals(layout, grad_scale, meta.step, record, red)
-
-        def full_record() -> StepStats:
-            # a guarded step that fails gets the full statistics with exact counts (rare: extra transfers)
-            if record is not None:
-                return record
-            full = self.engine.compute(layout, grad_scale, red)
-            assert full is not None
-            self._add_extras(full, scale, ctx.loss)
-            return self.engine.finish(full, meta)
-
-        outcome = self.guard.decide(
-            total,
-            meta,
-            record,
-            full_record,
-            amp=ctx.scaler is not None,
-            sparse_layers=self.watched.sparse_layers,
-            inventory=self.inventory,
-            batches=ctx.batches,
-            clip=lambda: self.guard.clip(layout, grad_scale, total, ctx.due, red),
-        )
-        self._act_on(outcome, optimizer, ctx, layout)
+        if ctx.due and ctx.defer_publish:
+            # The framework clips right after this call; the clipped gradients stay on the parameters until the
+            # next zero_grad, so the post-clip norm is taken at end_batch (_flush_pending) and the record waits.
+            self._awaiting_clip[id(optimizer)] = (entry, layout)
+        if deferred:
+            return self._end_step(True)  # decided at the next step's start, with no host sync
+        outcome = self._decide(entry)
+        if outcome.skip:
+            for group in optimizer.param_groups:  # all of the optimizer's parameters, watched or not
+                for p in group["params"]:
+                    p.grad = None
         return self._end_step(outcome.go_ahead)
 
-    # ------------------------------------------------------------------ the sync-free guard (deferred.py)
+    # ------------------------------------------------------------------ the one decision path
     def _defers(self, optimizer: Optimizer, ctx: StepContext, layout: ParamLayout) -> bool:
         """Whether this step's verdict is read one step late, without a host sync (``guard_mode``)."""
         clipping = self.guard.clipper is not None
@@ -396,56 +383,88 @@ class GradientHealth:
             self.output.info(f"{self.output.frontend.name}: guard_mode='deferred' checks synchronously here: {why}.")
         return deferred
 
-    def _deferred_step(
-        self,
-        optimizer: Optimizer,
-        ctx: StepContext,
-        layout: ParamLayout,
-        grad_scale: torch.Tensor | None,
-        scale: torch.Tensor | None,
-        red: Reduction,
-    ) -> bool:
-        """Launch the step's statistics (or guard) and their non-blocking copy; the verdict is read next step."""
+    def _launch(
+        self, optimizer: Optimizer, ctx: StepContext, layout: ParamLayout, deferred: bool
+    ) -> DeferredStep | None:
+        """Launch the step's statistics (due) or guard on the device and queue them; ``None``: nothing to watch."""
+        scale = getattr(ctx.scaler, "_scale", None) if ctx.scaler is not None else None
+        grad_scale = scale if ctx.grads_scaled else None
+        red = self._reduction()
         tensor_norms = False
         if ctx.due:
             pending = self.engine.compute(layout, grad_scale, red)
-        else:
+        elif deferred:
             pending, tensor_norms = self._deferred.guard(layout, grad_scale, red)
+        else:
+            pending = self.engine.guard(layout, grad_scale, red)
         if pending is None:
-            self._nothing_to_watch(layout)
-            return self._end_step(True)
+            return None
         meta = self._launched(pending, scale, ctx)
-        self.output.visuals(layout, grad_scale, meta.step, None, red)  # (histograms: pre-update)
-        arm = ctx.scaler is None and self.options.on_nonfinite in ("raise", "skip") and device_skip_supported(optimizer)
-        entry = self._deferred.launch(
-            optimizer, pending, meta=meta, due=ctx.due, tensor_norms=tensor_norms, arm=arm, several=ctx.several,
-            micro_batches=ctx.micro_batches, amp=ctx.scaler is not None, batches=ctx.batches,
+        self.output.visuals(layout, grad_scale, meta.step, None, red)  # (histograms: pre-update, pre-clip)
+        arm = (
+            deferred
+            and ctx.scaler is None
+            and self.options.on_nonfinite in ("raise", "skip")
+            and device_skip_supported(optimizer)
+        )
+        live = None if deferred else LiveStep(layout, grad_scale, scale, ctx.loss, red)
+        return self._deferred.launch(
+            optimizer, pending, meta=meta, due=ctx.due, tensor_norms=tensor_norms, arm=arm, live=live,
+            several=ctx.several, micro_batches=ctx.micro_batches, amp=ctx.scaler is not None, batches=ctx.batches,
         )  # fmt: skip
-        if ctx.due and ctx.defer_publish:
-            self._clip_pending[id(optimizer)] = (entry, layout)
-        return self._end_step(True)
 
     def _drain(self, act: bool = True) -> None:
         """Read the steps in flight and decide on them, oldest first (every rank at the same step: no collective)."""
         for entry in self._deferred.take():
-            total, record, values = self._deferred.read(entry)
-            self._measures.landed(entry.meta.step, entry.meta.optimizer_idx, entry.pending.host_extras)
-            outcome = self.guard.decide(
-                total,
-                entry.meta,
-                record,
-                lambda r=record, e=entry, v=values: r or self._deferred.failure_record(e, v),  # type: ignore[misc]
-                amp=entry.amp,
-                sparse_layers=self.watched.sparse_layers,
-                inventory=self.inventory,
-                batches=entry.batches,
-            )
-            note = failure_note(entry, self._now) if act else None  # (no raise: the run ends on its own exception)
-            self._announce(outcome, entry.meta.step, entry.micro_batches, entry.several, note)
-            if record is not None:
-                self.output.figure(record)
-            if outcome.record is not None:
+            self._decide(entry, note=failure_note(entry, self._now) if act else None)
+
+    def _decide(self, entry: DeferredStep, note: str | None = "") -> StepOutcome:
+        """Read a launched step, let the guard decide, clip, announce and publish (raises on a failure).
+
+        ``note``: what a late read adds to a failure message; ``None``: no raise (the run ends on its own
+        exception).
+        """
+        total, record, values = self._deferred.read(entry)
+        self._measures.landed(entry.meta.step, entry.meta.optimizer_idx, entry.pending.host_extras)
+        if record is None and not math.isfinite(total):
+            record = self._failure_record(entry, values)  # (a failing step is described in full)
+        outcome = self.guard.decide(
+            total,
+            entry.meta,
+            record,
+            amp=entry.amp,
+            sparse_layers=self.watched.sparse_layers,
+            inventory=self.inventory,
+            batches=entry.batches,
+        )
+        if outcome.failure is not None and outcome.record is None:
+            outcome.record = self._failure_record(entry, values)
+        if outcome.clip_wanted and entry.live is not None:
+            live = entry.live
+            outcome.clip = self.guard.clip(live.layout, live.grad_scale, total, entry.due, live.reduction)
+        self._announce(outcome, entry.meta.step, entry.micro_batches, entry.several, note)
+        if record is not None:
+            self.output.figure(record)
+        if outcome.record is not None:
+            if any(waiting is entry for waiting, _ in self._awaiting_clip.values()):
+                entry.decided = outcome.record  # published with its post-clip norm at end_batch
+            else:
                 self._publish(outcome.record, entry.several)
+        return outcome
+
+    def _failure_record(self, entry: DeferredStep, values: list[float]) -> StepStats:
+        """The full record of a guarded step that fails (rare).
+
+        Exact counts while its gradients are still there, else its layers named from the per-tensor norms that were
+        copied with it.
+        """
+        live = entry.live
+        if live is None:
+            return self._deferred.failure_record(entry, values)
+        full = self.engine.compute(live.layout, live.grad_scale, live.reduction)
+        assert full is not None
+        self._add_extras(full, live.scale, live.loss)
+        return self.engine.finish(full, entry.meta)
 
     # ------------------------------------------------------------------ update size, noise scale, NaN birthplace
     def _before_update(self, step: int) -> None:
@@ -470,20 +489,6 @@ class GradientHealth:
         if outcome.failure is not None and note is not None:
             assert outcome.record is not None
             self._fail(outcome.record, outcome.failure, micro_batches, several, note)
-
-    def _act_on(self, outcome: StepOutcome, optimizer: Optimizer, ctx: StepContext, layout: ParamLayout) -> None:
-        self._announce(outcome, ctx.step, ctx.micro_batches, ctx.several)
-        if outcome.skip:
-            for group in optimizer.param_groups:  # all of the optimizer's parameters, watched or not
-                for p in group["params"]:
-                    p.grad = None
-        if outcome.record is not None:
-            if ctx.defer_publish:
-                # The framework clips right after this call; the clipped gradients stay on the parameters until
-                # the next zero_grad, so the post-clip norm is read at end_batch.
-                self._awaiting_clip[id(optimizer)] = (outcome.record, layout, ctx.several)
-            else:
-                self._publish(outcome.record, ctx.several)
 
     def _changed(self, change: WatchChange | None, step: int) -> None:
         """Announce a change of the watched set; restart what depended on the old set."""
@@ -535,16 +540,19 @@ class GradientHealth:
         self.output.add_activations(step, stats)
 
     def _flush_pending(self, collectives: bool = True) -> None:
-        """Take the post-clip norm of the steps the framework clipped (after :meth:`on_step`) and publish them."""
-        while self._clip_pending:  # deferred: the post-clip norm goes to the host with the step, no sync
-            _, (entry, layout) = self._clip_pending.popitem()
+        """Take the post-clip norm of the steps the framework clipped (after :meth:`on_step`); publish the decided.
+
+        The norm goes to the host with a deferred step (no sync); a step decided at once is published now.
+        """
+        while self._awaiting_clip:
+            _, (entry, layout) = self._awaiting_clip.popitem()
             if collectives and (norm := self._post_clip_norm(layout)) is not None:
                 self._deferred.post_clip(entry, norm)
-        while self._awaiting_clip:
-            _, (record, layout, several) = self._awaiting_clip.popitem()
-            if collectives and (norm := self._post_clip_norm(layout)) is not None:
-                record = replace(record, post_clip_norm=norm.item())  # the second transfer of a clipped step
-            self._publish(record, several)
+            if entry.decided is not None:
+                record = entry.decided
+                if entry.post_clip is not None:
+                    record = replace(record, post_clip_norm=entry.post_clip.values()[0])
+                self._publish(record, entry.several)
 
     def _post_clip_norm(self, layout: ParamLayout) -> torch.Tensor | None:
         present = layout.with_grad()

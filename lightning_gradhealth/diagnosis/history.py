@@ -7,7 +7,35 @@ from dataclasses import dataclass, field
 
 from lightning_gradhealth.schema.record import StepStats
 
-__all__ = ["History"]
+__all__ = ["GLOBAL_SERIES", "LAYER_SERIES", "History"]
+
+#: History series of the whole step -> the :class:`~lightning_gradhealth.schema.record.StepStats` field it keeps
+#: (``None`` kept as ``nan``). :meth:`History.add`, thinning and the report read these tables: a series is added
+#: here (and as a History field), nowhere else.
+GLOBAL_SERIES: dict[str, str] = {
+    "steps": "step",
+    "total_norm": "total_norm",
+    "zero_frac": "zero_frac",
+    "layer_norm_ratio": "layer_norm_ratio",
+    "loss": "loss",
+    "grad_cosine": "grad_cosine",
+    "noise_scale": "noise_scale",
+}
+
+#: Per-layer series (one row per kept record, one column per layer) -> the
+#: :class:`~lightning_gradhealth.schema.record.LayerStats` field it keeps, and its short name for
+#: :meth:`History.layer_series`.
+LAYER_SERIES: dict[str, tuple[str, str]] = {
+    "layer_norm": ("grad_norm", "norm"),
+    "layer_zero_frac": ("zero_frac", "zero_frac"),
+    "layer_ratio": ("ratio", "ratio"),
+    "layer_dead_units": ("dead_unit_frac", "dead_units"),
+    "layer_update_ratio": ("update_ratio", "update_ratio"),
+}
+
+
+def _value(value: float | None) -> float:
+    return math.nan if value is None else value
 
 
 @dataclass
@@ -94,27 +122,14 @@ class History:
             self._merge_layers([lay.name for lay in record.layers])
         index = self._index
         n = len(self.layer_names)
-        norm, zero, ratio, dead = [math.nan] * n, [math.nan] * n, [math.nan] * n, [math.nan] * n
-        update = [math.nan] * n
-        for lay in record.layers:
-            j = index[lay.name]
-            norm[j], zero[j], ratio[j] = lay.grad_norm, lay.zero_frac, lay.ratio
-            if lay.dead_unit_frac is not None:
-                dead[j] = lay.dead_unit_frac
-            if lay.update_ratio is not None:
-                update[j] = lay.update_ratio
-        self.steps.append(record.step)
-        self.total_norm.append(record.total_norm)
-        self.zero_frac.append(record.zero_frac)
-        self.layer_norm_ratio.append(record.layer_norm_ratio)
-        self.layer_norm.append(norm)
-        self.layer_zero_frac.append(zero)
-        self.layer_ratio.append(ratio)
-        self.layer_dead_units.append(dead)
-        self.loss.append(math.nan if record.loss is None else record.loss)
-        self.layer_update_ratio.append(update)
-        self.grad_cosine.append(math.nan if record.grad_cosine is None else record.grad_cosine)
-        self.noise_scale.append(math.nan if record.noise_scale is None else record.noise_scale)
+        for series, (field_name, _) in LAYER_SERIES.items():
+            row = [math.nan] * n
+            for lay in record.layers:
+                row[index[lay.name]] = _value(getattr(lay, field_name))
+            getattr(self, series).append(row)
+        for series, field_name in GLOBAL_SERIES.items():
+            value = getattr(record, field_name)
+            getattr(self, series).append(value if series == "steps" else _value(value))
         self.batch_size = record.batch_size or self.batch_size
         if len(self.steps) > self.max_snapshots:
             self._thin()
@@ -138,8 +153,7 @@ class History:
                 placed.add(name)
         order += [known for known in self.layer_names[k:] if known not in placed]
         source = [old.get(name) for name in order]
-        for rows in (self.layer_norm, self.layer_zero_frac, self.layer_ratio, self.layer_dead_units,
-                     self.layer_update_ratio):  # fmt: skip
+        for rows in (getattr(self, series) for series in LAYER_SERIES):
             rows[:] = [[row[j] if j is not None and j < len(row) else math.nan for j in source] for row in rows]
         self.layer_names = order
         self._index = {name: i for i, name in enumerate(order)}
@@ -157,9 +171,7 @@ class History:
 
     def _thin(self) -> None:
         keep = [i for i in range(len(self.steps)) if i % 2 == 0 or not math.isfinite(self.total_norm[i])]
-        for name in ("steps", "total_norm", "zero_frac", "layer_norm_ratio", "layer_norm", "layer_zero_frac",
-                     "layer_ratio", "layer_dead_units", "loss", "layer_update_ratio", "grad_cosine",
-                     "noise_scale"):  # fmt: skip
+        for name in (*GLOBAL_SERIES, *LAYER_SERIES):
             series = getattr(self, name)
             setattr(self, name, [series[i] for i in keep])
         self._keep_every *= 2
@@ -171,8 +183,7 @@ class History:
         ``"update_ratio"``.
         """
         j = self.layer_names.index(name)
-        rows = {"norm": self.layer_norm, "zero_frac": self.layer_zero_frac, "ratio": self.layer_ratio,
-                "dead_units": self.layer_dead_units, "update_ratio": self.layer_update_ratio}[which]  # fmt: skip
+        rows = getattr(self, next(series for series, (_, short) in LAYER_SERIES.items() if short == which))
         return [row[j] if j < len(row) else math.nan for row in rows]
 
     def recent(self, fraction: float = 0.25, minimum: int = 3) -> slice:

@@ -1,4 +1,8 @@
-"""The sync-free guard: decisions read one step late from the device, updates skipped on the device.
+"""The queue of steps in flight, and the sync-free guard: decisions read one step late, updates skipped on device.
+
+Every guarded or computed step is launched into one queue (:class:`DeferredGuard`). A synchronous step
+(``guard_mode="sync"``, or a step that must be decided before its update) is read from it at once, with the same
+one transfer as before; a deferred step is read at the next step's start. Both are decided by the same code.
 
 On a GPU the guard's cost is not its kernel (one foreach norm, ~1x the memory floor) but the host
 synchronisation that reading the norm forces: the host waits for the device to drain its queue, and the device
@@ -40,6 +44,7 @@ __all__ = [
     "DeviceSkip",
     "GuardMode",
     "HostCopy",
+    "LiveStep",
     "device_skip_supported",
     "failure_note",
     "resolve_mode",
@@ -92,6 +97,25 @@ class HostCopy:
         return self._values
 
 
+@dataclass(frozen=True)
+class LiveStep:
+    """A step decided at once: its gradients are still on the parameters (exact counts, clipping).
+
+    Attributes:
+        layout: The watched layout of the step's optimizer.
+        grad_scale: Loss scale still contained in the gradients, else ``None``.
+        scale: The GradScaler's scale (recorded), else ``None``.
+        loss: The step's loss.
+        reduction: The process groups the statistics were combined over.
+    """
+
+    layout: ParamLayout
+    grad_scale: torch.Tensor | None
+    scale: torch.Tensor | None
+    loss: torch.Tensor | float | None
+    reduction: Reduction
+
+
 @dataclass
 class DeferredStep:
     """A guarded or computed step whose values are on their way to the host.
@@ -110,11 +134,13 @@ class DeferredStep:
         amp: Whether a GradScaler is active.
         batches: The step's batches (saved with a spike when ``spike_dir`` is set).
         post_clip: The post-clip norm in flight (the framework clipped after the statistics), else ``None``.
+        live: Set for a step read at once (its gradients are still there), ``None`` for one read a step late.
+        decided: The record of a step decided at once that waits for its post-clip norm before it is published.
     """
 
     meta: StepMeta
     pending: PendingStats
-    copy: HostCopy
+    copy: HostCopy | None
     extras: tuple[str, ...]
     due: bool
     tensor_norms: bool
@@ -125,6 +151,8 @@ class DeferredStep:
     amp: bool = False
     batches: Sequence[Any] = ()
     post_clip: HostCopy | None = field(default=None)
+    live: LiveStep | None = None
+    decided: StepStats | None = None
 
 
 def _fused_classes() -> tuple[type[Optimizer], ...]:
@@ -289,7 +317,17 @@ class DeferredGuard:
         arm: bool,
         **info: Any,
     ) -> DeferredStep:
-        """Start the non-blocking copy of a step's values; hand its non-finite flag to a fused optimizer."""
+        """Queue a launched step.
+
+        A deferred one (``live=None``) starts the non-blocking copy of its values and hands its non-finite flag to a
+        fused optimizer.
+        """
+        if info.get("live") is not None:  # read at once (:meth:`read`): the one transfer happens there
+            entry = DeferredStep(meta=meta, pending=pending, copy=None, extras=tuple(pending.extras), due=due,
+                                 tensor_norms=tensor_norms, skipped_on_device=False,
+                                 optimizer=type(optimizer).__name__, **info)  # fmt: skip
+            self.queue.append(entry)
+            return entry
         total = pending.packed[_offset(pending, "total_norm")]
         if arm:
             self.skip.arm(optimizer, ~torch.isfinite(total))
@@ -320,7 +358,19 @@ class DeferredGuard:
         return out
 
     def read(self, entry: DeferredStep) -> tuple[float, StepStats | None, list[float]]:
-        """``(total_norm, record on computed steps, values)`` of a step in flight (waits for its copy)."""
+        """``(total_norm, record on computed steps, values)`` of a step in flight (waits for its copy).
+
+        A step read at once (``entry.live``) leaves the queue here and makes its one transfer now: the record's
+        exact NaN/Inf counts come from its gradients, still on the parameters.
+        """
+        if entry.live is not None:
+            if entry in self.queue:
+                self.queue.remove(entry)
+            if entry.due:
+                record = self.engine.finish(entry.pending, entry.meta)
+                return record.total_norm, record, []
+            return self.engine.read_guard(entry.pending)[0], None, []
+        assert entry.copy is not None
         values = entry.copy.values()
         total = values[_offset(entry.pending, "total_norm")]
         if not entry.due:

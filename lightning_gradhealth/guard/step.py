@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +61,8 @@ class StepOutcome:
         alerts: Alerts to emit, in order.
         failure: Set when the run must stop.
         spike: The z-score when the step's norm was a spike.
+        clip_wanted: Whether the update goes ahead with a finite norm under a clipper: the caller clips
+            (:meth:`StepGuard.clip`) and stores what that returns in ``clip``.
         clip: The clipping metrics of the step (``grad_health/clip_coef``, ``grad_health/clipped_norm``).
     """
 
@@ -69,6 +71,7 @@ class StepOutcome:
     alerts: list[Alert] = field(default_factory=list)
     failure: Failure | None = None
     spike: float | None = None
+    clip_wanted: bool = False
     clip: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -123,40 +126,39 @@ class StepGuard:
         total: float,
         meta: StepMeta,
         record: StepStats | None,
-        full_record: Callable[[], StepStats],
         *,
         amp: bool = False,
         sparse_layers: frozenset[str] = frozenset(),
         inventory: ModelInventory | None = None,
         batches: Sequence[Any] = (),
-        clip: Callable[[], None] | None = None,
     ) -> StepOutcome:
-        """Decide for one step.
+        """Decide for one step. It never acts: the caller clips, skips, announces and raises from the outcome.
 
         Args:
             total: The step's global gradient norm (unscaled).
             meta: Where the step is.
-            record: The step's record on computed steps, else ``None``.
-            full_record: Computes the full record (exact counts) of a guarded step that fails.
+            record: The step's record: on computed steps, and on every step whose norm is non-finite (the full
+                record of a failing step); else ``None``.
             amp: Whether a GradScaler is active (non-finite steps are then its business).
             sparse_layers: Layers whose gradients are sparse by design (no "dead" alerts).
             inventory: What the model is made of: the per-layer checks compare like with like.
             batches: The step's batches, saved with a spike when ``spike_dir`` is set.
-            clip: Applies the clipper (:meth:`clip`) when the update goes ahead with a finite norm.
 
         Returns:
-            The outcome.
+            The outcome. A failing step without a record (a spike on a guarded step) has ``record=None``: the
+            caller fills in the full record.
         """
         self.steps_seen += 1
         out = StepOutcome(record=record)
         thresholds = self.options.thresholds
         if not math.isfinite(total):
-            out.record = full_record()
+            if record is None:
+                raise ValueError("StepGuard.decide needs the full record of a step whose norm is non-finite.")
             if self.options.on_nonfinite is not None or amp:
                 self._nonfinite(out, amp)
         else:
             if self.spikes is not None:
-                self._spike(out, meta, total, full_record, batches)
+                self._spike(out, meta, total, batches)
             if not out.skip:
                 self.policy.finite()
             if thresholds is not None:
@@ -172,14 +174,11 @@ class StepGuard:
                 out.alerts += self._growth(total, None if record is None else record.loss, meta, thresholds)
         if out.failure is not None:
             return out
-        clip_now = not out.skip and clip is not None and self.clipper is not None and math.isfinite(total)
-        if clip_now:
-            clip()
+        out.clip_wanted = not out.skip and self.clipper is not None and math.isfinite(total)
         if out.record is not None and thresholds is not None:
             out.alerts += check_record(
                 out.record, thresholds, steps_seen=self.steps_seen, sparse_layers=sparse_layers, inventory=inventory
             )
-        out.clip = dict(self._last_clip) if clip_now else {}  # not the last clipped step's metrics
         return out
 
     def _growth(self, total: float, loss: float | None, meta: StepMeta, thresholds: Thresholds) -> list[Alert]:
@@ -236,7 +235,6 @@ class StepGuard:
         out: StepOutcome,
         meta: StepMeta,
         total: float,
-        full_record: Callable[[], StepStats],
         batches: Sequence[Any],
     ) -> None:
         assert self.spikes is not None
@@ -249,14 +247,14 @@ class StepGuard:
         on_spike = self.options.on_spike
         if on_spike == "raise":
             reason = f"Gradient-norm spike (z = {z:.1f}, norm {total:.3g})"
-            out.record, out.failure = full_record(), Failure(reason, Kind.SPIKE)
+            out.failure = Failure(reason, Kind.SPIKE)
             return
         if on_spike == "skip" and self.policy.skipped() == "skip_limit":
             reason = (
                 f"Gradient-norm spikes for {self.policy.consecutive_skips} steps in a row (on_spike='skip'; "
                 f"norm {total:.3g}, z = {z:.1f}): the gradient scale changed for good"
             )
-            out.record, out.failure = full_record(), Failure(reason, Kind.SPIKE)
+            out.failure = Failure(reason, Kind.SPIKE)
             return
         message = (
             f"gradient-norm spike: {total:.3g} is {z:.1f} sigma above its running (log) mean, at step {meta.step} "
@@ -282,8 +280,12 @@ class StepGuard:
 
     def clip(
         self, layout: ParamLayout, grad_scale: torch.Tensor | None, total: float, logged: bool, reduction: Reduction
-    ) -> None:
-        """Clip the watched gradients in place with the step's global norm ``total``; count what was clipped."""
+    ) -> dict[str, float]:
+        """Clip the watched gradients in place with the step's global norm ``total``; count what was clipped.
+
+        Returns:
+            The step's clipping metrics (``grad_health/clip_coef``, ``grad_health/clipped_norm``).
+        """
         assert self.clipper is not None
         present = [p for p in layout.params if p.grad is not None]
         grads: list[torch.Tensor] = [p.grad for p in present]  # type: ignore[misc]
@@ -306,6 +308,7 @@ class StepGuard:
             self._last_clip[metrics.CLIPPED_NORM] = post
             self.clipped_steps += int(count)
             self._clipped_dev = None
+        return dict(self._last_clip)
 
     def resolve_clip_count(self) -> None:
         """Read the clip count still held on the device (value/AGC clipping), with one transfer."""
