@@ -14,6 +14,7 @@ from torch.optim import Optimizer
 from lightning_gradhealth.config.cadence import DEFAULT_LOG_EVERY_N_STEPS, due
 from lightning_gradhealth.config.options import HealthOptions
 from lightning_gradhealth.guard.birth import Replay
+from lightning_gradhealth.stats.noise import batch_size_of
 
 __all__ = ["DEFAULT_LOG_EVERY_N_STEPS", "StepContext", "check_step_call", "checked_options", "due", "still_scaled"]
 
@@ -57,6 +58,42 @@ class StepContext:
     loss: torch.Tensor | float | None = None
     replay: Replay | None = None
     micro_batch_size: int | None = None
+
+    @classmethod
+    def for_loop(
+        cls,
+        optimizer: Optimizer,
+        optimizers: Sequence[Optimizer],
+        *,
+        step: int,
+        count: int,
+        every: int,
+        epoch: int,
+        scaler: Any,
+        loss: torch.Tensor | float | None,
+        batch: Any,
+        replay: Replay | None,
+        micro_batches: bool,
+        noise_scale: bool,
+    ) -> StepContext:
+        """A plain or Fabric loop's step (:meth:`~lightning_gradhealth.core.health.GradientHealth.step`)."""
+        is_due = due(step, every)
+        return cls(
+            step=step,
+            due=is_due,
+            global_step=count,
+            epoch=epoch,
+            batch_idx=step,
+            optimizer_idx=next(i for i, opt in enumerate(optimizers) if opt is optimizer),
+            several=len(optimizers) > 1,
+            scaler=scaler,
+            grads_scaled=scaler is not None and still_scaled(scaler, optimizer),
+            micro_batches=micro_batches,
+            batches=() if batch is None else (batch,),
+            loss=loss,
+            replay=replay,
+            micro_batch_size=batch_size_of(batch) if noise_scale and is_due else None,
+        )
 
 
 def still_scaled(scaler: Any, optimizer: Optimizer) -> bool:

@@ -11,10 +11,8 @@ for plain PyTorch and Lightning Fabric loops.
 from __future__ import annotations
 
 import itertools
-import math
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from types import TracebackType
 from typing import Any
 
@@ -30,18 +28,12 @@ from lightning_gradhealth.core.context import (
     check_step_call,
     checked_options,
     due,
-    still_scaled,
 )
+from lightning_gradhealth.core.inflight import StepsInFlight
 from lightning_gradhealth.diagnosis.rules import Finding
 from lightning_gradhealth.diagnosis.safety import format_nonfinite_message
-from lightning_gradhealth.guard.birth import Replay, Replays, fold_loss
-from lightning_gradhealth.guard.deferred import (
-    DeferredGuard,
-    DeferredStep,
-    LiveStep,
-    device_skip_supported,
-    failure_note,
-)
+from lightning_gradhealth.guard.birth import Replay, Replays
+from lightning_gradhealth.guard.deferred import DeferredStep, failure_note
 from lightning_gradhealth.guard.step import Failure, StepGuard, StepOutcome
 from lightning_gradhealth.model.distributed import Reduction, fsdp1_reduction
 from lightning_gradhealth.model.inventory import ModelInventory, take_inventory, watch_feature_maps
@@ -53,8 +45,7 @@ from lightning_gradhealth.schema import metrics
 from lightning_gradhealth.schema.errors import TrainingHealthError
 from lightning_gradhealth.schema.record import StepStats
 from lightning_gradhealth.stats.activations import ActivationStats
-from lightning_gradhealth.stats.engine import GradStatsEngine, NonFiniteTracker, PendingStats, StepMeta, stat_grads
-from lightning_gradhealth.stats.noise import batch_size_of
+from lightning_gradhealth.stats.engine import GradStatsEngine, NonFiniteTracker
 from lightning_gradhealth.stats.updates import Measures
 
 __all__ = ["DEFAULT_LOG_EVERY_N_STEPS", "Frontend", "GradientHealth", "StepContext", "due"]
@@ -120,11 +111,10 @@ class GradientHealth:
         self._measures = Measures(self.options)  # update size, gradient cosine, noise scale (updates.py, noise.py)
         # where a failing step's NaN was born (birth.py); a deferred guard fails a step or two late: keep three
         self._replays = Replays(self.options.replay_nonfinite, keep=1 if self.options.guard_mode == "sync" else 3)
-        self._deferred = DeferredGuard(self.engine)  # the steps in flight: read at once (sync) or a step late
+        self._inflight = StepsInFlight(self.engine, self.options)  # read at once (sync) or a step late (deferred)
         self._now = 0
         self.activations: ActivationStats | None = None
         """The activation statistics' hooks (``activation_stats_every_n_steps``), or ``None``."""
-        self._awaiting_clip: dict[int, tuple[DeferredStep, ParamLayout]] = {}  # the framework clips after on_step
         self._optimizers: list[weakref.ReferenceType[Optimizer]] = []
         self._scaler = scaler
         self._steps = itertools.count()
@@ -167,8 +157,8 @@ class GradientHealth:
         names_model = self.model = frontend.model
         self.output.begin(frontend)
         self._measures.noise.watch_ddp(ddp, self.output.info)  # (DDP without accumulation: a communication hook)
-        self.guard.rank = frontend.rank
-        self._awaiting_clip.clear()
+        self.guard.begin(frontend.rank)
+        self._inflight.awaiting_clip.clear()
         self._tracker.reset()
         self._fsdp1_done = self._closed = False
         self._run_steps = self._due_steps = 0
@@ -240,23 +230,12 @@ class GradientHealth:
             if self.watched.names is not None and count < len(known) + 1:
                 self.watched.rebuild(known)  # a loop's optimizers show up one by one at the start: not a change
         scaler = self._scaler if self._scaler is not None and self._scaler.is_enabled() else None
-        is_due = due(step, self.output.frontend.log_every_n_steps or DEFAULT_LOG_EVERY_N_STEPS)
-        ctx = StepContext(
-            step=step,
-            due=is_due,
-            global_step=count,
-            epoch=epoch,
-            batch_idx=step,
-            optimizer_idx=next(i for i, opt in enumerate(known) if opt is optimizer),
-            several=len(known) > 1,
-            scaler=scaler,
-            grads_scaled=scaler is not None and still_scaled(scaler, optimizer),
-            micro_batches=self._tracker.micro_batches > 1,
-            batches=() if batch is None else (batch,),
-            loss=loss,
-            replay=replay,
-            micro_batch_size=batch_size_of(batch) if self.options.noise_scale and is_due else None,
-        )
+        every = self.output.frontend.log_every_n_steps or DEFAULT_LOG_EVERY_N_STEPS
+        ctx = StepContext.for_loop(
+            optimizer, known, step=step, count=count, every=every, epoch=epoch, scaler=scaler, loss=loss,
+            batch=batch, replay=replay, micro_batches=self._tracker.micro_batches > 1,
+            noise_scale=bool(self.options.noise_scale),
+        )  # fmt: skip
         go = self.on_step(optimizer, ctx, known) if self.before_step(ctx.step, ctx.due) else True
         self.end_batch()
         self._replays.mark()  # the next step's forward comes next (a front-end's replays carry their own states)
@@ -274,7 +253,7 @@ class GradientHealth:
         try:
             self._drain()  # the last steps' verdicts (may raise TrainingHealthError: the run's last step failed)
         finally:
-            self._deferred.close()
+            self._inflight.close()
         self.guard.resolve_clip_count()
         self.output.emit()
         if self.output.history.records_seen:
@@ -292,7 +271,7 @@ class GradientHealth:
             self._flush_pending(collectives=not self.output.frontend.sharded)
             self._drain(act=False)  # what was measured is logged; the run is ending on its own exception
         finally:
-            self._deferred.close()
+            self._inflight.close()
             self.output.emit()
 
     def __enter__(self) -> GradientHealth:
@@ -344,9 +323,9 @@ class GradientHealth:
         """The optimizer step described by ``ctx``, once :meth:`before_step` said there is something to do.
 
         What :meth:`step` and the callback's hook both run. There is one decision path: the step's values are
-        launched into the queue of steps in flight (:class:`~lightning_gradhealth.guard.deferred.DeferredGuard`);
+        launched into the one queue of steps in flight (:class:`~lightning_gradhealth.core.inflight.StepsInFlight`);
         a synchronous step is read and decided at once (:meth:`_decide`), a deferred one at the next step's start
-        (:meth:`_drain`).
+        (:meth:`_drain`), by the same code.
 
         Returns:
             Whether the update goes ahead.
@@ -356,15 +335,18 @@ class GradientHealth:
         layout, change = self.watched.layout_for(optimizer, optimizers)
         self._changed(change, ctx.step)
         self._before_decide(ctx, layout)
-        deferred = self._defers(optimizer, ctx, layout)
-        entry = self._launch(optimizer, ctx, layout, deferred)
+        deferred, why = self._inflight.defers(optimizer, ctx, layout, clipping=self.guard.clipper is not None)
+        if why is not None:
+            self.output.info(f"{self.output.frontend.name}: guard_mode='deferred' checks synchronously here: {why}.")
+        red = self._reduction()
+        entry = self._inflight.launch(
+            optimizer, ctx, layout, deferred=deferred, reduction=red, first_bad=self._tracker.first_bad,
+            extras=self._measures.extras(ctx.step, ctx.optimizer_idx),  # (the noise scale's, on due steps)
+        )  # fmt: skip
         if entry is None:
             self._nothing_to_watch(layout)
             return self._end_step(True)
-        if ctx.due and ctx.defer_publish:
-            # The framework clips right after this call; the clipped gradients stay on the parameters until the
-            # next zero_grad, so the post-clip norm is taken at end_batch (_flush_pending) and the record waits.
-            self._awaiting_clip[id(optimizer)] = (entry, layout)
+        self.output.visuals(layout, entry.pending.grad_scale, ctx.step, None, red)  # (histograms: pre-update, pre-clip)
         if deferred:
             return self._end_step(True)  # decided at the next step's start, with no host sync
         outcome = self._decide(entry)
@@ -374,48 +356,9 @@ class GradientHealth:
                     p.grad = None
         return self._end_step(outcome.go_ahead)
 
-    # ------------------------------------------------------------------ the one decision path
-    def _defers(self, optimizer: Optimizer, ctx: StepContext, layout: ParamLayout) -> bool:
-        """Whether this step's verdict is read one step late, without a host sync (``guard_mode``)."""
-        clipping = self.guard.clipper is not None
-        deferred, why = self._deferred.wants(optimizer, self.options, layout, clipping, ctx.scaler)
-        if why is not None:
-            self.output.info(f"{self.output.frontend.name}: guard_mode='deferred' checks synchronously here: {why}.")
-        return deferred
-
-    def _launch(
-        self, optimizer: Optimizer, ctx: StepContext, layout: ParamLayout, deferred: bool
-    ) -> DeferredStep | None:
-        """Launch the step's statistics (due) or guard on the device and queue them; ``None``: nothing to watch."""
-        scale = getattr(ctx.scaler, "_scale", None) if ctx.scaler is not None else None
-        grad_scale = scale if ctx.grads_scaled else None
-        red = self._reduction()
-        tensor_norms = False
-        if ctx.due:
-            pending = self.engine.compute(layout, grad_scale, red)
-        elif deferred:
-            pending, tensor_norms = self._deferred.guard(layout, grad_scale, red)
-        else:
-            pending = self.engine.guard(layout, grad_scale, red)
-        if pending is None:
-            return None
-        meta = self._launched(pending, scale, ctx)
-        self.output.visuals(layout, grad_scale, meta.step, None, red)  # (histograms: pre-update, pre-clip)
-        arm = (
-            deferred
-            and ctx.scaler is None
-            and self.options.on_nonfinite in ("raise", "skip")
-            and device_skip_supported(optimizer)
-        )
-        live = None if deferred else LiveStep(layout, grad_scale, scale, ctx.loss, red)
-        return self._deferred.launch(
-            optimizer, pending, meta=meta, due=ctx.due, tensor_norms=tensor_norms, arm=arm, live=live,
-            several=ctx.several, micro_batches=ctx.micro_batches, amp=ctx.scaler is not None, batches=ctx.batches,
-        )  # fmt: skip
-
     def _drain(self, act: bool = True) -> None:
         """Read the steps in flight and decide on them, oldest first (every rank at the same step: no collective)."""
-        for entry in self._deferred.take():
+        for entry in self._inflight.take():
             self._decide(entry, note=failure_note(entry, self._now) if act else None)
 
     def _decide(self, entry: DeferredStep, note: str | None = "") -> StepOutcome:
@@ -424,10 +367,8 @@ class GradientHealth:
         ``note``: what a late read adds to a failure message; ``None``: no raise (the run ends on its own
         exception).
         """
-        total, record, values = self._deferred.read(entry)
+        total, record, values = self._inflight.read(entry)
         self._measures.landed(entry.meta.step, entry.meta.optimizer_idx, entry.pending.host_extras)
-        if record is None and not math.isfinite(total):
-            record = self._failure_record(entry, values)  # (a failing step is described in full)
         outcome = self.guard.decide(
             total,
             entry.meta,
@@ -438,7 +379,7 @@ class GradientHealth:
             batches=entry.batches,
         )
         if outcome.failure is not None and outcome.record is None:
-            outcome.record = self._failure_record(entry, values)
+            outcome.record = self._inflight.failure_record(entry, values)
         if outcome.clip_wanted and entry.live is not None:
             live = entry.live
             outcome.clip = self.guard.clip(live.layout, live.grad_scale, total, entry.due, live.reduction)
@@ -446,25 +387,11 @@ class GradientHealth:
         if record is not None:
             self.output.figure(record)
         if outcome.record is not None:
-            if any(waiting is entry for waiting, _ in self._awaiting_clip.values()):
+            if self._inflight.holds(entry):
                 entry.decided = outcome.record  # published with its post-clip norm at end_batch
             else:
                 self._publish(outcome.record, entry.several)
         return outcome
-
-    def _failure_record(self, entry: DeferredStep, values: list[float]) -> StepStats:
-        """The full record of a guarded step that fails (rare).
-
-        Exact counts while its gradients are still there, else its layers named from the per-tensor norms that were
-        copied with it.
-        """
-        live = entry.live
-        if live is None:
-            return self._deferred.failure_record(entry, values)
-        full = self.engine.compute(live.layout, live.grad_scale, live.reduction)
-        assert full is not None
-        self._add_extras(full, live.scale, live.loss)
-        return self.engine.finish(full, entry.meta)
 
     # ------------------------------------------------------------------ update size, noise scale, NaN birthplace
     def _before_update(self, step: int) -> None:
@@ -511,24 +438,6 @@ class GradientHealth:
             self._fsdp1_done = True
         return frontend.reduction
 
-    def _add_extras(self, pending: PendingStats, scale: torch.Tensor | None, loss: torch.Tensor | float | None) -> None:
-        if scale is not None:
-            pending.extras["amp_scale"] = scale
-        if loss is not None:
-            value = torch.as_tensor(loss).detach().reshape(())
-            device = pending.packed.device
-            pending.extras["loss"] = value if value.device == device else value.to(device)  # (a plain float)
-        if self._tracker.first_bad is not None:
-            pending.extras["first_nonfinite_micro_batch"] = self._tracker.first_bad
-        # else: a single micro-batch; the engine reports micro-batch 0 for a non-finite step
-
-    def _launched(self, pending: PendingStats, scale: torch.Tensor | None, ctx: StepContext) -> StepMeta:
-        """What rides with a launched step's values (loss, scale, the noise scale's); where the step is."""
-        self._add_extras(pending, scale, ctx.loss if ctx.due else None)
-        fold_loss(pending, ctx.loss)  # (a non-finite loss fails the step: birth.py)
-        pending.extras |= self._measures.extras(ctx.step, ctx.optimizer_idx)  # (the noise scale's, on due steps)
-        return StepMeta(ctx.step, ctx.global_step, ctx.epoch, ctx.batch_idx, ctx.optimizer_idx)
-
     def _end_step(self, go: bool) -> bool:
         self._tracker.reset()
         return go
@@ -540,27 +449,9 @@ class GradientHealth:
         self.output.add_activations(step, stats)
 
     def _flush_pending(self, collectives: bool = True) -> None:
-        """Take the post-clip norm of the steps the framework clipped (after :meth:`on_step`); publish the decided.
-
-        The norm goes to the host with a deferred step (no sync); a step decided at once is published now.
-        """
-        while self._awaiting_clip:
-            _, (entry, layout) = self._awaiting_clip.popitem()
-            if collectives and (norm := self._post_clip_norm(layout)) is not None:
-                self._deferred.post_clip(entry, norm)
-            if entry.decided is not None:
-                record = entry.decided
-                if entry.post_clip is not None:
-                    record = replace(record, post_clip_norm=entry.post_clip.values()[0])
-                self._publish(record, entry.several)
-
-    def _post_clip_norm(self, layout: ParamLayout) -> torch.Tensor | None:
-        present = layout.with_grad()
-        grads = stat_grads(layout, present)
-        if not grads:
-            return None
-        params = [layout.params[i] for i in present]
-        return self.engine.global_norm(grads, self.output.frontend.reduction, params=params)  # type: ignore[arg-type]
+        """Publish the records that waited for the framework's clipping, with their post-clip norm."""
+        for record, several in self._inflight.flush(self.output.frontend.reduction, collectives):
+            self._publish(record, several)
 
     def _publish(self, record: StepStats, several: bool) -> None:
         record = self._measures.apply(record)  # (update size, gradient cosine, noise scale launched at its step)

@@ -107,6 +107,7 @@ class LiveStep:
         scale: The GradScaler's scale (recorded), else ``None``.
         loss: The step's loss.
         reduction: The process groups the statistics were combined over.
+        first_bad: The first micro-batch that made the gradient non-finite (device scalar), if tracked.
     """
 
     layout: ParamLayout
@@ -114,6 +115,7 @@ class LiveStep:
     scale: torch.Tensor | None
     loss: torch.Tensor | float | None
     reduction: Reduction
+    first_bad: torch.Tensor | None = None
 
 
 @dataclass

@@ -121,6 +121,10 @@ class StepGuard:
         self._norms: deque[float] = deque(maxlen=EARLY)  # the latest ones
         self._losses: deque[float] = deque(maxlen=EARLY)
 
+    def begin(self, rank: int) -> None:
+        """A run starts on this process's global rank (which names the files of saved spike batches)."""
+        self.rank = rank
+
     def decide(
         self,
         total: float,
