@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from lightning_gradhealth.schema.metrics import LAYER_METRICS
 from lightning_gradhealth.schema.record import StepStats
 
 __all__ = ["GLOBAL_SERIES", "LAYER_SERIES", "History"]
@@ -22,16 +23,10 @@ GLOBAL_SERIES: dict[str, str] = {
     "noise_scale": "noise_scale",
 }
 
-#: Per-layer series (one row per kept record, one column per layer) -> the
-#: :class:`~lightning_gradhealth.schema.record.LayerStats` field it keeps, and its short name for
-#: :meth:`History.layer_series`.
-LAYER_SERIES: dict[str, tuple[str, str]] = {
-    "layer_norm": ("grad_norm", "norm"),
-    "layer_zero_frac": ("zero_frac", "zero_frac"),
-    "layer_ratio": ("ratio", "ratio"),
-    "layer_dead_units": ("dead_unit_frac", "dead_units"),
-    "layer_update_ratio": ("update_ratio", "update_ratio"),
-}
+#: Per-layer series (one row per kept record, one column per layer): ``History.layers[name]``, one for each per-layer
+#: statistic that :data:`~lightning_gradhealth.schema.metrics.LAYER_METRICS` keeps, by its ``history`` name -> the
+#: :class:`~lightning_gradhealth.schema.record.LayerStats` field it holds.
+LAYER_SERIES: dict[str, str] = {m.history: m.field for m in LAYER_METRICS if m.history is not None}
 
 
 def _value(value: float | None) -> float:
@@ -52,13 +47,11 @@ class History:
         total_norm: Global gradient norm of each kept record.
         zero_frac: Global zero fraction of each kept record.
         layer_norm_ratio: Largest / smallest layer norm of each kept record.
-        layer_norm: Per kept record, the gradient norm of each layer (``nan`` where the layer had no gradient).
-        layer_zero_frac: Per kept record, the zero fraction of each layer.
-        layer_ratio: Per kept record, the grad/param ratio of each layer.
-        layer_dead_units: Per kept record, the dead-unit fraction of each layer (``nan`` where it is ``None``: no
-            gradient, or no units, see :attr:`~lightning_gradhealth.schema.record.LayerStats.dead_unit_frac`).
+        layers: Per-layer series by name (:data:`LAYER_SERIES`): per kept record, each layer's value (``nan``
+            where the layer had no gradient or the value is ``None``). :attr:`layer_norm`, :attr:`layer_zero_frac`,
+            :attr:`layer_ratio`, :attr:`layer_dead_units` and :attr:`layer_update_ratio` name the series the rules
+            read.
         loss: The training loss of each kept record (``nan`` where the record has none).
-        layer_update_ratio: Per kept record, the update ratio of each layer (``nan`` where not measured).
         grad_cosine: The gradient cosine of each kept record (``nan`` where not measured).
         noise_scale: The gradient noise scale of each kept record (``nan`` where not measured).
         batch_size: The examples per optimizer step of the latest record with a noise scale.
@@ -79,11 +72,7 @@ class History:
     total_norm: list[float] = field(default_factory=list)
     zero_frac: list[float] = field(default_factory=list)
     layer_norm_ratio: list[float] = field(default_factory=list)
-    layer_norm: list[list[float]] = field(default_factory=list)
-    layer_zero_frac: list[list[float]] = field(default_factory=list)
-    layer_ratio: list[list[float]] = field(default_factory=list)
-    layer_dead_units: list[list[float]] = field(default_factory=list)
-    layer_update_ratio: list[list[float]] = field(default_factory=list)
+    layers: dict[str, list[list[float]]] = field(default_factory=lambda: {name: [] for name in LAYER_SERIES})
     grad_cosine: list[float] = field(default_factory=list)
     noise_scale: list[float] = field(default_factory=list)
     batch_size: int | None = None
@@ -122,11 +111,11 @@ class History:
             self._merge_layers([lay.name for lay in record.layers])
         index = self._index
         n = len(self.layer_names)
-        for series, (field_name, _) in LAYER_SERIES.items():
+        for series, field_name in LAYER_SERIES.items():
             row = [math.nan] * n
             for lay in record.layers:
                 row[index[lay.name]] = _value(getattr(lay, field_name))
-            getattr(self, series).append(row)
+            self.layers[series].append(row)
         for series, field_name in GLOBAL_SERIES.items():
             value = getattr(record, field_name)
             getattr(self, series).append(value if series == "steps" else _value(value))
@@ -153,7 +142,7 @@ class History:
                 placed.add(name)
         order += [known for known in self.layer_names[k:] if known not in placed]
         source = [old.get(name) for name in order]
-        for rows in (getattr(self, series) for series in LAYER_SERIES):
+        for rows in self.layers.values():
             rows[:] = [[row[j] if j is not None and j < len(row) else math.nan for j in source] for row in rows]
         self.layer_names = order
         self._index = {name: i for i, name in enumerate(order)}
@@ -171,19 +160,50 @@ class History:
 
     def _thin(self) -> None:
         keep = [i for i in range(len(self.steps)) if i % 2 == 0 or not math.isfinite(self.total_norm[i])]
-        for name in (*GLOBAL_SERIES, *LAYER_SERIES):
+        for name in GLOBAL_SERIES:
             series = getattr(self, name)
             setattr(self, name, [series[i] for i in keep])
+        for name, rows in self.layers.items():
+            self.layers[name] = [rows[i] for i in keep]
         self._keep_every *= 2
+
+    @property
+    def layer_norm(self) -> list[list[float]]:
+        """Per kept record, the gradient norm of each layer (``nan`` where the layer had no gradient)."""
+        return self.layers["norm"]
+
+    @property
+    def layer_zero_frac(self) -> list[list[float]]:
+        """Per kept record, the zero fraction of each layer."""
+        return self.layers["zero_frac"]
+
+    @property
+    def layer_ratio(self) -> list[list[float]]:
+        """Per kept record, the grad/param ratio of each layer."""
+        return self.layers["ratio"]
+
+    @property
+    def layer_dead_units(self) -> list[list[float]]:
+        """Per kept record, the dead-unit fraction of each layer.
+
+        ``nan`` where it is ``None``: no gradient, or no units, see
+        :attr:`~lightning_gradhealth.schema.record.LayerStats.dead_unit_frac`.
+        """
+        return self.layers["dead_units"]
+
+    @property
+    def layer_update_ratio(self) -> list[list[float]]:
+        """Per kept record, the update ratio of each layer (``nan`` where not measured)."""
+        return self.layers["update_ratio"]
 
     def layer_series(self, name: str, which: str = "norm") -> list[float]:
         """One layer's values over the kept records.
 
-        ``which``: ``"norm"``, ``"zero_frac"``, ``"ratio"``, ``"dead_units"`` (the dead-unit fraction) or
-        ``"update_ratio"``.
+        ``which``: a series of :data:`LAYER_SERIES`: ``"norm"``, ``"zero_frac"``, ``"ratio"``, ``"dead_units"`` (the
+        dead-unit fraction), ``"update_ratio"``.
         """
         j = self.layer_names.index(name)
-        rows = getattr(self, next(series for series, (_, short) in LAYER_SERIES.items() if short == which))
+        rows = self.layers[which]
         return [row[j] if j < len(row) else math.nan for row in rows]
 
     def recent(self, fraction: float = 0.25, minimum: int = 3) -> slice:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import NamedTuple
 
 from lightning_gradhealth.schema.record import LayerStats, StepStats
@@ -40,6 +41,7 @@ __all__ = [
     "HISTOGRAM",
     "INF_COUNT",
     "LAYER_KEYS",
+    "LAYER_METRICS",
     "LAYER_NORM_RATIO",
     "LOSS",
     "NAN_COUNT",
@@ -53,6 +55,7 @@ __all__ = [
     "TOTAL_NORM",
     "UPDATE_RATIO",
     "ZERO_FRAC",
+    "LayerMetric",
     "MetricKey",
     "activation_metrics",
     "layer_key_pattern",
@@ -128,14 +131,57 @@ GRAD_DEAD_UNITS = "grad_dead_units"
 #: ``‖θ_after − θ_before‖ / ‖θ_before‖`` of the layer's latest update (when measured).
 UPDATE_RATIO = "update_ratio"
 
-#: Per-layer key prefixes: always, only on steps where the value is non-zero, with ``stats="full"``, and for
-#: layers that have units (a parameter with two dimensions or more: not for biases or norms alone).
+
+
+@dataclass(frozen=True)
+class LayerMetric:
+    """One per-layer statistic, declared once: its key, the record field it logs, and where it shows.
+
+    The loggers (:func:`record_to_metrics`), the event-file reader (:func:`metrics_to_record`), the history the
+    rules and the report read (:class:`~lightning_gradhealth.diagnosis.history.History`), TensorBoard's layout and
+    the report's per-layer table all follow :data:`LAYER_METRICS`: a new per-layer statistic is one line there,
+    its :class:`~lightning_gradhealth.schema.record.LayerStats` field, and where the engine computes it.
+
+    Attributes:
+        key: The key prefix (``<key>/<layer>``).
+        field: The :class:`~lightning_gradhealth.schema.record.LayerStats` attribute it logs (``None``: not logged).
+        when: When it is logged: ``"always"``, ``"nonzero"`` (only non-zero values), ``"full"`` (``stats="full"``),
+            ``"units"`` (layers with units), ``"update"`` (when measured); the groups of :data:`LAYER_KEYS`.
+        title: Its name in charts and the report.
+        history: Its series' name in the history (``History.layers[history]``), ``None``: not kept.
+        chart: Whether TensorBoard's Custom Scalars layout gets per-layer charts of it.
+        report: Whether the report's per-layer table shows its last value (column ``last_<history>``).
+    """
+
+    key: str
+    field: str
+    when: str
+    title: str
+    history: str | None = None
+    chart: bool = False
+    report: bool = False
+
+
+#: Every per-layer statistic, in the order of the loggers' keys.
+LAYER_METRICS: tuple[LayerMetric, ...] = (
+    LayerMetric(GRAD_NORM, "grad_norm", "always", "gradient norm", history="norm", chart=True),
+    LayerMetric(GRAD_RATIO, "ratio", "always", "grad / param ratio", history="ratio", chart=True),
+    LayerMetric(GRAD_ZERO_FRAC, "zero_frac", "always", "zero fraction", history="zero_frac", chart=True),
+    LayerMetric(GRAD_NAN, "nan_count", "nonzero", "NaN entries"),
+    LayerMetric(GRAD_INF, "inf_count", "nonzero", "Inf entries"),
+    LayerMetric(GRAD_DEAD_UNITS, "dead_unit_frac", "units", "dead units", history="dead_units"),
+    LayerMetric(UPDATE_RATIO, "update_ratio", "update", "update ratio", history="update_ratio"),
+    LayerMetric(GRAD_MAX, "max_abs", "full", "largest |g|"),
+    LayerMetric(GRAD_MIN, "min_abs_nonzero", "full", "smallest non-zero |g|"),
+    LayerMetric(GRAD_MEAN, "mean", "full", "mean"),
+    LayerMetric(GRAD_STD, "std", "full", "standard deviation"),
+)
+
+#: Per-layer key prefixes: always, only on steps where the value is non-zero, with ``stats="full"``, for layers
+#: that have units (a parameter with two dimensions or more: not for biases or norms alone), and when measured.
 LAYER_KEYS: dict[str, tuple[str, ...]] = {
-    "always": (GRAD_NORM, GRAD_RATIO, GRAD_ZERO_FRAC),
-    "nonzero": (GRAD_NAN, GRAD_INF),
-    "full": (GRAD_MAX, GRAD_MIN, GRAD_MEAN, GRAD_STD),
-    "units": (GRAD_DEAD_UNITS,),
-    "update": (UPDATE_RATIO,),
+    group: tuple(m.key for m in LAYER_METRICS if m.when == group)
+    for group in ("always", "nonzero", "full", "units", "update")
 }
 
 #: Per-module activation metrics (``<metric>/<module>``; never suffixed by an optimizer).
@@ -262,21 +308,11 @@ def record_to_metrics(record: StepStats, optimizer_idx: int | None = None) -> di
     """
     out = summary_metrics(record, optimizer_idx)
     for layer in record.layers:
-        values: dict[str, float | None] = {
-            GRAD_NORM: layer.grad_norm,
-            GRAD_RATIO: layer.ratio,
-            GRAD_ZERO_FRAC: layer.zero_frac,
-            GRAD_NAN: float(layer.nan_count) if layer.nan_count else None,
-            GRAD_INF: float(layer.inf_count) if layer.inf_count else None,
-            GRAD_DEAD_UNITS: layer.dead_unit_frac,
-            UPDATE_RATIO: layer.update_ratio,
-        }
-        if layer.max_abs is not None:
-            values |= {GRAD_MAX: layer.max_abs, GRAD_MIN: layer.min_abs_nonzero, GRAD_MEAN: layer.mean,
-                       GRAD_STD: layer.std}  # fmt: skip
-        for metric, value in values.items():
-            if value is not None:
-                out[metric_key(metric, layer.name, optimizer_idx)] = value
+        for m in LAYER_METRICS:
+            value = getattr(layer, m.field)
+            if value is None or (m.when == "nonzero" and not value):
+                continue
+            out[metric_key(m.key, layer.name, optimizer_idx)] = float(value)
     return out
 
 
@@ -313,19 +349,8 @@ def metrics_to_record(metrics: Mapping[str, float], step: int, optimizer_idx: in
     if TOTAL_NORM not in summary:
         raise KeyError(f"no {metric_key(TOTAL_NORM, None, optimizer_idx)!r} among the metrics of step {step}")
 
-    def optional(values: dict[str, float], metric: str) -> float | None:
-        return values.get(metric) if values.keys() >= {GRAD_MAX, GRAD_MIN, GRAD_MEAN, GRAD_STD} else None
-
-    stats = tuple(
-        LayerStats(name=name, numel=1, grad_norm=values[GRAD_NORM], param_norm=math.nan,
-                   ratio=values.get(GRAD_RATIO, math.nan), zero_frac=values.get(GRAD_ZERO_FRAC, math.nan),
-                   nan_count=int(values.get(GRAD_NAN, 0)), inf_count=int(values.get(GRAD_INF, 0)),
-                   max_abs=optional(values, GRAD_MAX), min_abs_nonzero=optional(values, GRAD_MIN),
-                   mean=optional(values, GRAD_MEAN), std=optional(values, GRAD_STD),
-                   dead_unit_frac=values.get(GRAD_DEAD_UNITS), update_ratio=values.get(UPDATE_RATIO))
-        for name, values in layers.items()
-        if GRAD_NORM in values
-    )  # fmt: skip
+    full = [m.key for m in LAYER_METRICS if m.when == "full"]
+    stats = tuple(_layer_from_metrics(name, values, full) for name, values in layers.items() if GRAD_NORM in values)
     return StepStats(
         step=step, global_step=step, epoch=0, batch_idx=0, optimizer_idx=optimizer_idx or 0,
         total_norm=summary[TOTAL_NORM], param_norm=summary.get(PARAM_NORM, math.nan),
@@ -335,6 +360,15 @@ def metrics_to_record(metrics: Mapping[str, float], step: int, optimizer_idx: in
         post_clip_norm=summary.get(POST_CLIP_NORM), amp_scale=summary.get(AMP_SCALE), loss=summary.get(LOSS),
         grad_cosine=summary.get(GRAD_COSINE), noise_scale=summary.get(NOISE_SCALE),
     )  # fmt: skip
+
+
+def _layer_from_metrics(name: str, values: dict[str, float], full: list[str]) -> LayerStats:
+    """A layer's record from its logged keys (the statistics of ``stats="full"`` only when all were logged)."""
+    fields: dict[str, float | int] = {"ratio": math.nan, "zero_frac": math.nan}
+    for m in LAYER_METRICS:
+        if m.key in values and (m.when != "full" or all(key in values for key in full)):
+            fields[m.field] = int(values[m.key]) if m.when == "nonzero" else values[m.key]
+    return LayerStats(name=name, numel=1, param_norm=math.nan, **fields)  # type: ignore[arg-type]
 
 
 def activation_metrics(stats: dict[str, tuple[float, float, float | None]]) -> dict[str, float]:
