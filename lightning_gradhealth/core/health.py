@@ -35,6 +35,7 @@ from lightning_gradhealth.diagnosis.rules import Finding
 from lightning_gradhealth.diagnosis.safety import format_nonfinite_message
 from lightning_gradhealth.guard.birth import Replay, Replays, fold_loss
 from lightning_gradhealth.guard.deferred import DeferredGuard, DeferredStep, device_skip_supported, failure_note
+from lightning_gradhealth.guard.recovery import RecoveryGuard
 from lightning_gradhealth.guard.step import Failure, StepGuard, StepOutcome
 from lightning_gradhealth.model.distributed import Reduction, fsdp1_reduction
 from lightning_gradhealth.model.inventory import ModelInventory, take_inventory, watch_feature_maps
@@ -81,6 +82,7 @@ class GradientHealth:
         scaler: The ``torch.amp.GradScaler`` in use: its scale is divided out of gradients that are not unscaled
             yet, and its overflow steps are counted, not alarmed.
         options: A :class:`~lightning_gradhealth.config.options.HealthOptions` (instead of keyword arguments).
+        schedulers: The LR schedulers in use: a rollback (``recover=``) restores them with the rest of the state.
         **kwargs: The options, as for ``GradientHealthMonitor`` (``log_every_n_steps``, ``clip``, ...).
 
     Raises:
@@ -95,10 +97,15 @@ class GradientHealth:
         loggers: Any = None,
         scaler: Any = None,
         options: HealthOptions | None = None,
+        schedulers: Sequence[Any] = (),
         **kwargs: Any,
     ) -> None:
         self.options = checked_options(model, scaler, options, kwargs)
         self.guard = StepGuard(self.options)
+        self.recovery = None if (rec := self.options.recovery) is None else RecoveryGuard(rec, self.guard)
+        """Recovery without a restart (``recover=``: :mod:`~lightning_gradhealth.guard.recovery`), or ``None``."""
+        if self.recovery is not None:
+            self.recovery.bind(schedulers, scaler)
         self.watched = WatchedSet(self.options)
         self.alerts = AlertManager(
             window=self.options.alert_window, on_alert=self.options.on_alert, verbose=self.options.verbose
@@ -160,6 +167,9 @@ class GradientHealth:
         """
         names_model = self.model = frontend.model
         self.output.begin(frontend)
+        if self.recovery is not None:
+            self.recovery.start(names_model)
+            self.output.history.rollbacks = self.recovery.events
         self._measures.noise.watch_ddp(ddp, self.output.info)  # (DDP without accumulation: a communication hook)
         self.guard.rank = frontend.rank
         self._awaiting_clip.clear()
@@ -384,12 +394,19 @@ class GradientHealth:
             batches=ctx.batches,
             clip=lambda: self.guard.clip(layout, grad_scale, total, ctx.due, red),
         )
+        if self.recovery is not None:  # may turn the outcome into a rollback (restores the state, skips the update)
+            note = self.recovery.review(outcome, total, ctx.step, ctx.loss, optimizer, optimizers, full_record,
+                                        amp=ctx.scaler is not None)  # fmt: skip
+            if note is not None:
+                self.output.info(f"{self.output.frontend.name}: {note}")
         self._act_on(outcome, optimizer, ctx, layout)
         return self._end_step(outcome.go_ahead)
 
     # ------------------------------------------------------------------ the sync-free guard (deferred.py)
     def _defers(self, optimizer: Optimizer, ctx: StepContext, layout: ParamLayout) -> bool:
         """Whether this step's verdict is read one step late, without a host sync (``guard_mode``)."""
+        if self.recovery is not None:
+            return False  # recovery decides before the update
         clipping = self.guard.clipper is not None
         deferred, why = self._deferred.wants(optimizer, self.options, layout, clipping, ctx.scaler)
         if why is not None:
@@ -558,6 +575,7 @@ class GradientHealth:
         record = self._measures.apply(record)  # (update size, gradient cosine, noise scale launched at its step)
         self.last_record = record
         counters = {metrics.ALERTS: float(self.alerts.total), **self.guard.counters(self.output.frontend.amp)}
+        counters |= self.recovery.counters() if self.recovery is not None else {}
         self.output.publish(record, several, counters)
 
     def _fail(self, record: StepStats, failure: Failure, micro_batches: bool, several: bool, note: str = "") -> None:
@@ -587,6 +605,7 @@ class GradientHealth:
             "alerts": self.alerts.state_dict(),
             "watched": self.watched.state_dict(),
             "noise_scale": self._measures.state_dict(),
+            **({"recovery": self.recovery.state_dict()} if self.recovery is not None else {}),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -595,6 +614,8 @@ class GradientHealth:
         self.watched.load_state_dict(state_dict.get("watched"))
         self.alerts.load_state_dict(state_dict.get("alerts") or {})
         self._measures.load_state_dict(state_dict.get("noise_scale"))
+        if self.recovery is not None:
+            self.recovery.load_state_dict(state_dict.get("recovery"))
         warning = self.guard.load_state_dict(state_dict)
         if warning is not None:
             self.output.warn(warning)
