@@ -1,5 +1,4 @@
-"""Recovery without a restart: a frozen, validated dataclass of when to snapshot, what triggers a rollback, and how
-the learning rate backs off and returns.
+"""Recovery without a restart: when to snapshot, what rolls back, how the learning rate backs off and returns.
 
 ``recover=True`` (or a :class:`Recovery`) on ``GradientHealthMonitor``/``GradientHealth`` keeps snapshots of the
 training state in host memory, rolls back to the last trusted one when a step shows a failure that skipping one
@@ -107,5 +106,6 @@ def recovery_from(value: Any) -> Recovery | None:
     if value is False or value is None:
         return None
     raise TypeError(
-        f"`recover` must be False, True or a lightning_gradhealth.Recovery, got {value!r} (type {type(value).__name__})."
+        f"`recover` must be False, True or a lightning_gradhealth.Recovery, got {value!r} "
+        f"(type {type(value).__name__})."
     )

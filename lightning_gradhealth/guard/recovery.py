@@ -143,7 +143,8 @@ class RecoveryGuard:
         trigger = self._trigger(outcome, total, value, amp)
         if trigger == ("nonfinite", ""):  # the first one: skipped, never applied
             outcome.failure, outcome.skip, trigger = None, True, None
-            note = f"non-finite step {step} skipped (recover: another within {self.settings.nonfinite_window} rolls back)."
+            window = self.settings.nonfinite_window
+            note = f"non-finite step {step} skipped (recover: another within {window} steps rolls back)."
         if trigger is not None:
             return self._roll_back(outcome, trigger, step, optimizers, full_record)
         healthy = outcome.go_ahead and outcome.spike is None and math.isfinite(total)
@@ -154,9 +155,7 @@ class RecoveryGuard:
             self._scale(optimizer)
         return note
 
-    def _trigger(
-        self, outcome: StepOutcome, total: float, loss: float | None, amp: bool
-    ) -> tuple[str, str] | None:
+    def _trigger(self, outcome: StepOutcome, total: float, loss: float | None, amp: bool) -> tuple[str, str] | None:
         """Why this step rolls back (``("nonfinite", "")``: a first non-finite step, to skip), or ``None``."""
         s = self.settings
         if not math.isfinite(total) or (loss is not None and not math.isfinite(loss)):
@@ -175,7 +174,8 @@ class RecoveryGuard:
             self._diverging = self._diverging + 1 if loss > s.loss_rise * base else 0
             if self._diverging >= s.patience:
                 self._diverging = 0
-                return "divergence", f"loss {loss:.4g} above {s.loss_rise:g}x its recent median {base:.4g} for {s.patience} steps"
+                rise = f"loss {loss:.4g} above {s.loss_rise:g}x its recent median {base:.4g} for {s.patience} steps"
+                return "divergence", rise
         return None
 
     def _vet(self, healthy: bool, total: float, loss: float | None) -> None:
