@@ -38,8 +38,8 @@ class Recovery:
         spike_factor: A finite global gradient norm more than this many times the median of the recent healthy
             ones is an absurd update (a transient fault): roll back at once (100, far beyond the spike detector's
             6 sigma of the log norm).
-        loss_rise: The loss above this many times the median of the recent healthy losses (or the run's first
-            loss, early on) is diverging (3).
+        loss_rise: The loss above this many times its best level so far (the lowest median of ``window`` recent
+            healthy losses; of the first ones, early in a run) is diverging (2).
         patience: Steps in a row the loss must be diverging to roll back (3): one noisy batch is not a divergence.
         window: Recent healthy norms and losses the medians are taken over (50).
     """
@@ -52,7 +52,7 @@ class Recovery:
     max_rollbacks: int = 10
     nonfinite_window: int = 20
     spike_factor: float = 100.0
-    loss_rise: float = 3.0
+    loss_rise: float = 2.0
     patience: int = 3
     window: int = 50
 

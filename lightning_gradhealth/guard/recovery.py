@@ -101,6 +101,8 @@ class RecoveryGuard:
         self._diverging = 0
         self._norms: deque[float] = deque(maxlen=settings.window)
         self._losses: deque[float] = deque(maxlen=settings.window)
+        self.best_loss: float | None = None
+        """The lowest median of ``window`` healthy losses so far: the level a diverging loss is compared with."""
         self._scaled: dict[int, tuple[weakref.ReferenceType[Optimizer], list[Any]]] = {}
         self._hooked: weakref.WeakSet[Optimizer] = weakref.WeakSet()
 
@@ -169,12 +171,12 @@ class RecoveryGuard:
             return "spike", outcome.failure.reason
         if len(self._norms) >= 3 and total > s.spike_factor * (median := statistics.median(self._norms)):
             return "absurd update", f"global norm {total:.3g} is {total / median:.3g}x the recent median {median:.3g}"
-        if loss is not None and self._losses:
-            base = statistics.median(self._losses)
+        if loss is not None and self.best_loss is not None:
+            base = self.best_loss
             self._diverging = self._diverging + 1 if loss > s.loss_rise * base else 0
             if self._diverging >= s.patience:
                 self._diverging = 0
-                rise = f"loss {loss:.4g} above {s.loss_rise:g}x its recent median {base:.4g} for {s.patience} steps"
+                rise = f"loss {loss:.4g} above {s.loss_rise:g}x its best level {base:.4g} for {s.patience} steps"
                 return "divergence", rise
         return None
 
@@ -187,6 +189,8 @@ class RecoveryGuard:
         self._norms.append(total)
         if loss is not None:
             self._losses.append(loss)
+            level = statistics.median(self._losses)  # (a falling loss: its best level is its latest)
+            self.best_loss = level if self.best_loss is None else min(self.best_loss, level)
         for snap in self.snapshots:
             snap.healthy += 1
             snap.trusted = snap.trusted or snap.healthy >= self.settings.trust_after
@@ -316,6 +320,7 @@ class RecoveryGuard:
             "events": [dict(e) for e in self.events],
             "norms": list(self._norms),
             "losses": list(self._losses),
+            "best_loss": self.best_loss,
         }
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
@@ -330,3 +335,4 @@ class RecoveryGuard:
         self._norms.extend(float(v) for v in state.get("norms", ()))
         self._losses.clear()
         self._losses.extend(float(v) for v in state.get("losses", ()))
+        self.best_loss = None if state.get("best_loss") is None else float(state["best_loss"])
