@@ -23,7 +23,8 @@ class Recovery:
     Attributes:
         every_n_steps: A snapshot every this many optimizer steps (50). A snapshot copies the parameters, the
             optimizer state, schedulers, GradScaler, RNG states and the monitor's running state to host memory.
-        slots: Snapshots kept (2): the newest trusted one, and newer ones still being vetted.
+        slots: Snapshots kept: the newest trusted one, and newer ones still being vetted. ``None`` (default): as
+            few as vetting needs, ``1 + ceil(trust_after / every_n_steps)`` (2 with the defaults).
         trust_after: Healthy optimizer steps after a snapshot before it may be rolled back to (20). The first
             snapshot of a run (the state it started or resumed from) is trusted at once.
         lr_factor: Each rollback multiplies the learning rate by this factor, on top of the schedule; rollbacks
@@ -45,7 +46,7 @@ class Recovery:
     """
 
     every_n_steps: int = 50
-    slots: int = 2
+    slots: int | None = None
     trust_after: int = 20
     lr_factor: float = 0.5
     lr_return_steps: int | None = 200
@@ -57,7 +58,7 @@ class Recovery:
     window: int = 50
 
     def __post_init__(self) -> None:
-        for name in ("every_n_steps", "slots", "max_rollbacks", "nonfinite_window", "patience", "window"):
+        for name in ("every_n_steps", "max_rollbacks", "nonfinite_window", "patience", "window"):
             _int(name, getattr(self, name), 1)
         _int("trust_after", self.trust_after, 0)
         if self.lr_return_steps is not None:
@@ -66,12 +67,19 @@ class Recovery:
         _float("spike_factor", self.spike_factor, "a finite float > 1", lambda v: v > 1)
         _float("loss_rise", self.loss_rise, "a finite float > 1", lambda v: v > 1)
         needed = 1 + math.ceil(self.trust_after / self.every_n_steps)
-        if self.slots < needed:
+        if self.slots is not None:
+            _int("slots", self.slots, 1, "an int >= 1 or None")
+        if self.slots is not None and self.slots < needed:
             raise ValueError(
                 f"`Recovery.slots` must be >= 1 + ceil(trust_after / every_n_steps) = {needed} (a snapshot must still "
                 f"be kept when the next one is taken before it is trusted), got slots={self.slots!r} with "
                 f"trust_after={self.trust_after!r}, every_n_steps={self.every_n_steps!r}."
             )
+
+    @property
+    def kept(self) -> int:
+        """How many snapshots are kept (``slots``, or as few as vetting needs)."""
+        return self.slots if self.slots is not None else 1 + math.ceil(self.trust_after / self.every_n_steps)
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as a JSON-ready mapping."""

@@ -211,7 +211,7 @@ class RecoveryGuard:
             for old in trusted[:-1]:
                 self.snapshots.remove(old)
                 self._spare.append(old)
-        while len(self.snapshots) >= self.settings.slots:
+        while len(self.snapshots) >= self.settings.kept:
             victim = next((s for s in self.snapshots if not s.trusted), self.snapshots[0])
             self.snapshots.remove(victim)
             self._spare.append(victim)
