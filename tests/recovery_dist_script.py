@@ -1,5 +1,5 @@
-"""Run by test_recovery.py as `python recovery_dist_script.py OUT_DIR MODE` (MODE: ``ddp`` or ``fsdp2``): a plain
-loop on 2 gloo processes with ``GradientHealth(recover=...)`` and Adam. At step ``FAULT`` rank 1 alone sets one
+"""Run by test_recovery.py as `python recovery_dist_script.py OUT_DIR`: a plain loop under DDP, then under FSDP2,
+on the same 2 gloo processes with ``GradientHealth(recover=...)`` and Adam. At step ``FAULT`` rank 1 alone sets one
 gradient entry of its (DDP: averaged; FSDP2: sharded) gradient to a huge finite value. Each rank saves the rollbacks
 it saw, its local parameters and optimizer moments before every step, right after the rollback and at the end, so
 that the test checks that both ranks rolled back at the same step to the same snapshot, bit for bit."""
@@ -34,9 +34,16 @@ def _state(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, list[torch
     return {"params": [_local(p) for p in params], "exp_avg_sq": moments}
 
 
-def run(rank: int, out: str, mode: str) -> None:
+def run(rank: int, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=2)
     torch.set_num_threads(1)
+    for mode in ("ddp", "fsdp2"):
+        train(rank, out, mode)
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+def train(rank: int, out: str, mode: str) -> None:
     model = make_model()
     if mode == "fsdp2":
         from torch.distributed._composable.fsdp import fully_shard
@@ -82,15 +89,13 @@ def run(rank: int, out: str, mode: str) -> None:
             "snapshot": before[event["to_step"]] if event else None,
             "after_rollback": after_rollback,
             "end": _state(model, opt),
-            "full": [p.full_tensor() if hasattr(p, "full_tensor") else p.detach() for p in model.parameters()],
+            "full": [(p.full_tensor() if hasattr(p, "full_tensor") else p).detach() for p in model.parameters()],
             "factor": health.recovery.factor,
         },
-        Path(out) / f"rank{rank}.pt",
+        Path(out) / f"{mode}_rank{rank}.pt",
     )
-    (Path(out) / f"rank{rank}.json").write_text(json.dumps({"losses": losses}))
-    dist.barrier()
-    dist.destroy_process_group()
+    (Path(out) / f"{mode}_rank{rank}.json").write_text(json.dumps({"losses": losses}))
 
 
 if __name__ == "__main__":
-    mp.spawn(run, args=(sys.argv[1], sys.argv[2]), nprocs=2)
+    mp.spawn(run, args=(sys.argv[1],), nprocs=2)

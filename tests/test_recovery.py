@@ -330,25 +330,25 @@ def test_a_warmup_overshoot_in_a_trainer_is_survived_and_a_resume_keeps_the_back
 
 
 # --------------------------------------------------------------------------- every rank agrees
-@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
-def test_two_processes_roll_back_at_the_same_step_each_restoring_its_shard(tmp_path, mode):
-    """Rank 1's gradient alone is faulted at step 17; both ranks roll back at that step to the snapshot of step 10,
-    their (local, under FSDP2 sharded) parameters and Adam moments equal to that step's bit for bit, and the full
-    weights are the same on both ranks at the end."""
+def test_two_processes_roll_back_at_the_same_step_each_restoring_its_shard(tmp_path):
+    """DDP, then FSDP2, on 2 gloo processes: rank 1's gradient alone is faulted at step 17; both ranks roll back at
+    that step to the snapshot of step 10, their (local, under FSDP2 sharded) parameters and Adam moments equal to
+    that step's bit for bit, and the full weights are the same on both ranks at the end."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, str(HERE / "recovery_dist_script.py"), str(tmp_path), mode], env=env,
+    proc = subprocess.run([sys.executable, str(HERE / "recovery_dist_script.py"), str(tmp_path)], env=env,
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
-    assert r0["events"] == r1["events"] and len(r0["events"]) == 1
-    assert (r0["events"][0]["step"], r0["events"][0]["to_step"]) == (17, 10)
-    for r in (r0, r1):
-        for key in ("params", "exp_avg_sq"):
-            assert len(r["snapshot"][key]) == 6
-            for a, b in zip(r["snapshot"][key], r["after_rollback"][key], strict=True):
-                assert torch.equal(a, b)
-        assert all(math.isfinite(float(p.abs().max())) for p in r["full"])
-    assert all(torch.equal(a, b) for a, b in zip(r0["full"], r1["full"], strict=True))
-    if mode == "fsdp2":  # each rank held and restored its own shard
-        assert not torch.equal(r0["snapshot"]["params"][0], r1["snapshot"]["params"][0])
-    assert proc.stderr.count("rollback 1/10 at step 17 to the snapshot of step 10") == 1  # (rank zero's line)
+    for mode in ("ddp", "fsdp2"):
+        r0, r1 = (torch.load(tmp_path / f"{mode}_rank{r}.pt", weights_only=False) for r in (0, 1))
+        assert r0["events"] == r1["events"] and len(r0["events"]) == 1, mode
+        assert (r0["events"][0]["step"], r0["events"][0]["to_step"]) == (17, 10)
+        for r in (r0, r1):
+            for key in ("params", "exp_avg_sq"):
+                assert len(r["snapshot"][key]) == 6
+                for a, b in zip(r["snapshot"][key], r["after_rollback"][key], strict=True):
+                    assert torch.equal(a, b), (mode, key)
+            assert all(math.isfinite(float(p.abs().max())) for p in r["full"])
+        assert all(torch.equal(a, b) for a, b in zip(r0["full"], r1["full"], strict=True)), mode
+        if mode == "fsdp2":  # each rank held and restored its own shard
+            assert not torch.equal(r0["snapshot"]["params"][0], r1["snapshot"]["params"][0])
+    assert proc.stderr.count("rollback 1/10 at step 17 to the snapshot of step 10") == 2  # rank zero, each mode
