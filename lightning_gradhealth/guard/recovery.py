@@ -149,7 +149,7 @@ class RecoveryGuard:
             note = f"non-finite step {step} skipped (recover: another within {window} steps rolls back)."
         if trigger is not None:
             return self._roll_back(outcome, trigger, step, optimizers, full_record)
-        healthy = outcome.go_ahead and outcome.spike is None and math.isfinite(total)
+        healthy = outcome.go_ahead and outcome.spike is None and math.isfinite(total) and not self._diverging
         self._vet(healthy, total, value)
         if self.model is not None and (self._reviews - 1) % self.settings.every_n_steps == 0 and healthy:
             self._snapshot(step, optimizers)
@@ -182,7 +182,7 @@ class RecoveryGuard:
 
     def _vet(self, healthy: bool, total: float, loss: float | None) -> None:
         """Advance the snapshots' vetting; keep the healthy baselines; bring the factor back."""
-        if not healthy or self._diverging:
+        if not healthy:
             self.snapshots = [snap for snap in self.snapshots if snap.trusted or self._drop(snap)]
             self._healthy_run = 0
             return
@@ -229,14 +229,14 @@ class RecoveryGuard:
     ) -> str | None:
         kind, reason = trigger
         trusted = [s for s in self.snapshots if s.trusted]
-        if not trusted or self.rollbacks >= self.settings.max_rollbacks:
-            if outcome.failure is None:
-                why = "no trusted snapshot yet" if not trusted else f"{self.rollbacks} rollbacks already"
-                outcome.record = outcome.record or full_record()
-                outcome.failure = Failure(
-                    f"Recovery gave up ({why}) at a {kind} ({reason})",
-                    Kind.NONFINITE if kind == "nonfinite" else Kind.SPIKE,
-                )
+        if not trusted:  # (only at a run's very first step): the guard's own verdict stands
+            return None
+        if self.rollbacks >= self.settings.max_rollbacks:
+            outcome.record = outcome.record or full_record()
+            outcome.failure = Failure(
+                f"Recovery gave up after {self.rollbacks} rollbacks, at another {kind} ({reason})",
+                Kind.NONFINITE if kind == "nonfinite" else Kind.SPIKE,
+            )
             return None
         snap = trusted[-1]
         assert self.model is not None
