@@ -128,7 +128,9 @@ def test_restored_state_equals_the_snapshot_bit_for_bit():
                 assert now["state"][index][name].dtype == value.dtype
     assert fused.state[model.b.weight]["step"].item() == 3  # fused AdamW's step tensor
     assert [s.state_dict() for s in scheds] == expected["scheds"]
-    assert torch.equal(scaler._scale, expected["scale"][0]) and torch.equal(scaler._growth_tracker, expected["scale"][1])
+    assert torch.equal(scaler._scale, expected["scale"][0]) and torch.equal(
+        scaler._growth_tracker, expected["scale"][1]
+    )
     assert torch.equal(torch.get_rng_state(), expected["rng"][0]) and random.getstate() == expected["rng"][1]
     assert [id(t) for t in (*model.parameters(), *(v for s in adam.state.values() for v in s.values()))] == identity
     # the next snapshot in this slot reuses its host buffers

@@ -84,7 +84,7 @@ class Snapshot:
 
 
 def _params(model: nn.Module) -> Iterator[torch.Tensor]:
-    yield from (local(p.detach()) for p in model.parameters())
+    yield from (local(p) for p in model.parameters())
     yield from (local(b) for b in model.buffers())
 
 
@@ -138,11 +138,10 @@ def take(
     )
     if not reuse:
         snap.buffers = [torch.empty(s.shape, dtype=s.dtype, pin_memory=s.is_cuda) for s in sources]
-    cuda = False
+    cuda = any(s.is_cuda for s in sources)
     with torch.no_grad():
-        for buf, src in zip(snap.buffers, sources, strict=True):
-            buf.copy_(src, non_blocking=src.is_cuda)
-            cuda = cuda or src.is_cuda
+        if sources:
+            torch._foreach_copy_(snap.buffers, sources, non_blocking=cuda)  # (one multi-tensor copy, no host sync)
     if cuda:
         snap.event = torch.cuda.Event()
         snap.event.record()
