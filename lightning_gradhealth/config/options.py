@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -190,7 +191,7 @@ class HealthOptions:
             or self.recovery is not None
         )
 
-    @property
+    @cached_property
     def recovery(self) -> Recovery | None:
         """``recover`` as a :class:`~lightning_gradhealth.config.recovery.Recovery`, or ``None`` when it is off."""
         return recovery_from(self.recover)
