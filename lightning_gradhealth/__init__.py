@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name comes from __getattr__ below
     from lightning_gradhealth.config.options import HealthOptions
+    from lightning_gradhealth.config.recovery import Recovery
     from lightning_gradhealth.config.thresholds import Thresholds
     from lightning_gradhealth.core.health import GradientHealth
     from lightning_gradhealth.frontends.lightning import GradientHealthMonitor
@@ -44,6 +45,7 @@ _EXPORTS: dict[str, str] = {
     "StepStats": "lightning_gradhealth.schema.record",
     "Severity": "lightning_gradhealth.schema.alert",
     "Thresholds": "lightning_gradhealth.config.thresholds",
+    "Recovery": "lightning_gradhealth.config.recovery",
 }
 
 __all__ = [
@@ -58,6 +60,7 @@ __all__ = [
     "HealthOptions",
     "LayerStats",
     "ParamLayout",
+    "Recovery",
     "Severity",
     "StepStats",
     "Thresholds",

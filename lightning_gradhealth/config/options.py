@@ -12,9 +12,11 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
+from lightning_gradhealth.config.recovery import Recovery, recovery_from
 from lightning_gradhealth.config.thresholds import Thresholds
 from lightning_gradhealth.config.validation import (
     check_choice,
@@ -91,6 +93,7 @@ class HealthOptions:
     grad_cosine: bool = False
     noise_scale: bool | Literal["auto"] = "auto"
     micro_batch_size: int | None = None
+    recover: bool | Recovery = False
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -140,6 +143,11 @@ class HealthOptions:
             check_type("figure_every_n_steps", figures, int, "'auto', an int >= 1 or None")
             if figures < 1:
                 raise ValueError(f"`figure_every_n_steps` must be 'auto', an int >= 1 or None, got {figures!r}.")
+        if recovery_from(self.recover) is not None and self.guard_mode == "deferred":
+            raise ValueError(
+                "`recover` rolls back before the update, which needs the verdict at once: `guard_mode` must be 'auto' "
+                f"or 'sync' with it, got guard_mode={self.guard_mode!r}."
+            )
 
     def _check_clip(self) -> None:
         check_choice("clip", self.clip, (None, *CLIP_DEFAULTS))
@@ -176,7 +184,17 @@ class HealthOptions:
     @property
     def guards_every_step(self) -> bool:
         """Whether something must act on every optimizer step (the guard: one foreach norm, one transfer)."""
-        return self.on_nonfinite is not None or self.clip is not None or self.spike_z_thresh is not None
+        return (
+            self.on_nonfinite is not None
+            or self.clip is not None
+            or self.spike_z_thresh is not None
+            or self.recovery is not None
+        )
+
+    @cached_property
+    def recovery(self) -> Recovery | None:
+        """``recover`` as a :class:`~lightning_gradhealth.config.recovery.Recovery`, or ``None`` when it is off."""
+        return recovery_from(self.recover)
 
     def clip_args(self) -> dict[str, Any]:
         """The chosen clipper's parameters, defaults filled in (empty without ``clip``)."""

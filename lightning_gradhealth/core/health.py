@@ -34,6 +34,7 @@ from lightning_gradhealth.diagnosis.rules import Finding
 from lightning_gradhealth.diagnosis.safety import format_nonfinite_message
 from lightning_gradhealth.guard.birth import Replay, Replays
 from lightning_gradhealth.guard.deferred import DeferredStep, failure_note
+from lightning_gradhealth.guard.recovery import RecoveryGuard
 from lightning_gradhealth.guard.step import Failure, StepGuard, StepOutcome
 from lightning_gradhealth.model.distributed import Reduction, fsdp1_reduction
 from lightning_gradhealth.model.inventory import ModelInventory, take_inventory, watch_feature_maps
@@ -79,6 +80,7 @@ class GradientHealth:
         scaler: The ``torch.amp.GradScaler`` in use: its scale is divided out of gradients that are not unscaled
             yet, and its overflow steps are counted, not alarmed.
         options: A :class:`~lightning_gradhealth.config.options.HealthOptions` (instead of keyword arguments).
+        schedulers: The LR schedulers in use: a rollback (``recover=``) restores them with the rest of the state.
         **kwargs: The options, as for ``GradientHealthMonitor`` (``log_every_n_steps``, ``clip``, ...).
 
     Raises:
@@ -93,10 +95,15 @@ class GradientHealth:
         loggers: Any = None,
         scaler: Any = None,
         options: HealthOptions | None = None,
+        schedulers: Sequence[Any] = (),
         **kwargs: Any,
     ) -> None:
         self.options = checked_options(model, scaler, options, kwargs)
         self.guard = StepGuard(self.options)
+        self.recovery = None if (rec := self.options.recovery) is None else RecoveryGuard(rec, self.guard)
+        """Recovery without a restart (``recover=``: :mod:`~lightning_gradhealth.guard.recovery`), or ``None``."""
+        if self.recovery is not None:
+            self.recovery.bind(schedulers, scaler)
         self.watched = WatchedSet(self.options)
         self.alerts = AlertManager(
             window=self.options.alert_window, on_alert=self.options.on_alert, verbose=self.options.verbose
@@ -156,6 +163,9 @@ class GradientHealth:
         """
         names_model = self.model = frontend.model
         self.output.begin(frontend)
+        if self.recovery is not None:
+            self.recovery.start(names_model)
+            self.output.history.rollbacks = self.recovery.events
         self._measures.noise.watch_ddp(ddp, self.output.info)  # (DDP without accumulation: a communication hook)
         self.guard.begin(frontend.rank)
         self._inflight.awaiting_clip.clear()
@@ -336,6 +346,7 @@ class GradientHealth:
         self._changed(change, ctx.step)
         self._before_decide(ctx, layout)
         deferred, why = self._inflight.defers(optimizer, ctx, layout, clipping=self.guard.clipper is not None)
+        deferred = deferred and self.recovery is None  # (recovery decides before the update)
         if why is not None:
             self.output.info(f"{self.output.frontend.name}: guard_mode='deferred' checks synchronously here: {why}.")
         red = self._reduction()
@@ -349,7 +360,7 @@ class GradientHealth:
         self.output.visuals(layout, entry.pending.grad_scale, ctx.step, None, red)  # (histograms: pre-update, pre-clip)
         if deferred:
             return self._end_step(True)  # decided at the next step's start, with no host sync
-        outcome = self._decide(entry)
+        outcome = self._decide(entry, optimizers=(optimizer, optimizers))
         if outcome.skip:
             for group in optimizer.param_groups:  # all of the optimizer's parameters, watched or not
                 for p in group["params"]:
@@ -361,11 +372,16 @@ class GradientHealth:
         for entry in self._inflight.take():
             self._decide(entry, note=failure_note(entry, self._now) if act else None)
 
-    def _decide(self, entry: DeferredStep, note: str | None = "") -> StepOutcome:
+    def _decide(
+        self,
+        entry: DeferredStep,
+        note: str | None = "",
+        optimizers: tuple[Optimizer, Sequence[Optimizer]] | None = None,
+    ) -> StepOutcome:
         """Read a launched step, let the guard decide, clip, announce and publish (raises on a failure).
 
         ``note``: what a late read adds to a failure message; ``None``: no raise (the run ends on its own
-        exception).
+        exception). ``optimizers``: the step's optimizer and all of them, for a step decided at once (recovery).
         """
         total, record, values = self._inflight.read(entry)
         self._measures.landed(entry.meta.step, entry.meta.optimizer_idx, entry.pending.host_extras)
@@ -378,9 +394,15 @@ class GradientHealth:
             inventory=self.inventory,
             batches=entry.batches,
         )
+        if self.recovery is not None and entry.live is not None and optimizers is not None:
+            line = self.recovery.review(  # may turn the outcome into a rollback (restores the state, skips)
+                outcome, total, entry.meta.step, entry.live.loss, optimizers[0], optimizers[1], amp=entry.amp
+            )
+            if line is not None:
+                self.output.info(f"{self.output.frontend.name}: {line}")
         if outcome.failure is not None and outcome.record is None:
             outcome.record = self._inflight.failure_record(entry, values)
-        if outcome.clip_wanted and entry.live is not None:
+        if outcome.clip_wanted and outcome.go_ahead and entry.live is not None:
             live = entry.live
             outcome.clip = self.guard.clip(live.layout, live.grad_scale, total, entry.due, live.reduction)
         self._announce(outcome, entry.meta.step, entry.micro_batches, entry.several, note)
@@ -457,6 +479,7 @@ class GradientHealth:
         record = self._measures.apply(record)  # (update size, gradient cosine, noise scale launched at its step)
         self.last_record = record
         counters = {metrics.ALERTS: float(self.alerts.total), **self.guard.counters(self.output.frontend.amp)}
+        counters |= self.recovery.counters() if self.recovery is not None else {}
         self.output.publish(record, several, counters)
 
     def _fail(self, record: StepStats, failure: Failure, micro_batches: bool, several: bool, note: str = "") -> None:
@@ -486,6 +509,7 @@ class GradientHealth:
             "alerts": self.alerts.state_dict(),
             "watched": self.watched.state_dict(),
             "noise_scale": self._measures.state_dict(),
+            **({"recovery": self.recovery.state_dict()} if self.recovery is not None else {}),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -494,6 +518,8 @@ class GradientHealth:
         self.watched.load_state_dict(state_dict.get("watched"))
         self.alerts.load_state_dict(state_dict.get("alerts") or {})
         self._measures.load_state_dict(state_dict.get("noise_scale"))
+        if self.recovery is not None:
+            self.recovery.load_state_dict(state_dict.get("recovery"))
         warning = self.guard.load_state_dict(state_dict)
         if warning is not None:
             self.output.warn(warning)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from lightning_gradhealth.schema.metrics import LAYER_METRICS
 from lightning_gradhealth.schema.record import StepStats
@@ -63,6 +64,8 @@ class History:
             are corrupt), if any.
         no_grad_params: Parameters that never got a gradient in any kept record.
         spikes: ``(step, z)`` of every spike reported to :meth:`add_spike`.
+        rollbacks: Every rollback of recovery (``recover=``), as a dict (step, to_step, trigger, reason, factor,
+            skipped).
         records_seen: Records offered to :meth:`add`, kept or not.
     """
 
@@ -84,6 +87,7 @@ class History:
     nonfinite_params_step: int | None = None
     no_grad_params: set[str] | None = None
     spikes: list[tuple[int, float]] = field(default_factory=list)
+    rollbacks: list[dict[str, Any]] = field(default_factory=list)
     activations: dict[str, list[tuple[int, float, float, float | None]]] = field(default_factory=dict)
     records_seen: int = 0
     _keep_every: int = 1

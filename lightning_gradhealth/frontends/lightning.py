@@ -19,6 +19,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch.optim import Optimizer
 
 from lightning_gradhealth.config.options import ClipKind, HealthOptions
+from lightning_gradhealth.config.recovery import Recovery
 from lightning_gradhealth.config.thresholds import Thresholds
 from lightning_gradhealth.core.health import GradientHealth, StepContext, due
 from lightning_gradhealth.diagnosis.rules import Finding
@@ -225,6 +226,10 @@ class GradientHealthMonitor(*_callback_bases()):  # type: ignore[misc]
             every step). ``False``: off.
         micro_batch_size: Examples per backward pass and rank, for the noise scale; ``None``: the first dimension
             of the batch's first tensor.
+        recover: Recovery without a restart: ``False`` (default), ``True`` or a :class:`~lightning_gradhealth.Recovery`.
+            Snapshots of the training state are kept in host memory; a failure that skipping one update does not cure
+            (non-finite steps again and again, an absurd update, a diverging loss) rolls back to the last trusted
+            one, skips the batches in between and backs the learning rate off (``docs/recovery.md``).
 
     Raises:
         TypeError: An argument has the wrong type.
@@ -273,6 +278,7 @@ class GradientHealthMonitor(*_callback_bases()):  # type: ignore[misc]
         grad_cosine: bool = False,
         noise_scale: bool | Literal["auto"] = "auto",
         micro_batch_size: int | None = None,
+        recover: bool | Recovery = False,
     ) -> None:
         self.options = HealthOptions(**{name: value for name, value in locals().items() if name in _OPTIONS})
         self.health = GradientHealth(None, options=self.options)
@@ -378,6 +384,9 @@ class GradientHealthMonitor(*_callback_bases()):  # type: ignore[misc]
         """Start watching the (wrapped) model: check what is watched; find the sparse-by-design layers."""
         ddp = getattr(trainer.strategy, "model", None)  # (the DDP wrapper, once the strategy set up: noise.py)
         self.health.attach(self._frontend(trainer, pl_module), trainer.optimizers, ddp=ddp)
+        if self.health.recovery is not None:  # what a rollback restores besides the model and optimizers
+            schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
+            self.health.recovery.bind(schedulers, getattr(trainer.precision_plugin, "scaler", None))
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Give TensorBoard a custom-scalars layout grouping the monitor's charts."""
@@ -420,7 +429,7 @@ class GradientHealthMonitor(*_callback_bases()):  # type: ignore[misc]
         It is read with the statistics on computed steps, and folded into the guard's norm on every guarded step (a
         non-finite loss fails the step, with no extra sync).
         """
-        if self._due(trainer) or self.options.on_nonfinite is not None:
+        if self._due(trainer) or self.options.on_nonfinite is not None or self.options.recovery is not None:
             self._loss = loss.detach() if self._loss is None else self._loss + loss.detach()
 
     def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:

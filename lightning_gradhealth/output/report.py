@@ -256,6 +256,7 @@ def report_dict(
         "plots": [Path(p).name for p in plots],
         "thresholds": th.to_dict(),
         "warnings": list(notes),
+        **({"recovery": [dict(r) for r in history.rollbacks]} if history.rollbacks else {}),
     }
 
 
@@ -333,6 +334,7 @@ def render_markdown(
         where = f" Layers: {', '.join(f.layers[:8])}{' ...' if len(f.layers) > 8 else ''}." if f.layers else ""
         lines.append(f"{i}. {_ICON[f.severity]} **{f.kind}** ({f.severity.value}): {f.summary}{where}")
     lines += _layer_table(history, findings, inventory)
+    lines += _recovery_section(history)
     lines += ["", "### Recommendations"]
     recs: list[str] = []
     for f in findings:
@@ -352,6 +354,18 @@ def render_markdown(
     lines += ["", f"_{history.records_seen} record(s) from step {history.steps[0] if history.steps else '-'} "
               f"to {history.steps[-1] if history.steps else '-'}._", ""]  # fmt: skip
     return "\n".join(lines)
+
+
+def _recovery_section(history: History) -> list[str]:
+    """Each rollback of recovery (``recover=``): where from and to, why, the batches skipped, the new LR factor."""
+    if not history.rollbacks:
+        return []
+    lines = ["", "### Recovery", "| Step | Back to | Trigger | Skipped batches | LR factor | Why |",
+             "|------|---------|---------|-----------------|-----------|-----|"]  # fmt: skip
+    for r in history.rollbacks:
+        lines.append(f"| {r['step']} | {r['to_step']} | {r['trigger']} | {r['skipped'][0]}-{r['skipped'][1]} | "
+                     f"{r['factor']:.3g} | {r['reason']} |")  # fmt: skip
+    return lines
 
 
 def _write_plots(history: History, out: Path) -> tuple[list[Path], str]:

@@ -44,11 +44,13 @@ __all__ = [
     "LAYER_METRICS",
     "LAYER_NORM_RATIO",
     "LOSS",
+    "LR_FACTOR",
     "NAN_COUNT",
     "NOISE_SCALE",
     "NO_GRAD_COUNT",
     "PARAM_NORM",
     "POST_CLIP_NORM",
+    "ROLLBACKS",
     "SKIPPED_STEPS",
     "SPIKES",
     "SUMMARY_KEYS",
@@ -95,6 +97,9 @@ SPIKES = "grad_health/spikes"
 CLIP_COEF = "grad_health/clip_coef"
 CLIPPED_NORM = "grad_health/clipped_norm"
 CLIP_FRAC = "grad_health/clip_frac"
+#: Recovery (``recover=``): rollbacks so far, and the learning-rate factor applied on top of the schedule.
+ROLLBACKS = "grad_health/rollbacks"
+LR_FACTOR = "grad_health/lr_factor"
 #: Logged when the Trainer clips gradients, and when a GradScaler is active.
 POST_CLIP_NORM = "grad_health/post_clip_norm"
 AMP_SCALE = "grad_health/amp_scale"
@@ -113,7 +118,7 @@ HISTOGRAM = "grad_hist"
 #: Every global (not per-layer) key.
 GLOBAL_KEYS: frozenset[str] = frozenset(
     (*SUMMARY_KEYS, ALERTS, SKIPPED_STEPS, AMP_OVERFLOW, SPIKES, CLIP_COEF, CLIPPED_NORM, CLIP_FRAC, POST_CLIP_NORM,
-     AMP_SCALE, GRADIENT_FLOW, LOSS, GRAD_COSINE, NOISE_SCALE)
+     AMP_SCALE, GRADIENT_FLOW, LOSS, GRAD_COSINE, NOISE_SCALE, ROLLBACKS, LR_FACTOR)
 )  # fmt: skip
 
 #: Per-layer gradient metrics (``<metric>/<layer>``).
