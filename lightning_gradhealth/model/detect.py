@@ -41,6 +41,8 @@ __all__ = [
     "param_shape",
     "source_activations",
     "traced_residual",
+    "transposed_weights",
+    "unit_dim",
 ]
 
 #: Every layer kind, in the order of :data:`LayerKind`.
@@ -318,6 +320,33 @@ def module_kind(module: nn.Module) -> ModuleKind:
     if "Attention" in name and module._parameters:
         return ModuleKind("attention", getattr(module, "embed_dim", None))
     return ModuleKind("other")
+
+
+def unit_dim(module: nn.Module, pname: str) -> int:
+    """The dimension of parameter ``pname`` of ``module`` along which its units (output features) lie.
+
+    1 for the weight of HF ``transformers.pytorch_utils.Conv1D`` (GPT-2's ``c_attn``/``c_fc``/``c_proj``), which
+    stores it as (inputs, outputs) and computes ``x @ weight + bias``: recognised by its class name, a 2-D weight
+    and, where it keeps one, ``nf`` (its number of outputs) equal to the weight's dim 1. 0 for everything else
+    (``nn.Linear`` stores (outputs, inputs); convolutions (out_channels, ...)).
+    """
+    if pname != "weight" or type(module).__name__ != "Conv1D":
+        return 0
+    shape = param_shape(module._parameters["weight"]) if module._parameters.get("weight") is not None else None
+    if shape is None or len(shape) != 2:
+        return 0
+    nf = getattr(module, "nf", None)
+    return 1 if nf is None or nf == shape[1] else 0
+
+
+def transposed_weights(model: nn.Module) -> list[torch.Tensor]:
+    """The parameters of ``model`` whose units lie along dim 1 (:func:`unit_dim`), for the layout."""
+    return [
+        param
+        for module in model.modules()
+        for pname, param in module._parameters.items()
+        if param is not None and unit_dim(module, pname) == 1
+    ]
 
 
 def _norm_units(module: nn.Module) -> int | None:
