@@ -12,6 +12,7 @@ from typing import Any
 from lightning_gradhealth.config.thresholds import Severity, Thresholds
 from lightning_gradhealth.diagnosis.fixes import CODE, code_for, fixes_for
 from lightning_gradhealth.diagnosis.history import History
+from lightning_gradhealth.diagnosis.safety import amp_overflow_finding
 from lightning_gradhealth.model.inventory import ModelInventory
 from lightning_gradhealth.schema.kinds import Kind
 
@@ -150,6 +151,9 @@ def diagnose(
 def _nonfinite(history: History, find: Callable[..., Finding], out: list[Finding]) -> None:
     first_bad = history.first_nonfinite
     if first_bad is None:
+        return
+    if first_bad.amp_overflow and (amp := amp_overflow_finding(history, find)) is not None:  # (issue 19: fp16)
+        out.append(amp)
         return
     layers = tuple(lay.name for lay in first_bad.nonfinite_layers)
     last_bad = history.last_nonfinite or first_bad
