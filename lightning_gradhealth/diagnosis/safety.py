@@ -209,9 +209,10 @@ def amp_overflow_finding(history: History, find: Callable[..., Any]) -> Any:
     A scaler skips the update of an overflowing step and halves its scale: a few such steps while it finds its
     scale are the normal working of mixed precision: a warning when the run recovered (its latest record is
     finite) with a scale above 1, critical when it still overflows or the scale fell to 1 or below (the unscaled
-    gradients themselves are at the edge of fp16's range: the loss is too large, not a transient). The summary says what happened to the scale, not "non-finite in
-    every layer" (one overflowing fp16 op makes every gradient upstream of it non-finite). Its fixes lead with
-    bf16, a smaller loss and the scaler's settings (:func:`amp_fixes`).
+    gradients themselves are at the edge of fp16's range: the loss is too large, not a transient). The summary
+    says what happened to the scale, not "non-finite in every layer" (one overflowing fp16 op makes every gradient
+    upstream of it non-finite). Its fixes lead with bf16, a smaller loss and the scaler's settings
+    (:func:`amp_fixes`).
 
     Args:
         history: The kept records (its first non-finite record is an overflow under a scaler).
