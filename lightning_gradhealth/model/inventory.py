@@ -21,6 +21,7 @@ from torch import nn
 
 from lightning_gradhealth.model.detect import ACTIVATIONS, INDEX_SEGMENT, LAYER_KINDS, NORMS
 from lightning_gradhealth.model.layout import GroupBy, clean_name
+from lightning_gradhealth.model.recurrence import TimeProfile, watch_recurrence
 from lightning_gradhealth.model.residual import scaled_branches, traced_residual
 from lightning_gradhealth.model.scan import InventoryScan
 
@@ -138,6 +139,8 @@ class ModelInventory:
         group_by: How parameters were grouped into layers: ``"module"``, ``"parameter"`` or ``"callable"``.
         feature_maps: The input feature-map size of each convolution layer, once seen (:func:`watch_feature_maps`:
             the first forward pass after the inventory was taken).
+        time_profiles: Per recurrent layer, how much gradient reaches its first time steps against its last ones
+            (:class:`~.recurrence.TimeProfile`, watched from the first forward pass on by :func:`watch_feature_maps`).
         scaled_branches: What showed each residual branch scaled down by design (``"residual gain
             `stages.0.0.gamma` (1e-06)"``); their layers are :attr:`LayerInfo.scaled`, and such a model is residual.
     """
@@ -153,6 +156,7 @@ class ModelInventory:
     group_by: str = "module"
     feature_maps: dict[str, tuple[int, ...]] = field(default_factory=dict, compare=False)
     scaled_branches: tuple[str, ...] = ()
+    time_profiles: dict[str, TimeProfile] = field(default_factory=dict, compare=False)
     _by_name: dict[str, LayerInfo] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -304,6 +308,7 @@ class ModelInventory:
             group_by=str(data.get("group_by", "module")),
             feature_maps={k: tuple(v) for k, v in data.get("feature_maps", {}).items()},
             scaled_branches=tuple(data.get("scaled_branches", ())),
+            time_profiles={k: TimeProfile(float(v)) for k, v in data.get("time_profiles", {}).items()},
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -326,21 +331,29 @@ class ModelInventory:
             "layers": [layer.to_dict() for layer in self.layers],
             "feature_maps": {name: list(size) for name, size in self.feature_maps.items()},
             "scaled_branches": list(self.scaled_branches),
+            "time_profiles": {
+                name: ratio for name, p in self.time_profiles.items() if (ratio := p.early_over_late()) is not None
+            },
         }
 
 
 def watch_feature_maps(inventory: ModelInventory, model: nn.Module) -> Callable[[], None]:
-    """Record each convolution's input feature-map size at the next forward pass (one-shot hooks, then gone).
+    """Record each convolution's input feature-map size at the next forward pass, and watch recurrent layers.
 
     A 3x3 convolution on 1x1 maps only ever sees zero padding in 8 of its 9 taps: the report shows the size beside
-    the kernel, so such zero gradient entries read as structure. Hooks remove themselves after their first call;
-    the returned function removes those that never fired.
+    the kernel, so such zero gradient entries read as structure. Those hooks remove themselves after their first
+    call. The recurrent layers' gradient through time is watched into :attr:`ModelInventory.time_profiles` for as
+    long as the monitor runs (:func:`~.recurrence.watch_recurrence`). The returned function removes every hook.
     """
     handles: list[Any] = []
+
+    def layer_of(mod_name: str, pname: str) -> str:
+        return clean_name(mod_name) if inventory.group_by == "module" else clean_name(f"{mod_name}.{pname}")
+
     for mod_name, module in model.named_modules():
         if not isinstance(module, nn.modules.conv._ConvNd):
             continue
-        name = clean_name(mod_name) if inventory.group_by == "module" else clean_name(f"{mod_name}.weight")
+        name = layer_of(mod_name, "weight")
         if inventory.get(name) is None:
             continue
 
@@ -351,10 +364,12 @@ def watch_feature_maps(inventory: ModelInventory, model: nn.Module) -> Callable[
             handles[index].remove()
 
         handles.append(module.register_forward_pre_hook(hook))
+    unwatch = watch_recurrence(model, inventory.time_profiles, lambda mod_name: layer_of(mod_name, "weight_ih_l0"))
 
     def remove() -> None:
         for handle in handles:
             handle.remove()
+        unwatch()
 
     return remove
 
