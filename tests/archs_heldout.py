@@ -613,7 +613,7 @@ def build_saturated_sigmoid() -> tuple[L.LightningModule, Any]:
 
 
 # ====================================================================================================== fp16 (loop)
-def run_fp16_loop(steps: int = 40, loss_scale: float = 1e6) -> dict[str, Any]:
+def run_fp16_loop(steps: int = 22, loss_scale: float = 1e6) -> dict[str, Any]:
     """A small convnet under fp16 autocast with a ``torch.amp.GradScaler`` on the CPU, its loss scaled x1e6.
 
     Lightning creates a GradScaler for ``precision="16-mixed"`` on CUDA only, so this is a plain loop with
@@ -689,7 +689,8 @@ CALIBRATION: dict[str, HeldOut] = {
         _case("dying_relu_bias", build_dying_relu_bias, 60, ("dead",), ("leaky", "bias", "initiali")),
         _case("lr_to_zero", build_lr_to_zero, 60, ("stall", "stalled", "not_learning"), ("learning rate", "schedule"),
               loss_only=True),
-        _case("transformer_lr_high", build_transformer_lr_high, 40, ("diverging", "exploding", "nonfinite"), LR_WORDS),
+        _case("transformer_lr_high", build_transformer_lr_high, 30, ("diverging", "exploding", "nonfinite"), LR_WORDS,
+              loss_only=True),
     )
 }  # fmt: skip
 CONFIRMATION: dict[str, HeldOut] = {
