@@ -761,3 +761,29 @@ def test_recurrence_rule_and_its_fixes():
         (finding,) = diagnose(History(), Thresholds(), inventory=inv)
         assert finding.kind == Kind.RECURRENT_EXPLODING and "clip" in finding.fixes[0]
         assert ModelInventory.from_dict(inv.to_dict()).time_profiles["rnn"].early_over_late() == 5e2
+
+
+def test_a_zero_weight_that_is_not_a_last_norm_scales_nothing():
+    """Gemma's RMSNorm keeps a zero weight for ``x * (1 + weight)``; a zero first norm does not end a branch."""
+
+    class GemmaRMSNorm(nn.Module):
+        def __init__(self, d: int) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.zeros(d))
+
+        def forward(self, x):
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + self.weight)
+
+    class Layer(nn.Module):
+        def __init__(self, d: int = 8) -> None:
+            super().__init__()
+            self.input_layernorm = nn.LayerNorm(d)
+            nn.init.zeros_(self.input_layernorm.weight)  # first, not last
+            self.fc = nn.Linear(d, d)
+            self.post_norm = GemmaRMSNorm(d)
+
+        def forward(self, x):
+            return x + self.post_norm(self.fc(self.input_layernorm(x)))
+
+    inv = take_inventory(nn.Sequential(Layer(), Layer(), nn.Linear(8, 2)))
+    assert not inv.scaled_branches and inv.comparable() == ("0.fc", "1.fc", "2")

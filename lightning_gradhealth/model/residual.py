@@ -38,6 +38,7 @@ GAIN_MAX = 1e-2
 """A gain whose largest entry is at most this (zero included) scales its branch down by design."""
 #: Frameworks whose ``forward`` is not the model's own (a LightningModule that only holds ``self.model``).
 _NO_FORWARD = ("_forward_unimplemented", "LightningModule.forward")
+_ZEROABLE_NORMS = frozenset(("batchnorm", "groupnorm", "instancenorm", "layernorm"))
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -153,14 +154,25 @@ def _largest(param: torch.Tensor) -> float | None:
         return float(data.abs().max())
 
 
+def _last_in_parent(modules: dict[str, nn.Module], raw: str) -> bool:
+    """Whether ``raw`` is the last child with parameters of its parent module (a branch's last norm)."""
+    parent_name, _, own = raw.rpartition(".")
+    parent = modules.get(parent_name)
+    if parent is None or not raw:
+        return False
+    with_params = [name for name, child in parent.named_children() if next(child.parameters(), None) is not None]
+    return bool(with_params) and with_params[-1] == own
+
+
 def scaled_branches(model: nn.Module) -> dict[str, str]:
     """The residual branches scaled down at initialisation, by the module that holds each one.
 
     A branch is the module that owns a tiny gain (a parameter named like a layer scale, ReZero or SkipInit gain,
     or any parameter of a ``LayerScale``-like class, whose entries are all at most :data:`GAIN_MAX` in magnitude),
     or its parent when the gain's module holds nothing else (timm's ``LayerScale`` beside the attention it scales);
-    or the parent of a norm whose weight is all zeros (a zero-initialised last norm). The model's root is never a
-    branch.
+    or the parent of a batch, group, instance or layer norm whose weight is all zeros and which is the last module
+    with parameters in that parent (a zero-initialised last norm; not an RMSNorm, whose zero weight stands for 1 in
+    Gemma's ``x * (1 + weight)``). The model's root is never a branch.
 
     Returns:
         ``{block name: evidence}``, block names cleaned as layer names (no wrapper segments).
@@ -168,7 +180,7 @@ def scaled_branches(model: nn.Module) -> dict[str, str]:
     modules = dict(model.named_modules())
     out: dict[str, str] = {}
     for raw, module in modules.items():
-        norm = norm_of_module(module) is not None
+        norm = norm_of_module(module) in _ZEROABLE_NORMS and _last_in_parent(modules, raw)
         for pname, param in module._parameters.items():
             shape = None if param is None else param_shape(param)  # (None: a lazy parameter)
             if shape is None or len(shape) > 1:
