@@ -607,3 +607,183 @@ def test_feature_maps_are_seen_at_the_first_forward_and_shown_in_the_report(tmp_
     assert all(not m._forward_pre_hooks for m in model.modules())  # one-shot hooks: gone
     health.close()
     assert "conv 3x3 on 1x1 maps (Conv2d)" in (tmp_path / "gradient_health_report.md").read_text()
+
+
+# ---------------------------------------------------------------------------------------------- issue 19
+def _bare(model: nn.Module) -> nn.Module:
+    """A LightningModule holding ``model`` as ``self.model``, with no ``forward`` of its own."""
+    import lightning as L
+
+    class Bare(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def training_step(self, batch, batch_idx):
+            return self.model(batch).sum()
+
+    return Bare()
+
+
+class SkipMLP(nn.Module):
+    """A plain residual MLP block (no class name the inventory knows)."""
+
+    def __init__(self, d: int = 8) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d, d)
+        self.fc2 = nn.Linear(d, d)
+
+    def forward(self, x):
+        return x + self.fc2(F.relu(self.fc1(x)))
+
+
+class ReZeroBlock(nn.Module):
+    def __init__(self, d: int = 8) -> None:
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+        self.alpha = nn.Parameter(torch.zeros(1))  # ReZero (Bachlechner et al., 2021)
+
+    def forward(self, x):
+        return x + self.alpha * F.relu(self.fc(x))
+
+
+class ZeroNormBlock(nn.Module):
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(c)
+        nn.init.zeros_(self.bn2.weight)  # torchvision's zero_init_residual (Goyal et al., 2017)
+
+    def forward(self, x):
+        return x + self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+
+
+def test_residuals_are_found_without_a_forward_on_the_lightning_module():
+    """Issue 19: a LightningModule without ``forward`` hides nothing: its children are traced."""
+    plain = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    assert not take_inventory(_bare(plain)).residual  # (no addition anywhere: not residual)
+    inv = take_inventory(_bare(nn.Sequential(SkipMLP(), SkipMLP(), nn.Linear(8, 2))))
+    assert inv.residual and "traced add" in inv.residual_evidence and "`model`" in inv.residual_evidence
+    assert not take_inventory(_bare(nn.Sequential(SkipMLP())), trace=False).residual
+    assert "add residual connections" not in " ".join(fixes_for(Kind.LAYER_IMBALANCE, inv))
+
+
+def test_scaled_residual_branches_are_recognised_and_not_compared():
+    """Layer scale 1e-6 (ConvNeXt), ReZero's alpha 0 and a zero-initialised last BatchNorm mark their blocks."""
+    from archs_heldout import ConvNeXt
+
+    inv = take_inventory(_bare(ConvNeXt()), trace=False)  # (classes and parameters only: no tracing needed)
+    assert inv.residual and "model.stages.0.0.gamma" in inv.residual_evidence
+    assert len(inv.scaled_branches) == 4  # one per block
+    scaled = {layer.name for layer in inv.layers if layer.scaled}
+    assert scaled == {f"model.stages.{s}.{b}.{m}" for s in (0, 1) for b in (0, 1) for m in ("dwconv", "pwconv1", "pwconv2")}
+    assert not any(inv[name].comparable for name in scaled)
+    assert {"model.downsample_layers.0.0", "model.downsample_layers.1.1", "model.head"} <= set(inv.comparable())
+    assert set(inv.blocks()).isdisjoint(scaled) and set(inv.main_path()).isdisjoint(scaled)
+    back = ModelInventory.from_dict(json.loads(json.dumps(inv.to_dict())))
+    assert back.scaled_branches == inv.scaled_branches and {x.name for x in back.layers if x.scaled} == scaled
+
+    rezero = take_inventory(nn.Sequential(ReZeroBlock(), ReZeroBlock(), nn.Linear(8, 2)))
+    assert [layer.name for layer in rezero.layers if layer.scaled] == ["0.fc", "1.fc"] and rezero.residual
+    zero_bn = take_inventory(nn.Sequential(nn.Conv2d(3, 4, 3), ZeroNormBlock(), ZeroNormBlock()))
+    assert {layer.name for layer in zero_bn.layers if layer.scaled} == {"1.conv1", "1.conv2", "2.conv1", "2.conv2"}
+    assert zero_bn.comparable() == ("0",)
+
+
+def test_gains_that_are_not_tiny_do_not_scale_a_branch():
+    block = ReZeroBlock()
+    with torch.no_grad():
+        block.alpha.fill_(0.5)  # a trained ReZero gain
+    assert not take_inventory(nn.Sequential(block, nn.Linear(8, 2)), trace=False).scaled_branches
+    root = nn.BatchNorm1d(8)
+    nn.init.zeros_(root.weight)  # a zero norm at the root is no branch
+    assert not take_inventory(root).scaled_branches
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_time_profile_is_the_input_gradient_through_time(batch_first):
+    """The profile against an independent float64 reference: ``∂L/∂x_t`` by autograd, first vs last quarter."""
+    from lightning_gradhealth.model.recurrence import TimeProfile, watch_recurrence
+
+    torch.manual_seed(0)
+    rnn = nn.RNN(3, 5, batch_first=batch_first)
+    head = nn.Linear(5, 2)
+    x = torch.randn(4, 12, 3) if batch_first else torch.randn(12, 4, 3)
+
+    def loss_of(mod: nn.Module, lin: nn.Module, inp: torch.Tensor) -> torch.Tensor:
+        out = mod(inp)[0]
+        return lin(out[:, -1] if batch_first else out[-1]).square().sum()
+
+    ref_rnn, ref_head = (nn.RNN(3, 5, batch_first=batch_first).double(), nn.Linear(5, 2).double())
+    ref_rnn.load_state_dict({k: v.double() for k, v in rnn.state_dict().items()})
+    ref_head.load_state_dict({k: v.double() for k, v in head.state_dict().items()})
+    xd = x.double().requires_grad_(True)
+    (g,) = torch.autograd.grad(loss_of(ref_rnn, ref_head, xd), xd)
+    per_step = g.pow(2).sum(dim=(0, 2) if batch_first else (1, 2))
+    expected = float(per_step[:3].mean().sqrt() / per_step[-3:].mean().sqrt())
+
+    profiles: dict[str, TimeProfile] = {}
+    remove = watch_recurrence(nn.ModuleDict({"rnn": rnn}), profiles, lambda name: name)
+    loss_of(rnn, head, x).backward()
+    assert x.grad is None  # (the caller's tensor is untouched: a detached view was watched)
+    assert profiles["rnn"].early_over_late() == pytest.approx(expected, rel=1e-4)
+    assert profiles["rnn"].steps == 12 and profiles["rnn"].samples == 1
+    grads = [p.grad.clone() for p in rnn.parameters()]
+    remove()
+    rnn.zero_grad()
+    loss_of(rnn, head, x).backward()  # the same gradients without the hook
+    assert all(torch.equal(a, p.grad) for a, p in zip(grads, rnn.parameters(), strict=True))
+    with torch.no_grad():
+        rnn(x)
+    assert profiles["rnn"].samples == 1  # (removed; and never under no_grad)
+
+
+def test_recurrence_rule_and_its_fixes():
+    """Issue 19: vanishing through time names gated cells for nn.RNN, the forget gate for an LSTM; exploding clips."""
+    from lightning_gradhealth.config.thresholds import Thresholds
+    from lightning_gradhealth.diagnosis.history import History
+    from lightning_gradhealth.diagnosis.rules import diagnose
+    from lightning_gradhealth.model.recurrence import TimeProfile
+
+    for cell, first in ((nn.RNN, "gated cells"), (nn.LSTM, "forget-gate bias")):
+        inv = take_inventory(nn.ModuleDict({"rnn": cell(3, 5), "head": nn.Linear(5, 2)}))
+        inv.time_profiles["rnn"] = TimeProfile(1e-8)
+        (finding,) = diagnose(History(), Thresholds(), inventory=inv)
+        assert finding.kind == Kind.RECURRENT_VANISHING and finding.severity.value == "critical"
+        assert first in finding.fixes[0] and finding.layers == ("rnn",)
+        inv.time_profiles["rnn"] = TimeProfile(1e-4)
+        assert diagnose(History(), Thresholds(), inventory=inv)[0].severity.value == "warning"
+        inv.time_profiles["rnn"] = TimeProfile(0.4)  # healthy
+        assert diagnose(History(), Thresholds(), inventory=inv) == []
+        inv.time_profiles["rnn"] = TimeProfile(5e2)
+        (finding,) = diagnose(History(), Thresholds(), inventory=inv)
+        assert finding.kind == Kind.RECURRENT_EXPLODING and "clip" in finding.fixes[0]
+        assert ModelInventory.from_dict(inv.to_dict()).time_profiles["rnn"].early_over_late() == 5e2
+
+
+def test_a_zero_weight_that_is_not_a_last_norm_scales_nothing():
+    """Gemma's RMSNorm keeps a zero weight for ``x * (1 + weight)``; a zero first norm does not end a branch."""
+
+    class GemmaRMSNorm(nn.Module):
+        def __init__(self, d: int) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.zeros(d))
+
+        def forward(self, x):
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + self.weight)
+
+    class Layer(nn.Module):
+        def __init__(self, d: int = 8) -> None:
+            super().__init__()
+            self.input_layernorm = nn.LayerNorm(d)
+            nn.init.zeros_(self.input_layernorm.weight)  # first, not last
+            self.fc = nn.Linear(d, d)
+            self.post_norm = GemmaRMSNorm(d)
+
+        def forward(self, x):
+            return x + self.post_norm(self.fc(self.input_layernorm(x)))
+
+    inv = take_inventory(nn.Sequential(Layer(), Layer(), nn.Linear(8, 2)))
+    assert not inv.scaled_branches and inv.comparable() == ("0.fc", "1.fc", "2")

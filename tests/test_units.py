@@ -19,6 +19,7 @@ import torch
 from conftest import Capture, Records, TinyMLP, loader, make_trainer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
+from torch.nn import functional as F
 
 from lightning_gradhealth import GradientHealth, GradientHealthMonitor, GradStatsEngine, build_layout
 from lightning_gradhealth.diagnosis.history import History
@@ -423,6 +424,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+from torch.nn import functional as F
 
 from lightning_gradhealth import GradStatsEngine, build_layout
 from lightning_gradhealth.model.distributed import fsdp1_reduction
@@ -520,3 +522,110 @@ def test_fsdp1_flat_shards_have_no_units_and_whole_parameters_count_once(tmp_pat
     assert r0["layers"] == r1["layers"]
     for layer, (dead, units) in unit_reference(grads).items():
         assert r0["layers"][layer] == [units, dead, dead / units], layer
+
+
+# ---------------------------------------------------------------------------------------------- HF Conv1D (issue 19)
+class Conv1D(nn.Module):
+    """An exact copy of ``transformers.pytorch_utils.Conv1D`` (transformers is not a test dependency).
+
+    GPT-2's linear layer: the weight is stored as (inputs, outputs), ``nx`` x ``nf``, and applied as
+    ``x @ weight + bias``: its output units are the weight's columns (dim 1), not its rows.
+    """
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf = nf
+        self.nx = nx
+        self.weight = nn.Parameter(torch.empty(nx, nf))
+        self.bias = nn.Parameter(torch.zeros(nf))
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size_out = x.size()[:-1] + (self.nf,)  # noqa: RUF005  (as transformers writes it)
+        x = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
+        return x.view(size_out)
+
+
+class GPT2Block(nn.Module):
+    """GPT-2's block (``ln_1``, ``attn.c_attn``/``attn.c_proj``, ``ln_2``, ``mlp.c_fc``/``mlp.c_proj``) of Conv1Ds.
+
+    The units ``dead`` of ``mlp.c_fc`` never activate (bias -100 before a ReLU, so that their gradient is exactly
+    zero): ``mlp.c_fc`` has dead outputs; ``mlp.c_proj`` has dead *inputs* (rows of its (in, out) weight) but no
+    dead output.
+    """
+
+    def __init__(self, d: int = 16, heads: int = 2, dead: tuple[int, ...] = DEAD) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln_1 = nn.LayerNorm(d)
+        self.attn = nn.Module()
+        self.attn.c_attn = Conv1D(3 * d, d)
+        self.attn.c_proj = Conv1D(d, d)
+        self.ln_2 = nn.LayerNorm(d)
+        self.mlp = nn.Module()
+        self.mlp.c_fc = Conv1D(4 * d, d)
+        self.mlp.act = nn.ReLU()
+        self.mlp.c_proj = Conv1D(d, 4 * d)
+        self.head = nn.Linear(d, 3)
+        with torch.no_grad():
+            self.mlp.c_fc.bias.fill_(0.5)
+            self.mlp.c_fc.bias[list(dead)] = -100.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.attn.c_attn(self.ln_1(x)).split(d, dim=2)
+        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, d)
+        x = x + self.attn.c_proj(y)
+        x = x + self.mlp.c_proj(self.mlp.act(self.mlp.c_fc(self.ln_2(x))))
+        return self.head(x)
+
+
+def conv1d_reference(model: nn.Module) -> dict[str, tuple[int, int] | None]:
+    """Per layer ``(dead, units)``, counting the units of a Conv1D along dim 1 of its weight (its outputs)."""
+    out: dict[str, tuple[int, int] | None] = {}
+    modules = dict(model.named_modules())
+    for name, p in model.named_parameters():
+        layer, _, pname = name.rpartition(".")
+        out.setdefault(layer, None)
+        g = p.grad.detach().double()
+        if g.ndim < 2:
+            continue
+        if isinstance(modules[layer], Conv1D):
+            dead, units = int((g == 0).all(dim=0).sum()), g.shape[1]
+        else:
+            dead, units = dead_rows(g), g.shape[0]
+        have = out[layer] or (0, 0)
+        out[layer] = (have[0] + dead, have[1] + units)
+    return out
+
+
+def test_hf_conv1d_units_are_its_outputs_not_its_rows():
+    """Issue 19: GPT-2's Conv1D (weight (in, out)): ``mlp.c_fc``'s dead outputs are found there, none in c_proj."""
+    from lightning_gradhealth.model.detect import module_kind, transposed_weights
+
+    torch.manual_seed(0)
+    model = GPT2Block()
+    x = torch.randn(4, 6, 16)
+    model.zero_grad(set_to_none=True)
+    model(x).square().mean().backward()
+    flipped = transposed_weights(model)
+    assert {id(p) for p in flipped} == {id(m.weight) for m in model.modules() if isinstance(m, Conv1D)}
+    assert module_kind(model.mlp.c_fc).units == 64
+    ref = conv1d_reference(model)
+    assert ref["mlp.c_fc"] == (len(DEAD), 64) and ref["mlp.c_proj"] == (0, 16)  # the premise
+    for stats in ("basic", "full"):
+        engine = GradStatsEngine(stats=stats)
+        pending = engine.compute(build_layout(model.named_parameters(), transposed=flipped))
+        assert pending is not None
+        record = engine.finish(pending, StepMeta())
+        assert_units(record, ref)
+        dense = engine.finish(engine.compute(build_layout(model.named_parameters())), StepMeta())  # type: ignore[arg-type]
+        assert record.total_norm == pytest.approx(dense.total_norm, rel=1e-6)  # (the transposed view changes no other statistic)
+        assert [lay.zero_frac for lay in record.layers] == [lay.zero_frac for lay in dense.layers]
+    # the loop API finds the layout itself (from the modules)
+    health = GradientHealth(model, log_every_n_steps=1, report=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    health.step(opt, step=0)
+    assert_units(health.last_record, ref)
+    health.close()

@@ -76,6 +76,22 @@ FIXES: dict[str, tuple[str, ...]] = {
         "clip gradients: GradientHealthMonitor(clip='norm', max_norm=1.0) or Trainer(gradient_clip_val=1.0)",
         "check the data and the loss: a bad batch, label noise, wrong targets, a loss unbounded below",
     ),
+    # ---- recurrence (issue 19): Bengio et al. 1994; Pascanu et al. 2013; Hochreiter & Schmidhuber 1997
+    Kind.RECURRENT_VANISHING: (
+        "use gated cells: nn.LSTM or nn.GRU instead of nn.RNN (their additive state carries the gradient through "
+        "time)",
+        "shorten the path through time: truncated BPTT over shorter windows, attention over the states, or a "
+        "prediction from every step instead of the last only",
+        "initialise the recurrent weights orthogonally: nn.init.orthogonal_(rnn.weight_hh_l0) (spectral radius 1)",
+    ),
+    Kind.RECURRENT_EXPLODING: (
+        "clip gradients: GradientHealthMonitor(clip='norm', max_norm=5.0), the usual bound for RNNs "
+        "(Pascanu et al. 2013)",
+        "truncated BPTT over shorter windows: fewer recurrent Jacobians multiply into the gradient",
+        "initialise the recurrent weights orthogonally: nn.init.orthogonal_(rnn.weight_hh_l0), not larger; prefer "
+        "tanh or gated cells (nn.LSTM/nn.GRU) to a ReLU recurrence",
+        "lower the learning rate",
+    ),
 }
 
 #: kind -> code to add, when nothing is known about the model.
@@ -96,6 +112,8 @@ CODE: dict[str, str] = {
     Kind.NO_GRADIENT: "for name, p in model.named_parameters():\n    if p.grad is None:\n"
     "        print('no gradient:', name)",
     Kind.DIVERGING: "optimizer = torch.optim.AdamW(model.parameters(), lr=lr / 10)  # and a warm-up",
+    Kind.RECURRENT_VANISHING: "rnn = nn.LSTM(input_size, hidden_size, batch_first=True)  # instead of nn.RNN",
+    Kind.RECURRENT_EXPLODING: "GradientHealthMonitor(clip='norm', max_norm=5.0)",
 }
 
 _CLIP_CODE = "GradientHealthMonitor(clip='norm', max_norm={max_norm})"
@@ -407,7 +425,18 @@ def _ratio_low(t: _Traits) -> list[str]:
     return list(FIXES[Kind.RATIO_LOW])
 
 
+def _recurrent_vanishing(t: _Traits) -> list[str]:
+    out = list(FIXES[Kind.RECURRENT_VANISHING])
+    if not t.vanilla_rnn:  # already gated: the forget gate and the length of the path come first
+        out[0] = (
+            "initialise the LSTM forget-gate bias to 1 (Jozefowicz et al. 2015) so that the cell state carries the "
+            "gradient, or shorten the sequences"
+        )
+    return out
+
+
 _FITTED: dict[str, Callable[[_Traits], list[str]]] = {
+    Kind.RECURRENT_VANISHING: _recurrent_vanishing,
     Kind.VANISHING: _vanishing,
     Kind.DEAD: _dead,
     Kind.SATURATION: _saturation,

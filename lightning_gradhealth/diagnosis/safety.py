@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, Literal
 
+from lightning_gradhealth.config.thresholds import Severity
 from lightning_gradhealth.diagnosis.fixes import FIXES
+from lightning_gradhealth.diagnosis.history import History
 from lightning_gradhealth.schema.kinds import Kind
 from lightning_gradhealth.schema.record import StepStats
 
-__all__ = ["NonFinitePolicy", "format_nonfinite_message", "nonfinite_fixes"]
+__all__ = ["NonFinitePolicy", "amp_fixes", "amp_overflow_finding", "format_nonfinite_message", "nonfinite_fixes"]
 
 Decision = Literal["raise", "skip", "warn", "amp_overflow", "amp_collapse", "skip_limit"]
 
@@ -80,12 +84,45 @@ class NonFinitePolicy:
             setattr(self, key, int(state.get(key, 0)))
 
 
+FP16_MAX = 65504.0
+"""The largest finite float16."""
+
+
+def amp_fixes(record: StepStats) -> tuple[str, ...]:
+    """The fixes of an fp16 overflow under a GradScaler, most useful first (Micikevicius et al., 2018).
+
+    fp16 tops out at 65504: with a loss scale, a large loss or large activations overflow it. bf16 has float32's
+    range and needs no scaler, so it comes first; then a smaller loss (what is scaled), then the scaler's settings.
+    """
+    parts = [f"the loss is {record.loss:.3g}"] if record.loss is not None and math.isfinite(record.loss) else []
+    parts += [f"scaled by {record.amp_scale:g}"] if record.amp_scale else []
+    detail = f" ({', '.join(parts)})" if parts else ""
+    return (
+        "train in bf16 instead of fp16: precision='bf16-mixed' (Trainer/Fabric) or torch.autocast(device_type, "
+        "dtype=torch.bfloat16) without a GradScaler: bf16 has float32's range, so nothing overflows at "
+        f"{FP16_MAX:g}",
+        f"keep the loss and activations small under fp16{detail}: average instead of summing, normalise the "
+        "targets, drop a constant factor on the loss, keep the softmax and the loss in float32",
+        "tune the GradScaler: a lower init_scale (torch.amp.GradScaler(init_scale=2.0**10)) and a longer "
+        "growth_interval (e.g. 4000) so that fewer steps overflow while it finds its scale",
+    )
+
+
 def nonfinite_fixes(record: StepStats) -> tuple[str, ...]:
     """The fixes of a non-finite step, most likely first.
 
-    A non-finite loss (read with the statistics) means the forward pass or the loss produced the NaN/Inf, not an
-    update that was too large: numerical stability comes first then.
+    Under a GradScaler (``record.amp_scale`` set) an overflow of fp16 is the likely cause: bf16, a smaller loss and
+    the scaler's settings lead (:func:`amp_fixes`), before where the replay found it born. A non-finite loss (read
+    with the statistics) means the forward pass or the loss produced the NaN/Inf, not an update that was too large:
+    numerical stability comes first then.
     """
+    if record.amp_scale is not None or record.amp_overflow:
+        rest = [fix for fix in _unscaled_fixes(record) if "bf16" not in fix]
+        return (*amp_fixes(record), *rest)
+    return _unscaled_fixes(record)
+
+
+def _unscaled_fixes(record: StepStats) -> tuple[str, ...]:
     fixes = FIXES[Kind.NONFINITE]
     born = record.nonfinite_birth or ""
     if born.startswith("Born in `"):  # the replay named a module: what to do there comes first
@@ -164,3 +201,40 @@ def format_nonfinite_message(
     lines.append("Fixes:")
     lines += [f"  {i}. {fix}" for i, fix in enumerate(nonfinite_fixes(record), 1)]
     return "\n".join(lines)
+
+
+def amp_overflow_finding(history: History, find: Callable[..., Any]) -> Any:
+    """The finding of a run whose non-finite steps are GradScaler overflows of fp16, or None when some are not.
+
+    A scaler skips the update of an overflowing step and halves its scale: a few such steps while it finds its
+    scale are the normal working of mixed precision: a warning when the run recovered (its latest record is
+    finite) with a scale above 1, critical when it still overflows or the scale fell to 1 or below (the unscaled
+    gradients themselves are at the edge of fp16's range: the loss is too large, not a transient). The summary
+    says what happened to the scale, not "non-finite in every layer" (one overflowing fp16 op makes every gradient
+    upstream of it non-finite). Its fixes lead with bf16, a smaller loss and the scaler's settings
+    (:func:`amp_fixes`).
+
+    Args:
+        history: The kept records (its first non-finite record is an overflow under a scaler).
+        find: Makes the finding (``rules._finder``): ``find(kind, severity, summary, **fields)``.
+    """
+    first, last = history.first_nonfinite, history.last_nonfinite or history.first_nonfinite
+    if first is None or last is None or not (first.amp_overflow and last.amp_overflow):
+        return None
+    recovered = bool(history.steps) and history.steps[-1] > last.step
+    collapsed = last.amp_scale is not None and last.amp_scale <= 1.0  # the unscaled gradients barely fit fp16
+    scales = f"; its loss scale went from {first.amp_scale:g} to {last.amp_scale:g}" if first.amp_scale else ""
+    count = history.nonfinite_records
+    summary = (
+        f"the GradScaler skipped the update of {count} recorded step(s) for an fp16 overflow (steps {first.step} to "
+        f"{last.step}){scales}: " + ("it then found a scale that fits, but" if recovered else "it still overflows:")
+        + " the loss or activations are too large for fp16's range."
+    )
+    finding = find(
+        Kind.NONFINITE, Severity.WARNING if recovered and not collapsed else Severity.CRITICAL, summary,
+        layers=tuple(lay.name for lay in first.nonfinite_layers),
+        evidence={"step": first.step, "last_step": last.step, "amp_overflow": True, "nonfinite_records": count,
+                  "first_scale": first.amp_scale, "last_scale": last.amp_scale, "recovered": recovered},
+    )  # fmt: skip
+    rest = (fix for fix in finding.fixes if "bf16" not in fix)
+    return replace(finding, fixes=tuple(dict.fromkeys((*amp_fixes(last), *rest))))

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-import operator
 import re
-import warnings
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -40,7 +38,8 @@ __all__ = [
     "param_numel",
     "param_shape",
     "source_activations",
-    "traced_residual",
+    "transposed_weights",
+    "unit_dim",
 ]
 
 #: Every layer kind, in the order of :data:`LayerKind`.
@@ -156,8 +155,6 @@ DOWNSAMPLE_SEGMENT = re.compile(r"(^|\.)downsample(\.|$)")
 PROJECTION_PARAM = re.compile(r"weight|proj", re.IGNORECASE)
 EMBEDDING_PARAM = re.compile(r"(embed|token|pos_?emb|position)", re.IGNORECASE)
 
-_ADD_FUNCTIONS = frozenset((operator.add, operator.iadd, torch.add))
-_MAX_TRACE_MODULES = 20_000
 
 
 def activation_from_name(name: str) -> str | None:
@@ -320,6 +317,33 @@ def module_kind(module: nn.Module) -> ModuleKind:
     return ModuleKind("other")
 
 
+def unit_dim(module: nn.Module, pname: str) -> int:
+    """The dimension of parameter ``pname`` of ``module`` along which its units (output features) lie.
+
+    1 for the weight of HF ``transformers.pytorch_utils.Conv1D`` (GPT-2's ``c_attn``/``c_fc``/``c_proj``), which
+    stores it as (inputs, outputs) and computes ``x @ weight + bias``: recognised by its class name, a 2-D weight
+    and, where it keeps one, ``nf`` (its number of outputs) equal to the weight's dim 1. 0 for everything else
+    (``nn.Linear`` stores (outputs, inputs); convolutions (out_channels, ...)).
+    """
+    if pname != "weight" or type(module).__name__ != "Conv1D":
+        return 0
+    shape = param_shape(module._parameters["weight"]) if module._parameters.get("weight") is not None else None
+    if shape is None or len(shape) != 2:
+        return 0
+    nf = getattr(module, "nf", None)
+    return 1 if nf is None or nf == shape[1] else 0
+
+
+def transposed_weights(model: nn.Module) -> list[torch.Tensor]:
+    """The parameters of ``model`` whose units lie along dim 1 (:func:`unit_dim`), for the layout."""
+    return [
+        param
+        for module in model.modules()
+        for pname, param in module._parameters.items()
+        if param is not None and unit_dim(module, pname) == 1
+    ]
+
+
 def _norm_units(module: nn.Module) -> int | None:
     for attr in ("num_features", "num_channels", "hidden_size", "dim"):
         value = getattr(module, attr, None)
@@ -331,88 +355,3 @@ def _norm_units(module: nn.Module) -> int | None:
     weight = module._parameters.get("weight")
     weight_shape = None if weight is None else param_shape(weight)
     return int(weight_shape[0]) if weight_shape else None
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The model under DDP / DataParallel / ``torch.compile`` / Fabric wrappers (for tracing only)."""
-    for _ in range(8):
-        inner = getattr(model, "_orig_mod", None)
-        if inner is None:
-            inner = getattr(model, "_forward_module", None)
-        if inner is None and type(model).__name__ in ("DistributedDataParallel", "DataParallel"):
-            inner = getattr(model, "module", None)
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
-    return model
-
-
-def _hooked(module: nn.Module) -> bool:
-    return bool(module._forward_pre_hooks or module._forward_hooks or module._backward_hooks)
-
-
-def traced_residual(model: nn.Module) -> str:
-    """Trace ``model`` symbolically and return where an addition joins a value with one computed from it.
-
-    The path between the two must go through a layer (a module with parameters, or a parameter read in the
-    forward), so that ``x + 0.044715 * x**3`` inside a GELU is not a residual. Returns ``""`` when none, or when
-    the model cannot be traced (data-dependent control flow, unsupported calls: the common case for big models).
-    """
-    root = _unwrap(model)
-    modules = list(root.modules())
-    if len(modules) > _MAX_TRACE_MODULES or any(_hooked(m) for m in modules):
-        return ""  # a module with hooks (FSDP2's, the user's) must not run them on proxies: they may keep state
-    if any(type(p).__name__ == "DTensor" for p in root.parameters()):
-        return ""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            graph = torch.fx.symbolic_trace(root).graph
-    except Exception:  # tracing arbitrary user code fails in arbitrary ways
-        return ""
-    nodes = list(graph.nodes)
-    index = {node: i for i, node in enumerate(nodes)}
-    with_params: dict[str, bool] = {}
-
-    def is_layer(node: torch.fx.Node) -> bool:
-        if node.op == "call_module":
-            target = str(node.target)
-            if target not in with_params:
-                try:
-                    sub = root.get_submodule(target)
-                except AttributeError:
-                    sub = None
-                with_params[target] = sub is not None and next(sub.parameters(), None) is not None
-            return with_params[target]
-        return any(isinstance(a, torch.fx.Node) and a.op == "get_attr" for a in node.all_input_nodes)
-
-    for node in nodes:
-        is_add = (node.op == "call_function" and node.target in _ADD_FUNCTIONS) or (
-            node.op == "call_method" and node.target in ("add", "add_")
-        )
-        if not is_add:
-            continue
-        args = [a for a in node.args[:2] if isinstance(a, torch.fx.Node)]
-        if len(args) != 2 or args[0] is args[1]:
-            continue
-        early, late = sorted(args, key=index.__getitem__)
-        # ancestors of `late` defined after `early`, then those of them reachable from `early`
-        between: set[torch.fx.Node] = set()
-        stack = [late]
-        while stack:
-            cur = stack.pop()
-            if cur in between or index[cur] <= index[early]:
-                continue
-            between.add(cur)
-            stack.extend(cur.all_input_nodes)
-        reached: set[torch.fx.Node] = set()
-        stack = [u for u in early.users if u in between]
-        while stack:
-            cur = stack.pop()
-            if cur in reached:
-                continue
-            reached.add(cur)
-            stack.extend(u for u in cur.users if u in between)
-        if late in reached and any(is_layer(n) for n in reached):
-            return f"traced add {node.name}({early.name}, {late.name})"
-    return ""

@@ -19,32 +19,11 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from lightning_gradhealth.model.detect import (
-    ACTIVATION_ATTR,
-    ACTIVATIONS,
-    BLOCK_CLASS,
-    COMPARABLE_KINDS,
-    CONFIG_ACTIVATION_ATTRS,
-    DOWNSAMPLE_SEGMENT,
-    EMBEDDING_PARAM,
-    INDEX_SEGMENT,
-    LAYER_KINDS,
-    NORMS,
-    PROJECTION_PARAM,
-    RESIDUAL_CLASSES,
-    SHORTCUT_SEGMENT,
-    ModuleKind,
-    activation_from_name,
-    activation_of_module,
-    activation_of_value,
-    module_kind,
-    norm_of_module,
-    param_numel,
-    param_shape,
-    source_activations,
-    traced_residual,
-)
-from lightning_gradhealth.model.layout import GroupBy, clean_name, layer_name
+from lightning_gradhealth.model.detect import ACTIVATIONS, INDEX_SEGMENT, LAYER_KINDS, NORMS
+from lightning_gradhealth.model.layout import GroupBy, clean_name
+from lightning_gradhealth.model.recurrence import TimeProfile, watch_recurrence
+from lightning_gradhealth.model.residual import scaled_branches, traced_residual
+from lightning_gradhealth.model.scan import InventoryScan
 
 __all__ = [
     "ACTIVATIONS",
@@ -89,6 +68,9 @@ class LayerInfo:
         shortcut: A projection on the skip connection of a residual block (ResNet's ``downsample``), off the
             main path.
         trainable: At least one of its parameters requires a gradient.
+        scaled: A weight matrix inside a residual branch scaled down by design at initialisation (layer scale,
+            ReZero, SkipInit, a zero-initialised last norm: :func:`~.residual.scaled_branches`): its gradients are
+            small by design, so it is not :attr:`comparable` with the others.
     """
 
     name: str
@@ -106,6 +88,7 @@ class LayerInfo:
     is_head: bool = False
     shortcut: bool = False
     trainable: bool = True
+    scaled: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -125,6 +108,7 @@ class LayerInfo:
             "is_head": self.is_head,
             "shortcut": self.shortcut,
             "trainable": self.trainable,
+            "scaled": self.scaled,
         }
 
 
@@ -155,6 +139,10 @@ class ModelInventory:
         group_by: How parameters were grouped into layers: ``"module"``, ``"parameter"`` or ``"callable"``.
         feature_maps: The input feature-map size of each convolution layer, once seen (:func:`watch_feature_maps`:
             the first forward pass after the inventory was taken).
+        time_profiles: Per recurrent layer, how much gradient reaches its first time steps against its last ones
+            (:class:`~.recurrence.TimeProfile`, watched from the first forward pass on by :func:`watch_feature_maps`).
+        scaled_branches: What showed each residual branch scaled down by design (``"residual gain
+            `stages.0.0.gamma` (1e-06)"``); their layers are :attr:`LayerInfo.scaled`, and such a model is residual.
     """
 
     layers: tuple[LayerInfo, ...]
@@ -167,6 +155,8 @@ class ModelInventory:
     main_activation: str | None = None
     group_by: str = "module"
     feature_maps: dict[str, tuple[int, ...]] = field(default_factory=dict, compare=False)
+    scaled_branches: tuple[str, ...] = ()
+    time_profiles: dict[str, TimeProfile] = field(default_factory=dict, compare=False)
     _by_name: dict[str, LayerInfo] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -317,6 +307,8 @@ class ModelInventory:
             main_activation=data.get("main_activation"),
             group_by=str(data.get("group_by", "module")),
             feature_maps={k: tuple(v) for k, v in data.get("feature_maps", {}).items()},
+            scaled_branches=tuple(data.get("scaled_branches", ())),
+            time_profiles={k: TimeProfile(float(v)) for k, v in data.get("time_profiles", {}).items()},
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -338,21 +330,30 @@ class ModelInventory:
             "main_path": list(self.main_path()),
             "layers": [layer.to_dict() for layer in self.layers],
             "feature_maps": {name: list(size) for name, size in self.feature_maps.items()},
+            "scaled_branches": list(self.scaled_branches),
+            "time_profiles": {
+                name: ratio for name, p in self.time_profiles.items() if (ratio := p.early_over_late()) is not None
+            },
         }
 
 
 def watch_feature_maps(inventory: ModelInventory, model: nn.Module) -> Callable[[], None]:
-    """Record each convolution's input feature-map size at the next forward pass (one-shot hooks, then gone).
+    """Record each convolution's input feature-map size at the next forward pass, and watch recurrent layers.
 
     A 3x3 convolution on 1x1 maps only ever sees zero padding in 8 of its 9 taps: the report shows the size beside
-    the kernel, so such zero gradient entries read as structure. Hooks remove themselves after their first call;
-    the returned function removes those that never fired.
+    the kernel, so such zero gradient entries read as structure. Those hooks remove themselves after their first
+    call. The recurrent layers' gradient through time is watched into :attr:`ModelInventory.time_profiles` for as
+    long as the monitor runs (:func:`~.recurrence.watch_recurrence`). The returned function removes every hook.
     """
     handles: list[Any] = []
+
+    def layer_of(mod_name: str, pname: str) -> str:
+        return clean_name(mod_name) if inventory.group_by == "module" else clean_name(f"{mod_name}.{pname}")
+
     for mod_name, module in model.named_modules():
         if not isinstance(module, nn.modules.conv._ConvNd):
             continue
-        name = clean_name(mod_name) if inventory.group_by == "module" else clean_name(f"{mod_name}.weight")
+        name = layer_of(mod_name, "weight")
         if inventory.get(name) is None:
             continue
 
@@ -363,10 +364,12 @@ def watch_feature_maps(inventory: ModelInventory, model: nn.Module) -> Callable[
             handles[index].remove()
 
         handles.append(module.register_forward_pre_hook(hook))
+    unwatch = watch_recurrence(model, inventory.time_profiles, lambda mod_name: layer_of(mod_name, "weight_ih_l0"))
 
     def remove() -> None:
         for handle in handles:
             handle.remove()
+        unwatch()
 
     return remove
 
@@ -386,8 +389,9 @@ def take_inventory(model: nn.Module, group_by: GroupBy = "module", *, trace: boo
         group_by: How parameters are grouped into layers, as for the monitor (see
             :func:`~lightning_gradhealth.model.layout.layer_name`).
         trace: When no known residual block is found by class, trace the forward symbolically
-            (``torch.fx.symbolic_trace``, guarded: a model that cannot be traced is just not known to be
-            residual) to find residual additions. False: classes only.
+            (:func:`~lightning_gradhealth.model.residual.traced_residual`: the children's when the model has no
+            ``forward`` of its own; guarded: a model that cannot be traced is just not known to be residual) to
+            find residual additions. False: classes and scaled branches only.
 
     Returns:
         The inventory. Layers include frozen parameters (see :attr:`LayerInfo.trainable`) and the aliases of
@@ -395,167 +399,24 @@ def take_inventory(model: nn.Module, group_by: GroupBy = "module", *, trace: boo
     """
     if group_by not in ("module", "parameter") and not callable(group_by):
         raise ValueError(f"group_by must be 'module', 'parameter' or a callable, got {group_by!r}")
-    modules: dict[str, nn.Module] = {}
-    # per layer: [param names], {id: numel}, trainable, (largest numel, module name, kind), ndim>=2 weight seen
-    params_of: dict[str, list[str]] = {}
-    numel_of: dict[str, dict[int, int]] = {}
-    trainable: dict[str, bool] = {}
-    owner: dict[str, tuple[int, str, ModuleKind, str]] = {}
-    matrix: dict[str, bool] = {}
-    layers_of_param: dict[int, list[str]] = {}
-    first_name: dict[int, str] = {}
-    name_count: dict[int, int] = {}
-    alias_only: dict[str, bool] = {}
-    act_counts: dict[str, int] = {}
-    norms: set[str] = set()
-    has_attention = False
-    pre_norm: bool | None = None
-    residual_evidence = ""
-
-    def count(act: str | None, n: int = 1) -> None:
-        if act is not None:
-            act_counts[act] = act_counts.get(act, 0) + n
-
-    configs: set[int] = set()
+    scan = InventoryScan(model, group_by)
     for raw_prefix, module in model.named_modules(remove_duplicate=False):
-        prefix = clean_name(raw_prefix)
-        modules.setdefault(prefix, module)
-        cls = type(module)
-        config = vars(module).get("config")  # a HF-style config (PreTrainedModel and its modules keep one)
-        if config is not None and id(config) not in configs:
-            configs.add(id(config))
-            for attr in CONFIG_ACTIVATION_ATTRS:
-                value = getattr(config, attr, None)
-                if isinstance(value, str):
-                    count(activation_from_name(value))
-        # activations: the module itself, its activation attributes, the functional calls of its class
-        own = activation_of_module(module)
-        count(own)
-        for attr, value in () if isinstance(module, nn.RNNBase | nn.RNNCellBase) else vars(module).items():
-            if ACTIVATION_ATTR.match(attr) and not isinstance(value, nn.Module):
-                count(activation_of_value(value))
-        # an activation module's own formula (NewGELU's tanh) is not another activation of the model
-        functional, attends = (frozenset(), False) if own is not None else source_activations(cls)
-        for act in functional:
-            count(act)
-        norm = norm_of_module(module)
-        if norm is not None and norm != "norm":
-            norms.add(norm)
-        if isinstance(module, nn.MultiheadAttention) or "Attention" in cls.__name__ or attends:
-            has_attention = True
-        if isinstance(module, nn.MultiheadAttention):
-            count("softmax")
-        if isinstance(module, nn.TransformerEncoderLayer | nn.TransformerDecoderLayer):
-            has_attention = True
-            first = bool(getattr(module, "norm_first", False))
-            pre_norm = first if pre_norm is None else pre_norm and first
-            residual_evidence = residual_evidence or f"class {cls.__name__}"
-        elif not residual_evidence and RESIDUAL_CLASSES.search(cls.__name__):
-            residual_evidence = f"class {cls.__name__}"
-        elif not residual_evidence and BLOCK_CLASS.search(cls.__name__) and prefix:
-            subs = list(module.modules())[1:]
-            if any(norm_of_module(m) for m in subs) and any(
-                isinstance(m, nn.MultiheadAttention) or "Attention" in type(m).__name__ for m in subs
-            ):
-                residual_evidence = f"class {cls.__name__}"
-        if not module._parameters:
-            continue
-        # parameters: the module owns them directly (a parametrized weight is owned by its ParametrizationList)
-        kind_module = module
-        if type(module).__name__ == "ParametrizationList":
-            base_name = raw_prefix.rsplit(".parametrizations", 1)[0] if ".parametrizations" in raw_prefix else ""
-            try:
-                kind_module = model.get_submodule(base_name) if base_name else model
-            except AttributeError:
-                kind_module = module
-        mkind = module_kind(kind_module)
-        for pname, param in module._parameters.items():
-            if param is None:
-                continue
-            name = clean_name(f"{raw_prefix}.{pname}" if raw_prefix else pname)
-            layer = layer_name(name, group_by)
-            kind = mkind
-            if kind.kind == "other" and EMBEDDING_PARAM.search(pname):  # pos_embed, cls_token of a ViT root
-                shape = param_shape(param)
-                kind = ModuleKind("embedding", shape[-2] if shape and len(shape) >= 2 else None)
-            pid = id(param)
-            is_alias = pid in first_name
-            first_name.setdefault(pid, name)
-            name_count[pid] = name_count.get(pid, 0) + 1
-            if layer not in params_of:
-                params_of[layer] = []
-                numel_of[layer] = {}
-                trainable[layer] = False
-                matrix[layer] = False
-                alias_only[layer] = True
-            params_of[layer].append(name)
-            n = param_numel(param)
-            numel_of[layer][pid] = n
-            trainable[layer] = trainable[layer] or param.requires_grad
-            alias_only[layer] = alias_only[layer] and is_alias
-            shape = param_shape(param)
-            if (
-                shape is not None
-                and len(shape) >= 2
-                and kind.kind in COMPARABLE_KINDS
-                and (kind.kind != "attention" or PROJECTION_PARAM.search(pname) is not None)
-            ):  # a weight matrix; not an attention's relative-position table
-                matrix[layer] = True
-            if layer not in owner or n > owner[layer][0]:
-                owner[layer] = (n, prefix, kind, type(kind_module).__name__)
-            holders = layers_of_param.setdefault(pid, [])
-            if layer not in holders:
-                holders.append(layer)
-
-    tied_with: dict[str, set[str]] = {layer: set() for layer in params_of}
-    shared: set[str] = set()
-    for pid, holders in layers_of_param.items():
-        if name_count[pid] > 1:  # registered under two names or more: tied
-            shared.update(holders)
-            for layer in holders:
-                tied_with[layer].update(h for h in holders if h != layer)
-
-    order = list(params_of)
-    comparable = {layer: matrix[layer] and owner[layer][2].kind in COMPARABLE_KINDS for layer in order}
-    head_module = next((owner[layer][1] for layer in reversed(order) if comparable[layer]), None)
-    infos: list[LayerInfo] = []
-    for depth, layer in enumerate(order):
-        _, module_name, kind, module_class = owner[layer]
-        shortcut = bool(kind.kind in ("linear", "conv") and SHORTCUT_SEGMENT.search(module_name))
-        if not shortcut and kind.kind in ("linear", "conv") and (m := DOWNSAMPLE_SEGMENT.search(module_name)):
-            block = modules.get(module_name[: m.start()])
-            shortcut = block is not None and bool(RESIDUAL_CLASSES.search(type(block).__name__))
-        infos.append(
-            LayerInfo(
-                name=layer,
-                kind=kind.kind,
-                module_class=module_class,
-                params=tuple(params_of[layer]),
-                numel=sum(numel_of[layer].values()),
-                depth=depth,
-                units=kind.units,
-                kernel_size=kind.kernel_size,
-                comparable=comparable[layer],
-                tied=layer in shared,
-                tied_with=tuple(sorted(tied_with[layer], key=order.index)),
-                alias=alias_only[layer],
-                is_head=head_module is not None and module_name == head_module,
-                shortcut=shortcut,
-                trainable=trainable[layer],
-            )
-        )
-    if not residual_evidence and trace:
-        residual_evidence = traced_residual(model)
-    hidden = {a: c for a, c in act_counts.items() if a != "softmax"}
+        scan.module(raw_prefix, module)
+    branches = scaled_branches(model)
+    evidence = scan.residual_evidence or next(iter(branches.values()), "")
+    if not evidence and trace:
+        evidence = traced_residual(model)
+    hidden = {a: c for a, c in scan.act_counts.items() if a != "softmax"}
     main_activation = max(hidden, key=lambda a: (hidden[a], a in ("relu", "gelu", "silu"))) if hidden else None
     return ModelInventory(
-        layers=tuple(infos),
-        activations=frozenset(act_counts),
-        norms=frozenset(norms),
-        residual=bool(residual_evidence),
-        residual_evidence=residual_evidence,
-        has_attention=has_attention,
-        pre_norm=pre_norm,
+        layers=tuple(LayerInfo(**fields) for fields in scan.layers(branches)),
+        activations=frozenset(scan.act_counts),
+        norms=frozenset(scan.norms),
+        residual=bool(evidence),
+        residual_evidence=evidence,
+        has_attention=scan.has_attention,
+        pre_norm=scan.pre_norm,
         main_activation=main_activation,
         group_by=_group_key(group_by),
+        scaled_branches=tuple(branches.values()),
     )

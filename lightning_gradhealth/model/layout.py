@@ -57,6 +57,9 @@ class ParamLayout:
         layer_numel: Number of elements of each layer.
         sparse: Indices (into ``params``) of the parameters whose gradients are sparse COO tensors
             (``nn.Embedding``/``nn.EmbeddingBag`` with ``sparse=True``).
+        transposed: Indices (into ``params``) of the weights stored as (inputs, outputs), whose units (output
+            features) lie along dim 1: HF ``Conv1D`` (:func:`~lightning_gradhealth.model.detect.transposed_weights`).
+            The statistics read their gradients transposed (a view), so that rows are units for every layer.
     """
 
     param_names: tuple[str, ...]
@@ -65,6 +68,7 @@ class ParamLayout:
     layer_of_param: tuple[int, ...]
     layer_numel: tuple[int, ...]
     sparse: frozenset[int] = frozenset()
+    transposed: frozenset[int] = frozenset()
 
     @property
     def num_layers(self) -> int:
@@ -88,6 +92,7 @@ def build_layout(
     restrict_to: Sequence[torch.Tensor] | None = None,
     sparse_grads: Iterable[torch.Tensor] = (),
     frozen: bool = False,
+    transposed: Iterable[torch.Tensor] = (),
 ) -> ParamLayout:
     """Select the trainable parameters and group them into layers.
 
@@ -104,6 +109,7 @@ def build_layout(
         restrict_to: Only keep these tensors (compared by identity), e.g. an optimizer's parameters.
         sparse_grads: The parameters whose gradients are sparse (compared by identity).
         frozen: Select the frozen parameters instead (those that would be watched if they were trainable).
+        transposed: The weights whose units lie along dim 1 (compared by identity; HF ``Conv1D``).
 
     Returns:
         The layout, possibly empty.
@@ -136,6 +142,7 @@ def build_layout(
         layer_of.append(idx)
         numel[idx] += param.numel()
     sparse_ids = {id(p) for p in sparse_grads}
+    transposed_ids = {id(p) for p in transposed}
     return ParamLayout(
         param_names=tuple(names),
         params=tuple(params),
@@ -143,4 +150,5 @@ def build_layout(
         layer_of_param=tuple(layer_of),
         layer_numel=tuple(numel),
         sparse=frozenset(k for k, p in enumerate(params) if id(p) in sparse_ids),
+        transposed=frozenset(k for k, p in enumerate(params) if id(p) in transposed_ids and p.dim() == 2),
     )

@@ -19,6 +19,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from lightning_gradhealth.config.options import HealthOptions
+from lightning_gradhealth.model.detect import transposed_weights
 from lightning_gradhealth.model.distributed import check_sharding
 from lightning_gradhealth.model.layout import ParamLayout, build_layout, clean_name, layer_name
 from lightning_gradhealth.schema.errors import UnsupportedSetupError
@@ -310,6 +311,7 @@ class WatchedSet:
             exclude=self.options.exclude,  # type: ignore[arg-type]
             restrict_to=None if optimizer is None else _params(optimizer),
             sparse_grads=self._sparse_params(),
+            transposed=transposed_weights(self.model),  # HF Conv1D: units along dim 1
         )
         self._refuse_sparse(layout)
         return layout

@@ -121,6 +121,10 @@ def _summary(history: History, findings: Sequence[Finding], th: Thresholds) -> l
             "Saturated sigmoid/tanh outputs (worst module, last sample)",
             f"{max(saturated):.1%}" if saturated else "n/a", _of(findings, *kinds), kinds,
         ))  # fmt: skip
+    covered = {kind for row in rows[1:] for kind in row[3]}  # a kind no row above shows (a new rule's) gets one
+    others = tuple(dict.fromkeys(f.kind for f in findings if f.kind not in covered))
+    if others:
+        rows.append(("Other findings", ", ".join(others), _of(findings, *others), others))
     return rows
 
 

@@ -32,6 +32,10 @@ class Kind:
         DECAYING_TREND: The global norm decaying over the run (finding).
         NO_GRADIENT: Trainable parameters that never got a gradient (finding).
         DIVERGING: The training loss rising together with the gradient norm (alert and finding).
+        RECURRENT_VANISHING: A recurrent layer's gradient vanishes through time: its first time steps get a tiny
+            fraction of the gradient its last ones get (finding).
+        RECURRENT_EXPLODING: A recurrent layer's gradient grows through time: its first time steps get far more
+            gradient than its last ones (finding).
     """
 
     NONFINITE: Final = "nonfinite"
@@ -47,6 +51,8 @@ class Kind:
     DECAYING_TREND: Final = "decaying_trend"
     NO_GRADIENT: Final = "no_gradient"
     DIVERGING: Final = "diverging"
+    RECURRENT_VANISHING: Final = "recurrent_vanishing"
+    RECURRENT_EXPLODING: Final = "recurrent_exploding"
 
 
 #: Every kind, in the order of :class:`Kind`.

@@ -34,7 +34,6 @@ from lightning_gradhealth.model.layout import ParamLayout
 from lightning_gradhealth.schema.record import LayerStats, StepStats
 from lightning_gradhealth.stats.horizontal import HorizontalPlan, gradient_stats
 from lightning_gradhealth.stats.kernels import (
-    NonFiniteTracker,
     accum_dtype,
     foreach_norms,
     layer_maxes,
@@ -43,10 +42,11 @@ from lightning_gradhealth.stats.kernels import (
     stat_grads,
 )
 from lightning_gradhealth.stats.pack import Pack, PackSchema, PackValues
+from lightning_gradhealth.stats.tracker import NonFiniteTracker
 
 __all__ = [
     "GradStatsEngine",
-    "NonFiniteTracker",  # re-exported from kernels
+    "NonFiniteTracker",  # re-exported from tracker
     "Pack",  # re-exported from pack
     "PackSchema",  # re-exported from pack
     "PackValues",  # re-exported from pack
@@ -164,10 +164,12 @@ class GradStatsEngine:
             rows = []
             for i, q in enumerate(layout.params):
                 cut = is_dtensor(q) and any(pl.is_shard() and pl.dim != 0 for pl in q.placements)  # type: ignore[attr-defined]
+                cut = cut or (i in layout.transposed and is_dtensor(q))  # (not read transposed: stat_grads)
                 if i in layout.sparse or cut or (flat and id(q) not in red.whole):
                     rows.append(-1)
-                else:
-                    rows.append(int(q.shape[0]) if q.ndim >= 2 and q.numel() > 0 else 0)
+                else:  # a transposed weight (HF Conv1D) is read as (outputs, inputs): its units are its dim 1
+                    dim = 1 if i in layout.transposed else 0
+                    rows.append(int(q.shape[dim]) if q.ndim >= 2 and q.numel() > 0 else 0)
             return tuple(rows)
 
         return self._cached((id(layout), "rows", flat, red.whole), layout, make)  # type: ignore[no-any-return]

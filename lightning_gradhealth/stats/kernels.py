@@ -3,8 +3,7 @@
 Plain torch, no Lightning, no collective and no host synchronisation: every function here works on the tensors of
 one rank (the local shards of sharded gradients) and returns device tensors, accumulated in float32 or wider
 whatever the gradient dtype (:func:`accum_dtype`). The statistics engine (which combines them across ranks and
-copies them to the host), the histograms and the clippers build on these; :class:`NonFiniteTracker` uses them to
-note, between backward passes, the micro-batch that made the gradient non-finite.
+copies them to the host), the histograms, the clippers and :mod:`~.tracker` build on these.
 
 No dense gradient is copied, cast or modified; a sparse one (``nn.Embedding(sparse=True)``) is read through its
 coalesced form, a copy of the rows it touches (:func:`stat_grads`).
@@ -17,13 +16,11 @@ from collections.abc import Sequence
 
 import torch
 
-from lightning_gradhealth.model.distributed import local
 from lightning_gradhealth.model.layout import ParamLayout
 
 __all__ = [
     "SCRATCH_MAX",
     "SCRATCH_MIN",
-    "NonFiniteTracker",
     "abs_max_and_min_nonzero",
     "accum_dtype",
     "cache_resident_stats",
@@ -51,11 +48,11 @@ _BUFFERED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def stat_grads(layout: ParamLayout, indices: Sequence[int]) -> list[torch.Tensor]:
     """The gradients of ``layout.params[i]`` for ``i`` in ``indices``, as the statistics read them.
 
-    Dense gradients are returned as they are. A sparse gradient (``nn.Embedding``/``nn.EmbeddingBag`` with
-    ``sparse=True``, or found sparse at a step; listed in ``layout.sparse``) is read as the values of its coalesced
-    form (:func:`coalesced_values`): one copy of the touched rows, not of the table. Its norms, extremes, sums and
-    NaN/Inf counts are then those of the dense gradient, and the untouched rows count as zeros through the
-    parameter's element count.
+    Dense gradients as they are, but a weight stored as (inputs, outputs) (``layout.transposed``: HF ``Conv1D``)
+    transposed (a view), so that its rows are its units as for ``nn.Linear``. A sparse gradient (listed in
+    ``layout.sparse``) as the values of its coalesced form (:func:`coalesced_values`): one copy of the touched
+    rows, not of the table; its norms, extremes, sums and NaN/Inf counts are those of the dense gradient, and the
+    untouched rows count as zeros through the parameter's element count.
 
     Args:
         layout: The parameters.
@@ -66,9 +63,11 @@ def stat_grads(layout: ParamLayout, indices: Sequence[int]) -> list[torch.Tensor
     """
     params = layout.params
     grads: list[torch.Tensor] = [params[i].grad for i in indices]  # type: ignore[misc]
-    if layout.sparse:
+    sparse, flip = layout.sparse, layout.transposed
+    if sparse or flip:  # (flip: (inputs, outputs) weights read as (outputs, inputs): rows are units)
         grads = [
-            coalesced_values(g) if i in layout.sparse and g.is_sparse else g
+            coalesced_values(g) if i in sparse and g.is_sparse
+            else g.t() if i in flip and g.dim() == 2 and type(g) is torch.Tensor else g
             for i, g in zip(indices, grads, strict=True)
         ]
     return grads
@@ -137,24 +136,16 @@ def nonzero_and_dead_rows(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per tensor, the exact number of non-zero entries and, for the tensors in ``units``, of dead rows.
 
-    A tensor's *rows* are its slices along dim 0 (a Linear weight's output units, a convolution's output
-    channels); a row is *dead* when every entry of it is exactly zero. NaN counts as non-zero, -0.0 as zero. Rows
-    are counted for the tensors marked in ``units`` that have two dimensions or more and at least one entry.
+    A tensor's *rows* are its slices along dim 0 (a Linear weight's output units, a convolution's output channels;
+    :func:`stat_grads` hands an HF ``Conv1D`` weight over transposed); a row is *dead* when every entry is exactly
+    zero (NaN counts as non-zero, -0.0 as zero). Rows are counted for the marked tensors of 2+ dimensions.
 
-    Every tensor is counted per row (or whole): on the CPU, ``count_nonzero`` branches per element, so its cost
-    grows with how scattered the zeros are (3x a norm pass on a ReLU MLP's gradient, up to 24x with zeros spread
-    at random). So on the CPU:
-
-    - tensors of 64K to 4M entries: ``g != 0`` is written into a reused float32 buffer and summed per row, ~2x a
-      norm pass whatever the data, with no allocation (the row sums cost what one sum does);
-    - smaller float32/float16/bfloat16 tensors (where one kernel's overhead dominates) are copied together into
-      the buffer, by row length (one ``torch.cat``/``torch.stack`` per length), compared and summed per row: a
-      few kernels for any number of tensors;
-    - larger tensors, and float64 ones (which a float32 copy could underflow), use ``count_nonzero``.
-
-    Other devices (CUDA, where ``count_nonzero`` is bandwidth-bound) use ``count_nonzero``, per row for the
-    tensors in ``units``. The per-row counts are summed per tensor through one float64 cumulative sum. Every
-    float32 sum is exact: every partial sum is an integer below 2**24.
+    On the CPU ``count_nonzero`` branches per element (3x a norm pass on a ReLU MLP's gradient, up to 24x with
+    zeros spread at random), so there: tensors of 64K to 4M entries write ``g != 0`` into a reused float32 buffer
+    summed per row (~2x a norm pass, no allocation); smaller float32/16 tensors are copied together into the
+    buffer by row length (a few kernels for any number of tensors); larger and float64 ones (which a float32 copy
+    could underflow) use ``count_nonzero``, as other devices do (bandwidth-bound there). The per-row counts are
+    summed per tensor through one cumulative sum; every float32 partial sum is an integer below 2**24: exact.
 
     Args:
         tensors: Tensors on one device.
@@ -166,25 +157,17 @@ def nonzero_and_dead_rows(
         ``dead`` is 0 for a tensor whose rows are not counted, and ``None`` when ``units`` is ``None``.
     """
     device = tensors[0].device
-    acc = accum_dtype(device)
     n = len(tensors)
-    cpu = device.type == "cpu"
     store: dict[torch.device, torch.Tensor] = {} if scratch is None else scratch
     marks = (False,) * n if units is None else units
-    # The counts come as segments: the rows of a tensor, or the whole of it. Per tensor, in the order of its
-    # segments: its index, how many segments, whether they are rows whose deaths are counted.
-    owner: list[int] = []
-    lengths: list[int] = []
-    measured: list[bool] = []
-    f32: list[torch.Tensor] = []  # 1-D float32 counts, from the buffer
-    rows64: list[tuple[int, torch.Tensor]] = []  # (tensor, 1-D int64 per-row counts)
-    whole64: list[tuple[int, torch.Tensor]] = []  # (tensor, 0-d int64 count)
+    seg = _Segments()
     # small tensors by (two dimensions or more, row length): (index, as 2-D or 1-D, entries, segments, measured)
     groups: dict[tuple[bool, int], list[tuple[int, torch.Tensor, int, int, bool]]] = {}
     for k, t in enumerate(tensors):  # (the per-tensor Python work is kept to a few attribute reads)
         numel = t.numel()
         shape = t.shape
-        if cpu and numel:
+        by_row = bool(marks[k]) and len(shape) >= 2 and numel > 0
+        if device.type == "cpu" and numel:
             if numel < SCRATCH_MIN:
                 if shape and t.dtype in _BUFFERED_DTYPES:
                     if len(shape) == 1:
@@ -196,69 +179,110 @@ def nonzero_and_dead_rows(
                         groups.setdefault((True, width), []).append((k, flat, numel, rows, bool(marks[k])))
                     continue
             elif numel <= SCRATCH_MAX:
-                view = scratch_buffer(store, device, numel)[:numel].view(shape)
-                torch.ne(t, 0, out=view)
-                by_row = bool(marks[k]) and len(shape) >= 2
-                rows = shape[0] if by_row else 1
-                f32.append(view.view(rows, -1).sum(1))
-                owner.append(k)
-                lengths.append(rows)
-                measured.append(by_row)
+                counted = _row_nonzeros(t, scratch_buffer(store, device, numel), by_row)
+                seg.add(k, counted, by_row, buffered=True)
                 continue
-        if marks[k] and len(shape) >= 2 and numel:
-            rows64.append((k, torch.count_nonzero(t.reshape(shape[0], -1), dim=1)))
+        if by_row:
+            seg.add(k, torch.count_nonzero(t.reshape(shape[0], -1), dim=1), True)
         else:
-            whole64.append((k, torch.count_nonzero(t)))
+            seg.add(k, torch.count_nonzero(t).reshape(1), False)
     for (wide, width), members in groups.items():
-        start, m = 0, len(members)
-        while start < m:  # blocks of at most SCRATCH_MAX entries
-            stop, size = start + 1, members[start][2]
-            while stop < m and size + members[stop][2] <= SCRATCH_MAX:
-                size += members[stop][2]
-                stop += 1
-            chunk = members[start:stop] if start or stop < m else members
-            block = scratch_buffer(store, device, size)[:size].view(-1, width)
-            if wide:  # each tensor's rows, one after the other
-                torch.cat([c[1] for c in chunk], out=block)
-            else:  # 1-D tensors of one length: one row each
-                torch.stack([c[1] for c in chunk], out=block)
-            f32.append(block.ne_(0).sum(1))
-            owner += [c[0] for c in chunk]
-            lengths += [c[3] for c in chunk]
-            measured += [c[4] for c in chunk]
-            start = stop
-    parts = [torch.cat(f32).to(acc)] if f32 else []
-    if rows64:
-        parts.append(torch.cat([c for _, c in rows64]).to(acc))
-        owner += [k for k, _ in rows64]
-        lengths += [len(c) for _, c in rows64]
-        measured += [True] * len(rows64)
-    if whole64:
-        parts.append(torch.stack([c for _, c in whole64]).to(acc))
-        owner += [k for k, _ in whole64]
-        lengths += [1] * len(whole64)
-        measured += [False] * len(whole64)
-    segments = parts[0] if len(parts) == 1 else torch.cat(parts)
-    in_order = owner == list(range(n))
-    if len(segments) == n and (units is None or not any(measured)):  # one segment per tensor: its count
-        if not in_order:
-            segments = torch.empty_like(segments).index_copy_(0, _on(torch.tensor(owner), device), segments)
-        return segments, None if units is None else torch.zeros(n, dtype=acc, device=device)
-    meta = _on(torch.tensor([owner, lengths, measured]), device)
-    ends = meta[1].cumsum(0) - 1  # each tensor's last segment
-    exact = torch.int64 if acc == torch.float32 else acc  # running sums of counts: exact integers
+        _count_group(members, wide, width, store, device, seg)
+    return seg.per_tensor(n, units is not None, device)
 
-    def per_tensor(per_segment: torch.Tensor) -> torch.Tensor:  # the sum of each tensor's segments
-        running = per_segment.cumsum(0, dtype=exact)[ends]
-        return torch.diff(running, prepend=running.new_zeros(1)).to(acc)
 
-    def in_tensor_order(values: torch.Tensor) -> torch.Tensor:
-        return values if in_order else torch.empty_like(values).index_copy_(0, meta[0], values)
+class _Segments:
+    """The counts of :func:`nonzero_and_dead_rows` as segments (a tensor's rows, or its whole): buffered first."""
 
-    counts = in_tensor_order(per_tensor(segments))
-    if units is None:
-        return counts, None
-    return counts, in_tensor_order(per_tensor(segments == 0) * meta[2].to(acc))
+    def __init__(self) -> None:
+        self.owner: list[int] = []
+        self.lengths: list[int] = []
+        self.measured: list[bool] = []
+        self.f32: list[torch.Tensor] = []  # 1-D float32 counts, from the buffer
+        self.i64: list[tuple[int, torch.Tensor, bool]] = []  # (tensor, 1-D int64 counts, measured)
+
+    def add(self, k: int, counts: torch.Tensor, measured: bool, buffered: bool = False) -> None:
+        """One tensor's 1-D counts (per row when ``measured``, else one entry)."""
+        if buffered:
+            self.f32.append(counts)
+            self.owner.append(k)
+            self.lengths.append(len(counts))
+            self.measured.append(measured)
+        else:
+            self.i64.append((k, counts, measured))
+
+    def per_tensor(self, n: int, units: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Each tensor's count and (``units``) dead rows, in tensor order."""
+        acc = accum_dtype(device)
+        owner, lengths, measured = self.owner, self.lengths, self.measured
+        parts = [torch.cat(self.f32).to(acc)] if self.f32 else []
+        if self.i64:
+            parts.append(torch.cat([c for _, c, _ in self.i64]).to(acc))
+            owner = owner + [k for k, _, _ in self.i64]
+            lengths = lengths + [len(c) for _, c, _ in self.i64]
+            measured = measured + [m for _, _, m in self.i64]
+        segments = parts[0] if len(parts) == 1 else torch.cat(parts)
+        in_order = owner == list(range(n))
+        if len(segments) == n and not (units and any(measured)):  # one segment per tensor: its count
+            if not in_order:
+                segments = torch.empty_like(segments).index_copy_(0, _on(torch.tensor(owner), device), segments)
+            return segments, torch.zeros(n, dtype=acc, device=device) if units else None
+        meta = _on(torch.tensor([owner, lengths, measured]), device)
+        ends = meta[1].cumsum(0) - 1  # each tensor's last segment
+        exact = torch.int64 if acc == torch.float32 else acc  # running sums of counts: exact integers
+
+        def summed(per_segment: torch.Tensor, keep: bool = False) -> torch.Tensor:  # per tensor, in tensor order
+            running = per_segment.cumsum(0, dtype=exact)[ends]
+            values = torch.diff(running, prepend=running.new_zeros(1)).to(acc)
+            values = values * meta[2].to(acc) if keep else values  # (keep: the tensors whose rows are counted)
+            return values if in_order else torch.empty_like(values).index_copy_(0, meta[0], values)
+
+        return summed(segments), summed(segments == 0, keep=True) if units else None
+
+
+def _count_group(
+    members: list[tuple[int, torch.Tensor, int, int, bool]],
+    wide: bool,
+    width: int,
+    store: dict[torch.device, torch.Tensor],
+    device: torch.device,
+    seg: _Segments,
+) -> None:
+    """Count small tensors of one row length together: copied into the buffer, compared and summed per row."""
+    start, m = 0, len(members)
+    while start < m:  # blocks of at most SCRATCH_MAX entries
+        stop, size = start + 1, members[start][2]
+        while stop < m and size + members[stop][2] <= SCRATCH_MAX:
+            size += members[stop][2]
+            stop += 1
+        chunk = members[start:stop] if start or stop < m else members
+        block = scratch_buffer(store, device, size)[:size].view(-1, width)
+        if wide:  # each tensor's rows, one after the other
+            torch.cat([c[1] for c in chunk], out=block)
+        else:  # 1-D tensors of one length: one row each
+            torch.stack([c[1] for c in chunk], out=block)
+        seg.f32.append(block.ne_(0).sum(1))
+        seg.owner += [c[0] for c in chunk]
+        seg.lengths += [c[3] for c in chunk]
+        seg.measured += [c[4] for c in chunk]
+        start = stop
+
+
+def _memory_order(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """``t``, or its transpose when ``t`` is a transposed view of a contiguous 2-D tensor (HF ``Conv1D``'s)."""
+    if t.dim() == 2 and not t.is_contiguous() and t.t().is_contiguous():
+        return t.t(), True
+    return t, False
+
+
+def _row_nonzeros(t: torch.Tensor, buf: torch.Tensor, by_row: bool) -> torch.Tensor:
+    """``t != 0`` into the float32 buffer, per row (``by_row``; a transposed view per column) or whole: exact."""
+    src, flipped = _memory_order(t)
+    view = buf[: t.numel()].view(src.shape)
+    torch.ne(src, 0, out=view)
+    if not by_row:
+        return view.sum().reshape(1)
+    return view.sum(0) if flipped else view.view(t.shape[0], -1).sum(1)
 
 
 def abs_max_and_min_nonzero(g: torch.Tensor, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -275,6 +299,7 @@ def abs_max_and_min_nonzero(g: torch.Tensor, buf: torch.Tensor) -> tuple[torch.T
     Returns:
         Two float32 device scalars; both NaN when ``g`` holds a NaN, as a plain max and min would be.
     """
+    g = _memory_order(g)[0]  # (the same entries)
     view = buf[: g.numel()].view(g.shape)
     if g.dtype == torch.float32:
         torch.abs(g, out=view)
@@ -320,16 +345,10 @@ def cache_resident_stats(
     norms, counts, dead, largest, smallest, sums = [], [], [], [], [], []
     for t, mark in zip(tensors, marks, strict=True):
         norms.append(torch.linalg.vector_norm(t, order, dtype=torch.float32))
-        shape = t.shape
-        view = buf[: t.numel()].view(shape)
-        torch.ne(t, 0, out=view)  # every partial sum below is an integer under 2**24: exact
-        if mark and len(shape) >= 2:
-            rows = view.view(shape[0], -1).sum(1)
-            counts.append(rows.sum())
-            dead.append((rows == 0).sum().float())
-        else:
-            counts.append(view.sum())
-            dead.append(zero)
+        by_row = mark and t.dim() >= 2
+        rows = _row_nonzeros(t, buf, by_row)  # every partial sum is an integer under 2**24: exact
+        counts.append(rows.sum())
+        dead.append((rows == 0).sum().float() if by_row else zero)
         if full:
             high, low = abs_max_and_min_nonzero(t, buf)
             largest.append(high)
@@ -478,38 +497,3 @@ def full_stats(
         max_abs, neg_min_abs, sums_t = max_abs * inv_scale, neg_min_abs * inv_scale, sums_t * inv_scale
         sq = sq * (inv_scale * inv_scale)
     return max_abs, neg_min_abs, sums_t, sq
-
-
-class NonFiniteTracker:
-    """Remember, on the device, the first micro-batch after which the accumulated gradient went non-finite.
-
-    Accumulated gradients are running sums, so once non-finite they stay non-finite: the first micro-batch
-    whose running gradient is non-finite is the one that introduced the NaN/Inf. Each observation is one
-    foreach norm and a few scalar kernels, with no host synchronisation. Each rank watches its own gradient (or
-    shards); a failing step takes the earliest micro-batch over the ranks
-    (:meth:`~lightning_gradhealth.stats.engine.GradStatsEngine.finish`).
-    """
-
-    def __init__(self) -> None:
-        self.first_bad: torch.Tensor | None = None
-        self.micro_batches = 0
-
-    def reset(self) -> None:
-        """Forget the current optimizer step."""
-        self.first_bad = None
-        self.micro_batches = 0
-
-    @torch.no_grad()
-    def observe(self, layout: ParamLayout) -> None:
-        """Look at the running gradients of ``layout``'s parameters after one more backward pass."""
-        present = layout.with_grad()
-        grads = [local(g) for g in stat_grads(layout, present)]  # sharded: this rank's shards
-        idx = self.micro_batches
-        self.micro_batches += 1
-        if not grads:
-            return
-        norms = foreach_norms(grads, 2.0)
-        bad = ~torch.isfinite(norms).all()
-        if self.first_bad is None:
-            self.first_bad = torch.full((), -1, dtype=torch.long, device=norms.device)
-        self.first_bad = torch.where(bad & (self.first_bad < 0), idx, self.first_bad)
