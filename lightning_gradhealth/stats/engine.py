@@ -13,8 +13,7 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Sequence
-from functools import partial
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch.linalg import vector_norm
@@ -30,19 +29,18 @@ from lightning_gradhealth.model.distributed import (
 )
 from lightning_gradhealth.model.layout import ParamLayout
 from lightning_gradhealth.schema.record import LayerStats, StepStats
+from lightning_gradhealth.stats.blocks import contributions, derive, layer_stats
 from lightning_gradhealth.stats.horizontal import HorizontalPlan, gradient_stats
 from lightning_gradhealth.stats.kernels import (
     NonFiniteTracker,
     accum_dtype,
     foreach_norms,
-    layer_maxes,
     layer_sums,
     nonzero_counts,
     stat_grads,
 )
 from lightning_gradhealth.stats.pack import Pack, PackSchema, PackValues
-from lightning_gradhealth.stats.pending import PendingStats, StepMeta
-from lightning_gradhealth.stats.readback import first_micro_batch_anywhere, layer_stats, outgoing, transfer
+from lightning_gradhealth.stats.pending import PendingStats, StepMeta, first_micro_batch_anywhere, outgoing, transfer
 from lightning_gradhealth.stats.units import LayerUnits
 
 __all__ = [
@@ -207,86 +205,15 @@ class GradStatsEngine:
         p_norm = self.norms(local_p)
         g_norm = raw_g_norm if inv_scale is None else raw_g_norm * inv_scale
 
-        pack = self._contributions(layout, present, red, local_g, index, (g_norm, p_norm, nonzero, dead_rows, full))
+        # a tensor that is whole on every rank of the sharding group is counted on its first rank only
+        sharded = red.shard_group is not None
+        weight = self._weights(red, [params[i] for i in present], device, acc) if sharded and present else None
+        per_tensor = (g_norm, p_norm, nonzero, dead_rows, full)
+        pack = contributions(layout, present, sharded, local_g, (index, weight), per_tensor, p, self.per_layer)
         pack.reduce(red.shard_group)  # the step's one collective (none when unsharded)
-        self._derive(pack, red)
+        derive(pack, red, p, self.per_layer, self.full)
         packed, schema = pack.build()
         return PendingStats(layout, present, packed, grads, grad_scale, reduction=red, schema=schema)
-
-    def _contributions(
-        self,
-        layout: ParamLayout,
-        present: tuple[int, ...],
-        red: Reduction,
-        local_g: list[torch.Tensor],
-        index: torch.Tensor,
-        per_tensor: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, Any],
-    ) -> Pack:
-        """This rank's per-layer contributions (blocks of ``num_layers`` numbers), to combine over the shards by name.
-
-        ``per_tensor``: the gradients' (unscaled) and parameters' norms, nonzero counts, dead rows and the
-        ``stats="full"`` extremes and sums, per present tensor.
-        """
-        g_norm, p_norm, nonzero, dead_rows, full = per_tensor
-        device, n, p, layer = index.device, layout.num_layers, self.norm_type, self.per_layer
-        acc = accum_dtype(device)
-        sharded = red.shard_group is not None
-        # a tensor that is whole on every rank of the sharding group is counted on its first rank only
-        weight = self._weights(red, [layout.params[i] for i in present], device, acc) if sharded and present else None
-        layer_sum = partial(layer_sums, index=index, num_layers=n, weight=weight)
-        layer_max = partial(layer_maxes, index=index, num_layers=n)  # a layer with nothing here: the neutral value
-        pack = Pack()
-        if math.isinf(p):
-            pack.add_max("grad_norm", layer_max(g_norm), send=layer)
-            pack.add_max("param_norm", layer_max(p_norm), send=layer)
-        else:
-            pack.add_sum("grad_norm_pow", layer_sum(g_norm.pow(p)), send=False)
-            pack.add_sum("param_norm_pow", layer_sum(p_norm.pow(p)), send=False)
-        pack.add_sum("nonzero", layer_sum(nonzero), send=layer)
-        if dead_rows is not None:  # FSDP2 shards hold whole rows: the ranks' dead rows add up
-            pack.add_sum("dead_units", layer_sum(dead_rows.to(acc)))
-        if sharded:  # element counts of the local shards (FSDP1's are flat pieces, FSDP2's may be empty)
-            numel = torch.tensor([float(g.numel()) for g in local_g], dtype=acc).to(device, non_blocking=True)
-            pack.add_sum("numel", layer_sum(numel), send=layer)
-            # which parameters have a gradient on some rank (FSDP1: not an empty shard)
-            at = torch.tensor(present, dtype=torch.long).to(device, non_blocking=True)  # may be empty
-            pack.add_sum("presence", torch.zeros(len(layout.params), dtype=acc, device=device).index_fill_(0, at, 1.0))
-        if full is not None:
-            max_abs, neg_min_abs, g_sum, g_sq = full
-            pack.add_sum("sum", layer_sum(g_sum), send=layer)
-            pack.add_sum("sum_squares", layer_sum(g_sq), send=layer)
-            pack.add_max("max_abs", layer_max(max_abs), send=layer)
-            pack.add_max("neg_min_abs_nonzero", layer_max(neg_min_abs, neutral=-math.inf), send=False)
-        return pack
-
-    def _derive(self, pack: Pack, red: Reduction) -> None:
-        """Add the values derived from the combined blocks: layer and global norms, the layer-norm ratio's terms."""
-        p, layer = self.norm_type, self.per_layer
-        if math.isinf(p):
-            layer_g, layer_p = pack["grad_norm"], pack["param_norm"]
-            total, p_total = layer_g.amax(), layer_p.amax()
-        else:
-            pw_g, pw_p = pack["grad_norm_pow"], pack["param_norm_pow"]
-            root = (lambda x: x.sqrt()) if p == 2.0 else (lambda x: x.pow(1.0 / p))
-            layer_g, layer_p = root(pw_g), root(pw_p)
-            total, p_total = root(pw_g.sum()), root(pw_p.sum())
-            pack.add("grad_norm", layer_g, send=layer)
-            pack.add("param_norm", layer_p, send=layer)
-        if self.full:
-            pack.add("min_abs_nonzero", -pack["neg_min_abs_nonzero"], send=layer)
-        if red.replica_group is not None:
-            total = mean_over(total, red.replica_group)  # decisions agree on every replica
-        acc = accum_dtype(layer_g.device)
-        usable = torch.isfinite(layer_g) & (layer_g > 0)
-        inf = torch.tensor(math.inf, dtype=acc, device=layer_g.device)
-        pack.add("total_norm", total)
-        pack.add("total_param_norm", p_total)
-        pack.add("total_nonzero", pack["nonzero"].sum())
-        pack.add("max_layer_norm", torch.where(usable, layer_g, -inf).amax())
-        pack.add("min_layer_norm", torch.where(usable, layer_g, inf).amin())
-        pack.add("num_ratio_layers", usable.sum().to(acc))
-        if red.shard_group is not None:  # unsharded, the element count is known on the host
-            pack.add("total_numel", pack["numel"].sum())
 
     def _weights(
         self, red: Reduction, params: list[torch.Tensor], device: torch.device, acc: torch.dtype

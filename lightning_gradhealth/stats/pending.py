@@ -1,8 +1,10 @@
-"""A step's statistics between the device and the host: where it happened, and what waits for the one transfer.
+"""A step's statistics between the device and the host: what waits for the one transfer, and that transfer.
 
 :class:`StepMeta` is what the caller knows on the host (never transferred); :class:`PendingStats` is what
-:meth:`~lightning_gradhealth.stats.engine.GradStatsEngine.compute` or ``guard`` launched on the device, read back
-by :mod:`~lightning_gradhealth.stats.readback`.
+:meth:`~lightning_gradhealth.stats.engine.GradStatsEngine.compute` or ``guard`` launched on the device.
+:func:`outgoing` is the tensor that crosses; :func:`transfer` copies it (or takes a copy made earlier) and reads it
+by name (:class:`~lightning_gradhealth.stats.pack.PackValues`); :func:`first_micro_batch_anywhere` agrees across
+ranks on the micro-batch that went non-finite first.
 """
 
 from __future__ import annotations
@@ -11,11 +13,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lightning_gradhealth.model.distributed import Reduction
+from lightning_gradhealth.model.distributed import Reduction, min_valid_over
 from lightning_gradhealth.model.layout import ParamLayout
-from lightning_gradhealth.stats.pack import PackSchema
+from lightning_gradhealth.stats.pack import PackSchema, PackValues
 
-__all__ = ["PendingStats", "StepMeta"]
+__all__ = ["PendingStats", "StepMeta", "first_micro_batch_anywhere", "outgoing", "transfer"]
 
 
 @dataclass(frozen=True)
@@ -55,3 +57,32 @@ class PendingStats:
     reduction: Reduction = field(default_factory=Reduction)
     schema: PackSchema = ()
     host_extras: dict[str, float] = field(default_factory=dict)
+
+
+def outgoing(pending: PendingStats) -> tuple[torch.Tensor, tuple[str, ...]]:
+    """The device tensor that goes to the host: the packed values with the extras appended (and their names)."""
+    names = tuple(pending.extras)
+    packed = pending.packed
+    if names:
+        extra = torch.stack([pending.extras[k].detach().to(packed.dtype).reshape(()) for k in names])
+        packed = torch.cat([packed, extra])
+    return packed, names
+
+
+def transfer(pending: PendingStats, values: list[float] | None = None) -> tuple[PackValues, dict[str, float]]:
+    """The one device-to-host copy (``values``: already copied), read back by name: ``(values, extras)``."""
+    names = tuple(pending.extras)
+    if values is None:
+        values = outgoing(pending)[0].tolist()
+    extras = dict(zip(names, values[len(values) - len(names) :], strict=True))
+    return PackValues(pending.schema, values), extras
+
+
+def first_micro_batch_anywhere(micro: float | None, pending: PendingStats) -> float | None:
+    """The first micro-batch that went non-finite on any rank (each rank saw its own gradient or shard go bad)."""
+    device = pending.packed.device
+    value = None if micro is None else int(micro)
+    for group in (pending.reduction.shard_group, pending.reduction.replica_group):
+        if group is not None:
+            value = min_valid_over(value, group, device)
+    return value
