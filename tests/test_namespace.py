@@ -102,3 +102,72 @@ def test_the_namespace_of_the_trainer_picks_its_strategies():
         pass
 
     assert _lightning(MyTrainer(logger=False)).__name__ == "pytorch_lightning"
+
+
+_FIRST_OURS = """
+import sys
+from lightning_gradhealth import GradientHealthMonitor
+assert "pytorch_lightning" not in sys.modules, "importing the monitor imported pytorch_lightning"
+import lightning.pytorch as L
+assert GradientHealthMonitor.__bases__ == (L.Callback,), GradientHealthMonitor.__bases__
+
+class Mine(GradientHealthMonitor):  # a user's subclass, defined before the other namespace is imported
+    pass
+
+import pytorch_lightning as pl
+assert issubclass(GradientHealthMonitor, pl.Callback) and issubclass(Mine, pl.Callback)
+assert GradientHealthMonitor.__bases__ == (L.Callback, pl.Callback), GradientHealthMonitor.__bases__
+assert not any(type(f).__name__ == "_AdoptPytorchLightning" for f in sys.meta_path)  # a one-shot hook
+"""
+
+_FIRST_PL = """
+import sys
+import pytorch_lightning as pl
+from lightning_gradhealth import GradientHealthMonitor
+import lightning.pytorch as L
+assert GradientHealthMonitor.__bases__ == (L.Callback, pl.Callback), GradientHealthMonitor.__bases__
+assert not any(type(f).__name__ == "_AdoptPytorchLightning" for f in sys.meta_path)  # nothing left to watch
+"""
+
+_FIT = """
+import torch
+from torch import nn
+{imports}
+class Net(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Linear(4, 1)
+    def training_step(self, batch, batch_idx):
+        return self.net(batch[0]).pow(2).mean()
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 4)), batch_size=4)
+monitor = Mine(log_every_n_steps=1, report=False, figure_every_n_steps=None)
+trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, callbacks=[monitor], enable_progress_bar=False,
+                     enable_model_summary=False, enable_checkpointing=False)
+trainer.fit(Net(), data)
+assert monitor.last_record is not None and monitor.last_record.step == 1, monitor.last_record
+print("fit ok")
+"""
+
+
+def _run(code: str) -> str:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.mark.parametrize("first", ["ours", "pytorch_lightning"])
+def test_only_the_namespace_in_use_is_imported_and_both_orders_give_a_callback_of_both(first):
+    """In a fresh interpreter: the monitor imports ``lightning`` only; ``pytorch_lightning``, imported before or
+    after it, makes it (and a subclass defined earlier) a ``pytorch_lightning.Callback`` that its Trainer runs."""
+    pytest.importorskip("pytorch_lightning")
+    if first == "ours":
+        code = _FIRST_OURS + _FIT.format(imports="")
+    else:
+        code = _FIRST_PL + _FIT.format(imports="class Mine(GradientHealthMonitor):\n    pass\n")
+    assert "fit ok" in _run(code)

@@ -223,7 +223,7 @@ def _report(args: argparse.Namespace) -> int:
         if plots:
             print("  Plots: " + ", ".join(str(out / p) for p in plots))
         else:
-            print("  (no PNG plots: pip install lightning-gradhealth[plots] for matplotlib)")
+            print("  (no PNG plots: matplotlib could not be imported; pip install matplotlib)")
     return 0
 
 

@@ -46,54 +46,312 @@ CLIP_DEFAULTS: dict[str, dict[str, float | int | None]] = {
 
 @dataclass(frozen=True)
 class HealthOptions:
-    """Everything that configures gradient health monitoring (see ``GradientHealthMonitor`` for each argument).
+    """Everything that configures gradient health monitoring.
+
+    Each field is an option, declared once here with its type, default and doc (``metadata["doc"]``, and
+    ``metadata["group"]``: the section of docs/options.md). ``GradientHealthMonitor``'s signature repeats the
+    fields (LightningCLI reads it; a test checks that they agree) and its ``Args`` section is made from the docs
+    (:mod:`~lightning_gradhealth.config.reference`), as is the options table of docs/options.md.
 
     Raises:
         TypeError: An argument has the wrong type.
         ValueError: An argument has an invalid value, or the arguments contradict each other.
     """
 
-    log_every_n_steps: int | None = None
-    group_by: Literal["module", "parameter"] | Callable[[str], str] = "module"
-    norm_type: float = 2.0
-    include: str | re.Pattern[str] | None = None
-    exclude: str | re.Pattern[str] | None = None
-    per_layer: bool = True
-    stats: Literal["basic", "full"] = "basic"
-    thresholds: Thresholds | None = field(default_factory=Thresholds)
-    on_alert: Callable[[Alert], Any] | None = None
-    alert_window: int = 100
-    on_nonfinite: Literal["raise", "skip", "warn"] | None = "raise"
-    max_consecutive_skips: int = 5
-    amp_max_consecutive_overflows: int = 20
-    amp_min_scale: float = 1.0
-    clip: ClipKind | None = None
-    max_norm: float | None = None
-    clip_value: float | None = None
-    agc_clip_factor: float | None = None
-    agc_eps: float | None = None
-    autoclip_percentile: float | None = None
-    autoclip_history: int | None = None
-    zclip_alpha: float | None = None
-    zclip_z_thresh: float | None = None
-    zclip_warmup_steps: int | None = None
-    spike_z_thresh: float | None = 6.0
-    spike_warmup_steps: int = 50
-    on_spike: Literal["warn", "skip", "raise"] = "warn"
-    spike_dir: str | Path | None = None
-    guard_mode: Literal["auto", "sync", "deferred"] = "auto"
-    report: bool = True
-    report_dir: str | Path | None = None
-    activation_stats_every_n_steps: int | None = None
-    histogram_every_n_steps: int | None = None
-    figure_every_n_steps: int | Literal["auto"] | None = "auto"
-    verbose: bool = True
-    replay_nonfinite: bool = True
-    update_ratio: bool = False
-    grad_cosine: bool = False
-    noise_scale: bool | Literal["auto"] = "auto"
-    micro_batch_size: int | None = None
-    recover: bool | Recovery = False
+    log_every_n_steps: int | None = field(
+        default=None,
+        metadata={
+            "group": "watched",
+            "doc": "Compute and log every this many optimizer steps, on the same step values as the Trainer's own "
+            "scalars. ``None`` follows ``Trainer(log_every_n_steps=...)`` (50 in plain loops).",
+        },
+    )
+    group_by: Literal["module", "parameter"] | Callable[[str], str] = field(
+        default="module",
+        metadata={
+            "group": "watched",
+            "doc": "``\"module\"`` (a layer is the module that directly owns the parameters: ``net.0`` gathers "
+            "``net.0.weight`` and ``net.0.bias``), ``\"parameter\"``, or a callable mapping a parameter name to a "
+            "layer name. Layers are kept in model definition order.",
+        },
+    )
+    norm_type: float = field(
+        default=2.0,
+        metadata={
+            "group": "watched",
+            "doc": "Norm order: any float ``>= 1`` or ``float(\"inf\")``; 2.0 with any ``clip``.",
+        },
+    )
+    include: str | re.Pattern[str] | None = field(
+        default=None,
+        metadata={"group": "watched", "doc": "Only watch parameters whose name matches this regex (``re.search``)."},
+    )
+    exclude: str | re.Pattern[str] | None = field(
+        default=None,
+        metadata={"group": "watched", "doc": "Ignore parameters whose name matches this regex."},
+    )
+    per_layer: bool = field(
+        default=True,
+        metadata={
+            "group": "watched",
+            "doc": "``False`` logs only the global metrics (for very large models, where per-layer keys dominate the "
+            "cost of logging).",
+        },
+    )
+    stats: Literal["basic", "full"] = field(
+        default="basic",
+        metadata={
+            "group": "watched",
+            "doc": "``\"basic\"`` or ``\"full\"`` (adds max, min non-zero, mean and std of the gradient per layer; "
+            "a few extra kernels and one ``|g|`` temporary per tensor).",
+        },
+    )
+    thresholds: Thresholds | None = field(
+        default_factory=Thresholds,
+        metadata={
+            "group": "alerts",
+            "doc": "Alert thresholds (:class:`~lightning_gradhealth.config.thresholds.Thresholds`, one keyword per "
+            "line); ``None``: no threshold alerts (the report then grades with the defaults).",
+        },
+    )
+    on_alert: Callable[[Alert], Any] | None = field(
+        default=None,
+        metadata={
+            "group": "alerts",
+            "doc": "Called with each emitted :class:`~lightning_gradhealth.schema.alert.Alert` on rank zero (a pager "
+            "or chat hook). Alerts also go to the ``lightning_gradhealth`` Python logger.",
+        },
+    )
+    alert_window: int = field(
+        default=100,
+        metadata={
+            "group": "alerts",
+            "doc": "An alert of a given kind and layer is emitted at most once per this many steps; the others are "
+            "counted and reported with the next one (a more severe one always goes out).",
+        },
+    )
+    on_nonfinite: Literal["raise", "skip", "warn"] | None = field(
+        default="raise",
+        metadata={
+            "group": "safety",
+            "doc": "What a non-finite gradient does when no GradScaler is active: ``\"raise\"`` a "
+            ":class:`~lightning_gradhealth.schema.errors.GradientHealthError` naming the layers (after logging the "
+            "step and flushing the loggers), ``\"skip\"`` the update (gradients set to ``None``), or ``\"warn\"``. "
+            "``None`` turns the per-step guard off: non-finite steps are then only seen (and recorded) on logged "
+            "steps, and with ``clip=None`` and ``spike_z_thresh=None`` a step that is not logged runs no torch "
+            "operation at all.",
+        },
+    )
+    max_consecutive_skips: int = field(
+        default=5,
+        metadata={
+            "group": "safety",
+            "doc": "With ``\"skip\"`` (non-finite or spike), raise after this many skipped steps in a row.",
+        },
+    )
+    amp_max_consecutive_overflows: int = field(
+        default=20,
+        metadata={
+            "group": "safety",
+            "doc": "Under a GradScaler, overflows are the scaler's business (it skips the step); raise after this "
+            "many in a row.",
+        },
+    )
+    amp_min_scale: float = field(
+        default=1.0,
+        metadata={
+            "group": "safety",
+            "doc": "Under a GradScaler, raise when an overflow happens with the loss scale below this (the unscaled "
+            "gradients themselves overflow: an explosion, not an AMP transient).",
+        },
+    )
+    clip: ClipKind | None = field(
+        default=None,
+        metadata={
+            "group": "safety",
+            "doc": "``None`` or the clipper applied after the statistics: ``\"norm\"`` (``max_norm``), ``\"value\"`` "
+            "(``clip_value``), ``\"agc\"`` (unit-wise adaptive clipping), ``\"autoclip\"`` (percentile of the norm "
+            "history), ``\"zclip\"`` (z-score against an EMA of the norm). A clipper's parameter given with another "
+            "``clip`` is refused (it would do nothing).",
+        },
+    )
+    max_norm: float | None = field(
+        default=None,
+        metadata={"group": "safety", "doc": "Global L2 norm for ``clip=\"norm\"`` (1.0)."},
+    )
+    clip_value: float | None = field(
+        default=None,
+        metadata={"group": "safety", "doc": "Bound on every entry for ``clip=\"value\"`` (required there)."},
+    )
+    agc_clip_factor: float | None = field(
+        default=None,
+        metadata={"group": "safety", "doc": "AGC's λ for ``clip=\"agc\"`` (NFNets, timm: 0.01)."},
+    )
+    agc_eps: float | None = field(
+        default=None,
+        metadata={"group": "safety", "doc": "AGC's floor on the unit weight norm (1e-3)."},
+    )
+    autoclip_percentile: float | None = field(
+        default=None,
+        metadata={"group": "safety", "doc": "AutoClip's percentile of the norm history, ``clip=\"autoclip\"`` (10)."},
+    )
+    autoclip_history: int | None = field(
+        default=None,
+        metadata={"group": "safety", "doc": "How many recent norms AutoClip keeps (10000)."},
+    )
+    zclip_alpha: float | None = field(
+        default=None,
+        metadata={"group": "safety", "doc": "ZClip's EMA factor, for ``clip=\"zclip\"`` (0.97)."},
+    )
+    zclip_z_thresh: float | None = field(
+        default=None,
+        metadata={"group": "safety", "doc": "ZClip's z-score threshold (2.5)."},
+    )
+    zclip_warmup_steps: int | None = field(
+        default=None,
+        metadata={"group": "safety", "doc": "Steps ZClip collects norms before clipping (25)."},
+    )
+    spike_z_thresh: float | None = field(
+        default=6.0,
+        metadata={
+            "group": "safety",
+            "doc": "Spike detection: a global norm whose log lies more than this many EMA standard deviations above "
+            "the EMA mean is a spike (6, as OLMo-core's step skipping). ``None`` turns detection off.",
+        },
+    )
+    spike_warmup_steps: int = field(
+        default=50,
+        metadata={"group": "safety", "doc": "Finite steps observed before spike detection starts."},
+    )
+    on_spike: Literal["warn", "skip", "raise"] = field(
+        default="warn",
+        metadata={"group": "safety", "doc": "``\"warn\"``, ``\"skip\"`` the update, or ``\"raise\"``."},
+    )
+    spike_dir: str | Path | None = field(
+        default=None,
+        metadata={
+            "group": "safety",
+            "doc": "If set, the batches of a spiking step are saved there (``torch.save``) to reproduce it.",
+        },
+    )
+    guard_mode: Literal["auto", "sync", "deferred"] = field(
+        default="auto",
+        metadata={
+            "group": "safety",
+            "doc": "How the per-step guard reads its verdict. ``\"sync\"``: before the update (one host sync per "
+            "step; exact NaN/Inf counts). ``\"deferred\"``: one step later, with no host sync (a non-blocking copy); "
+            "fused Adam/AdamW/SGD skip a non-finite update on the device, other optimizers apply it and the run "
+            "raises at the next step, saying so; steps that must be decided before their update (clipping, "
+            "``on_spike`` other than ``\"warn\"``, ``on_nonfinite=\"skip\"`` without a fused optimizer) stay "
+            "synchronous. ``\"auto\"`` (default): ``\"deferred\"`` on CUDA, where a sync costs ~4-11% of a step, "
+            "and ``\"sync\"`` elsewhere.",
+        },
+    )
+    report: bool = field(
+        default=True,
+        metadata={
+            "group": "alerts",
+            "doc": "At the end of fit (and when failing fast), diagnose the run (``findings``) and write "
+            "``gradient_health_report.md`` / ``.json`` on rank zero, with a summary on the console.",
+        },
+    )
+    report_dir: str | Path | None = field(
+        default=None,
+        metadata={
+            "group": "alerts",
+            "doc": "Where the report goes; default: the first logger's ``log_dir``, else ``default_root_dir``.",
+        },
+    )
+    activation_stats_every_n_steps: int | None = field(
+        default=None,
+        metadata={
+            "group": "watched",
+            "doc": "Opt-in activation statistics every this many optimizer steps (e.g. 100): forward hooks on ReLU, "
+            "LeakyReLU, GELU, SiLU, Sigmoid and Tanh modules for that step only (dead units, zero activations, "
+            "saturation), summed across ranks with torchmetrics, one more transfer on those steps.",
+        },
+    )
+    histogram_every_n_steps: int | None = field(
+        default=None,
+        metadata={
+            "group": "watched",
+            "doc": "Per-layer gradient histograms (``grad_hist/<layer>``, computed on the device) every this many "
+            "optimizer steps (e.g. 500), to TensorBoard and W&B loggers; off by default (a pass over every gradient).",
+        },
+    )
+    figure_every_n_steps: int | Literal["auto"] | None = field(
+        default="auto",
+        metadata={
+            "group": "watched",
+            "doc": "The gradient-flow figure (``grad_health/gradient_flow``: per-layer gradient norm against depth on "
+            "a log axis, the unhealthy layers coloured and named), to TensorBoard, W&B and MLflow loggers. "
+            "``\"auto\"`` (default): at the first computed step, then whenever the figures so far took at most 0.1% "
+            "of the run's wall time, and for the last record at the end of fit, coloured by the diagnosis. An int: on "
+            "computed steps that are multiples of it, and at the end. ``None``: no figure.",
+        },
+    )
+    verbose: bool = field(
+        default=True,
+        metadata={
+            "group": "alerts",
+            "doc": "``False`` prints no alert line (alerts are still counted, passed to ``on_alert`` and reported).",
+        },
+    )
+    replay_nonfinite: bool = field(
+        default=True,
+        metadata={
+            "group": "safety",
+            "doc": "On a failing step, re-run ``training_step`` on the failing (micro-)batch with the RNG state of its "
+            "start and hooks on every module, and name the module where the NaN/Inf was born (automatic "
+            "optimization, unsharded models).",
+        },
+    )
+    update_ratio: bool = field(
+        default=False,
+        metadata={
+            "group": "watched",
+            "doc": "Log ``update_ratio/<layer>`` (``‖Δθ‖ / ‖θ‖`` of the step before each logged step; one copy of "
+            "the watched parameters held for one step in every ``log_every_n_steps``).",
+        },
+    )
+    grad_cosine: bool = field(
+        default=False,
+        metadata={
+            "group": "watched",
+            "doc": "Log ``grad_health/grad_cosine`` (cosine between consecutive steps' gradients; one copy of the "
+            "gradients held for one step in every ``log_every_n_steps``).",
+        },
+    )
+    noise_scale: bool | Literal["auto"] = field(
+        default="auto",
+        metadata={
+            "group": "watched",
+            "doc": "Log ``grad_health/noise_scale``, the gradient noise scale (McCandlish et al., 2018), with no "
+            "extra backward. ``\"auto\"`` (default): under gradient accumulation, from the first micro-batch's "
+            "gradient against the accumulated one (free). ``True``: also under DDP without accumulation, from each "
+            "rank's gradient against the averaged one, read by a communication hook (a Python hook then replaces "
+            "DDP's C++ all-reduce on every step). ``False``: off.",
+        },
+    )
+    micro_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "group": "watched",
+            "doc": "Examples per backward pass and rank, for the noise scale; ``None``: the first dimension of the "
+            "batch's first tensor.",
+        },
+    )
+    recover: bool | Recovery = field(
+        default=False,
+        metadata={
+            "group": "safety",
+            "doc": "Recovery without a restart: ``False`` (default), ``True`` or a "
+            ":class:`~lightning_gradhealth.Recovery`. Snapshots of the training state are kept in host memory; a "
+            "failure that skipping one update does not cure (non-finite steps again and again, an absurd update, a "
+            "diverging loss) rolls back to the last trusted one, skips the batches in between and backs the learning "
+            "rate off (``docs/recovery.md``).",
+        },
+    )
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__

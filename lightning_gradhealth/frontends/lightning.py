@@ -7,9 +7,10 @@ means (precision plugin, clipping, loggers, log directory, strategy); the core d
 from __future__ import annotations
 
 import importlib
-import importlib.util
+import importlib.abc
 import re
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Literal
@@ -20,6 +21,7 @@ from torch.optim import Optimizer
 
 from lightning_gradhealth.config.options import ClipKind, HealthOptions
 from lightning_gradhealth.config.recovery import Recovery
+from lightning_gradhealth.config.reference import with_args
 from lightning_gradhealth.config.thresholds import Thresholds
 from lightning_gradhealth.core.health import GradientHealth, StepContext, due
 from lightning_gradhealth.diagnosis.rules import Finding
@@ -38,24 +40,49 @@ _NAMESPACES = ("lightning.pytorch", "pytorch_lightning")
 
 
 def _callback_bases() -> tuple[type, ...]:
-    """``lightning.pytorch.Callback``, and ``pytorch_lightning.Callback`` when that package is installed.
+    """``lightning.pytorch.Callback``, and ``pytorch_lightning.Callback`` when that namespace is already imported.
 
     Each Trainer accepts only callbacks of its own namespace (``pytorch_lightning.Trainer`` raises ``ValueError:
     Expected a parent`` for a ``lightning.pytorch`` one), so the monitor is a callback of both; its hooks are the
-    same in both. ``pytorch_lightning`` is imported only when it is installed.
+    same in both. ``pytorch_lightning`` is never imported here: when it is imported later,
+    :class:`_AdoptPytorchLightning` adds its ``Callback`` to the monitor's bases.
     """
-    if importlib.util.find_spec("pytorch_lightning") is None:
-        return (Callback,)
-    from lightning_utilities.core import rank_zero
+    other = getattr(sys.modules.get("pytorch_lightning"), "Callback", None)
+    return (Callback,) if other is None or other is Callback else (Callback, other)
 
-    log = rank_zero.log  # (importing a namespace points the shared rank-zero logger at its own: put it back)
-    try:
-        from pytorch_lightning import Callback as PLCallback
-    except Exception:  # a broken or incompatible install: the lightning.pytorch callback still works
-        return (Callback,)
-    finally:
-        rank_zero.log = log
-    return (Callback,) if PLCallback is Callback else (Callback, PLCallback)
+
+class _AdoptPytorchLightning(importlib.abc.MetaPathFinder):
+    """A one-shot import hook: once ``pytorch_lightning`` is imported, its ``Callback`` joins the monitor's bases.
+
+    It finds nothing itself: it asks the other finders for the package's spec and wraps that spec's loader's
+    ``exec_module`` (an instance attribute of that one loader), then leaves ``sys.meta_path``.
+    """
+
+    def find_spec(self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None) -> Any:
+        """The other finders' spec of ``pytorch_lightning``, its loader wrapped; ``None`` for any other module."""
+        if fullname != "pytorch_lightning":
+            return None
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
+        specs = (getattr(finder, "find_spec", lambda *_: None)(fullname, path, target) for finder in sys.meta_path)
+        spec = next((found for found in specs if found is not None), None)
+        run = getattr(getattr(spec, "loader", None), "exec_module", None)
+        if run is not None:
+
+            def exec_module(module: ModuleType) -> None:
+                run(module)
+                if module.__name__ == fullname:  # (a loader shared by several modules runs the others as before)
+                    _adopt(getattr(module, "Callback", None))
+
+            spec.loader.exec_module = exec_module  # type: ignore[union-attr]
+        return spec
+
+
+def _adopt(other: type | None) -> None:
+    """Make the monitor (and its subclasses) a ``pytorch_lightning.Callback`` as well."""
+    monitor = GradientHealthMonitor
+    if isinstance(other, type) and other is not Callback and not issubclass(monitor, other):
+        monitor.__bases__ = (*monitor.__bases__, other)
 
 
 def _lightning(trainer: Any, module: str = "") -> ModuleType:
@@ -143,93 +170,9 @@ class GradientHealthMonitor(*_callback_bases()):  # type: ignore[misc]
     The callback is a thin adapter: it maps the Trainer's state onto :class:`~lightning_gradhealth.GradientHealth`
     (:attr:`health`), which does the work and also serves plain PyTorch and Fabric loops.
 
-    Args:
-        log_every_n_steps: Compute and log every this many optimizer steps, on the same step values as the
-            Trainer's own scalars. ``None`` follows ``Trainer(log_every_n_steps=...)``.
-        group_by: ``"module"`` (a layer is the module that directly owns the parameters: ``net.0`` gathers
-            ``net.0.weight`` and ``net.0.bias``), ``"parameter"``, or a callable mapping a parameter name to a
-            layer name. Layers are kept in model definition order.
-        norm_type: Norm order: any float ``>= 1`` or ``float("inf")``.
-        include: Only watch parameters whose name matches this regex (``re.search``).
-        exclude: Ignore parameters whose name matches this regex.
-        per_layer: ``False`` logs only the global metrics (for very large models, where per-layer keys
-            dominate the cost of logging).
-        stats: ``"basic"`` or ``"full"`` (adds max, min non-zero, mean and std of the gradient per layer; a few
-            extra kernels and one ``|g|`` temporary per tensor).
-
-        thresholds: Alert thresholds (:class:`~lightning_gradhealth.config.thresholds.Thresholds`); ``None``: no
-            threshold alerts.
-        on_alert: Called with each emitted :class:`~lightning_gradhealth.schema.alert.Alert` on rank zero (a pager or
-            chat hook). Alerts also go to the ``lightning_gradhealth`` Python logger.
-        alert_window: An alert of a given kind and layer is emitted at most once per this many steps; the
-            others are counted and reported with the next one.
-        on_nonfinite: What a non-finite gradient does when no GradScaler is active: ``"raise"`` a
-            :class:`~lightning_gradhealth.schema.errors.GradientHealthError` naming the layers (after logging the step
-            and flushing the loggers), ``"skip"`` the update (gradients set to ``None``), or ``"warn"``. ``None`` turns
-            the per-step guard off: non-finite steps are then only seen (and recorded) on logged steps, and with
-            ``clip=None`` and ``spike_z_thresh=None`` a step that is not logged runs no torch operation at all.
-        max_consecutive_skips: With ``"skip"``, raise after this many skipped steps in a row.
-        amp_max_consecutive_overflows: Under a GradScaler, overflows are the scaler's business (it skips the
-            step); raise after this many in a row.
-        amp_min_scale: Under a GradScaler, raise when an overflow happens with the loss scale below this (the
-            unscaled gradients themselves overflow: an explosion, not an AMP transient).
-        clip: ``None`` or the clipper applied after the statistics: ``"norm"`` (``max_norm``), ``"value"``
-            (``clip_value``), ``"agc"`` (unit-wise adaptive clipping), ``"autoclip"`` (percentile of the norm
-            history), ``"zclip"`` (z-score against an EMA of the norm).
-        max_norm: Global L2 norm for ``clip="norm"`` (1.0). Each clipper parameter is refused with another
-            ``clip`` (it would do nothing).
-        clip_value: Bound for ``clip="value"``.
-        agc_clip_factor: AGC's λ (NFNets, timm: 0.01).
-        agc_eps: AGC's floor on the unit weight norm (1e-3).
-        autoclip_percentile: AutoClip's percentile of the norm history (10).
-        autoclip_history: How many recent norms AutoClip keeps.
-        zclip_alpha: ZClip's EMA factor (0.97).
-        zclip_z_thresh: ZClip's z-score threshold (2.5).
-        zclip_warmup_steps: Steps ZClip collects norms before clipping (25).
-        spike_z_thresh: Spike detection: a global norm whose log lies more than this many EMA standard deviations
-            above the EMA mean is a spike (6, as OLMo-core's step skipping). ``None`` turns detection off.
-        spike_warmup_steps: Finite steps observed before spike detection starts.
-        on_spike: ``"warn"``, ``"skip"`` the update, or ``"raise"``.
-        spike_dir: If set, the batches of a spiking step are saved there (``torch.save``) to reproduce it.
-        guard_mode: How the per-step guard reads its verdict. ``"sync"``: before the update (one host sync per
-            step; exact NaN/Inf counts). ``"deferred"``: one step later, with no host sync (a non-blocking copy);
-            fused Adam/AdamW/SGD skip a non-finite update on the device, other optimizers apply it and the run
-            raises at the next step, saying so; steps that must be decided before their update (clipping,
-            ``on_spike`` other than ``"warn"``, ``on_nonfinite="skip"`` without a fused optimizer) stay
-            synchronous. ``"auto"`` (default): ``"deferred"`` on CUDA, where a sync costs ~4-11% of a step, and
-            ``"sync"`` elsewhere.
-        report: At the end of fit (and when failing fast), diagnose the run (:attr:`findings`) and write
-            ``gradient_health_report.md`` / ``.json`` on rank zero, with a summary on the console.
-        report_dir: Where the report goes; default: the first logger's ``log_dir``, else ``default_root_dir``.
-        histogram_every_n_steps: Per-layer gradient histograms (``grad_hist/<layer>``, computed on the device) every
-            this many optimizer steps, to TensorBoard and W&B loggers; off by default (a pass over every gradient).
-        figure_every_n_steps: The gradient-flow figure (``grad_health/gradient_flow``: per-layer gradient norm against
-            depth on a log axis, the unhealthy layers coloured and named), to TensorBoard, W&B and MLflow loggers.
-            ``"auto"`` (default): at the first computed step, then whenever the figures so far took at most 0.1% of
-            the run's wall time, and for the last record at the end of fit, coloured by the diagnosis. An int: on
-            computed steps that are multiples of it, and at the end. ``None``: no figure.
-        activation_stats_every_n_steps: Opt-in activation statistics every this many optimizer steps: forward hooks
-            on ReLU, LeakyReLU, GELU, SiLU, Sigmoid and Tanh modules for that step only (dead units, zero
-            activations, saturation), summed across ranks with torchmetrics, one more transfer on those steps.
-        verbose: ``False`` prints no alert line (alerts are still counted, passed to ``on_alert`` and reported).
-        replay_nonfinite: On a failing step, re-run ``training_step`` on the failing (micro-)batch with the RNG state
-            of its start and hooks on every module, and name the module where the NaN/Inf was born (automatic
-            optimization, unsharded models).
-        update_ratio: Log ``update_ratio/<layer>`` (``‖Δθ‖ / ‖θ‖`` of the step before each logged step; one copy of
-            the watched parameters held for one step in every ``log_every_n_steps``).
-        grad_cosine: Log ``grad_health/grad_cosine`` (cosine between consecutive steps' gradients; one copy of the
-            gradients held for one step in every ``log_every_n_steps``).
-        noise_scale: Log ``grad_health/noise_scale``, the gradient noise scale, with no extra backward.
-            ``"auto"`` (default): under gradient accumulation, from the first micro-batch's gradient against the
-            accumulated one (free). ``True``: also under DDP without accumulation, from each rank's gradient against
-            the averaged one, read by a communication hook (a Python hook then replaces DDP's C++ all-reduce on
-            every step). ``False``: off.
-        micro_batch_size: Examples per backward pass and rank, for the noise scale; ``None``: the first dimension
-            of the batch's first tensor.
-        recover: Recovery without a restart: ``False`` (default), ``True`` or a :class:`~lightning_gradhealth.Recovery`.
-            Snapshots of the training state are kept in host memory; a failure that skipping one update does not cure
-            (non-finite steps again and again, an absurd update, a diverging loss) rolls back to the last trusted
-            one, skips the batches in between and backs the learning rate off (``docs/recovery.md``).
+    The arguments are the fields of :class:`~lightning_gradhealth.config.options.HealthOptions`, in the same order,
+    with the same types and defaults; the ``Args`` section is made from their docs when this module is imported
+    (:func:`~lightning_gradhealth.config.reference.with_args`), so that ``help()`` and LightningCLI show it.
 
     Raises:
         TypeError: An argument has the wrong type.
@@ -495,6 +438,9 @@ class GradientHealthMonitor(*_callback_bases()):  # type: ignore[misc]
 
 
 _OPTIONS = frozenset(HealthOptions.names())
+GradientHealthMonitor.__doc__ = with_args(GradientHealthMonitor.__doc__)
+if "pytorch_lightning" not in sys.modules:
+    sys.meta_path.insert(0, _AdoptPytorchLightning())
 
 
 def _replay(trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> Callable[[], Any]:

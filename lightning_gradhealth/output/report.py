@@ -34,7 +34,7 @@ MODEL_JSON = "gradient_health_model.json"
 REPORT_JSON = "gradient_health_report.json"
 #: The per-layer table of the Markdown report shows this many layers at each end of a deeper model.
 LAYER_ROWS = 20
-PLOTS_HINT = "No PNG plots: they need matplotlib (`pip install lightning-gradhealth[plots]`)."
+PLOTS_HINT = "No PNG plots: matplotlib (a dependency) could not be imported (`pip install matplotlib`)."
 _ICON = {Severity.OK: "✅", Severity.WARNING: "⚠️", Severity.CRITICAL: "❌"}
 
 

@@ -13,9 +13,7 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from functools import partial
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch.linalg import vector_norm
@@ -25,24 +23,25 @@ from lightning_gradhealth.model.distributed import (
     is_dtensor,
     local,
     mean_over,
-    min_valid_over,
     reduce_sum_max,
     resolve,
     sum_over,
 )
 from lightning_gradhealth.model.layout import ParamLayout
 from lightning_gradhealth.schema.record import LayerStats, StepStats
+from lightning_gradhealth.stats.blocks import contributions, derive, layer_stats
 from lightning_gradhealth.stats.horizontal import HorizontalPlan, gradient_stats
 from lightning_gradhealth.stats.kernels import (
     accum_dtype,
     foreach_norms,
-    layer_maxes,
     layer_sums,
     nonzero_counts,
     stat_grads,
 )
 from lightning_gradhealth.stats.pack import Pack, PackSchema, PackValues
+from lightning_gradhealth.stats.pending import PendingStats, StepMeta, first_micro_batch_anywhere, outgoing, transfer
 from lightning_gradhealth.stats.tracker import NonFiniteTracker
+from lightning_gradhealth.stats.units import LayerUnits
 
 __all__ = [
     "GradStatsEngine",
@@ -50,52 +49,13 @@ __all__ = [
     "Pack",  # re-exported from pack
     "PackSchema",  # re-exported from pack
     "PackValues",  # re-exported from pack
-    "PendingStats",
-    "StepMeta",
+    "PendingStats",  # re-exported from pending
+    "StepMeta",  # re-exported from pending
     "nonzero_counts",  # re-exported from kernels
     "stat_grads",  # re-exported from kernels
 ]
 
 StatsLevel = Literal["basic", "full"]
-
-
-@dataclass(frozen=True)
-class StepMeta:
-    """Where in training a step happened (host values known to the caller, never transferred)."""
-
-    step: int = 0
-    global_step: int = 0
-    epoch: int = 0
-    batch_idx: int = 0
-    optimizer_idx: int = 0
-
-
-@dataclass
-class PendingStats:
-    """Device-side results of one step, waiting for the single transfer.
-
-    Attributes:
-        layout: The layout the statistics were computed for.
-        present: Indices (into the layout) of the parameters that had a gradient.
-        packed: The packed device tensor.
-        grads: The gradients the statistics were computed from (references, not copies), kept so that exact
-            NaN/Inf counts can be taken if the step turns out non-finite.
-        grad_scale: Loss scale still contained in ``grads`` (fused optimizers under a GradScaler), else None.
-        extras: Optional device scalars appended at transfer time, by name.
-        reduction: The process groups the statistics were combined over.
-        schema: Where each named value lies in ``packed`` (read back by :class:`PackValues`).
-        host_extras: The extras as read back by :meth:`GradStatsEngine.finish`, by name.
-    """
-
-    layout: ParamLayout
-    present: tuple[int, ...]
-    packed: torch.Tensor
-    grads: list[torch.Tensor]
-    grad_scale: torch.Tensor | None
-    extras: dict[str, torch.Tensor] = field(default_factory=dict)
-    reduction: Reduction = field(default_factory=Reduction)
-    schema: PackSchema = ()
-    host_extras: dict[str, float] = field(default_factory=dict)
 
 
 class GradStatsEngine:
@@ -127,7 +87,7 @@ class GradStatsEngine:
         self._scratch: dict[torch.device, torch.Tensor] = {}  # zero counting's reused buffer (CPU)
         self._plans: dict[tuple[object, ...], HorizontalPlan] = {}  # the multi-tensor path's blocks, by shapes
         self._horizontal: bool | None = None  # multi-tensor path: None = by device (use_horizontal); tests force it
-        self._units_cache: dict[tuple[Any, ...], tuple[weakref.ReferenceType[ParamLayout], Any]] = {}
+        self._units = LayerUnits()  # which gradient rows are units, per layout (cached)
 
     # ------------------------------------------------------------------ device side
     def _layer_index(self, layout: ParamLayout, present: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -140,60 +100,6 @@ class GradStatsEngine:
         index = torch.tensor([layout.layer_of_param[i] for i in present], dtype=torch.long, device=device)
         self._index_cache[key] = (weakref.ref(layout), index)
         return index
-
-    def _cached(self, key: tuple[Any, ...], layout: ParamLayout, make: Any) -> Any:
-        """``make()``, kept under ``key`` (which begins with ``id(layout)``) while ``layout`` lives."""
-        cached = self._units_cache.get(key)
-        if cached is not None and cached[0]() is layout:  # a weak reference: a freed layout's id may be reused
-            return cached[1]
-        if len(self._units_cache) > 64:
-            self._units_cache.clear()
-        value = make()
-        self._units_cache[key] = (weakref.ref(layout), value)
-        return value
-
-    def _unit_rows(self, layout: ParamLayout, red: Reduction) -> tuple[int, ...]:
-        """Per parameter, its units: rows along dim 0 with two dimensions or more (else 0), or -1 if unknowable.
-
-        Unknowable from the gradient a rank holds: a sparse gradient (its coalesced rows only), an FSDP1 flat shard
-        (rows cut anywhere), a DTensor sharded along another dimension than 0. A DTensor's shape is the whole one.
-        """
-        flat = red.shard_group is not None and bool(layout.params) and not is_dtensor(layout.params[0])  # FSDP1
-
-        def make() -> tuple[int, ...]:
-            rows = []
-            for i, q in enumerate(layout.params):
-                cut = is_dtensor(q) and any(pl.is_shard() and pl.dim != 0 for pl in q.placements)  # type: ignore[attr-defined]
-                cut = cut or (i in layout.transposed and is_dtensor(q))  # (not read transposed: stat_grads)
-                if i in layout.sparse or cut or (flat and id(q) not in red.whole):
-                    rows.append(-1)
-                else:  # a transposed weight (HF Conv1D) is read as (outputs, inputs): its units are its dim 1
-                    dim = 1 if i in layout.transposed else 0
-                    rows.append(int(q.shape[dim]) if q.ndim >= 2 and q.numel() > 0 else 0)
-            return tuple(rows)
-
-        return self._cached((id(layout), "rows", flat, red.whole), layout, make)  # type: ignore[no-any-return]
-
-    def _unit_mask(self, layout: ParamLayout, present: tuple[int, ...], red: Reduction) -> tuple[bool, ...]:
-        """Per present parameter, whether its gradient's dead rows are counted (:meth:`_unit_rows` > 0)."""
-        rows = self._unit_rows(layout, red)
-        return self._cached(  # type: ignore[no-any-return]
-            (id(layout), "mask", present, rows), layout, lambda: tuple(rows[i] > 0 for i in present)
-        )
-
-    def _layer_units(self, layout: ParamLayout, present: tuple[int, ...], red: Reduction) -> tuple[int | None, ...]:
-        """Per layer, the units of its ``present`` parameters; ``None`` without any, or when some cannot be told."""
-        rows = self._unit_rows(layout, red)
-
-        def make() -> tuple[int | None, ...]:
-            units: list[int | None] = [0] * layout.num_layers
-            for i in present:
-                j = layout.layer_of_param[i]
-                have = units[j]
-                units[j] = None if have is None or rows[i] < 0 else have + rows[i]
-            return tuple(u or None for u in units)
-
-        return self._cached((id(layout), "layers", present, rows), layout, make)  # type: ignore[no-any-return]
 
     def norms(self, tensors: Sequence[torch.Tensor], ord: float | None = None) -> torch.Tensor:
         """Per-tensor norms, accumulated in float32 whatever the tensors' dtype, as one device vector.
@@ -282,17 +188,14 @@ class GradStatsEngine:
             # collective, with one empty tensor (zero contributions) standing for layer 0
             local_g = local_p = [layout.params[0].new_zeros(0)]
         device = local_g[0].device
-        n = layout.num_layers
         index = (
             self._layer_index(layout, present, device) if present else torch.zeros(1, dtype=torch.long, device=device)
         )
         p = self.norm_type
-        inf_norm = math.isinf(p)
-
         acc = accum_dtype(device)
-        layer = self.per_layer  # per-layer blocks are copied to the host only for per-layer records
         # dead units (rows of 2-D+ gradients entirely zero): per-layer records only, in the zero counting's pass
-        units = (self._unit_mask(layout, present, red) if present else (False,)) if layer else None
+        # (per-layer blocks are copied to the host only for per-layer records)
+        units = (self._units.mask(layout, present, red) if present else (False,)) if self.per_layer else None
         inv_scale = None if grad_scale is None else grad_scale.detach().to(acc).reshape(()).reciprocal()
         # the gradients' norms, zero counts, dead rows and (stats="full") extremes and sums, in one place: each
         # tensor in turn while in cache on the CPU, multi-tensor (few kernels for all) on accelerators
@@ -302,63 +205,13 @@ class GradStatsEngine:
         p_norm = self.norms(local_p)
         g_norm = raw_g_norm if inv_scale is None else raw_g_norm * inv_scale
 
-        sharded = red.shard_group is not None
         # a tensor that is whole on every rank of the sharding group is counted on its first rank only
-        weight = self._weights(red, [layout.params[i] for i in present], device, acc) if sharded and present else None
-
-        layer_sum = partial(layer_sums, index=index, num_layers=n, weight=weight)
-        layer_max = partial(layer_maxes, index=index, num_layers=n)  # a layer with nothing here: the neutral value
-
-        # this rank's per-layer contributions (blocks of n numbers), combined over the sharding group by name
-        pack = Pack()
-        if inf_norm:
-            pack.add_max("grad_norm", layer_max(g_norm), send=layer)
-            pack.add_max("param_norm", layer_max(p_norm), send=layer)
-        else:
-            pack.add_sum("grad_norm_pow", layer_sum(g_norm.pow(p)), send=False)
-            pack.add_sum("param_norm_pow", layer_sum(p_norm.pow(p)), send=False)
-        pack.add_sum("nonzero", layer_sum(nonzero), send=layer)
-        if dead_rows is not None:  # FSDP2 shards hold whole rows: the ranks' dead rows add up
-            pack.add_sum("dead_units", layer_sum(dead_rows.to(acc)))
-        if sharded:  # element counts of the local shards (FSDP1's are flat pieces, FSDP2's may be empty)
-            numel = torch.tensor([float(g.numel()) for g in local_g], dtype=acc).to(device, non_blocking=True)
-            pack.add_sum("numel", layer_sum(numel), send=layer)
-            # which parameters have a gradient on some rank (FSDP1: not an empty shard)
-            at = torch.tensor(present, dtype=torch.long).to(device, non_blocking=True)  # may be empty
-            pack.add_sum("presence", torch.zeros(len(params), dtype=acc, device=device).index_fill_(0, at, 1.0))
-        if full is not None:
-            max_abs, neg_min_abs, g_sum, g_sq = full
-            pack.add_sum("sum", layer_sum(g_sum), send=layer)
-            pack.add_sum("sum_squares", layer_sum(g_sq), send=layer)
-            pack.add_max("max_abs", layer_max(max_abs), send=layer)
-            pack.add_max("neg_min_abs_nonzero", layer_max(neg_min_abs, neutral=-math.inf), send=False)
+        sharded = red.shard_group is not None
+        weight = self._weights(red, [params[i] for i in present], device, acc) if sharded and present else None
+        per_tensor = (g_norm, p_norm, nonzero, dead_rows, full)
+        pack = contributions(layout, present, sharded, local_g, (index, weight), per_tensor, p, self.per_layer)
         pack.reduce(red.shard_group)  # the step's one collective (none when unsharded)
-
-        # values derived from the combined blocks
-        if inf_norm:
-            layer_g, layer_p = pack["grad_norm"], pack["param_norm"]
-            total, p_total = layer_g.amax(), layer_p.amax()
-        else:
-            pw_g, pw_p = pack["grad_norm_pow"], pack["param_norm_pow"]
-            root = (lambda x: x.sqrt()) if p == 2.0 else (lambda x: x.pow(1.0 / p))
-            layer_g, layer_p = root(pw_g), root(pw_p)
-            total, p_total = root(pw_g.sum()), root(pw_p.sum())
-            pack.add("grad_norm", layer_g, send=layer)
-            pack.add("param_norm", layer_p, send=layer)
-        if self.full:
-            pack.add("min_abs_nonzero", -pack["neg_min_abs_nonzero"], send=layer)
-        if red.replica_group is not None:
-            total = mean_over(total, red.replica_group)  # decisions agree on every replica
-        usable = torch.isfinite(layer_g) & (layer_g > 0)
-        inf = torch.tensor(math.inf, dtype=acc, device=device)
-        pack.add("total_norm", total)
-        pack.add("total_param_norm", p_total)
-        pack.add("total_nonzero", pack["nonzero"].sum())
-        pack.add("max_layer_norm", torch.where(usable, layer_g, -inf).amax())
-        pack.add("min_layer_norm", torch.where(usable, layer_g, inf).amin())
-        pack.add("num_ratio_layers", usable.sum().to(acc))
-        if sharded:  # unsharded, the element count is known on the host
-            pack.add("total_numel", pack["numel"].sum())
+        derive(pack, red, p, self.per_layer, self.full)
         packed, schema = pack.build()
         return PendingStats(layout, present, packed, grads, grad_scale, reduction=red, schema=schema)
 
@@ -427,27 +280,11 @@ class GradStatsEngine:
     @staticmethod
     def outgoing(pending: PendingStats) -> tuple[torch.Tensor, tuple[str, ...]]:
         """The device tensor that goes to the host: the packed values with the extras appended (and their names)."""
-        names = tuple(pending.extras)
-        packed = pending.packed
-        if names:
-            extra = torch.stack([pending.extras[k].detach().to(packed.dtype).reshape(()) for k in names])
-            packed = torch.cat([packed, extra])
-        return packed, names
-
-    @staticmethod
-    def _transfer(
-        pending: PendingStats, values: list[float] | None = None
-    ) -> tuple[PackValues, dict[str, float]]:
-        """The one device-to-host copy (``values``: already copied), read back by name."""
-        names = tuple(pending.extras)
-        if values is None:
-            values = GradStatsEngine.outgoing(pending)[0].tolist()
-        extras = dict(zip(names, values[len(values) - len(names) :], strict=True))
-        return PackValues(pending.schema, values), extras
+        return outgoing(pending)
 
     def read_guard(self, pending: PendingStats) -> tuple[float, dict[str, float]]:
         """Copy a guard's global norm and extras to the host (one transfer). Returns ``(total_norm, extras)``."""
-        host, extras = self._transfer(pending)
+        host, extras = transfer(pending)
         return host.scalar("total_norm"), extras
 
     @torch.no_grad()
@@ -496,7 +333,7 @@ class GradStatsEngine:
             The typed record.
         """
         exact = values is None
-        host, extras = self._transfer(pending, values)  # the one device -> host transfer of the step
+        host, extras = transfer(pending, values)  # the one device -> host transfer of the step
         pending.host_extras = extras
         layout = pending.layout
         n = layout.num_layers
@@ -517,42 +354,14 @@ class GradStatsEngine:
 
         layers: list[LayerStats] = []
         if "grad_norm" in host:  # per-layer statistics
-            g, p, nz = host.get("grad_norm"), host.get("param_norm"), host.get("nonzero")
             if sharded:  # element counts summed over the shards
                 present_numel = [int(v) for v in host.get("numel")]
-            full = "max_abs" in host  # stats="full"
             # dead units: dead rows summed on the device; a layer's units (rows of its parameters with a gradient
             # on some rank) counted here
-            counted = "dead_units" in host
-            dead = host.get("dead_units") if counted else [0.0] * n
             have = tuple(sorted(present)) if sharded else pending.present
-            units_l = self._layer_units(layout, have, pending.reduction) if counted else (None,) * n
-            mx, mn, s, sq = (host.get(k) if full else [] for k in ("max_abs", "min_abs_nonzero", "sum", "sum_squares"))
-            for j in range(n):
-                if present_numel[j] == 0:
-                    continue
-                numel = present_numel[j]
-                units = units_l[j]
-                kwargs: dict[str, float | None] = {}
-                if full:
-                    mean = s[j] / numel
-                    var = max(sq[j] / numel - mean * mean, 0.0)
-                    kwargs = {"max_abs": mx[j], "min_abs_nonzero": mn[j], "mean": mean, "std": math.sqrt(var)}
-                layers.append(
-                    LayerStats(
-                        name=layout.layer_names[j],
-                        numel=numel,
-                        grad_norm=g[j],
-                        param_norm=p[j],
-                        ratio=g[j] / (p[j] + self.eps),
-                        zero_frac=(numel - nz[j]) / numel,
-                        nan_count=nan_l[j],
-                        inf_count=inf_l[j],
-                        units=units,
-                        dead_unit_frac=None if units is None else dead[j] / units,
-                        **kwargs,  # type: ignore[arg-type]
-                    )
-                )
+            counted = "dead_units" in host
+            units_l = self._units.per_layer(layout, have, pending.reduction) if counted else (None,) * n
+            layers = layer_stats(layout, host, present_numel, (nan_l, inf_l), units_l, self.eps)
         n_ratio = int(host.scalar("num_ratio_layers"))
         if not math.isfinite(total):
             layer_norm_ratio = math.nan  # not a healthy 1.0: the layers cannot be compared on a non-finite step
@@ -564,7 +373,7 @@ class GradStatsEngine:
         micro = extras.get("first_nonfinite_micro_batch")
         if not math.isfinite(total) and not pending.reduction.empty and exact:
             # each rank saw its own gradient (or shard) go bad at its own micro-batch: the first one anywhere
-            micro = self._first_micro_batch_anywhere(micro, pending)
+            micro = first_micro_batch_anywhere(micro, pending)
         if micro is None and not math.isfinite(total):
             micro = 0  # no micro-batch tracking (a single micro-batch): it is the one that went non-finite
         return StepStats(
@@ -589,12 +398,3 @@ class GradStatsEngine:
             loss=loss,
             counts_exact=exact or math.isfinite(total),
         )
-
-    @staticmethod
-    def _first_micro_batch_anywhere(micro: float | None, pending: PendingStats) -> float | None:
-        device = pending.packed.device
-        value = None if micro is None else int(micro)
-        for group in (pending.reduction.shard_group, pending.reduction.replica_group):
-            if group is not None:
-                value = min_valid_over(value, group, device)
-        return value
