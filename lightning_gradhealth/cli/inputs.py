@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from lightning_gradhealth.output.safe_io import clean, read_json, shown
+from lightning_gradhealth.output.safe_io import UnsafePathError, clean, read_json, shown
 
 __all__ = ["MODEL_FILE_ERRORS", "read_model_file", "valid_inventory", "valid_thresholds"]
 
@@ -35,11 +35,17 @@ _TOP_SCALARS: dict[str, tuple[type, ...]] = {
 
 
 def read_model_file(path: Path) -> tuple[dict[str, Any] | None, str | None]:
-    """The model file's top-level object, and why it could not be read (``None`` when it could, or is absent)."""
+    """The model file's top-level object, and why it could not be read (``None`` when it could, or is absent).
+
+    Raises:
+        UnsafePathError: It is a link, a FIFO, a device, too large or too deep: not a file this run wrote.
+    """
     if not path.exists() and not path.is_symlink():
         return None, None
     try:
         data = read_json(path)
+    except UnsafePathError:
+        raise
     except (OSError, ValueError) as err:
         return None, f"{shown(path)} is unreadable ({clean(str(err))})"
     if not isinstance(data, dict):

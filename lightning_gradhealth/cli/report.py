@@ -39,11 +39,11 @@ class InputError(Exception):
 
 def report_command(args: argparse.Namespace) -> int:
     """Run ``gradhealth report``; every bad input is one line on stderr and exit code 2."""
-    from lightning_gradhealth.output.safe_io import clean
+    from lightning_gradhealth.output.safe_io import UnsafePathError, clean
 
     try:
         return _report(args)
-    except InputError as err:
+    except (InputError, UnsafePathError) as err:
         message = str(err)
     except (OSError, ValueError, MemoryError, RecursionError) as err:  # (an input no check above anticipated)
         message = f"cannot use {clean(str(args.logdir))}: {type(err).__name__}: {clean(str(err))}"

@@ -90,7 +90,12 @@ def md_text(text: str) -> str:
 
 
 def md_code(text: str) -> str:
-    """``text`` as a Markdown code span (a table cell's too): :func:`clean`, no backtick, ``|`` escaped."""
+    """``text`` as a Markdown code span (a table cell's too): :func:`clean`, no backtick, ``|`` escaped.
+
+    A name with ``<``, ``>`` or ``&`` is given as escaped text instead (:func:`md_text`): no raw HTML in the file.
+    """
+    if any(ch in text for ch in "<>&"):
+        return md_text(text)
     return "`" + clean(text).replace("`", "'").replace("|", "\\|") + "`"
 
 
