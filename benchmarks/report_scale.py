@@ -46,8 +46,9 @@ if __name__ == "__main__":
         proc = subprocess.run([sys.executable, "-m", "lightning_gradhealth.cli.main", "report", str(Path(tmp) / "run"),
                                "--format", "json"], capture_output=True, text=True)  # fmt: skip
         wall = time.perf_counter() - start
-        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
         print(f"{layers} layers x {steps} steps, {size / 2**20:.0f} MB of events: exit {proc.returncode}, "
-              f"{wall:.1f} s, peak RSS {peak:.0f} MB")
+              f"{wall:.1f} s wall, {usage.ru_utime + usage.ru_stime:.1f} s CPU, "
+              f"peak RSS {usage.ru_maxrss / 1024:.0f} MB")
         if proc.returncode:
             print(proc.stderr[-2000:])

@@ -198,3 +198,23 @@ def test_a_tree_of_links_is_not_walked(tmp_path, capsys):
     (run / "loop").symlink_to(tmp_path, target_is_directory=True)  # a link cycle: not followed
     assert main(["report", str(tmp_path)]) == 0
     assert "run:" in capsys.readouterr().out
+
+
+def test_reading_streams_across_chunks_with_bounded_history_and_shows_progress(tmp_path, capsys, monkeypatch):
+    """Records that straddle the reading chunks come back whole; the history is the live run's bounded one."""
+    from lightning_gradhealth.cli import report
+    from lightning_gradhealth.output import tfrecord
+    from lightning_gradhealth.output.eventfiles import history_from_events
+
+    run = tmp_path / "run"
+    write_run(run, layers=tuple(f"l{i}" for i in range(7)), steps=1500)
+    monkeypatch.setattr(tfrecord, "CHUNK_BYTES", 1000)  # (a record is ~140 bytes: many straddle a boundary)
+    history = history_from_events(run)
+    assert history.records_seen == 1500 and len(history.steps) <= history.max_snapshots
+    assert history.steps[0] == 0 and history.steps[-1] > 1400 and history.layer_names == [f"l{i}" for i in range(7)]
+    assert set(history.layer_series("l3")) == {3.5}
+    assert history.total_norm == [step + 1.0 for step in history.steps]
+    monkeypatch.setattr(report, "_PROGRESS_FROM", 0)
+    assert main(["report", str(run)]) == 0
+    err = capsys.readouterr().err
+    assert "gradhealth report: reading" in err and "100%" in err

@@ -63,6 +63,16 @@ def test_a_forgotten_close_under_the_deferred_guard_keeps_every_step_and_reports
     report = json.loads((run / "gradient_health_report.json").read_text())
     assert [f["kind"] for f in report["findings"]] == ["nonfinite"]
     assert json.loads((run / "gradient_health_run.json").read_text())["status"] == "finished"
+    # offline, the report keeps what the live run knew (where the NaN was born) and leaves the live report alone
+    from lightning_gradhealth.cli.main import main
+    from lightning_gradhealth.cli.report import OFFLINE_DIR
+
+    live = (run / "gradient_health_report.md").read_text()
+    assert main(["report", str(run)]) == 0
+    assert (run / "gradient_health_report.md").read_text() == live
+    offline = json.loads((run / OFFLINE_DIR / "gradient_health_report.json").read_text())
+    (nonfinite,) = [f for f in offline["findings"] if f["kind"] == "nonfinite"]
+    assert nonfinite["summary"].startswith("Where it was born") and offline["warnings"] == []
 
 
 def test_a_with_block_left_by_an_exception_writes_the_report_saying_why(tmp_path):

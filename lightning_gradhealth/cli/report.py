@@ -109,7 +109,7 @@ def _progress(run: Path) -> Callable[[int], None] | None:
     state = {"shown": -1.0, "clock": time.perf_counter()}
 
     def show(done: int) -> None:
-        share = min(1.0, done / total)
+        share = min(1.0, done / total) if total else 1.0
         step = 0.01 if tty else 0.1
         if share - state["shown"] < step and share < 1.0:
             return

@@ -36,6 +36,7 @@ MAX_EVENT_FILE_BYTES = 16 * 2**30
 MAX_SCANNED = 200_000
 #: Steps held back while their scalars may still come in other events (Lightning's logger writes one per key).
 _PENDING_STEPS = 8
+_MAX_TAGS = 200_000  # tags whose stripped, escaped key is remembered
 
 
 def find_runs(logdir: str | Path) -> list[Path]:
@@ -102,6 +103,17 @@ class _Fold:
         self.last_step: int | None = None
         self.previous_spikes = 0.0
         self.late = 0  # values of steps already folded (a resumed run's overlap): left out
+        self.keys: dict[str, str] = {}  # tag -> key without the prefix, escaped ("": another run's tag)
+
+    def key(self, tag: str) -> str:
+        """``tag`` without the run's prefix, escaped (:func:`clean`); computed once per tag."""
+        key = self.keys.get(tag)
+        if key is None:
+            head = self.head or ""
+            key = clean(tag[len(head) :]) if tag.startswith(head) else ""
+            if len(self.keys) < _MAX_TAGS:
+                self.keys[tag] = key
+        return key
 
     def add(self, step: int, values: list[tuple[str, float]]) -> None:
         if self.last_step is not None and step <= self.last_step:
@@ -125,7 +137,7 @@ class _Fold:
         head = self.head
         if head + TOTAL_NORM not in tags:
             return
-        metrics = {clean(tag[len(head) :]): v for tag, v in tags.items() if tag.startswith(head)}
+        metrics = {key: v for tag, v in tags.items() if (key := self.key(tag))}
         self.history.add(metrics_to_record(metrics, step))
         spikes = metrics.get(SPIKES, self.previous_spikes)
         if spikes > self.previous_spikes:
@@ -183,6 +195,8 @@ def history_from_events(
         done[0] += counter[0]
         if found and problems is not None:
             problems[path] = found[0]
+    if progress is not None:
+        progress(done[0])
     history = fold.finish()
     if not history.records_seen:
         raise GradientHealthError(

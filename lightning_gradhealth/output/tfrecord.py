@@ -28,7 +28,7 @@ __all__ = ["CHUNK_BYTES", "MAX_RECORD_BYTES", "RecordProblem", "iter_records", "
 #: The largest record read (a TensorBoard scalar event is ~40 bytes a value; an image of a figure ~100 KB).
 MAX_RECORD_BYTES = 64 * 2**20
 #: How much of a file is read and checked at a time.
-CHUNK_BYTES = 8 * 2**20
+CHUNK_BYTES = 4 * 2**20
 _BLOCK = 64  # records under _BIG bytes are cut into blocks of _BLOCK bytes, larger ones into blocks of _BIG_BLOCK
 _BIG = 4096
 _BIG_BLOCK = 1024
@@ -112,11 +112,11 @@ def _crcs_in_blocks(
     # each record right-aligned in its blocks (leading zeros change nothing), gathered in one indexing operation
     starts = np.array([spans[i][0] for i in big], dtype=np.int64)
     dest0 = first_block * _BLOCK + pad
-    if len(big) <= 64:  # a few long records: slices
+    if len(big) <= 64 or lengths.mean() >= 256:  # few or long records: slices
         for at, start, n in zip(dest0.tolist(), starts.tolist(), lengths.tolist(), strict=True):
             flat[at : at + n] = raw[start : start + n]
     else:  # many short ones: one gather
-        within = np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        within = np.arange(int(lengths.sum()), dtype=np.int32) - np.repeat(np.cumsum(lengths) - lengths, lengths)
         flat[np.repeat(dest0, lengths) + within] = raw[np.repeat(starts, lengths) + within]
     seed = (dest0[:, None] + np.arange(4)).reshape(-1)
     flat[seed] ^= np.uint8(0xFF)  # the register's initial value, XORed into the first four bytes
