@@ -22,9 +22,24 @@ __all__ = ["OPEN_RUNS", "close_open_runs"]
 OPEN_RUNS: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
+def _distributed() -> bool:
+    """Whether several processes run together (closing could start a collective the others never join)."""
+    dist = getattr(sys.modules.get("torch"), "distributed", None)
+    return bool(dist is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
+
+
 def close_open_runs() -> None:
-    """Close every loop run still open; what goes wrong is said on stderr."""
-    for health in list(OPEN_RUNS):
+    """Close every loop run still open; what goes wrong is said on stderr.
+
+    Under several processes nothing is closed at exit (a collective could wait for ranks that are gone): that is
+    said instead, with the fix.
+    """
+    runs = list(OPEN_RUNS)
+    if runs and _distributed():
+        print("GradientHealth: close() was not called in a distributed run; it is not closed at exit (the other "
+              "processes may be gone): call health.close() on every rank.", file=sys.stderr)  # fmt: skip
+        return
+    for health in runs:
         try:
             health.close()
         except TrainingHealthError as err:
