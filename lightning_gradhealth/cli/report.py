@@ -206,11 +206,29 @@ def _overrides(items: Sequence[str]) -> dict[str, float | int]:
     return out
 
 
+def _out_dir(chosen: str | None, root: Path, run: Path) -> Path:
+    """Where a run's report goes.
+
+    Under ``--out`` (followed: the user's choice), in the run's relative path (the untrusted tree's names: no link
+    followed); else the run's own :data:`OFFLINE_DIR` (no link followed).
+    """
+    from lightning_gradhealth.output.safe_io import safe_dir
+
+    if chosen is None:
+        return safe_dir(run / OFFLINE_DIR)
+    base = Path(chosen)
+    base.mkdir(parents=True, exist_ok=True)
+    out = base
+    for part in run.relative_to(root).parts:
+        out = safe_dir(out / part)
+    return out
+
+
 def _report(args: argparse.Namespace) -> int:
     from lightning_gradhealth.cli.live import live_knowledge
     from lightning_gradhealth.diagnosis.rules import diagnose
     from lightning_gradhealth.output.report import MODEL_JSON, REPORT_JSON, REPORT_MD, console_summary, write_report
-    from lightning_gradhealth.output.safe_io import UnsafePathError, read_json, safe_dir, shown
+    from lightning_gradhealth.output.safe_io import UnsafePathError, read_json, shown
 
     overrides = _overrides(args.threshold or ())
     histories, problems = _read_runs(_runs(args.logdir))
@@ -233,7 +251,7 @@ def _report(args: argparse.Namespace) -> int:
         findings = merge(diagnose(history, th, inventory=inventory), own_lines)
         notes = [f"Read with warnings: {p}" for p in problems.get(run, [])] + notes
         try:
-            out = safe_dir(Path(args.out) / run.relative_to(root) if args.out else run / OFFLINE_DIR)
+            out = _out_dir(args.out, root, run)
             md = write_report(out, history, findings, th, inventory=inventory, notes=notes)
         except UnsafePathError as err:
             raise InputError(f"{err}; use --out to write elsewhere") from None

@@ -13,7 +13,7 @@ from typing import Any
 from lightning_gradhealth.config.thresholds import Severity, Thresholds
 from lightning_gradhealth.diagnosis.history import History
 from lightning_gradhealth.diagnosis.rules import Finding
-from lightning_gradhealth.output.safe_io import clean, md_code, md_text, safe_dir, write_bytes, write_text
+from lightning_gradhealth.output.safe_io import clean, md_code, md_text, write_bytes, write_text
 from lightning_gradhealth.schema.kinds import Kind
 from lightning_gradhealth.stats.noise import batch_advice
 
@@ -411,10 +411,11 @@ def write_report(
         The path of the Markdown file.
 
     Raises:
-        UnsafePathError: ``directory``, or a file to replace in it, is a symbolic link or not what it should be:
-            nothing is written through a link (:mod:`~lightning_gradhealth.output.safe_io`).
+        UnsafePathError: A file to replace in ``directory`` is a symbolic link or not a regular file: nothing is
+            written through a link (:mod:`~lightning_gradhealth.output.safe_io`).
     """
-    out = safe_dir(directory)
+    out = Path(directory)  # (the caller's choice: a linked folder is followed; ``gradhealth report`` checks its own)
+    out.mkdir(parents=True, exist_ok=True)
     pngs, note = _write_plots(history, out) if plots else ([], "")
     md = out / REPORT_MD
     text = render_markdown(history, findings, th, inventory=inventory, plots=pngs, plots_note=note, notes=notes)
