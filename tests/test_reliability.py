@@ -80,7 +80,7 @@ def test_a_with_block_left_by_an_exception_writes_the_report_saying_why(tmp_path
     assert proc.returncode == 1 and "KeyError" in proc.stderr
     run = tmp_path / "run"
     md = (run / "gradient_health_report.md").read_text()
-    assert "The run stopped before its end: KeyError at step 3: 'data loader broke'" in md
+    assert "The run stopped before its end: KeyError after step 3: 'data loader broke'" in md
     state = json.loads((run / "gradient_health_run.json").read_text())
     assert state["status"] == "stopped" and "data loader broke" in state["reason"]
     assert history_from_events(run).steps == [0, 1, 2, 3]

@@ -307,7 +307,7 @@ class GradientHealth:
             self.output.flush()  # the exception may end the process: what was measured must be on disk
             if not self._closed:  # the report of what was measured, saying why the run stopped
                 self._closed = True
-                where = f" at step {self._now}" if self._run_steps else ""
+                where = f" after step {self._now}" if self._run_steps else ""
                 self.output.write_report(self.watched.sparse_layers, self.inventory,
                                          stopped=f"{type(exc).__name__}{where}: {exc}")  # fmt: skip
                 self.output.flush()
