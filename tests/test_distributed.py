@@ -33,7 +33,7 @@ def _run(script: str, out: Path, *args: str) -> tuple[subprocess.CompletedProces
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,  # a hang would end here
+        timeout=600,  # a hang would end here (generous: a loaded 2-core machine runs these minutes, not seconds)
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc, json.loads((out / "rank0.json").read_text()), json.loads((out / "rank1.json").read_text())
