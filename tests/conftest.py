@@ -82,8 +82,12 @@ class TinyMLP(L.LightningModule):
 
 
 @pytest.fixture(autouse=True)
-def _deterministic() -> None:
+def _deterministic() -> Any:
     torch.manual_seed(0)
+    yield
+    from lightning_gradhealth.core.at_exit import OPEN_RUNS
+
+    OPEN_RUNS.clear()  # (a test's unclosed loop run is not closed at the suite's exit: no stray report files)
 
 
 def loader(n: int = 64, batch_size: int = 8, seed: int = 0) -> DataLoader:

@@ -3,6 +3,12 @@
 Lightning's DeepSpeedStrategy refuses the CPU; the subclass below only skips that check and passes a device rank,
 as found by trying it (DeepSpeed 0.19, Lightning 2.6). ZeRO >= 1 must be refused at setup with a clear message;
 ZeRO 0 keeps the gradients on the parameters and is watched like DDP.
+
+No C++ op is built: DeepSpeed's CPU communication backend JIT-compiles its shared-memory op (``build_shm_op`` in
+``deepspeed/comm/torch.py``, minutes of ``cc1plus`` into ``~/.cache/torch_extensions``) only when
+``deepspeed.ops.__compatible_ops__`` says the op can be built; it is set to "none can" here, so DeepSpeed falls back
+to plain torch.distributed (gloo) and the optimizer is torch's own (SGD). A test then never depends on a warm
+compile cache, nor hangs on a lock left behind by a killed build.
 """
 
 import argparse
@@ -42,7 +48,16 @@ class CPUDeepSpeed(DeepSpeedStrategy):
         return engine, opt
 
 
+def no_op_builds() -> None:
+    """Tell DeepSpeed that none of its C++ ops can be built here: it JIT-compiles none (see the module docstring)."""
+    import deepspeed.ops
+    from deepspeed.ops.op_builder.all_ops import ALL_OPS
+
+    deepspeed.ops.__compatible_ops__ = dict.fromkeys(ALL_OPS, False)  # (read by build_shm_op before any build)
+
+
 if __name__ == "__main__":
+    no_op_builds()
     out, stage = Path(sys.argv[1]), int(sys.argv[2])
     monitor = GradientHealthMonitor(log_every_n_steps=1)
     trainer = Trainer(

@@ -14,6 +14,7 @@ import pytest
 from test_logging import read_scalars
 
 from lightning_gradhealth.cli.main import main
+from lightning_gradhealth.cli.report import OFFLINE_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -188,7 +189,7 @@ def test_report_grades_with_the_thresholds_the_run_used(custom_run, tmp_path, ca
     (bare / "gradient_health_model.json").unlink()
     assert main(["report", str(bare)]) == 0
     assert "Thresholds: the defaults (no thresholds saved in" in capsys.readouterr().out
-    assert "exploding" not in _kinds(bare / "gradient_health_report.json")
+    assert "exploding" not in _kinds(bare / OFFLINE_DIR / "gradient_health_report.json")
 
 
 def test_report_warns_about_truncated_and_corrupt_event_files(custom_run, tmp_path, capsys):
@@ -210,9 +211,9 @@ def test_report_warns_about_truncated_and_corrupt_event_files(custom_run, tmp_pa
     captured = capsys.readouterr()
     assert f"warning: {cut_file} is truncated: it ends inside a record" in captured.err
     assert "could not be read whole" in captured.out
-    partial = json.loads((cut / "gradient_health_report.json").read_text())
+    partial = json.loads((cut / OFFLINE_DIR / "gradient_health_report.json").read_text())
     assert 0 < partial["records"] < 16 and str(cut_file) in partial["warnings"][0]
-    assert "truncated" in (cut / "gradient_health_report.md").read_text().split("### Summary")[0]
+    assert "truncated" in (cut / OFFLINE_DIR / "gradient_health_report.md").read_text().split("### Summary")[0]
 
     # a byte flipped in the middle: the records after it are lost, and it says so
     flipped = tmp_path / "flipped"
@@ -223,7 +224,7 @@ def test_report_warns_about_truncated_and_corrupt_event_files(custom_run, tmp_pa
     flipped_file.write_bytes(bytes(data))
     assert main(["report", str(flipped)]) == 0
     assert f"warning: {flipped_file} is corrupt: the record at byte" in capsys.readouterr().err
-    assert json.loads((flipped / "gradient_health_report.json").read_text())["records"] < 16
+    assert json.loads((flipped / OFFLINE_DIR / "gradient_health_report.json").read_text())["records"] < 16
 
     # a corrupt file next to a good one: the good one is read whole, the corrupt one named
     beside = tmp_path / "beside"
@@ -233,7 +234,7 @@ def test_report_warns_about_truncated_and_corrupt_event_files(custom_run, tmp_pa
     assert main(["report", str(beside)]) == 0
     err = capsys.readouterr().err
     assert f"warning: {junk} is corrupt: the record at byte 0 of 2048 fails its checksum; nothing in it is read" in err
-    assert json.loads((beside / "gradient_health_report.json").read_text())["records"] == 16
+    assert json.loads((beside / OFFLINE_DIR / "gradient_health_report.json").read_text())["records"] == 16
 
     # nothing readable at all: refused, pointing at the warnings
     only_junk = tmp_path / "only_junk"

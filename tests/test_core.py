@@ -385,7 +385,9 @@ def test_context_manager_keeps_what_was_measured_when_the_loop_fails(tmp_path):
         (1, refs[1]["total_norm"]),
         (3, refs[3]["total_norm"]),
     ]
-    assert not (tmp_path / "tb" / "gradient_health_report.md").exists()  # a failed loop writes no report
+    # the report of what was measured says that the run stopped, and why (issue 22)
+    md = (tmp_path / "tb" / "gradient_health_report.md").read_text()
+    assert "The run stopped before its end: RuntimeError after step 4: data loader broke" in md
 
 
 def test_context_manager_writes_the_report_on_a_normal_exit(tmp_path):

@@ -17,14 +17,23 @@ HERE = Path(__file__).parent
 
 
 def _run(script: str, out: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], dict, dict]:
-    """Run ``script`` (it launches its second rank through Lightning) and read each rank's JSON result."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+    """Run ``script`` (it launches its second rank through Lightning) and read each rank's JSON result.
+
+    No test may depend on a warm compile cache: torch's C++ extensions (DeepSpeed JIT-builds its ops there) go to a
+    folder of this test's own, so a lock left behind by a killed build elsewhere can never make it wait.
+    """
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
+        "TORCH_EXTENSIONS_DIR": str(out / "torch_extensions"),
+        "DS_BUILD_OPS": "0",  # (DeepSpeed's install-time switch; the scripts also refuse its JIT builds)
+    }
     proc = subprocess.run(
         [sys.executable, str(HERE / script), str(out), *args],
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,  # a hang would end here
+        timeout=600,  # a hang would end here (generous: a loaded 2-core machine runs these minutes, not seconds)
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc, json.loads((out / "rank0.json").read_text()), json.loads((out / "rank1.json").read_text())
@@ -307,6 +316,7 @@ def test_deepspeed_zero_is_refused_at_setup(tmp_path, stage):
     """Under ZeRO >= 1 `param.grad` is None in the hook (DeepSpeed keeps partitioned buffers): refused clearly."""
     pytest.importorskip("deepspeed")
     _, r0, _ = _run("deepspeed_script.py", tmp_path, str(stage))
+    assert not (tmp_path / "torch_extensions").exists(), "DeepSpeed compiled an op"
     assert f"ZeRO stage {stage}" in r0["refused"]
     assert "safe_get_full_grad" in r0["refused"] and "ModelParallelStrategy" in r0["refused"]
 
@@ -314,6 +324,7 @@ def test_deepspeed_zero_is_refused_at_setup(tmp_path, stage):
 def test_deepspeed_zero_0_is_watched(tmp_path):
     pytest.importorskip("deepspeed")
     _, r0, _ = _run("deepspeed_script.py", tmp_path, "0")
+    assert not (tmp_path / "torch_extensions").exists(), "DeepSpeed compiled an op"
     assert r0["total_norm"] > 0
 
 

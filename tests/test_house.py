@@ -27,7 +27,7 @@ PENDING = {
     "lightning_gradhealth/stats/kernels.py::nonzero_and_dead_rows",
 }
 # TEMPORARY as well: its docstring still names the removed `[plots]` extra (the figure work owns that file).
-PENDING_MENTIONS = {"lightning_gradhealth/output/plots.py"}
+PENDING_MENTIONS: set[str] = set()
 
 
 def _name(path: Path) -> str:

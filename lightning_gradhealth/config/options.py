@@ -16,6 +16,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
+from lightning_gradhealth.config.paths import check_writable_dir
 from lightning_gradhealth.config.recovery import Recovery, recovery_from
 from lightning_gradhealth.config.thresholds import Thresholds
 from lightning_gradhealth.config.validation import (
@@ -385,7 +386,7 @@ class HealthOptions:
             value = getattr(self, name)
             if value is not None:
                 check_type(name, value, (str, Path), "None, a str or a pathlib.Path")
-                set_(self, name, Path(value))
+                set_(self, name, check_writable_dir(name, value))
         check_type("report", self.report, bool, "a bool")
         check_type("verbose", self.verbose, bool, "a bool")
         noise = self.noise_scale

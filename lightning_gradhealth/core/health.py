@@ -22,6 +22,7 @@ from torch.optim import Optimizer
 
 from lightning_gradhealth.config.options import HealthOptions
 from lightning_gradhealth.config.thresholds import Severity
+from lightning_gradhealth.core.at_exit import OPEN_RUNS as _OPEN
 from lightning_gradhealth.core.context import (
     DEFAULT_LOG_EVERY_N_STEPS,
     StepContext,
@@ -137,6 +138,7 @@ class GradientHealth:
             every = self.options.log_every_n_steps
             self.attach(Frontend.for_model(model, loggers, amp=scaler is not None, every=every), ddp=model)
             self.start()
+            _OPEN.add(self)
             self.before_batch(0)
             self._replays.mark()  # (the RNG state the first step's replay restores; then after each step())
 
@@ -255,6 +257,7 @@ class GradientHealth:
 
     def close(self) -> None:
         """Write anything still buffered, then the report (on rank zero). Idempotent per run."""
+        _OPEN.discard(self)
         if self._closed:
             return
         self._closed = True
@@ -271,6 +274,7 @@ class GradientHealth:
         else:
             self.output.no_report(self._due_steps, self._run_steps)
         self.output.flush()  # a loop's loggers buffer (CSV) or queue (TensorBoard): on disk once closed
+        self.output.close_loggers()
 
     def abort(self) -> None:
         """On an exception: write what was computed before it, so that nothing already measured is lost."""
@@ -293,8 +297,16 @@ class GradientHealth:
         if exc is None:
             self.close()
         elif not isinstance(exc, TrainingHealthError):  # (that one already logged, flushed and reported)
+            _OPEN.discard(self)
             self.abort()
             self.output.flush()  # the exception may end the process: what was measured must be on disk
+            if not self._closed:  # the report of what was measured, saying why the run stopped
+                self._closed = True
+                where = f" after step {self._now}" if self._run_steps else ""
+                self.output.write_report(self.watched.sparse_layers, self.inventory,
+                                         stopped=f"{type(exc).__name__}{where}: {exc}")  # fmt: skip
+                self.output.flush()
+            self.output.close_loggers()
 
     # ------------------------------------------------------------------ front-end hooks
     def before_batch(self, step: int) -> None:

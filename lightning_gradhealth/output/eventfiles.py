@@ -1,68 +1,206 @@
-"""Read a run back from its TensorBoard event files into a :class:`~lightning_gradhealth.diagnosis.history.History`."""
+"""Read a run back from its TensorBoard event files into a :class:`~lightning_gradhealth.diagnosis.history.History`.
+
+The files are read as untrusted input (what ``gradhealth report`` may be given): streamed record by record
+(:mod:`~lightning_gradhealth.output.tfrecord`, every checksum verified), regular files only, no link followed
+(:mod:`~lightning_gradhealth.output.safe_io`), and folded into the same bounded :class:`History` the live run keeps, so
+memory does not grow with the number of steps. Names (tags) are escaped as they are read
+(:func:`~lightning_gradhealth.output.safe_io.clean`): none can carry a line break or a control character further.
+"""
 
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 from lightning_gradhealth.diagnosis.history import History
+from lightning_gradhealth.output.safe_io import clean, open_regular, shown
+from lightning_gradhealth.output.tfrecord import RecordProblem, iter_records
 from lightning_gradhealth.schema.errors import GradientHealthError
 from lightning_gradhealth.schema.metrics import SPIKES, TOTAL_NORM, metrics_to_record
 
-__all__ = ["find_runs", "history_from_events"]
+__all__ = [
+    "EVENTS_PREFIX",
+    "MAX_EVENT_FILE_BYTES",
+    "MAX_SCANNED",
+    "event_files",
+    "find_runs",
+    "history_from_events",
+]
+
+EVENTS_PREFIX = "events.out.tfevents."
+#: The largest event file read (a 1,000-layer model logged every step for 2,000 steps writes ~250 MB).
+MAX_EVENT_FILE_BYTES = 16 * 2**30
+#: The most directory entries looked at under a log directory (a tree larger than this is refused, not walked).
+MAX_SCANNED = 200_000
+#: Steps held back while their scalars may still come in other events (Lightning's logger writes one per key).
+_PENDING_STEPS = 8
+_MAX_TAGS = 200_000  # tags whose stripped, escaped key is remembered
 
 
 def find_runs(logdir: str | Path) -> list[Path]:
-    """Directories under ``logdir`` (itself included) that hold TensorBoard event files.
+    """Directories under ``logdir`` (itself included) that hold TensorBoard event files, symbolic links not followed.
 
     Raises:
-        GradientHealthError: ``logdir`` does not exist or holds no event file.
+        GradientHealthError: ``logdir`` does not exist, holds no event file, or holds more than :data:`MAX_SCANNED`
+            entries.
     """
     root = Path(logdir)
     if not root.is_dir():
-        raise GradientHealthError(f"no such log directory: {root}", logdir=str(root))
-    runs = sorted({p.parent for p in root.rglob("events.out.tfevents.*")})
+        raise GradientHealthError(f"no such log directory: {shown(root)}", logdir=str(root))
+    runs: set[Path] = set()
+    seen = 0
+    for folder, dirs, files in os.walk(root):  # (os.walk does not descend into linked directories)
+        seen += len(dirs) + len(files)
+        if seen > MAX_SCANNED:
+            raise GradientHealthError(
+                f"{shown(root)} holds more than {MAX_SCANNED:,} files and folders: give the run's own directory",
+                logdir=str(root),
+            )
+        dirs.sort()
+        if any(name.startswith(EVENTS_PREFIX) for name in files):
+            runs.add(Path(folder))
     if not runs:
-        raise GradientHealthError(f"no TensorBoard event files under {root}", logdir=str(root))
-    return runs
+        raise GradientHealthError(f"no TensorBoard event files under {shown(root)}", logdir=str(root))
+    return sorted(runs)
 
 
-def history_from_events(run_dir: str | Path) -> History:
-    """Rebuild the history of a run made with :class:`GradientHealthMonitor` from its event files.
+def event_files(run_dir: str | Path) -> list[Path]:
+    """The event files directly in ``run_dir`` (whatever their type: reading them checks that), sorted by name."""
+    with os.scandir(run_dir) as entries:
+        return sorted(Path(run_dir) / e.name for e in entries if e.name.startswith(EVENTS_PREFIX))
+
+
+def _scalars(data: bytes, event_cls: type) -> tuple[int, list[tuple[str, float]]] | None:
+    """The step and the scalar values of one serialized ``Event`` (``None``: not one with scalars, or undecodable)."""
+    try:
+        event = event_cls.FromString(data)
+    except Exception:  # (protobuf's DecodeError: a record whose checksum holds but whose content is no Event)
+        return None
+    if not event.HasField("summary"):
+        return None
+    values = []
+    for value in event.summary.value:
+        kind = value.WhichOneof("value")
+        if kind == "simple_value":
+            number = value.simple_value
+        elif kind == "tensor" and (value.tensor.float_val or value.tensor.double_val):
+            number = (value.tensor.float_val or value.tensor.double_val)[0]
+        else:
+            continue
+        values.append((value.tag, float(number)))
+    return (event.step, values) if values else None
+
+
+class _Fold:
+    """Scalars grouped by step and folded, step by step, into a :class:`History`."""
+
+    def __init__(self) -> None:
+        self.history = History()
+        self.pending: dict[int, dict[str, float]] = {}
+        self.head: str | None = None
+        self.last_step: int | None = None
+        self.previous_spikes = 0.0
+        self.late = 0  # values of steps already folded (a resumed run's overlap): left out
+        self.keys: dict[str, str] = {}  # tag -> key without the prefix, escaped ("": another run's tag)
+
+    def key(self, tag: str) -> str:
+        """``tag`` without the run's prefix, escaped (:func:`clean`); computed once per tag."""
+        key = self.keys.get(tag)
+        if key is None:
+            head = self.head or ""
+            key = clean(tag[len(head) :]) if tag.startswith(head) else ""
+            if len(self.keys) < _MAX_TAGS:
+                self.keys[tag] = key
+        return key
+
+    def add(self, step: int, values: list[tuple[str, float]]) -> None:
+        if self.last_step is not None and step <= self.last_step:
+            self.late += 1
+            return
+        bucket = self.pending.setdefault(step, {})
+        for tag, number in values:
+            bucket[tag] = number
+        while len(self.pending) > _PENDING_STEPS:
+            self.flush_one()
+
+    def flush_one(self) -> None:
+        step = min(self.pending)
+        tags = self.pending.pop(step)
+        self.last_step = step
+        if self.head is None:
+            heads = sorted(tag[: -len(TOTAL_NORM)] for tag in tags if tag.endswith(TOTAL_NORM))
+            if not heads:
+                return
+            self.head = heads[0]  # a TensorBoardLogger(prefix="exp") writes "exp-<key>": the run under its prefix
+        head = self.head
+        if head + TOTAL_NORM not in tags:
+            return
+        metrics = {key: v for tag, v in tags.items() if (key := self.key(tag))}
+        self.history.add(metrics_to_record(metrics, step))
+        spikes = metrics.get(SPIKES, self.previous_spikes)
+        if spikes > self.previous_spikes:
+            self.history.add_spike(step, math.nan)
+        self.previous_spikes = spikes
+
+    def finish(self) -> History:
+        while self.pending:
+            self.flush_one()
+        return self.history
+
+
+def history_from_events(
+    run_dir: str | Path,
+    *,
+    problems: dict[Path, RecordProblem] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> History:
+    """Rebuild the history of a run made with :class:`GradientHealthMonitor` from its event files, streaming.
 
     Each step with a global gradient norm becomes a record
-    (:func:`~lightning_gradhealth.schema.metrics.metrics_to_record`),
-    and each rise of the spike counter a spike.
+    (:func:`~lightning_gradhealth.schema.metrics.metrics_to_record`), and each rise of the spike counter a spike. The
+    files are read in name order (a resumed run's steps that come again are read once). Memory is bounded: the
+    history thins itself out as the live run's does.
 
     Args:
         run_dir: A directory holding the run's event files.
+        problems: Receives, per event file read only in part, why (truncated, corrupt, oversized record).
+        progress: Called with the bytes read so far, after each chunk.
 
     Returns:
         The run's history.
 
     Raises:
         GradientHealthError: The run has no global-gradient-norm scalars (not made with the monitor).
+        UnsafePathError: An event file is a link, not a regular file, or over :data:`MAX_EVENT_FILE_BYTES`.
     """
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.compat.proto.event_pb2 import Event
 
-    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    acc.Reload()
-    tags = acc.Tags().get("scalars", [])
-    # a TensorBoardLogger(prefix="exp") writes "exp-<key>": read the run under its prefix
-    heads = sorted(tag[: -len(TOTAL_NORM)] for tag in tags if tag.endswith(TOTAL_NORM))
-    if not heads:
+    fold = _Fold()
+    done = [0]
+    for path in event_files(run_dir):
+        fh, size = open_regular(path, MAX_EVENT_FILE_BYTES)
+        found: list[RecordProblem] = []
+        counter = [0]
+        with fh:
+            for data in iter_records(fh, size, found, counter):
+                got = _scalars(data, Event)
+                if got is not None:
+                    fold.add(*got)
+                if progress is not None and counter[0]:
+                    done[0] += counter[0]
+                    counter[0] = 0
+                    progress(done[0])
+        done[0] += counter[0]
+        if found and problems is not None:
+            problems[path] = found[0]
+    if progress is not None:
+        progress(done[0])
+    history = fold.finish()
+    if not history.records_seen:
         raise GradientHealthError(
-            f"{run_dir} has no '{TOTAL_NORM}' scalars: it was not logged with GradientHealthMonitor", run=str(run_dir)
+            f"{shown(run_dir)} has no '{TOTAL_NORM}' scalars: it was not logged with GradientHealthMonitor",
+            run=str(run_dir),
         )
-    head = heads[0]
-    series = {tag[len(head) :]: {e.step: e.value for e in acc.Scalars(tag)} for tag in tags if tag.startswith(head)}
-    history = History()
-    previous_spikes = 0.0
-    for step in sorted(series[TOTAL_NORM]):
-        metrics = {key: values[step] for key, values in series.items() if step in values}
-        history.add(metrics_to_record(metrics, step))
-        spikes = metrics.get(SPIKES, previous_spikes)
-        if spikes > previous_spikes:
-            history.add_spike(step, math.nan)
-        previous_spikes = spikes
     return history

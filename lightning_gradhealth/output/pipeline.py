@@ -21,6 +21,7 @@ from torch import nn
 
 from lightning_gradhealth.config.cadence import DEFAULT_LOG_EVERY_N_STEPS, due
 from lightning_gradhealth.config.options import HealthOptions
+from lightning_gradhealth.config.paths import check_writable_dir
 from lightning_gradhealth.config.thresholds import Thresholds
 from lightning_gradhealth.diagnosis.history import History
 from lightning_gradhealth.diagnosis.rules import Finding, diagnose
@@ -28,7 +29,16 @@ from lightning_gradhealth.model.distributed import Reduction
 from lightning_gradhealth.model.inventory import ModelInventory
 from lightning_gradhealth.model.layout import ParamLayout
 from lightning_gradhealth.output.report import MODEL_JSON, console_summary, write_report
-from lightning_gradhealth.output.sinks import MEDIA_SUPPORT, DirectoryLogger, Media, logger_kind, write_metrics
+from lightning_gradhealth.output.runstate import run_state, write_run_state
+from lightning_gradhealth.output.safe_io import write_text
+from lightning_gradhealth.output.sinks import (
+    MEDIA_SUPPORT,
+    DirectoryLogger,
+    Media,
+    SinkFailures,
+    logger_kind,
+    write_metrics,
+)
 from lightning_gradhealth.output.visuals import (
     custom_scalars_layout,
     flagged_layers,
@@ -146,6 +156,9 @@ def _loggers(loggers: Any) -> list[Any]:
                 f"TensorBoardLogger), a list of them, or a TensorBoard log directory; got {logger!r}"
                 + (f" in {loggers!r}." if logger is not loggers else ".")
             )
+    for logger in items:  # a log directory: checked now, not at the first logged step
+        if isinstance(logger, (str, Path)):
+            check_writable_dir("loggers", logger)
     return [DirectoryLogger(lg) if isinstance(lg, (str, Path)) else lg for lg in items]
 
 
@@ -176,6 +189,7 @@ class Output:
         self._figure_clock: float | None = None  # when the first figure was drawn
         self._takes: set[str] = set()  # what the loggers take besides scalars ("histograms", "figures")
         self._figure_seconds = 0.0  # what the figures took so far
+        self.sinks = SinkFailures(lambda message: self.warn(message))  # loggers whose writes failed (sinks.py)
 
     def begin(self, frontend: Frontend) -> None:
         """A new run: fresh history and findings."""
@@ -187,6 +201,7 @@ class Output:
         self._takes = {what for lg in frontend.loggers for what in MEDIA_SUPPORT[logger_kind(lg)]}
         self._last_figure = self._last_record = self._figure_clock = None
         self._figure_seconds = 0.0
+        self.sinks = SinkFailures(lambda message: self.warn(message))
 
     # ------------------------------------------------------------------ messages
     def info(self, message: str) -> None:
@@ -221,7 +236,11 @@ class Output:
                 "inventory": inventory.to_dict() if inventory is not None else None,
                 "thresholds": (self.options.thresholds or Thresholds()).to_dict(),  # the report's lines
             }
-            (directory / MODEL_JSON).write_text(json.dumps(saved) + "\n")
+            try:  # (never through a link; a disk that refuses it costs the offline report, not the run)
+                write_text(directory / MODEL_JSON, json.dumps(saved) + "\n")
+                write_run_state(directory, run_state("running"))
+            except OSError as err:
+                self.warn(f"{self.frontend.name}: could not write {directory / MODEL_JSON} ({err}); training goes on.")
         self._inventory = inventory
         layers = [layer.name for layer in inventory.layers] if inventory is not None else []
         for writer in self._writers():
@@ -275,19 +294,21 @@ class Output:
         if not self.frontend.rank_zero:
             return
         for step in sorted(set(batches) | set(media)):
-            write_metrics(self.frontend.loggers, batches.get(step, {}), step, media.get(step))
+            write_metrics(self.frontend.loggers, batches.get(step, {}), step, media.get(step), self.sinks)
 
     def flush(self) -> None:
         """Make the loggers write what they hold (before a raise)."""
         if not self.frontend.rank_zero:
             return
+        step = self.history.steps[-1] if self.history.steps else 0
+        for logger in self.sinks.live(self.frontend.loggers):
+            self.sinks.call(logger, step, lambda lg=logger: _flush_logger(lg))
+
+    def close_loggers(self) -> None:
+        """Close the event files the monitor opened itself (a loop's log directory): no writer thread is left."""
         for logger in self.frontend.loggers:
-            save = getattr(logger, "save", None)
-            if callable(save):
-                save()
-            flush = getattr(getattr(logger, "experiment", None), "flush", None)
-            if callable(flush):
-                flush()
+            if isinstance(logger, DirectoryLogger):
+                self.sinks.call(logger, -1, logger.finalize)
 
     def _writers(self) -> list[Any]:
         """The SummaryWriters of the TensorBoard loggers (rank zero only)."""
@@ -390,7 +411,7 @@ class Output:
                     flagged[layer] = (str(getattr(finding.severity, "value", finding.severity)), str(finding.kind))
         media = self._figure(record, flagged)
         if media is not None:
-            write_metrics(self.frontend.loggers, {}, record.step, media)
+            write_metrics(self.frontend.loggers, {}, record.step, media, self.sinks)
 
     def nothing_to_watch(self, has_params: bool) -> None:
         """A step found nothing to measure (said once): no gradient on the watched parameters, or none watched."""
@@ -434,14 +455,41 @@ class Output:
         log_dir = next((lg.log_dir for lg in self.frontend.loggers if getattr(lg, "log_dir", None)), None)
         return Path(log_dir) if log_dir is not None else self.frontend.default_dir
 
-    def write_report(self, sparse_layers: frozenset[str], inventory: ModelInventory | None = None) -> None:
-        """Diagnose the run; on rank zero draw the last figure, write the report and show a summary."""
-        if not self.history.records_seen:
-            return
+    def write_report(
+        self, sparse_layers: frozenset[str], inventory: ModelInventory | None = None, stopped: str | None = None
+    ) -> None:
+        """Diagnose the run; on rank zero draw the last figure, write the report and show a summary.
+
+        ``stopped``: why the run ended before its end (the report says so first). The run's state
+        (:mod:`~lightning_gradhealth.output.runstate`) is saved beside the model file. A report that cannot be written
+        is said, never raised: monitoring does not take a run down.
+        """
         thresholds = self.options.thresholds or Thresholds()
-        self.findings = diagnose(self.history, thresholds, sparse_layers=sparse_layers, inventory=inventory)
-        self._final_figure()
+        if self.history.records_seen:
+            self.findings = diagnose(self.history, thresholds, sparse_layers=sparse_layers, inventory=inventory)
+            self._final_figure()
         if not self.options.report or not self.frontend.rank_zero:
             return
-        path = write_report(self.report_dir(), self.history, self.findings, thresholds, inventory=inventory)
-        self.info(console_summary(self.findings, path))
+        notes = ([f"The run stopped before its end: {stopped}"] if stopped else []) + self.sinks.notes()
+        directory = self.report_dir()
+        try:
+            if self.history.records_seen:
+                path = write_report(directory, self.history, self.findings, thresholds, inventory=inventory,
+                                    notes=notes)  # fmt: skip
+                self.info(console_summary(self.findings, path))
+            if self.frontend.loggers and (directory / MODEL_JSON).is_file():
+                state = run_state("stopped" if stopped else "finished", self.history, self.findings, reason=stopped,
+                                  sink_notes=self.sinks.notes())  # fmt: skip
+                write_run_state(directory, state)
+        except OSError as err:
+            self.warn(f"{self.frontend.name}: the report could not be written to {directory} ({err}).")
+
+
+def _flush_logger(logger: Any) -> None:
+    """Make ``logger`` write what it holds (``save()``, its writer's ``flush()``)."""
+    save = getattr(logger, "save", None)
+    if callable(save):
+        save()
+    flush = getattr(getattr(logger, "experiment", None), "flush", None)
+    if callable(flush):
+        flush()

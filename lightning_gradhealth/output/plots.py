@@ -1,4 +1,4 @@
-"""PNG plots of a run's history for the report (needs matplotlib: ``pip install lightning-gradhealth[plots]``)."""
+"""PNG plots of a run's history for the report (matplotlib, imported when they are drawn)."""
 
 from __future__ import annotations
 

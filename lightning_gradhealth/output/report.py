@@ -6,12 +6,14 @@ import json
 import math
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from lightning_gradhealth.config.thresholds import Severity, Thresholds
 from lightning_gradhealth.diagnosis.history import History
 from lightning_gradhealth.diagnosis.rules import Finding
+from lightning_gradhealth.output.safe_io import clean, md_code, md_text, write_bytes, write_text
 from lightning_gradhealth.schema.kinds import Kind
 from lightning_gradhealth.stats.noise import batch_advice
 
@@ -291,7 +293,7 @@ def _layer_table(history: History, findings: Sequence[Finding], inventory: Any) 
             continue
         r = rows[i]
         status = f"{_ICON[r['status']]} {r['status'].value}"
-        cells = [str(i), f"`{r['layer']}`", *([r["kind"]] if with_kind else []), _num(r["last_grad_norm"]),
+        cells = [str(i), md_code(r["layer"]), *([md_text(r["kind"])] if with_kind else []), _num(r["last_grad_norm"]),
                  _num(r["median_ratio"]), _num(r["zero_frac"], ".1%"), status]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -324,37 +326,41 @@ def render_markdown(
         notes: Warnings about the input (e.g. a truncated event file), shown first.
     """
     lines = ["## Gradient Health Report", ""]
-    lines += [f"> ⚠️ {note}" for note in notes] + ([""] if notes else [])
+    lines += [f"> ⚠️ {md_text(note)}" for note in notes] + ([""] if notes else [])
     lines += [
         "### Summary",
         "| Metric | Value | Status |",
         "|--------|-------|--------|",
     ]
-    lines += [f"| {m} | {v} | {_ICON[s]} |" for m, v, s, _ in _summary(history, findings, th)]
+    lines += [f"| {m} | {md_text(v)} | {_ICON[s]} |" for m, v, s, _ in _summary(history, findings, th)]
     lines += ["", "### Issues Detected"]
     if not findings:
         lines.append("None: no rule fired over the run. ✅")
     for i, f in enumerate(findings, 1):
-        where = f" Layers: {', '.join(f.layers[:8])}{' ...' if len(f.layers) > 8 else ''}." if f.layers else ""
-        lines.append(f"{i}. {_ICON[f.severity]} **{f.kind}** ({f.severity.value}): {f.summary}{where}")
+        shown = ", ".join(md_text(layer) for layer in f.layers[:8])
+        where = f" Layers: {shown}{' ...' if len(f.layers) > 8 else ''}." if f.layers else ""
+        head = f"{i}. {_ICON[f.severity]} **{md_text(f.kind)}** ({f.severity.value})"
+        lines.append(f"{head}: {md_text(f.summary)}{where}")
     lines += _layer_table(history, findings, inventory)
     lines += _recovery_section(history)
     lines += ["", "### Recommendations"]
     recs: list[str] = []
     for f in findings:
         recs += [fix for fix in f.fixes[:2] if fix not in recs]
-    lines += [f"{i}. {r}" for i, r in enumerate(recs, 1)] or ["Nothing to change."]
+    lines += [f"{i}. {md_text(r)}" for i, r in enumerate(recs, 1)] or ["Nothing to change."]
     codes: list[str] = []
     for f in findings:
         if f.code and f.code not in codes:
             codes.append(f.code)
     if codes:
-        lines += ["", "### Code to Add", "```python", *"\n\n".join(codes).splitlines(), "```"]
+        code = [clean(line) for line in "\n\n".join(codes).splitlines()]  # (no line of it can close the fence)
+        lines += ["", "### Code to Add", "```python", *(" " + c if c.lstrip().startswith("`" * 3) else c for c in code),
+                  "```"]  # fmt: skip
     if plots or plots_note:
         lines += ["", "### Plots"]
         for p in plots:
-            lines += ["", f"![{_caption(p)}]({Path(p).name})"]
-        lines += ["", plots_note] if plots_note else []
+            lines += ["", f"![{md_text(_caption(p))}]({md_text(Path(p).name)})"]
+        lines += ["", md_text(plots_note)] if plots_note else []
     lines += ["", f"_{history.records_seen} record(s) from step {history.steps[0] if history.steps else '-'} "
               f"to {history.steps[-1] if history.steps else '-'}._", ""]  # fmt: skip
     return "\n".join(lines)
@@ -373,15 +379,24 @@ def _recovery_section(history: History) -> list[str]:
 
 
 def _write_plots(history: History, out: Path) -> tuple[list[Path], str]:
-    """The PNG plots (or none, and the sentence saying why)."""
+    """The PNG plots (or none, and the sentence saying why).
+
+    Drawn in a private temporary folder, then written into ``out`` without following a link (:func:`write_bytes`);
+    the layer names on them are escaped (no line break, no ``$`` that matplotlib would read as math).
+    """
+    import tempfile
+
+    shown = replace(history, layer_names=[clean(n).replace("$", r"\$") for n in history.layer_names])
     try:
         from lightning_gradhealth.output.plots import write_plots
 
-        return write_plots(history, out), ""
+        with tempfile.TemporaryDirectory(prefix="gradhealth-plots-") as tmp:
+            drawn = write_plots(shown, tmp)
+            return [write_bytes(out / p.name, p.read_bytes()) for p in drawn], ""
     except ImportError:
         return [], PLOTS_HINT
     except Exception as err:  # a plot must never cost the report
-        return [], f"The PNG plots could not be drawn ({type(err).__name__}: {err})."
+        return [], f"The PNG plots could not be drawn ({type(err).__name__}: {clean(str(err))})."
 
 
 def write_report(
@@ -412,17 +427,19 @@ def write_report(
 
     Returns:
         The path of the Markdown file.
+
+    Raises:
+        UnsafePathError: A file to replace in ``directory`` is a symbolic link or not a regular file: nothing is
+            written through a link (:mod:`~lightning_gradhealth.output.safe_io`).
     """
-    out = Path(directory)
+    out = Path(directory)  # (the caller's choice: a linked folder is followed; ``gradhealth report`` checks its own)
     out.mkdir(parents=True, exist_ok=True)
     pngs, note = _write_plots(history, out) if plots else ([], "")
     md = out / REPORT_MD
-    md.write_text(
-        render_markdown(history, findings, th, inventory=inventory, plots=pngs, plots_note=note, notes=notes),
-        encoding="utf-8",
-    )
+    text = render_markdown(history, findings, th, inventory=inventory, plots=pngs, plots_note=note, notes=notes)
+    write_text(md, text)
     data = report_dict(history, findings, th, inventory=inventory, plots=pngs, notes=notes)
-    (out / REPORT_JSON).write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+    write_text(out / REPORT_JSON, json.dumps(data, indent=2, default=str) + "\n")
     return md
 
 

@@ -28,7 +28,15 @@ from tensorboard.compat.proto.summary_pb2 import Summary
 
 from lightning_gradhealth.schema.metrics import GRADIENT_FLOW, HISTOGRAM, metric_key
 
-__all__ = ["MEDIA_SUPPORT", "DirectoryLogger", "LoggerKind", "Media", "logger_kind", "write_metrics"]
+__all__ = [
+    "MEDIA_SUPPORT",
+    "DirectoryLogger",
+    "LoggerKind",
+    "Media",
+    "SinkFailures",
+    "logger_kind",
+    "write_metrics",
+]
 
 _FABRIC_TENSORBOARD = ("lightning.fabric.loggers.tensorboard", "lightning_fabric.loggers.tensorboard")
 
@@ -106,7 +114,65 @@ def logger_kind(logger: Any) -> LoggerKind:
     return "other"
 
 
-def write_metrics(loggers: Iterable[Any], metrics: dict[str, float], step: int, media: Media | None = None) -> None:
+class SinkFailures:
+    """Loggers whose writes failed (disk full, file too large, permission): each said once, then left out.
+
+    Monitoring must never take a run down: a write that raises :class:`OSError` (also when TensorBoard's writer
+    thread raises it on the next write) gives one warning naming the logger's directory and the error; the logger
+    gets nothing more from the monitor, and the training and the guard go on. The report lists them (:meth:`notes`).
+
+    Args:
+        warn: Shows the warning.
+    """
+
+    def __init__(self, warn: Any = None) -> None:
+        self.warn = warn
+        self.failed: dict[int, tuple[str, int, str]] = {}  # id(logger) -> (where, step, error)
+
+    def live(self, loggers: Iterable[Any]) -> list[Any]:
+        """The loggers that have not failed."""
+        return [lg for lg in loggers if id(lg) not in self.failed]
+
+    def call(self, logger: Any, step: int, action: Any) -> None:
+        """Run ``action()`` for ``logger``; on an ``OSError``, stop that logger and say so once."""
+        if id(logger) in self.failed:
+            return
+        try:
+            action()
+        except OSError as err:
+            self.fail(logger, step, err)
+
+    def fail(self, logger: Any, step: int, err: BaseException) -> None:
+        """Mark ``logger`` failed at ``step`` with ``err`` and warn once."""
+        where = str(getattr(logger, "log_dir", None) or type(logger).__name__)
+        error = f"{type(err).__name__}: {err}"
+        self.failed[id(logger)] = (where, step, error)
+        writer = getattr(logger, "_writer", None) or getattr(logger, "_experiment", None)
+        close = getattr(writer, "close", None)
+        if callable(close):  # (its writer thread is dead: closing re-raises, which is expected)
+            try:
+                close()
+            except Exception:
+                pass
+        if self.warn is not None:
+            self.warn(
+                f"gradient health: writing to {type(logger).__name__} at {where} failed at step {step} ({error}); "
+                "nothing more is written there. Training and the guard go on; the report names the failure."
+            )
+
+    def notes(self) -> list[str]:
+        """One line per failed logger, for the report."""
+        return [f"Logging to {where} failed from step {step} on ({error}): its metrics stop there."
+                for where, step, error in self.failed.values()]  # fmt: skip
+
+
+def write_metrics(
+    loggers: Iterable[Any],
+    metrics: dict[str, float],
+    step: int,
+    media: Media | None = None,
+    failures: SinkFailures | None = None,
+) -> None:
     """Write ``metrics`` (and ``media``) at ``step`` to every logger: one ``log_metrics`` call, or one event, each.
 
     TensorBoard gets the scalars as one event and the histograms and figure as its own summaries; W&B gets all of
@@ -118,22 +184,31 @@ def write_metrics(loggers: Iterable[Any], metrics: dict[str, float], step: int, 
         metrics: ``{key: value}``, values plain numbers (may be empty when only ``media`` is due).
         step: The x-axis value.
         media: Histograms and the figure of this step, if any.
+        failures: Where a logger whose write raises ``OSError`` is stopped and said (else the error propagates).
     """
     for logger in loggers:
-        kind = logger_kind(logger)
-        values: dict[str, Any] = dict(metrics)
-        if media is not None and kind == "wandb":
-            values.update(_wandb_media(media))
-        if values and not _write_one_event(logger, values, step):
-            logger.log_metrics(values, step=step)
-        if media is not None and kind == "tensorboard":
-            writer = logger.experiment
-            for layer, h in media.histograms.items():
-                writer.add_histogram_raw(metric_key(HISTOGRAM, layer), global_step=step, **h)
-            if media.image is not None:
-                writer.add_image(GRADIENT_FLOW, media.image, step, dataformats="HWC")
-        if media is not None and kind == "mlflow" and media.figure is not None:
-            logger.experiment.log_figure(logger.run_id, media.figure, f"{GRADIENT_FLOW}/step_{step:08d}.png")
+        if failures is not None:
+            failures.call(logger, step, lambda lg=logger: _write_one(lg, metrics, step, media))
+        else:
+            _write_one(logger, metrics, step, media)
+
+
+def _write_one(logger: Any, metrics: dict[str, float], step: int, media: Media | None) -> None:
+    """:func:`write_metrics` for one logger."""
+    kind = logger_kind(logger)
+    values: dict[str, Any] = dict(metrics)
+    if media is not None and kind == "wandb":
+        values.update(_wandb_media(media))
+    if values and not _write_one_event(logger, values, step):
+        logger.log_metrics(values, step=step)
+    if media is not None and kind == "tensorboard":
+        writer = logger.experiment
+        for layer, h in media.histograms.items():
+            writer.add_histogram_raw(metric_key(HISTOGRAM, layer), global_step=step, **h)
+        if media.image is not None:
+            writer.add_image(GRADIENT_FLOW, media.image, step, dataformats="HWC")
+    if media is not None and kind == "mlflow" and media.figure is not None:
+        logger.experiment.log_figure(logger.run_id, media.figure, f"{GRADIENT_FLOW}/step_{step:08d}.png")
 
 
 def _wandb_media(media: Media) -> dict[str, Any]:

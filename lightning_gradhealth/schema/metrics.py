@@ -7,6 +7,7 @@ builds keys with :func:`metric_key` and reads them with :func:`parse_key` or :fu
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Mapping
@@ -229,6 +230,7 @@ def metric_key(metric: str, layer: str | None = None, optimizer_idx: int | None 
     return key if optimizer_idx is None else f"{key}/opt{optimizer_idx}"
 
 
+@functools.lru_cache(maxsize=65536)  # (the same keys come back every step: gradhealth report reads millions)
 def parse_key(key: str) -> MetricKey | None:
     """Take a key made by this module apart: the inverse of :func:`metric_key`.
 
