@@ -354,12 +354,13 @@ def render_markdown(
     return "\n".join(lines)
 
 
-def _write_plots(history: History, out: Path) -> tuple[list[Path], str]:
-    """The PNG plots (or none, and the sentence saying why)."""
+def _write_plots(history: History, out: Path, findings: Sequence[Finding], th: Thresholds) -> tuple[list[Path], str]:
+    """The PNG plots (or none, and the sentence saying why); the gradient flow coloured by ``findings``."""
     try:
+        from lightning_gradhealth.output.figures import flagged_from, reference_lines
         from lightning_gradhealth.output.plots import write_plots
 
-        return write_plots(history, out), ""
+        return write_plots(history, out, flagged_from(findings), reference_lines(th)), ""
     except ImportError:
         return [], PLOTS_HINT
     except Exception as err:  # a plot must never cost the report
@@ -397,7 +398,7 @@ def write_report(
     """
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    pngs, note = _write_plots(history, out) if plots else ([], "")
+    pngs, note = _write_plots(history, out, findings, th) if plots else ([], "")
     md = out / REPORT_MD
     md.write_text(
         render_markdown(history, findings, th, inventory=inventory, plots=pngs, plots_note=note, notes=notes),
