@@ -172,15 +172,20 @@ def _place(ax: Any, renderer: Any, taken: list[Any], text: str, xy: tuple[float,
     """Annotate ``xy`` with ``text`` at the first offset (points) where it fits; whether one did.
 
     A label fits where its box is inside the axes and overlaps nothing in ``taken`` (the boxes of the labels and
-    points placed so far, to which it is added); where none fits, nothing is added.
+    points placed so far, to which it is added); where none fits, nothing is added. A label more than 12 points away
+    gets a leader line to its point.
     """
+    from matplotlib.text import Text
+
     inside = ax.get_window_extent(renderer).padded(-2)
     for dx, dy in offsets:
-        note = ax.annotate(text, xy, xytext=(dx, dy), textcoords="offset points", **style)
-        box = note.get_window_extent(renderer)
+        leader = {"arrowstyle": "-", "color": style.get("color", "0.3"), "lw": 0.5} if abs(dy) > 12 else None
+        note = ax.annotate(text, xy, xytext=(dx, dy), textcoords="offset points", arrowprops=leader, **style)
+        note.update_positions(renderer)
+        box = Text.get_window_extent(note, renderer)  # (the text: a leader line may cross a point)
         if (inside.x0 <= box.x0 and box.x1 <= inside.x1 and inside.y0 <= box.y0 and box.y1 <= inside.y1
                 and not any(box.overlaps(other) for other in taken)):  # fmt: skip
-            taken.append(box.padded(1))
+            taken.append(box.padded(3))
             return True
         note.remove()
     return False
@@ -317,7 +322,9 @@ def _plot(ax: Any, renderer: Any, names: Sequence[str], norms: Sequence[float], 
         ax.axhline(value, color="0.5", linestyle="--", linewidth=0.8)
         _place(ax, renderer, taken, label, (0.0, value), [(3, 2), (3, -10), (120 * (k + 1), 2), (120 * (k + 1), -10)],
                fontsize=7, color="0.35", xycoords=("axes fraction", "data"))  # fmt: skip
-    near = [(6, 6), (6, -14), (6, 16), (-6, 6), (-6, -14), (6, -24), (-6, 16), (-6, -24)]
+    # beside the point first, then farther up or down (with a leader line), right before left
+    near = [(6, 6), (6, -14), (10, 24), (10, -32), (-6, 6), (-6, -14), (-10, 24), (-10, -32)]
+    near += [(sign * dx, dy) for dy in (44, -52, 66, -74, 90, -98, 120, -128) for dx in (14, 60) for sign in (1, -1)]
     for k, i in enumerate(worst):
         severity, kind = flagged[names[i]]
         style = {"fontsize": 7, "color": COLOURS.get(severity, "tab:orange")}
