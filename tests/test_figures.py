@@ -66,6 +66,11 @@ def _alert(layer: str, severity: str, kind: str) -> Alert:
     return Alert(kind=kind, severity=Severity(severity), step=0, message="", layer=layer)
 
 
+def _six() -> Case:  # the demo's size
+    flagged = flagged_from([_alert("net.0", "critical", "vanishing"), _alert("net.2", "warning", "vanishing")])
+    return Case([f"net.{2 * i}" for i in range(6)], [1e-8, 1e-6, 1e-4, 1e-3, 1e-2, 0.1], 7, flagged)
+
+
 def _gpt2_nan() -> Case:
     names = gpt2_names()
     rng = random.Random(0)
@@ -91,9 +96,7 @@ def _deep() -> Case:  # 300 layers (50 Llama-like blocks): every k-th tick
 
 
 CASES = {
-    "six layers": lambda: Case([f"net.{2 * i}" for i in range(6)], [1e-8, 1e-6, 1e-4, 1e-3, 1e-2, 0.1], 7,
-                               flagged_from([_alert("net.0", "critical", "vanishing"),
-                                             _alert("net.2", "warning", "vanishing")])),  # fmt: skip
+    "six layers": _six,
     "gpt2 with a NaN": _gpt2_nan,
     "gpt2 decaying": _gpt2_decay,
     "gpt2 healthy": lambda: Case(gpt2_names(), [0.1 + 0.01 * i for i in range(76)], 3, {}),
