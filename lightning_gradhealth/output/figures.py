@@ -50,6 +50,7 @@ _HEALTHY = "tab:blue"
 _DPI = 100
 _TICK_FONT = 7  # points
 _LONGEST = 22  # characters of a tick label
+_PLOT = 300  # the plot's height, pixels
 
 
 def flagged_from(graded: Iterable[Any] = (), nonfinite: Iterable[str] = ()) -> dict[str, tuple[str, str]]:
@@ -157,7 +158,8 @@ def _ticks(n: int, priority: Sequence[int], every: int) -> list[int]:
 
 def _fit_title(ax: Any, renderer: Any, lines: Sequence[str], width: float) -> None:
     """Set the title, each line wrapped so that the title is at most ``width`` pixels wide."""
-    title = ax.set_title("\n".join(lines), fontsize=9)
+    # placed above the index labels by hand: matplotlib's own placement measures every tick label (~20% of a figure)
+    title = ax.set_title("\n".join(lines), fontsize=9, y=1 + 8 / _PLOT)
     chars = max(len(line) for line in lines)
     for _ in range(6):
         wide = title.get_window_extent(renderer).width
@@ -193,15 +195,20 @@ def _place(ax: Any, renderer: Any, taken: list[Any], text: str, xy: tuple[float,
 
 def _legend(fig: Any, names: Sequence[str], flagged: Mapping[str, tuple[str, str]], worst: Sequence[int],
             markers: Sequence[str]) -> Any:  # fmt: skip
-    """The legend mapping index → layer → problem (worst first), then what the bottom edge's markers mean."""
+    """The legend mapping index → layer → problem (worst first), then what the bottom edge's markers mean.
+
+    The layers are listed only when there are more than :data:`NAMED_LAYERS` (fewer are all named on the plot and
+    in the title).
+    """
     from matplotlib.lines import Line2D
 
     handles, labels = [], []
-    for i in worst[:LEGEND_ROWS]:
+    listed = worst if len(worst) > NAMED_LAYERS else []
+    for i in listed[:LEGEND_ROWS]:
         severity, kind = flagged[names[i]]
         handles.append(Line2D([], [], marker=markers[i], linestyle="", color=COLOURS.get(severity, "tab:orange")))
         labels.append(f"{i}: {short_names([names[i]], 30)[0]}, {kind}")
-    if len(worst) > LEGEND_ROWS:
+    if len(listed) > LEGEND_ROWS:
         handles.append(Line2D([], [], linestyle=""))
         labels.append(f"and {len(worst) - LEGEND_ROWS} more")
     for marker, meaning, colour in (("X", "NaN/Inf norm (bottom edge)", "tab:red"), ("v", "zero or no gradient",
@@ -209,7 +216,7 @@ def _legend(fig: Any, names: Sequence[str], flagged: Mapping[str, tuple[str, str
         if marker in markers:
             handles.append(Line2D([], [], marker=marker, linestyle="", color=colour))
             labels.append(meaning)
-    title = "unhealthy layers (index: layer, problem)" if worst else None
+    title = "unhealthy layers (index: layer, problem)" if listed else None
     return fig.legend(handles, labels, loc="upper right", fontsize=7, title=title, title_fontsize=7, frameon=False,
                       handletextpad=0.2, borderaxespad=0.3)  # fmt: skip
 
@@ -251,23 +258,24 @@ def gradient_flow(
     flagged = {name: flag for name, flag in (flagged or {}).items() if name in set(names)}
     worst = _worst_first(names, norms, flagged)
     markers = _markers(names, norms, flagged)
-    fig = Figure(figsize=(min(16.0, max(8.0, 0.12 * n + 6.0)), 5.0), dpi=_DPI)
+    fig = Figure(figsize=(min(16.0, max(7.5, 0.12 * n + 6.0)), 5.0), dpi=_DPI)
     renderer = FigureCanvasAgg(fig).get_renderer()
     ax = fig.add_subplot()
-    legend = _legend(fig, names, flagged, worst, markers) if worst or set(markers) - {"o"} else None
+    wanted = len(worst) > NAMED_LAYERS or set(markers) - {"o"}
+    legend = _legend(fig, names, flagged, worst, markers) if wanted else None
     right = 1.0 - (legend.get_window_extent(renderer).width + 12) / fig.bbox.width if legend is not None else 0.98
     left = 80 / fig.bbox.width
     axes_px = (right - left) * fig.bbox.width
     ticks = _ticks(n, worst, math.ceil(14 * n / axes_px))  # a 7-point label is ~10 px across: 14 px apart
     labels = short_names(names)
     ax.set_xticks(ticks, [labels[i] for i in ticks], rotation=90, fontsize=_TICK_FONT)
-    ax.set_xticks(range(n), minor=True)
+    ax.set_xticks(sorted(set(range(n)) - set(ticks)), minor=True)  # a tick mark for every layer (each costs)
     for text, i in zip(ax.get_xticklabels(), ticks, strict=True):
         if names[i] in flagged:
             text.set_color(COLOURS.get(flagged[names[i]][0], "tab:orange"))
     ax.set_xlim(-0.6, n - 0.4)
     index = ax.secondary_xaxis("top")
-    index.set_xticks(range(0, n, _step(n, axes_px, 24)))
+    index.set_xticks(range(0, n, _step(n, axes_px, 36)))
     index.tick_params(labelsize=_TICK_FONT - 1, length=2, pad=1)
     ax.set_xlabel("layer (definition order = depth; its index on top)", fontsize=8)
     ax.set_ylabel("gradient norm (log scale)", fontsize=8)
@@ -280,7 +288,7 @@ def gradient_flow(
         ax.title.set_color(COLOURS["critical"])
     head = ax.title.get_window_extent(renderer).height + 30  # the title, the index labels and the pads
     foot = tall + 50  # the tick labels, the axis label and the pads
-    total = 330 + head + foot  # the plot is 330 px high
+    total = _PLOT + head + foot
     fig.set_size_inches(fig.get_figwidth(), total / _DPI)
     fig.subplots_adjust(left=left, right=right, bottom=foot / total, top=1 - head / total)
     if legend is not None:  # beside the axes, below the title
@@ -325,7 +333,7 @@ def _plot(ax: Any, renderer: Any, names: Sequence[str], norms: Sequence[float], 
     # beside the point first, then farther up or down (with a leader line), right before left
     near = [(6, 6), (6, -14), (10, 24), (10, -32), (-6, 6), (-6, -14), (-10, 24), (-10, -32)]
     near += [(sign * dx, dy) for dy in (44, -52, 66, -74, 90, -98, 120, -128) for dx in (14, 60) for sign in (1, -1)]
-    for k, i in enumerate(worst):
+    for k, i in enumerate(worst[:LEGEND_ROWS]):  # (the index of the legend's layers: each text costs)
         severity, kind = flagged[names[i]]
         style = {"fontsize": 7, "color": COLOURS.get(severity, "tab:orange")}
         if k < NAMED_LAYERS:
