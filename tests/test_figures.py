@@ -328,3 +328,10 @@ def test_the_loop_api_imports_no_matplotlib():
     assert _run("import sys\nfrom lightning_gradhealth import GradientHealth\nprint('matplotlib' in sys.modules)") == (
         "False"
     )
+
+
+def test_an_empty_record_and_a_zero_norm_still_draw():
+    assert gradient_flow([], [], 3).axes[0].get_title() == "Gradient flow at step 3\nno layer flagged"
+    fig = gradient_flow(["a", "b"], [0.0, 1.0], 4)
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == ["zero or no gradient"]

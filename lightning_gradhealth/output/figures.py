@@ -255,7 +255,8 @@ def gradient_flow(
 
     n = min(len(names), len(norms))
     names, norms = list(names[:n]), [float(v) for v in norms[:n]]
-    flagged = {name: flag for name, flag in (flagged or {}).items() if name in set(names)}
+    known = set(names)
+    flagged = {name: flag for name, flag in (flagged or {}).items() if name in known}
     worst = _worst_first(names, norms, flagged)
     markers = _markers(names, norms, flagged)
     fig = Figure(figsize=(min(16.0, max(7.5, 0.12 * n + 6.0)), 5.0), dpi=_DPI)
@@ -266,7 +267,7 @@ def gradient_flow(
     right = 1.0 - (legend.get_window_extent(renderer).width + 12) / fig.bbox.width if legend is not None else 0.98
     left = 80 / fig.bbox.width
     axes_px = (right - left) * fig.bbox.width
-    ticks = _ticks(n, worst, math.ceil(14 * n / axes_px))  # a 7-point label is ~10 px across: 14 px apart
+    ticks = _ticks(n, worst, max(1, math.ceil(14 * n / axes_px))) if n else []  # a 7-point label: ~10 px across
     labels = short_names(names)
     ax.set_xticks(ticks, [labels[i] for i in ticks], rotation=90, fontsize=_TICK_FONT)
     ax.set_xticks(sorted(set(range(n)) - set(ticks)), minor=True)  # a tick mark for every layer (each costs)
