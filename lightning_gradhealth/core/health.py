@@ -14,7 +14,7 @@ import itertools
 import weakref
 from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -46,9 +46,11 @@ from lightning_gradhealth.output.pipeline import Frontend, Output
 from lightning_gradhealth.schema import metrics
 from lightning_gradhealth.schema.errors import TrainingHealthError
 from lightning_gradhealth.schema.record import StepStats
-from lightning_gradhealth.stats.activations import ActivationStats
 from lightning_gradhealth.stats.engine import GradStatsEngine, NonFiniteTracker
 from lightning_gradhealth.stats.updates import Measures
+
+if TYPE_CHECKING:
+    from lightning_gradhealth.stats.activations import ActivationStats
 
 __all__ = ["DEFAULT_LOG_EVERY_N_STEPS", "Frontend", "GradientHealth", "StepContext", "due"]
 
@@ -184,6 +186,8 @@ class GradientHealth:
                 f"({some(self.watched.waiting)}); they are watched once they are unfrozen."
             )
         if self.options.activation_stats_every_n_steps is not None:
+            from lightning_gradhealth.stats.activations import ActivationStats  # (torchmetrics: only when used)
+
             self.activations = ActivationStats(names_model)
 
     def start(self) -> None:
@@ -419,7 +423,7 @@ class GradientHealth:
             outcome.clip = self.guard.clip(live.layout, live.grad_scale, total, entry.due, live.reduction)
         self._announce(outcome, entry.meta.step, entry.micro_batches, entry.several, note)
         if record is not None:
-            self.output.figure(record)
+            self.output.figure(record, outcome.alerts)  # (coloured by this step's grading: nothing graded twice)
         if outcome.record is not None:
             if self._inflight.holds(entry):
                 entry.decided = outcome.record  # published with its post-clip norm at end_batch

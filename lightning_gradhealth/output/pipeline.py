@@ -47,6 +47,7 @@ from lightning_gradhealth.output.visuals import (
     render,
 )
 from lightning_gradhealth.schema import metrics
+from lightning_gradhealth.schema.alert import Alert
 from lightning_gradhealth.schema.record import StepStats
 from lightning_gradhealth.stats.histograms import layer_histograms
 
@@ -261,6 +262,8 @@ class Output:
     def publish(self, record: StepStats, several: bool, counters: dict[str, float]) -> None:
         """Add ``record`` to the history and to the metrics of its step (written by :meth:`emit`)."""
         self.history.add(record)
+        if record.layers:  # (a failing step's record is published, never drawn: the end-of-run figure shows it)
+            self._last_record = record
         if record.no_grad_params:
             names = ", ".join(record.no_grad_params[:10])
             more = len(record.no_grad_params) - 10
@@ -346,11 +349,11 @@ class Output:
         if record is not None:
             self.figure(record)
 
-    def figure(self, record: StepStats) -> None:
+    def figure(self, record: StepStats, alerts: Sequence[Alert] | None = None) -> None:
         """The gradient-flow figure of a computed step, when :meth:`_figure_due` picks it.
 
         A deferred step's record arrives a step late, after its histograms (:meth:`visuals` took those with the
-        step's gradients).
+        step's gradients). ``alerts``: the step's alerts, which colour the figure (``None``: graded for it).
         """
         if record.layers:
             self._last_record = record
@@ -359,7 +362,7 @@ class Output:
             return
         thresholds = self.options.thresholds or Thresholds()
         if self._figure_due(record, thresholds):
-            drawn = self._figure(record, flagged_layers(record, thresholds, self._inventory))
+            drawn = self._figure(record, flagged_layers(record, thresholds, self._inventory, graded=alerts))
             if drawn is not None:
                 media = self._media.setdefault(step, Media())
                 media.figure, media.image = drawn.figure, drawn.image
@@ -404,12 +407,7 @@ class Output:
             return
         if "figures" not in self._takes:
             return
-        flagged: dict[str, tuple[str, str]] = {}
-        for finding in self.findings:
-            for layer in finding.layers:
-                if flagged.get(layer, ("",))[0] != "critical":
-                    flagged[layer] = (str(getattr(finding.severity, "value", finding.severity)), str(finding.kind))
-        media = self._figure(record, flagged)
+        media = self._figure(record, flagged_layers(record, graded=self.findings))
         if media is not None:
             write_metrics(self.frontend.loggers, {}, record.step, media, self.sinks)
 

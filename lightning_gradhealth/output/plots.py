@@ -3,19 +3,33 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
 
 from lightning_gradhealth.diagnosis.history import History
+from lightning_gradhealth.output.figures import gradient_flow, save_png
 
 __all__ = ["write_plots"]
 
 
-def write_plots(history: History, directory: str | Path) -> list[Path]:
+def write_plots(
+    history: History,
+    directory: str | Path,
+    flagged: Mapping[str, tuple[str, str]] | None = None,
+    lines: Mapping[str, float] | None = None,
+) -> list[Path]:
     """Write the report's plots: global norm, layer heatmap, gradient flow.
 
     ``global_norm.png`` shows the global norm over steps with the healthy band of the thresholds (0.1-10),
     ``layer_heatmap.png`` the log10 layer norm (layer × step), ``gradient_flow.png`` the layer norm against depth
-    at the last record.
+    at the last record kept: the figure TensorBoard shows (:func:`~lightning_gradhealth.output.figures.gradient_flow`).
+
+    Args:
+        history: The run's history.
+        directory: Where the PNG files go.
+        flagged: ``{layer: (severity, kind)}``: the unhealthy layers, coloured on the gradient flow
+            (:func:`~lightning_gradhealth.output.figures.flagged_from` of the findings).
+        lines: The gradient flow's reference lines (:func:`~lightning_gradhealth.output.figures.reference_lines`).
 
     Raises:
         ImportError: matplotlib is not installed.
@@ -67,15 +81,6 @@ def write_plots(history: History, directory: str | Path) -> list[Path]:
         paths.append(out / "layer_heatmap.png")
         fig.savefig(paths[-1])
 
-        last = [v if v > 0 and math.isfinite(v) else math.nan for v in history.layer_norm[-1]]
-        fig = Figure(figsize=(8, 4), dpi=100)
-        ax = fig.add_subplot()
-        ax.semilogy(range(len(last)), last, "o-")
-        ax.set_xlabel("layer (definition order = depth)")
-        ax.set_ylabel("gradient norm (log scale)")
-        ax.set_title(f"Gradient flow at step {history.steps[-1]}")
-        ax.grid(True, alpha=0.3)
-        fig.tight_layout()
-        paths.append(out / "gradient_flow.png")
-        fig.savefig(paths[-1])
+        figure = gradient_flow(history.layer_names, history.layer_norm[-1], history.steps[-1], flagged, lines)
+        paths.append(save_png(figure, out / "gradient_flow.png"))
     return paths

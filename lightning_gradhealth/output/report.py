@@ -378,8 +378,8 @@ def _recovery_section(history: History) -> list[str]:
     return lines
 
 
-def _write_plots(history: History, out: Path) -> tuple[list[Path], str]:
-    """The PNG plots (or none, and the sentence saying why).
+def _write_plots(history: History, out: Path, findings: Sequence[Finding], th: Thresholds) -> tuple[list[Path], str]:
+    """The PNG plots (or none, and the sentence saying why); the gradient flow coloured by ``findings``.
 
     Drawn in a private temporary folder, then written into ``out`` without following a link (:func:`write_bytes`);
     the layer names on them are escaped (no line break, no ``$`` that matplotlib would read as math).
@@ -388,10 +388,11 @@ def _write_plots(history: History, out: Path) -> tuple[list[Path], str]:
 
     shown = replace(history, layer_names=[clean(n).replace("$", r"\$") for n in history.layer_names])
     try:
+        from lightning_gradhealth.output.figures import flagged_from, reference_lines
         from lightning_gradhealth.output.plots import write_plots
 
         with tempfile.TemporaryDirectory(prefix="gradhealth-plots-") as tmp:
-            drawn = write_plots(shown, tmp)
+            drawn = write_plots(shown, tmp, flagged_from(findings), reference_lines(th))
             return [write_bytes(out / p.name, p.read_bytes()) for p in drawn], ""
     except ImportError:
         return [], PLOTS_HINT
@@ -434,7 +435,7 @@ def write_report(
     """
     out = Path(directory)  # (the caller's choice: a linked folder is followed; ``gradhealth report`` checks its own)
     out.mkdir(parents=True, exist_ok=True)
-    pngs, note = _write_plots(history, out) if plots else ([], "")
+    pngs, note = _write_plots(history, out, findings, th) if plots else ([], "")
     md = out / REPORT_MD
     text = render_markdown(history, findings, th, inventory=inventory, plots=pngs, plots_note=note, notes=notes)
     write_text(md, text)

@@ -1,14 +1,17 @@
-"""Visuals: gradient histograms, the gradient-flow figure (which layers are unhealthy), a custom-scalars layout."""
+"""TensorBoard visuals: gradient histograms, a record's gradient-flow figure, a custom-scalars layout.
+
+The figure itself is drawn by :mod:`~lightning_gradhealth.output.figures` (the report's PNG is the same figure).
+"""
 
 from __future__ import annotations
 
-import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from lightning_gradhealth.config.thresholds import Thresholds
 from lightning_gradhealth.model.inventory import ModelInventory
+from lightning_gradhealth.output.figures import flagged_from, gradient_flow, reference_lines, render
 from lightning_gradhealth.schema.metrics import (
     GRAD_NORM,
     GRAD_RATIO,
@@ -69,113 +72,51 @@ def custom_scalars_layout(
     }
 
 
-_COLOURS = {"critical": "tab:red", "warning": "tab:orange"}
-
-
 def gradient_flow_figure(
     record: StepStats,
     flagged: Mapping[str, tuple[str, str]] | None = None,
     lines: Mapping[str, float] | None = None,
 ) -> Any:
-    """Per-layer gradient norm against depth, log scale, unhealthy layers coloured and named, as a matplotlib figure.
-
-    The plot of Glorot & Bengio (2010, "Understanding the difficulty of training deep feedforward neural
-    networks"): layers in definition order on x, the gradient norm on a log axis on y, so that a decay with depth
-    or a dead layer stands out at once. Layers whose norm is exactly zero or non-finite sit on the bottom edge.
+    """The gradient-flow figure of ``record`` (:func:`~lightning_gradhealth.output.figures.gradient_flow`).
 
     Args:
-        record: The step's record.
-        flagged: ``{layer: (severity, what)}``: the unhealthy layers (``"critical"`` in red, ``"warning"`` in
-            orange), named on the figure with ``what`` (e.g. ``"vanishing"``).
-        lines: ``{label: value}``: horizontal reference lines (e.g. the vanishing thresholds).
+        record: The step's record: its layers, their norms and its step (the title's).
+        flagged: ``{layer: (severity, kind)}`` (:func:`flagged_layers`): the unhealthy layers, coloured.
+        lines: ``{label: value}``: horizontal reference lines (:func:`reference_lines`).
 
     Raises:
         ImportError: matplotlib is not installed.
     """
-    from matplotlib.figure import Figure  # (a Figure needs no backend: the notebook's is left alone)
-
-    flagged = dict(flagged or {})
     layers = record.layers
-    n = len(layers)
-    fig = Figure(figsize=(min(16.0, max(7.0, 0.22 * n + 3.0)), 5.0), dpi=100)
-    ax = fig.add_subplot()
-    norms = [lay.grad_norm if lay.grad_norm > 0 and math.isfinite(lay.grad_norm) else math.nan for lay in layers]
-    finite = [v for v in norms if not math.isnan(v)]
-    for label, value in (lines or {}).items():
-        finite.append(value)
-        ax.axhline(value, color="0.5", linestyle="--", linewidth=0.8)
-        ax.annotate(label, (0, value), xytext=(2, 2), textcoords="offset points", fontsize=7, color="0.35",
-                    xycoords=("axes fraction", "data"))  # fmt: skip
-    bottom = min(finite) / 10 if finite else 1e-12
-    ax.semilogy(range(n), norms, "-", color="0.6", linewidth=1, zorder=1)
-    shown = [v if not math.isnan(v) else bottom for v in norms]
-    colours = [_COLOURS.get(flagged[lay.name][0], "tab:orange") if lay.name in flagged else "tab:blue"
-               for lay in layers]  # fmt: skip
-    ax.scatter(range(n), shown, c=colours, s=28, zorder=2)
-    ax.set_ylim(bottom=bottom / 2)
-    named = [i for i, lay in enumerate(layers) if lay.name in flagged]
-    marked = named[:: max(1, math.ceil(len(named) / 20))]  # the flagged layers named on a dense axis
-    for k, i in enumerate((named if n <= 80 else marked)[:8]):
-        severity, what = flagged[layers[i].name]
-        ax.annotate(f"{layers[i].name}: {what}", (i, shown[i]), xytext=(4, 6 + 9 * (k % 3)), textcoords="offset points",
-                    fontsize=7, color=_COLOURS.get(severity, "tab:orange"), rotation=20)  # fmt: skip
-    ax.set_xlabel("layer (definition order = depth)")
-    ax.set_ylabel("gradient norm (log scale)")
-    worst = "critical" if any(sev == "critical" for sev, _ in flagged.values()) else "warning"
-    title = f"Gradient flow at step {record.step}"
-    if named:
-        listed = ", ".join(layers[i].name for i in named[:5]) + (f" and {len(named) - 5} more" * (len(named) > 5))
-        title += f"\n{len(named)} unhealthy layer{'s' * (len(named) > 1)} ({worst}): {listed}"
-    else:
-        title += "\nno layer flagged"
-    ax.set_title(title, fontsize=9, color=_COLOURS[worst] if named else "black")
-    ax.grid(True, alpha=0.3)
-    # at most 40 tick labels (text layout is what a figure costs): the flagged layers first, then evenly spaced
-    spaced = range(0, n, max(1, math.ceil(n / (40 - len(marked)))))
-    ticks = sorted(set(spaced) | set(marked))
-    ax.set_xticks(ticks, [layers[i].name for i in ticks], rotation=90, fontsize=7)
-    for tick, i in zip(ax.get_xticklabels(), ticks, strict=True):
-        if layers[i].name in flagged:
-            tick.set_color(_COLOURS.get(flagged[layers[i].name][0], "tab:orange"))
-    longest = max((len(layers[i].name) for i in ticks), default=0)
-    fig.subplots_adjust(left=0.1, right=0.98, top=0.88, bottom=min(0.6, 0.14 + 0.012 * longest))  # (no tight_layout)
-    return fig
-
-
-def render(figure: Any) -> Any:
-    """``figure`` drawn once, as an ``(H, W, 3)`` uint8 array (what TensorBoard and W&B take)."""
-    import numpy as np
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    canvas = FigureCanvasAgg(figure)
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+    return gradient_flow([lay.name for lay in layers], [lay.grad_norm for lay in layers], record.step, flagged, lines)
 
 
 def flagged_layers(
-    record: StepStats, thresholds: Thresholds, inventory: ModelInventory | None = None
+    record: StepStats,
+    thresholds: Thresholds | None = None,
+    inventory: ModelInventory | None = None,
+    *,
+    graded: Iterable[Any] | None = None,
 ) -> dict[str, tuple[str, str]]:
-    """The unhealthy layers of ``record``, as the alert checks see them: ``{layer: (severity, kind)}``.
+    """The unhealthy layers of ``record``: ``{layer: (severity, kind)}``, what the figure colours.
 
-    Layers with NaN/Inf gradient entries are critical (``"nonfinite"``); the others are graded by
-    :func:`~lightning_gradhealth.diagnosis.checks.check_record` (vanishing, grad/param ratio), past its warm-up.
+    Layers with NaN/Inf gradient entries are critical (``"nonfinite"``); the others as ``graded`` says: the step's
+    alerts, or the run's findings, as the caller already has them (nothing is graded twice). Without ``graded``
+    (``None``), the record is graded here by :func:`~lightning_gradhealth.diagnosis.checks.check_record`, past its
+    warm-up, as the guard grades a step.
+
+    Args:
+        record: The step's record.
+        thresholds: The lines (only without ``graded``; default :class:`Thresholds`).
+        inventory: What the model is made of (only without ``graded``).
+        graded: Alerts (``.layer``) and/or findings (``.layers``).
     """
-    from lightning_gradhealth.diagnosis.checks import check_record
+    if graded is None:
+        from lightning_gradhealth.diagnosis.checks import check_record
 
-    out = {lay.name: ("critical", "nonfinite") for lay in record.layers if lay.nan_count or lay.inf_count}
-    alerts = check_record(record, thresholds, steps_seen=record.global_step + 1, inventory=inventory)
-    for alert in alerts:
-        if alert.layer is not None and out.get(alert.layer, ("",))[0] != "critical":
-            out[alert.layer] = (str(getattr(alert.severity, "value", alert.severity)), str(alert.kind))
-    return out
-
-
-def reference_lines(thresholds: Thresholds) -> dict[str, float]:
-    """The horizontal lines of the gradient-flow figure: the layer-vanishing thresholds."""
-    return {
-        f"vanishing, warning (< {thresholds.layer_norm_low_warning:g})": thresholds.layer_norm_low_warning,
-        f"vanishing, critical (< {thresholds.layer_norm_low_critical:g})": thresholds.layer_norm_low_critical,
-    }
+        th = thresholds or Thresholds()
+        graded = check_record(record, th, steps_seen=record.global_step + 1, inventory=inventory)
+    return flagged_from(graded, nonfinite=[lay.name for lay in record.layers if lay.nan_count or lay.inf_count])
 
 
 def write_histograms(writer: Any, histograms: dict[str, dict[str, Any]], step: int) -> None:
