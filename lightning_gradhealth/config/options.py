@@ -91,6 +91,7 @@ class HealthOptions:
     grad_cosine: bool = False
     noise_scale: bool | Literal["auto"] = "auto"
     micro_batch_size: int | None = None
+    pipeline_group: Any = None  # pipeline parallelism: the process group across the stages (docs/distributed.md)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__

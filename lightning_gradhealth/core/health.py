@@ -10,6 +10,7 @@ for plain PyTorch and Lightning Fabric loops.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import weakref
 from collections.abc import Callable, Sequence
@@ -436,6 +437,8 @@ class GradientHealth:
         if not self._fsdp1_done and frontend.fsdp1_root is not None:
             frontend.reduction = fsdp1_reduction(frontend.fsdp1_root())
             self._fsdp1_done = True
+        if self.options.pipeline_group is not None and frontend.reduction.stage_group is None:  # (pipeline stages)
+            frontend.reduction = dataclasses.replace(frontend.reduction, stage_group=self.options.pipeline_group)
         return frontend.reduction
 
     def _end_step(self, go: bool) -> bool:

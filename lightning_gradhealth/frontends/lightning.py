@@ -225,6 +225,9 @@ class GradientHealthMonitor(*_callback_bases()):  # type: ignore[misc]
             every step). ``False``: off.
         micro_batch_size: Examples per backward pass and rank, for the noise scale; ``None``: the first dimension
             of the batch's first tensor.
+        pipeline_group: Pipeline parallelism: the process group of the ranks holding the other stages of this rank's
+            model (e.g. ``mesh["pp"].get_group()``). The global norm, the guard and clipping then cover every stage,
+            and rank zero logs every stage's layers. ``None``: every rank holds the whole model.
 
     Raises:
         TypeError: An argument has the wrong type.
@@ -273,6 +276,7 @@ class GradientHealthMonitor(*_callback_bases()):  # type: ignore[misc]
         grad_cosine: bool = False,
         noise_scale: bool | Literal["auto"] = "auto",
         micro_batch_size: int | None = None,
+        pipeline_group: Any = None,
     ) -> None:
         self.options = HealthOptions(**{name: value for name, value in locals().items() if name in _OPTIONS})
         self.health = GradientHealth(None, options=self.options)
