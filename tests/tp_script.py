@@ -145,7 +145,8 @@ def run(rank: int, out: str, mode: str) -> None:
     model, data, extra = setup(mode, rank)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     options = {"pipeline_group": extra["pipeline_group"]} if "pipeline_group" in extra else {}
-    health = GradientHealth(model, log_every_n_steps=1, report_dir=out, stats="full", clip="norm", max_norm=MAX_NORM,
+    health = GradientHealth(model, log_every_n_steps=1, report=False, figure_every_n_steps=None, stats="full", clip="norm",
+                           max_norm=MAX_NORM,
                             **options)  # fmt: skip
     records, error = [], None
     for step in range(STEPS):
@@ -176,4 +177,4 @@ def run(rank: int, out: str, mode: str) -> None:
 
 
 if __name__ == "__main__":
-    mp.spawn(run, args=(sys.argv[1], sys.argv[2]), nprocs=4)
+    mp.start_processes(run, args=(sys.argv[1], sys.argv[2]), nprocs=4, start_method="fork")  # (no re-import)

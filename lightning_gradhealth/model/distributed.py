@@ -40,9 +40,12 @@ __all__ = [
     "Reduction",
     "Shards",
     "check_sharding",
+    "column_dims",
     "counted",
+    "cut_dead_rows",
     "fsdp1_reduction",
     "is_dtensor",
+    "is_split",
     "local",
     "mean_over",
     "merge_stages",
@@ -95,6 +98,14 @@ class Reduction:
 def is_dtensor(tensor: torch.Tensor) -> bool:
     """Whether ``tensor`` is a DTensor (without importing the DTensor module for plain tensors)."""
     return type(tensor).__name__ == "DTensor"
+
+
+def is_split(placement: Any) -> bool:
+    """Whether a DTensor placement splits the elements among the ranks of its mesh dimension.
+
+    ``Shard`` and ``_StridedShard`` (FSDP2 over tensor parallelism: not a ``Shard`` subclass in every torch).
+    """
+    return bool(placement.is_shard()) or type(placement).__name__ == "_StridedShard"
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:
@@ -164,10 +175,10 @@ def _counted_here(tensor: torch.Tensor, stage: Any) -> bool:
     mesh = tensor.device_mesh  # type: ignore[attr-defined]
     coords = stage.get_coordinate()
     if mesh == stage or not stage.mesh_dim_names:
-        sharded = {i for i, pl in enumerate(tensor.placements) if pl.is_shard()}  # type: ignore[attr-defined]
+        sharded = {i for i, pl in enumerate(tensor.placements) if is_split(pl)}  # type: ignore[attr-defined]
         return all(c == 0 for i, c in enumerate(coords) if i not in sharded)
     names = mesh.mesh_dim_names
-    sharded_names = {names[i] for i, pl in enumerate(tensor.placements) if pl.is_shard()}  # type: ignore[attr-defined]
+    sharded_names = {names[i] for i, pl in enumerate(tensor.placements) if is_split(pl)}  # type: ignore[attr-defined]
     return all(c == 0 for name, c in zip(stage.mesh_dim_names, coords, strict=True) if name not in sharded_names)
 
 
@@ -188,6 +199,44 @@ def counted(red: Reduction, params: Sequence[torch.Tensor]) -> tuple[bool, ...] 
     if red.whole and dist.get_rank(red.shard_group) != 0:
         return tuple(id(q) not in red.whole for q in params)
     return None
+
+
+def column_dims(tensor: torch.Tensor) -> tuple[int, ...]:
+    """The mesh dimensions along which a 2-D+ DTensor's rows are cut (split along a tensor dimension other than 0).
+
+    Ranks that differ only there hold the same rows (its units), each with some of their columns.
+    """
+    if not is_dtensor(tensor) or tensor.ndim < 2:
+        return ()
+    return tuple(i for i, pl in enumerate(tensor.placements) if is_split(pl) and pl.dim != 0)  # type: ignore[attr-defined]
+
+
+def cut_dead_rows(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """Per tensor, the dead rows of the gradients whose rows are cut along one mesh dimension, else 0.
+
+    A row is dead when it is zero on every rank that holds a piece of it: its local non-zero counts are summed over
+    that mesh dimension (one all-reduce per distinct dimension, of one number per local row) and the rows left at 0
+    counted, on the dimension's first rank only (the others hold the same rows). ``grads`` are the local shards,
+    aligned with ``params``. ``None`` when no row is cut.
+    """
+    groups: dict[int, tuple[Any, list[int]]] = {}
+    for k, q in enumerate(params):
+        dims = column_dims(q)
+        if len(dims) == 1:
+            group = q.device_mesh.get_group(dims[0])  # type: ignore[attr-defined]
+            groups.setdefault(id(group), (group, []))[1].append(k)
+    if not groups:
+        return None
+    device = grads[0].device
+    out = torch.zeros(len(params), dtype=torch.float64 if device.type != "mps" else torch.float32, device=device)
+    for group, members in groups.values():
+        counts = torch.cat([grads[k].ne(0).flatten(1).sum(1).to(out.dtype) for k in members])
+        sum_over(counts, group)
+        if dist.get_rank(group) != 0:
+            continue  # (counted once)
+        for k, rows in zip(members, counts.split([grads[k].shape[0] for k in members]), strict=True):
+            out[k] = (rows == 0).sum()
+    return out
 
 
 def resolve(tensors: Sequence[torch.Tensor], given: Reduction | None) -> Reduction:
@@ -219,7 +268,7 @@ def resolve(tensors: Sequence[torch.Tensor], given: Reduction | None) -> Reducti
         raise UnsupportedSetupError(_MIXED)
     replicated = bool(plain) or any(
         t.device_mesh.ndim < stage.ndim  # type: ignore[attr-defined]
-        or not all(pl.is_shard() for pl in t.placements)  # type: ignore[attr-defined]
+        or not all(is_split(pl) for pl in t.placements)  # type: ignore[attr-defined]
         for t in tensors
         if is_dtensor(t)
     )
@@ -302,7 +351,7 @@ def shards_of(tensors: Sequence[torch.Tensor], reduction: Reduction) -> Shards |
     dims, several = [], reduction.replicated
     for t in tensors:
         if is_dtensor(t):
-            shards = [pl for pl in t.placements if pl.is_shard()]  # type: ignore[attr-defined]
+            shards = [pl for pl in t.placements if is_split(pl)]  # type: ignore[attr-defined]
             several = several or len(shards) > 1
             dims.append(int(shards[0].dim) if shards else 0)
         else:

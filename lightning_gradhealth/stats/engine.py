@@ -22,8 +22,9 @@ from torch.linalg import vector_norm
 
 from lightning_gradhealth.model.distributed import (
     Reduction,
+    column_dims,
     counted,
-    is_dtensor,
+    cut_dead_rows,
     local,
     mean_over,
     merge_stages,
@@ -167,7 +168,7 @@ class GradStatsEngine:
         def make() -> tuple[int, ...]:
             rows = []
             for i, q in enumerate(layout.params):
-                cut = is_dtensor(q) and any(pl.is_shard() and pl.dim != 0 for pl in q.placements)  # type: ignore[attr-defined]
+                cut = len(column_dims(q)) > 1  # (rows cut along one mesh dimension: cut_dead_rows)
                 if i in layout.sparse or cut or (flat and id(q) not in red.whole):
                     rows.append(-1)
                 else:
@@ -180,7 +181,9 @@ class GradStatsEngine:
         """Per present parameter, whether its gradient's dead rows are counted (:meth:`_unit_rows` > 0)."""
         rows = self._unit_rows(layout, red)
         return self._cached(  # type: ignore[no-any-return]
-            (id(layout), "mask", present, rows), layout, lambda: tuple(rows[i] > 0 for i in present)
+            (id(layout), "mask", present, rows),
+            layout,
+            lambda: tuple(rows[i] > 0 and not column_dims(layout.params[i]) for i in present),
         )
 
     def _layer_units(self, layout: ParamLayout, present: tuple[int, ...], red: Reduction) -> tuple[int | None, ...]:
@@ -304,6 +307,10 @@ class GradStatsEngine:
         raw_g_norm, nonzero, dead_rows, full = gradient_stats(
             local_g, units, self.full, p, inv_scale, self._scratch, self._plans, self._horizontal
         )
+        dtensors = units is not None and red.mesh is not None
+        cut = cut_dead_rows([params[i] for i in present], local_g) if dtensors else None
+        if cut is not None:  # rows cut across ranks (tensor parallelism's Rowwise weights), summed over the cut
+            dead_rows = cut if dead_rows is None else dead_rows.to(cut.dtype) + cut
         p_norm = self.norms(local_p)
         g_norm = raw_g_norm if inv_scale is None else raw_g_norm * inv_scale
 
