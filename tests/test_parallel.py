@@ -102,3 +102,37 @@ def test_four_processes_equal_the_unsharded_reference_and_stop_together(tmp_path
     assert len(ranks[0]["records"]) == 2
     assert all(math.isfinite(rec["total_norm"]) for rec in ranks[0]["records"])
     _check_against_reference(mode, tmp_path, ranks)
+
+
+def test_lightning_model_parallel_strategy_fsdp2_x_tp_on_four_processes(tmp_path):
+    """``Trainer(strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=2))`` with the
+    parallelisation in ``configure_model``: the monitor's records, the same on every rank, equal a float64 reference
+    of the whole gradients the optimizer receives (all-gathered by DTensor itself)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(HERE)])}
+    proc = subprocess.run([sys.executable, str(HERE / "tp_lightning_script.py"), str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text())["records"] for r in range(4)]
+    assert all(r == ranks[0] for r in ranks) and len(ranks[0]) == 2
+    for step, rec in enumerate(ranks[0]):
+        batches = [torch.load(tmp_path / f"batch_rank{r}_step{step}.pt") for r in range(4)]
+        assert all(torch.equal(batches[r][0], batches[r + 1][0]) for r in (0, 2))  # tensor-parallel peers
+        grads, params = torch.load(tmp_path / f"full_step{step}.pt")
+        ref = reference(grads, params)
+        assert rec["total_norm"] == pytest.approx(ref["total_norm"], rel=1e-5)
+        assert rec["param_norm"] == pytest.approx(ref["param_norm"], rel=1e-5)
+        assert rec["zero_frac"] == pytest.approx(ref["zero_frac"], abs=1e-12)
+        assert list(rec["layers"]) == list(ref["layers"])
+        dead = {}
+        for name, g in grads.items():
+            if g.ndim >= 2:
+                dead[name.rsplit(".", 1)[0]] = float((g == 0).all(dim=1).sum()) / g.shape[0]
+        assert dead["model.blocks.0.w1"] > 0  # (the dead hidden unit: a ColwiseParallel row)
+        for name, (grad_norm, param_norm, zero_frac, max_abs, dead_frac) in rec["layers"].items():
+            r = ref["layers"][name]
+            assert grad_norm == pytest.approx(r["grad_norm"], rel=1e-5), name
+            assert param_norm == pytest.approx(r["param_norm"], rel=1e-5), name
+            assert zero_frac == pytest.approx(r["zero_frac"], abs=1e-12), name
+            assert max_abs == pytest.approx(r["max_abs"], rel=1e-6), name
+            if name in dead:
+                assert dead_frac == pytest.approx(dead[name], abs=1e-12), name

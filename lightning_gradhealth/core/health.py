@@ -464,7 +464,8 @@ class GradientHealth:
 
     def _fail(self, record: StepStats, failure: Failure, micro_batches: bool, several: bool, note: str = "") -> None:
         """Log the step, flush the loggers, write the report, raise :class:`TrainingHealthError`."""
-        record = self._replays.birth(record, self.model, self.output.frontend.sharded)  # type: ignore[arg-type]
+        sharded = self.output.frontend.sharded or self.options.pipeline_group is not None  # (no replay of one rank)
+        record = self._replays.birth(record, self.model, sharded)  # type: ignore[arg-type]
         message = format_nonfinite_message(record, failure.reason, micro_batches=micro_batches, note=note)
         first = message.splitlines()[0]
         alert = Alert(kind=failure.kind, severity=Severity.CRITICAL, step=record.step, epoch=record.epoch,

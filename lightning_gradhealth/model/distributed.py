@@ -265,7 +265,10 @@ def resolve(tensors: Sequence[torch.Tensor], given: Reduction | None) -> Reducti
     group = _mesh_group(stage)
     plain = [t for t in tensors if not is_dtensor(t)]
     if plain and not _copies_agree(plain, group):
-        raise UnsupportedSetupError(_MIXED)
+        raise UnsupportedSetupError(
+            f"{_MIXED}: {len(plain)} plain gradients beside the DTensors differ between ranks, so they are not "
+            "copies (tensor parallelism's unparallelised modules are) and cannot be combined"
+        )
     replicated = bool(plain) or any(
         t.device_mesh.ndim < stage.ndim  # type: ignore[attr-defined]
         or not all(is_split(pl) for pl in t.placements)  # type: ignore[attr-defined]
