@@ -66,7 +66,8 @@ class Keep(Callback):
 
 def main(out: Path) -> None:
     torch.set_num_threads(1)
-    data = TensorDataset(torch.randn(24, 4, generator=torch.Generator().manual_seed(3)), torch.randn(24, 1))
+    gen = torch.Generator().manual_seed(3)  # (every rank is its own process: the same data on each)
+    data = TensorDataset(torch.randn(24, 4, generator=gen), torch.randn(24, 1, generator=gen))
     monitor = GradientHealthMonitor(log_every_n_steps=1, stats="full", report=False, figure_every_n_steps=None)
     keep = Keep(monitor)
     trainer = L.Trainer(

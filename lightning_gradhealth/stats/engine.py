@@ -27,15 +27,14 @@ from lightning_gradhealth.model.distributed import (
     cut_dead_rows,
     local,
     mean_over,
-    merge_stages,
     min_valid_over,
     reduce_sum_max,
     resolve,
     settle_partial,
-    stage_norm,
     sum_over,
 )
 from lightning_gradhealth.model.layout import ParamLayout
+from lightning_gradhealth.model.stages import merge_stages, stage_norm
 from lightning_gradhealth.schema.record import LayerStats, StepStats
 from lightning_gradhealth.stats.horizontal import HorizontalPlan, gradient_stats
 from lightning_gradhealth.stats.kernels import (
