@@ -312,6 +312,17 @@ def report(
 CENSUS_WORLD = 4
 
 
+class CensusBlock(nn.Module):
+    """A residual MLP block: ``x + w2(relu(w1(norm(x))))``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm, self.w1, self.w2 = nn.LayerNorm(64), nn.Linear(64, 256), nn.Linear(256, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.w2(torch.relu(self.w1(self.norm(x))))
+
+
 def census_worker(rank: int, port: int) -> None:
     """One rank of ``--census``: count the monitor's collectives on FSDP2 x TP (2x2) and print them on rank 0."""
     import pickle
@@ -324,17 +335,13 @@ def census_worker(rank: int, port: int) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=CENSUS_WORLD)
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
     torch.manual_seed(0)
-    blocks = nn.ModuleList(
-        nn.ModuleDict({"norm": nn.LayerNorm(64), "w1": nn.Linear(64, 256), "w2": nn.Linear(256, 64)}) for _ in range(8)
-    )
+    blocks = nn.Sequential(*(CensusBlock() for _ in range(8)))
     for block in blocks:
         parallelize_module(block, mesh["tp"], {"w1": ColwiseParallel(), "w2": RowwiseParallel()})
         fully_shard(block, mesh=mesh["dp"])
     fully_shard(blocks, mesh=mesh["dp"])
     x = torch.randn(16, 64, generator=torch.Generator().manual_seed(mesh["dp"].get_local_rank()))
-    for block in blocks:
-        x = x + block["w2"](torch.relu(block["w1"](block["norm"](x))))
-    x.square().mean().backward()
+    blocks(x).square().mean().backward()
     layout = build_layout(blocks)
     calls: list[tuple[str, int]] = []
 
