@@ -342,7 +342,7 @@ def census_worker(rank: int, port: int) -> None:
     fully_shard(blocks, mesh=mesh["dp"])
     x = torch.randn(16, 64, generator=torch.Generator().manual_seed(mesh["dp"].get_local_rank()))
     blocks(x).square().mean().backward()
-    layout = build_layout(blocks)
+    layout = build_layout(blocks.named_parameters())
     calls: list[tuple[str, int]] = []
 
     def counting(name: str, fn: Callable[..., object]) -> Callable[..., object]:

@@ -248,7 +248,8 @@ def resolve(tensors: Sequence[torch.Tensor], given: Reduction | None) -> Reducti
     _check_initialised()
     stage_group = None if given is None else given.stage_group
     first = next(t for t in tensors if is_dtensor(t))
-    key = (id(first.device_mesh), len(tensors), tuple(first.placements), id(stage_group))  # type: ignore[attr-defined]
+    ends = (is_dtensor(tensors[0]), is_dtensor(tensors[-1]))  # (another model on the same mesh: another key)
+    key = (id(first.device_mesh), len(tensors), tuple(first.placements), id(stage_group), ends)  # type: ignore[attr-defined]
     cached = _RESOLVED.get(key)
     if cached is not None and cached[0] is first.device_mesh:  # type: ignore[attr-defined]
         return cached[1]  # checked in full once per set of gradients (a per-tensor loop costs ms per step)
