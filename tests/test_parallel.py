@@ -102,6 +102,8 @@ def test_four_processes_equal_the_unsharded_reference_and_stop_together(tmp_path
     assert len(ranks[0]["records"]) == 2
     assert all(math.isfinite(rec["total_norm"]) for rec in ranks[0]["records"])
     _check_against_reference(mode, tmp_path, ranks)
+    if mode == "fsdp_tp":  # AGC's units are split over several mesh dimensions: refused on every rank, with why
+        assert all("clip='agc'" in r["agc"] and "several mesh dimensions" in r["agc"] for r in ranks)
 
 
 def test_lightning_model_parallel_strategy_fsdp2_x_tp_on_four_processes(tmp_path):

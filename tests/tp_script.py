@@ -25,7 +25,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-from lightning_gradhealth import GradientHealth, TrainingHealthError
+from lightning_gradhealth import GradientHealth, GradientHealthError, TrainingHealthError
 
 D, H, STEPS, MAX_NORM = 8, 16, 3, 0.05
 
@@ -171,6 +171,14 @@ def run(rank: int, out: str, mode: str) -> None:
         opt.step()
         opt.zero_grad()
     result = {"records": records, "error": error, "data": data}
+    if mode == "fsdp_tp":  # AGC needs whole units: refused under tensor parallelism, saying why
+        opt.zero_grad()
+        forward_backward(model, *batch(data, 0), extra)
+        agc = GradientHealth(model, report=False, figure_every_n_steps=None, clip="agc")
+        try:
+            agc.step(opt, step=0)
+        except GradientHealthError as err:
+            result["agc"] = str(err)
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(result))
     dist.barrier()
     dist.destroy_process_group()
