@@ -4,6 +4,13 @@ Run from the repository root::
 
     python benchmarks/sharded.py            # under a minute on 2 CPU cores
     python benchmarks/sharded.py --quick    # fewer repetitions
+    python benchmarks/sharded.py --census   # the collectives of a guarded and a logged step, and their bytes
+
+``--census`` runs 4 CPU processes on a 2x2 ("dp", "tp") mesh: 8 residual blocks of ``Linear(64, 256)`` (ColwiseParallel)
+and ``Linear(256, 64)`` (RowwiseParallel) with a LayerNorm, under ``fully_shard`` on "dp" (FSDP2 x TP, torchtitan's
+layout), and counts every collective the monitor starts (by wrapping torch.distributed's functions) in a guarded step
+(``engine.guard``) and in a logged step with ``stats="basic"`` and ``"full"`` (``engine.compute`` + ``finish``),
+with the bytes each rank sends into it (the tensor's size; an object all-gather's pickle).
 
 Two CPU processes (``torch.multiprocessing.spawn``, gloo backend, ``MASTER_ADDR=127.0.0.1`` and a free port)
 shard a network of 500 x ``nn.Linear(64, 64)`` with ReLU between (1,000 parameter tensors) with FSDP2's
@@ -302,12 +309,87 @@ def report(
     print(f"  (for information) first call, (a)/(b) cold: {cold['a'] / cold['b']:.1f}x")
 
 
+CENSUS_WORLD = 4
+
+
+class CensusBlock(nn.Module):
+    """A residual MLP block: ``x + w2(relu(w1(norm(x))))``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm, self.w1, self.w2 = nn.LayerNorm(64), nn.Linear(64, 256), nn.Linear(256, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.w2(torch.relu(self.w1(self.norm(x))))
+
+
+def census_worker(rank: int, port: int) -> None:
+    """One rank of ``--census``: count the monitor's collectives on FSDP2 x TP (2x2) and print them on rank 0."""
+    import pickle
+
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=CENSUS_WORLD)
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    torch.manual_seed(0)
+    blocks = nn.Sequential(*(CensusBlock() for _ in range(8)))
+    for block in blocks:
+        parallelize_module(block, mesh["tp"], {"w1": ColwiseParallel(), "w2": RowwiseParallel()})
+        fully_shard(block, mesh=mesh["dp"])
+    fully_shard(blocks, mesh=mesh["dp"])
+    x = torch.randn(16, 64, generator=torch.Generator().manual_seed(mesh["dp"].get_local_rank()))
+    blocks(x).square().mean().backward()
+    layout = build_layout(blocks.named_parameters())
+    calls: list[tuple[str, int]] = []
+
+    def counting(name: str, fn: Callable[..., object]) -> Callable[..., object]:
+        def wrapped(*args: object, **kwargs: object) -> object:
+            first = args[1] if name == "all_gather_single" else args[0]
+            size = len(pickle.dumps(first)) if name == "all_gather_object" else first.numel() * first.element_size()  # type: ignore[union-attr]
+            calls.append((name, size))
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    names = ("all_reduce", "all_gather_single", "all_gather_into_tensor", "all_gather_object")
+    originals = {name: getattr(dist, name) for name in names}
+    rows = []
+    for label, stats in (("guarded step", None), ("logged step, basic", "basic"), ("logged step, full", "full")):
+        engine = GradStatsEngine(stats=stats or "basic")
+        engine.guard(layout)  # warm: the first call resolves the mesh once
+        calls.clear()
+        for name in names:
+            setattr(dist, name, counting(name, originals[name]))
+        try:
+            if stats is None:
+                engine.read_guard(engine.guard(layout))  # type: ignore[arg-type]
+            else:
+                engine.finish(engine.compute(layout), StepMeta())  # type: ignore[arg-type]
+        finally:
+            for name in names:
+                setattr(dist, name, originals[name])
+        rows.append((label, list(calls)))
+    if rank == 0:
+        print(f"FSDP2 x TP on a 2x2 mesh, {len(layout.params)} tensors in {layout.num_layers} layers, 4 gloo ranks")
+        for label, made in rows:
+            detail = ", ".join(f"{name} {size} B" for name, size in made)
+            print(f"  {label:<20} {len(made)} collective(s), {sum(s for _, s in made)} B sent per rank: {detail}")
+    dist.destroy_process_group()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=31, help="timed repetitions per candidate (default: 31)")
     parser.add_argument("--warmup", type=int, default=3, help="warm-up calls per candidate (default: 3)")
     parser.add_argument("--quick", action="store_true", help="5 repetitions, 1 warm-up")
+    parser.add_argument("--census", action="store_true", help="count the collectives (4 ranks, FSDP2 x TP)")
     args = parser.parse_args()
+    if args.census:
+        mp.spawn(census_worker, args=(free_port(),), nprocs=CENSUS_WORLD, join=True)
+        return
     reps, warmup = (5, 1) if args.quick else (args.reps, args.warmup)
     mp.spawn(worker, args=(free_port(), reps, warmup), nprocs=WORLD, join=True)
 

@@ -353,6 +353,16 @@ class HealthOptions:
             "rate off (``docs/recovery.md``).",
         },
     )
+    pipeline_group: Any = field(
+        default=None,
+        metadata={
+            "group": "watched",
+            "doc": "Pipeline parallelism: the process group of the ranks holding the other stages of this rank's "
+            "model (e.g. ``mesh[\"pp\"].get_group()``). The global norm, the guard and clipping then cover every "
+            "stage, and rank zero logs every stage's layers (docs/distributed.md). ``None``: every rank holds the "
+            "whole model.",
+        },
+    )
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__

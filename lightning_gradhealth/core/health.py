@@ -10,6 +10,7 @@ for plain PyTorch and Lightning Fabric loops.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import weakref
 from collections.abc import Callable, Sequence
@@ -474,6 +475,8 @@ class GradientHealth:
         if not self._fsdp1_done and frontend.fsdp1_root is not None:
             frontend.reduction = fsdp1_reduction(frontend.fsdp1_root())
             self._fsdp1_done = True
+        if self.options.pipeline_group is not None and frontend.reduction.stage_group is None:  # (pipeline stages)
+            frontend.reduction = dataclasses.replace(frontend.reduction, stage_group=self.options.pipeline_group)
         return frontend.reduction
 
     def _end_step(self, go: bool) -> bool:
@@ -500,7 +503,8 @@ class GradientHealth:
 
     def _fail(self, record: StepStats, failure: Failure, micro_batches: bool, several: bool, note: str = "") -> None:
         """Log the step, flush the loggers, write the report, raise :class:`TrainingHealthError`."""
-        record = self._replays.birth(record, self.model, self.output.frontend.sharded)  # type: ignore[arg-type]
+        sharded = self.output.frontend.sharded or self.options.pipeline_group is not None  # (no replay of one rank)
+        record = self._replays.birth(record, self.model, sharded)  # type: ignore[arg-type]
         message = format_nonfinite_message(record, failure.reason, micro_batches=micro_batches, note=note)
         first = message.splitlines()[0]
         alert = Alert(kind=failure.kind, severity=Severity.CRITICAL, step=record.step, epoch=record.epoch,

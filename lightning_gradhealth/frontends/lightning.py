@@ -222,6 +222,7 @@ class GradientHealthMonitor(*_callback_bases()):  # type: ignore[misc]
         noise_scale: bool | Literal["auto"] = "auto",
         micro_batch_size: int | None = None,
         recover: bool | Recovery = False,
+        pipeline_group: Any = None,
     ) -> None:
         self.options = HealthOptions(**{name: value for name, value in locals().items() if name in _OPTIONS})
         self.health = GradientHealth(None, options=self.options)

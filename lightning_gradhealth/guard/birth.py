@@ -305,7 +305,11 @@ class Replays:
             return record
         replays = self._steps.pop(record.step, None)
         if sharded:
-            result: Birthplace | NoBirthplace = NoBirthplace("not replayed: the model is sharded across processes")
+            result: Birthplace | NoBirthplace = NoBirthplace(
+                "not replayed: the model is sharded across processes (FSDP, tensor or pipeline parallelism), and a "
+                "replay re-runs the forward pass on this rank alone, whose collectives (and other stages) would not "
+                "take part"
+            )
         elif not replays:
             result = NoBirthplace(
                 "no replay: pass `replay=lambda: loss_fn(model(x), y)` to `GradientHealth.step` to find it"

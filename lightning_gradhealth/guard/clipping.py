@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lightning_gradhealth.model.distributed import Shards, sum_over
+from lightning_gradhealth.schema.errors import UnsupportedSetupError
 from lightning_gradhealth.stats.kernels import foreach_norm_f32_or_wider
 
 if TYPE_CHECKING:
@@ -147,6 +148,8 @@ class ValueClipper(Clipper):
             torch._foreach_clamp_min_(grads, -self.clip_value)
             torch._foreach_clamp_max_(grads, self.clip_value)
         norms = torch.stack([n.double() for n in foreach_norm_f32_or_wider(grads, 2.0)])
+        if shards is not None and shards.counted is not None:  # copies of a tensor count once
+            norms = norms * torch.tensor(shards.counted, dtype=norms.dtype).to(norms.device)
         post_sq, clipped = _sum_shards(norms.square().sum(), clipped, shards)
         post = post_sq.sqrt()
         if scale is not None:
@@ -194,6 +197,13 @@ class AGCClipper(Clipper):
 
     def clip(self, grads, params, total_norm, scale=None, shards=None):  # noqa: D102, ANN001, ANN201
         grads, params = list(grads), list(params)
+        if shards is not None and shards.several:
+            raise UnsupportedSetupError(
+                "clip='agc' rescales whole units (rows) of each weight; under tensor parallelism or HSDP the gradients "
+                "are split or copied over several mesh dimensions, and AGC's unit norms are not combined across them. "
+                "Use clip='norm', 'zclip' or 'autoclip' (exact, by the global norm over every dimension), or AGC with "
+                "FSDP2 alone"
+            )
         factor = self.clip_factor if scale is None else self.clip_factor * scale.detach().float().reshape(())
         p_sq = [self._unit_sq(p.detach()) for p in params]
         g_sq = [self._unit_sq(g) for g in grads]

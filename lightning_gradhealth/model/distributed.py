@@ -1,15 +1,23 @@
 """Where per-rank statistics must be combined, and the collectives that combine them.
 
-Two situations, described by :class:`Reduction`:
+Three situations, described by :class:`Reduction`:
 
-- **Sharded gradients** (FSDP2 DTensors, FSDP1 flat shards): each rank holds a disjoint part of every gradient,
-  so per-rank partial sums (powered norms, zero counts, element counts, NaN/Inf counts) are *summed* over the
-  sharding group, and maxima (``norm_type=inf``, largest ``|g|``) are *maxed*. Only the sharding dimension is
-  reduced over: a ``Replicate`` dimension (FSDP2's hybrid sharding) holds copies, and summing over it would count
-  them twice.
-- **Replicated gradients** (DDP, the replicas of hybrid sharding): every rank holds the same gradient, so nothing
-  needs summing; only the *decision inputs* (the global norm) are averaged over the replicas, so that a gradient
-  that went bad on one rank only (a fault after the all-reduce) is seen by every rank at the same step.
+- **Sharded gradients** (DTensors on any device mesh: FSDP2, HSDP, tensor parallelism and their products; FSDP1 flat
+  shards): every statistic is a sum (powered norms, zero counts, element counts, NaN/Inf counts) or a maximum
+  (``norm_type=inf``, largest ``|g|``) over the elements, so per-rank partial sums are combined over the ranks that
+  hold the rank's model (the *stage*: every rank of the device mesh) in ONE collective. Each tensor counts on
+  exactly one copy of each of its elements: a rank whose coordinate is not 0 on a mesh dimension where the tensor is
+  ``Replicate`` (or on a dimension of the stage's mesh that the tensor's own mesh lacks) multiplies its partial sums
+  by 0, so that copies are not counted twice, while a NaN/Inf there still turns the sum non-finite
+  (``0 * nan = nan``). ``Shard`` and ``_StridedShard`` split the elements among ranks, whatever the order: sums
+  over them are exact. A ``Partial`` gradient (a pending sum) is reduced first (:func:`settle_partial`): the norm
+  of a sum is not the sum of norms.
+- **Replicated gradients** (DDP): every rank holds the same gradient, so nothing needs summing; only the *decision
+  inputs* (the global norm) are averaged over the replicas, so that a gradient that went bad on one rank only (a
+  fault after the all-reduce) is seen by every rank at the same step.
+- **Pipeline stages** (``stage_group``): each rank holds some layers. The global norm is the powered sum over the
+  stages (one scalar collective on every guarded step), and a logged step's record gathers every stage's layers
+  (:mod:`~lightning_gradhealth.model.stages`, one object all-gather).
 
 Every function here is one collective; :func:`reduce_sum_max` packs sums and maxima into one all-gather.
 """
@@ -29,13 +37,18 @@ __all__ = [
     "Reduction",
     "Shards",
     "check_sharding",
+    "column_dims",
+    "counted",
+    "cut_dead_rows",
     "fsdp1_reduction",
     "is_dtensor",
+    "is_split",
     "local",
     "mean_over",
     "min_valid_over",
     "reduce_sum_max",
     "resolve",
+    "settle_partial",
     "shards_of",
     "sum_over",
 ]
@@ -47,25 +60,34 @@ class Reduction:
 
     Attributes:
         shard_group: Gradients are sharded across this group: partial statistics are summed (maxima maxed) over it.
-            For DTensor gradients it is found from their placements and need not be given.
+            For DTensor gradients it is found from their placements (every rank of the stage's device mesh).
         replica_group: Gradients are replicated across this group: the global norm that every decision is taken
             from is averaged over it (one scalar all-reduce per step).
         whole: ``id()`` of the parameters that are whole (not sharded) on every rank of ``shard_group`` (FSDP1's
             ``NO_SHARD`` units and unmanaged parameters): counted on the group's first rank only.
+        mesh: DTensors: the stage's device mesh (the largest mesh of the watched tensors), whose ranks form
+            ``shard_group``.
+        replicated: DTensors: some tensor is held in several copies within ``shard_group`` (a ``Replicate``
+            placement, or a mesh smaller than the stage's): :func:`counted` weights them.
+        stage_group: Pipeline parallelism: the group of ranks holding the other stages (the option
+            ``pipeline_group``); ``None`` when every rank holds the whole model.
     """
 
     shard_group: Any = None
     replica_group: Any = None
     whole: frozenset[int] = frozenset()
+    mesh: Any = None
+    replicated: bool = False
+    stage_group: Any = None
 
     def skips_whole(self) -> bool:
-        """Whether this rank leaves out the tensors in :attr:`whole` (every rank of the group but the first)."""
-        return bool(self.whole) and dist.get_rank(self.shard_group) != 0
+        """Whether this rank leaves some tensors out of its partial sums (see :func:`counted`)."""
+        return self.replicated or (bool(self.whole) and dist.get_rank(self.shard_group) != 0)
 
     @property
     def empty(self) -> bool:
         """Whether nothing is combined across ranks."""
-        return self.shard_group is None and self.replica_group is None
+        return self.shard_group is None and self.replica_group is None and self.stage_group is None
 
 
 def is_dtensor(tensor: torch.Tensor) -> bool:
@@ -73,12 +95,39 @@ def is_dtensor(tensor: torch.Tensor) -> bool:
     return type(tensor).__name__ == "DTensor"
 
 
+def is_split(placement: Any) -> bool:
+    """Whether a DTensor placement splits the elements among the ranks of its mesh dimension.
+
+    ``Shard`` and ``_StridedShard`` (FSDP2 over tensor parallelism: not a ``Shard`` subclass in every torch).
+    """
+    return bool(placement.is_shard()) or type(placement).__name__ == "_StridedShard"
+
+
 def local(tensor: torch.Tensor) -> torch.Tensor:
     """The local shard of a DTensor (possibly empty; in-place changes reach the DTensor), or the tensor itself."""
     return tensor.to_local() if is_dtensor(tensor) else tensor  # type: ignore[attr-defined]
 
 
+def settle_partial(params: Sequence[torch.Tensor]) -> None:
+    """Reduce in place the gradients that are ``Partial`` on some mesh dimension (one all-reduce each).
+
+    A ``Partial`` gradient is a sum still to be taken over that dimension: its local pieces' norms do not add up to
+    the norm of the sum, so the sum is taken now (it would be at the optimizer's step anyway) and the gradient
+    becomes ``Replicate`` there. Plain tensors and every other placement cost one type check per parameter.
+    """
+    if not params or not is_dtensor(params[0]):
+        return
+    for q in params:
+        g = q.grad
+        if g is not None and is_dtensor(g) and any(pl.is_partial() for pl in g.placements):  # type: ignore[attr-defined]
+            from torch.distributed.tensor import Replicate
+
+            placements = [Replicate() if pl.is_partial() else pl for pl in g.placements]  # type: ignore[attr-defined]
+            q.grad = g.redistribute(g.device_mesh, placements)  # type: ignore[attr-defined]
+
+
 _RESOLVED: dict[tuple[Any, ...], tuple[Any, Reduction]] = {}
+_COUNTED: dict[tuple[Any, ...], tuple[bool, ...]] = {}
 _MIXED = (
     "lightning_gradhealth needs the watched gradients either all sharded (DTensors, FSDP2) or all plain; this model "
     "is only partly under fully_shard: apply fully_shard to the root module too, or restrict the monitor with "
@@ -91,51 +140,163 @@ def _check_initialised() -> None:
         raise UnsupportedSetupError("sharded gradients but torch.distributed is not initialised")
 
 
-def _mesh_dims(tensor: torch.Tensor) -> tuple[set[int], set[int]]:
-    placements = tensor.placements  # type: ignore[attr-defined]
-    shard = {i for i, pl in enumerate(placements) if pl.is_shard()}
-    replicate = {i for i, pl in enumerate(placements) if pl.is_replicate()}
-    return shard, replicate
+def _stage_mesh(meshes: Sequence[Any]) -> Any:
+    """The mesh whose ranks hold this rank's model: the largest of ``meshes``, which must hold the others' dims."""
+    stage = max(meshes, key=lambda m: (m.ndim, m.size()))
+    names = set(stage.mesh_dim_names or ())
+    for m in meshes:
+        if m is stage or m == stage:
+            continue
+        if not m.mesh_dim_names or not set(m.mesh_dim_names) <= names:
+            raise UnsupportedSetupError(
+                "lightning_gradhealth combines DTensors of several device meshes by their dimension names; the mesh "
+                f"{m} is not a named part of {stage}. Create the meshes with "
+                "`init_device_mesh(..., mesh_dim_names=...)` and slice the smaller ones from the larger (mesh['dp'])"
+            )
+    return stage
+
+
+def _mesh_group(mesh: Any) -> Any:
+    """One process group over every rank of ``mesh``."""
+    if mesh.ndim == 1:
+        return mesh.get_group(0)
+    if mesh.size() == dist.get_world_size():
+        return dist.group.WORLD
+    return mesh._flatten().get_group()  # (created once by every rank of the root mesh)
+
+
+def _counted_here(tensor: torch.Tensor, stage: Any) -> bool:
+    """Whether this rank holds the counted copy of ``tensor``'s local elements (coordinate 0 where it is copied)."""
+    mesh = tensor.device_mesh  # type: ignore[attr-defined]
+    coords = stage.get_coordinate()
+    if mesh == stage or not stage.mesh_dim_names:
+        sharded = {i for i, pl in enumerate(tensor.placements) if is_split(pl)}  # type: ignore[attr-defined]
+        return all(c == 0 for i, c in enumerate(coords) if i not in sharded)
+    names = mesh.mesh_dim_names
+    sharded_names = {names[i] for i, pl in enumerate(tensor.placements) if is_split(pl)}  # type: ignore[attr-defined]
+    return all(c == 0 for name, c in zip(stage.mesh_dim_names, coords, strict=True) if name not in sharded_names)
+
+
+def counted(red: Reduction, params: Sequence[torch.Tensor]) -> tuple[bool, ...] | None:
+    """Per tensor, whether this rank counts it in the sums over ``red.shard_group`` (``None``: every tensor).
+
+    FSDP1: tensors whole on every rank count on the group's first rank only. DTensors: see :class:`Reduction`.
+    """
+    if red.replicated and red.mesh is not None:
+        key = (id(red.mesh), tuple(map(id, params)))
+        cached = _COUNTED.get(key)
+        if cached is None:
+            if len(_COUNTED) > 64:
+                _COUNTED.clear()
+            zero = all(c == 0 for c in red.mesh.get_coordinate())  # plain tensors: copies on every rank
+            cached = _COUNTED[key] = tuple(_counted_here(q, red.mesh) if is_dtensor(q) else zero for q in params)
+        return cached
+    if red.whole and dist.get_rank(red.shard_group) != 0:
+        return tuple(id(q) not in red.whole for q in params)
+    return None
+
+
+def column_dims(tensor: torch.Tensor) -> tuple[int, ...]:
+    """The mesh dimensions along which a 2-D+ DTensor's rows are cut (split along a tensor dimension other than 0).
+
+    Ranks that differ only there hold the same rows (its units), each with some of their columns.
+    """
+    if not is_dtensor(tensor) or tensor.ndim < 2:
+        return ()
+    return tuple(i for i, pl in enumerate(tensor.placements) if is_split(pl) and pl.dim != 0)  # type: ignore[attr-defined]
+
+
+def cut_dead_rows(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """Per tensor, the dead rows of the gradients whose rows are cut along one mesh dimension, else 0.
+
+    A row is dead when it is zero on every rank that holds a piece of it: its local non-zero counts are summed over
+    that mesh dimension (one all-reduce per distinct dimension, of one number per local row) and the rows left at 0
+    counted, on the dimension's first rank only (the others hold the same rows). ``grads`` are the local shards,
+    aligned with ``params``. ``None`` when no row is cut.
+    """
+    groups: dict[int, tuple[Any, list[int]]] = {}
+    for k, q in enumerate(params):
+        dims = column_dims(q)
+        if len(dims) == 1:
+            group = q.device_mesh.get_group(dims[0])  # type: ignore[attr-defined]
+            groups.setdefault(id(group), (group, []))[1].append(k)
+    if not groups:
+        return None
+    device = grads[0].device
+    out = torch.zeros(len(params), dtype=torch.float64 if device.type != "mps" else torch.float32, device=device)
+    for group, members in groups.values():
+        counts = torch.cat([grads[k].ne(0).flatten(1).sum(1).to(out.dtype) for k in members])
+        sum_over(counts, group)
+        if dist.get_rank(group) != 0:
+            continue  # (counted once)
+        for k, rows in zip(members, counts.split([grads[k].shape[0] for k in members]), strict=True):
+            out[k] = (rows == 0).sum()
+    return out
 
 
 def resolve(tensors: Sequence[torch.Tensor], given: Reduction | None) -> Reduction:
     """The reduction for ``tensors``: DTensor placements decide for DTensors, ``given`` for plain tensors.
 
+    Any placement on any mesh is accepted (see :class:`Reduction`); ``given.stage_group`` is kept.
+
     Raises:
-        UnsupportedSetupError: The DTensors are not all sharded the same way over exactly one mesh dimension (tensor
-            parallelism and other layouts are not supported yet), or torch.distributed is not initialised.
+        UnsupportedSetupError: A mix of DTensors and plain tensors, DTensors on meshes that cannot be related, or
+            torch.distributed is not initialised.
     """
-    if not tensors or not is_dtensor(tensors[0]):
-        if tensors and is_dtensor(tensors[-1]):  # a cheap look at the other end: a model partly under FSDP2
-            raise UnsupportedSetupError(_MIXED)
+    if not tensors or not (is_dtensor(tensors[0]) or is_dtensor(tensors[-1]) or _any_dtensor(tensors)):
         return given or Reduction()
     _check_initialised()
-    first = tensors[0]
-    mesh = first.device_mesh  # type: ignore[attr-defined]
-    key = (id(mesh), len(tensors), tuple(first.placements))  # type: ignore[attr-defined]
+    stage_group = None if given is None else given.stage_group
+    first = next(t for t in tensors if is_dtensor(t))
+    ends = (is_dtensor(tensors[0]), is_dtensor(tensors[-1]))  # (another model on the same mesh: another key)
+    key = (id(first.device_mesh), len(tensors), tuple(first.placements), id(stage_group), ends)  # type: ignore[attr-defined]
     cached = _RESOLVED.get(key)
-    if cached is not None and cached[0] is mesh:  # the mesh is kept alive in the cache: its id cannot be reused
+    if cached is not None and cached[0] is first.device_mesh:  # type: ignore[attr-defined]
         return cached[1]  # checked in full once per set of gradients (a per-tensor loop costs ms per step)
-    dims, replicas = _mesh_dims(first)
+    meshes: list[Any] = []
     for t in tensors:
-        if not is_dtensor(t):
-            raise UnsupportedSetupError(_MIXED)
-        if t.device_mesh != mesh or _mesh_dims(t) != (dims, replicas):  # type: ignore[attr-defined]
-            raise UnsupportedSetupError(
-                "lightning_gradhealth supports gradients sharded the same way over one mesh dimension (FSDP2, "
-                f"HSDP); got placements {first.placements} and {t.placements}",  # type: ignore[attr-defined]
-            )
-    if len(dims) != 1:
+        if is_dtensor(t) and not any(m is t.device_mesh for m in meshes):  # type: ignore[attr-defined]
+            meshes.append(t.device_mesh)  # type: ignore[attr-defined]
+    stage = _stage_mesh(meshes)
+    group = _mesh_group(stage)
+    plain = [t for t in tensors if not is_dtensor(t)]
+    if plain and not _copies_agree(plain, group):
         raise UnsupportedSetupError(
-            f"lightning_gradhealth supports gradients sharded over exactly one mesh dimension, got placements "
-            f"{first.placements}"  # type: ignore[attr-defined]
+            f"{_MIXED}: {len(plain)} plain gradients beside the DTensors differ between ranks, so they are not "
+            "copies (tensor parallelism's unparallelised modules are) and cannot be combined"
         )
-    replica_group = mesh.get_group(next(iter(replicas))) if len(replicas) == 1 else None
-    resolved = Reduction(shard_group=mesh.get_group(next(iter(dims))), replica_group=replica_group)
+    replicated = bool(plain) or any(
+        t.device_mesh.ndim < stage.ndim  # type: ignore[attr-defined]
+        or not all(is_split(pl) for pl in t.placements)  # type: ignore[attr-defined]
+        for t in tensors
+        if is_dtensor(t)
+    )
+    resolved = Reduction(shard_group=group, mesh=stage, replicated=replicated, stage_group=stage_group)
     if len(_RESOLVED) > 64:
         _RESOLVED.clear()
-    _RESOLVED[key] = (mesh, resolved)
+    _RESOLVED[key] = (first.device_mesh, resolved)  # type: ignore[attr-defined]
     return resolved
+
+
+def _any_dtensor(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether some tensor is a DTensor (a look at every tensor, in distributed runs only)."""
+    return dist.is_available() and dist.is_initialized() and any(map(is_dtensor, tensors))
+
+
+def _copies_agree(plain: Sequence[torch.Tensor], group: Any) -> bool:
+    """Whether the plain tensors beside DTensors are copies on every rank of ``group`` (one all-gather, once).
+
+    Tensor parallelism leaves the modules it does not parallelise as plain tensors, the same on every rank: they
+    are counted once. A model only partly under ``fully_shard`` leaves plain gradients that differ from rank to
+    rank (nothing averages them): refused.
+    """
+    norms = torch.stack([torch.linalg.vector_norm(t.detach().double()) for t in plain])
+    world = dist.get_world_size(group)
+    gathered = norms.new_empty(world * norms.numel())
+    dist.all_gather_single(gathered, norms, group=group)
+    rows = gathered.view(world, -1)
+    spread = (rows.amax(0) - rows.amin(0)).abs()
+    return bool((spread <= 1e-6 * rows.abs().amax(0) + 1e-30).all())
 
 
 @dataclass(frozen=True)
@@ -145,42 +306,36 @@ class Shards:
     Attributes:
         group: The sharding process group.
         dims: For each tensor, the dimension along which it is split across ``group``.
+        counted: For each tensor, whether this rank counts it in sums over ``group`` (``None``: all).
+        several: DTensors split or copied over several mesh dimensions (tensor parallelism, HSDP): their units
+            cannot be put together with one sum over ``group`` (AGC refuses them).
     """
 
     group: Any
     dims: tuple[int, ...]
+    counted: tuple[bool, ...] | None = None
+    several: bool = False
 
 
 def check_sharding(names: Sequence[str], params: Sequence[torch.Tensor]) -> None:
     """Refuse, before training, a set of watched parameters whose gradients could not be combined.
 
+    Every placement (``Shard``, ``_StridedShard``, ``Replicate``, ``Partial``) on any number of mesh dimensions is
+    accepted; what is refused cannot be told apart from a mistake.
+
     Raises:
-        UnsupportedSetupError: Some parameters are DTensors and some are not (a model only partly under
-            ``fully_shard``), or the DTensors are not all sharded over the same single mesh dimension (tensor
-            parallelism: ``Shard`` on other dimensions, or ``Replicate`` parameters beside sharded ones).
+        UnsupportedSetupError: The DTensors lie on meshes that are not named parts of one device mesh. (Plain
+            parameters beside DTensors are accepted here, as tensor parallelism leaves them, and checked at the
+            first step to be copies on every rank: :func:`resolve`.)
     """
     dtensors = [(name, q) for name, q in zip(names, params, strict=True) if is_dtensor(q)]
     if not dtensors:
         return
-    first_name, first = dtensors[0]
-    for name, q in dtensors:
-        if q.device_mesh != first.device_mesh or _mesh_dims(q) != _mesh_dims(first):  # type: ignore[attr-defined]
-            raise UnsupportedSetupError(
-                "lightning_gradhealth combines sharded gradients over one mesh dimension (FSDP2 / HSDP data "
-                "parallelism); tensor parallelism is not supported yet: parameters are placed differently, "
-                f"`{first_name}` {first.placements} and `{name}` {q.placements}. Restrict the monitor to the "  # type: ignore[attr-defined]
-                "data-parallel parameters with `include`/`exclude`, or leave it out of tensor-parallel runs",
-                parameter=name,
-            )
-    if len(_mesh_dims(first)[0]) != 1:
-        raise UnsupportedSetupError(
-            "lightning_gradhealth combines sharded gradients over exactly one mesh dimension; tensor parallelism "
-            f"is not supported yet: `{first_name}` is placed {first.placements}",  # type: ignore[attr-defined]
-            parameter=first_name,
-        )
-    if len(dtensors) != len(params):
-        plain = next(name for name, q in zip(names, params, strict=True) if not is_dtensor(q))
-        raise UnsupportedSetupError(f"{_MIXED} (e.g. `{first_name}` is a DTensor, `{plain}` is not)", parameter=plain)
+    meshes: list[Any] = []
+    for _, q in dtensors:
+        if not any(m is q.device_mesh for m in meshes):  # type: ignore[attr-defined]
+            meshes.append(q.device_mesh)  # type: ignore[attr-defined]
+    _stage_mesh(meshes)
 
 
 def shards_of(tensors: Sequence[torch.Tensor], reduction: Reduction) -> Shards | None:
@@ -188,14 +343,19 @@ def shards_of(tensors: Sequence[torch.Tensor], reduction: Reduction) -> Shards |
 
     DTensors: the dimension of their ``Shard`` placement. Plain tensors under a shard group (FSDP1's flat shards)
     are flattened pieces of the original tensors: dimension 0 of a 1-D view.
+
     """
     if reduction.shard_group is None:
         return None
-    dims = []
+    dims, several = [], reduction.replicated
     for t in tensors:
-        shard = next((pl for pl in t.placements if pl.is_shard()), None) if is_dtensor(t) else None  # type: ignore[attr-defined]
-        dims.append(0 if shard is None else int(shard.dim))
-    return Shards(group=reduction.shard_group, dims=tuple(dims))
+        if is_dtensor(t):
+            shards = [pl for pl in t.placements if is_split(pl)]  # type: ignore[attr-defined]
+            several = several or len(shards) > 1
+            dims.append(int(shards[0].dim) if shards else 0)
+        else:
+            dims.append(0)
+    return Shards(group=reduction.shard_group, dims=tuple(dims), counted=counted(reduction, tensors), several=several)
 
 
 def sum_over(tensor: torch.Tensor, group: Any) -> torch.Tensor:
@@ -281,3 +441,4 @@ def fsdp1_reduction(root: torch.nn.Module) -> Reduction:
         replica_group=getattr(first, "_inter_node_pg", None),
         whole=whole,
     )
+

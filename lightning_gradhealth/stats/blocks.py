@@ -19,6 +19,7 @@ import torch
 
 from lightning_gradhealth.model.distributed import Reduction, mean_over
 from lightning_gradhealth.model.layout import ParamLayout
+from lightning_gradhealth.model.stages import stage_norm
 from lightning_gradhealth.schema.record import LayerStats
 from lightning_gradhealth.stats.kernels import accum_dtype, layer_maxes, layer_sums
 from lightning_gradhealth.stats.pack import Pack, PackValues
@@ -96,6 +97,8 @@ def derive(pack: Pack, red: Reduction, norm_type: float, per_layer: bool, full: 
         pack.add("param_norm", layer_p, send=layer)
     if full:
         pack.add("min_abs_nonzero", -pack["neg_min_abs_nonzero"], send=layer)
+    if red.stage_group is not None:  # pipeline: the whole model's norm, over every stage
+        total = stage_norm(total, p, red.stage_group)
     if red.replica_group is not None:
         total = mean_over(total, red.replica_group)  # decisions agree on every replica
     acc = accum_dtype(layer_g.device)

@@ -20,14 +20,17 @@ from torch.linalg import vector_norm
 
 from lightning_gradhealth.model.distributed import (
     Reduction,
-    is_dtensor,
+    counted,
+    cut_dead_rows,
     local,
     mean_over,
     reduce_sum_max,
     resolve,
+    settle_partial,
     sum_over,
 )
 from lightning_gradhealth.model.layout import ParamLayout
+from lightning_gradhealth.model.stages import merge_stages, stage_norm
 from lightning_gradhealth.schema.record import LayerStats, StepStats
 from lightning_gradhealth.stats.blocks import contributions, derive, layer_stats
 from lightning_gradhealth.stats.horizontal import HorizontalPlan, gradient_stats
@@ -132,7 +135,8 @@ class GradStatsEngine:
         p = self.norm_type
         red = resolve(tensors, reduction)
         if red.shard_group is None:  # the hot path of every guarded step: no per-tensor Python work
-            return vector_norm(foreach_norms(tensors, p), p)
+            total = vector_norm(foreach_norms(tensors, p), p)
+            return total if red.stage_group is None else stage_norm(total, p, red.stage_group)
         norms = foreach_norms([local(t) for t in tensors], p)
         norms = norms.to(accum_dtype(norms.device))
         if math.isinf(p):
@@ -142,7 +146,8 @@ class GradStatsEngine:
         if params is not None and len(params) == len(tensors):  # tensors whole on every rank count once
             weight = self._weights(red, list(params), powered.device, powered.dtype)
             powered = powered if weight is None else powered * weight
-        return sum_over(powered.sum().reshape(1), red.shard_group).pow(1.0 / p).reshape(())
+        total = sum_over(powered.sum().reshape(1), red.shard_group).pow(1.0 / p).reshape(())
+        return total if red.stage_group is None else stage_norm(total, p, red.stage_group)  # pipeline stages
 
     @torch.no_grad()
     def compute(
@@ -172,13 +177,14 @@ class GradStatsEngine:
             GradientHealthError: A layout of DTensor shards that is not supported.
         """
         params = layout.params
+        settle_partial(params)  # (DTensor gradients still Partial somewhere: summed first)
         present = layout.with_grad()
         given_shards = reduction is not None and reduction.shard_group is not None
         if not present and not given_shards:
             return None
         grads = stat_grads(layout, present)
         red = resolve(grads, reduction)
-        if grads and is_dtensor(grads[0]):  # (resolve refused a mix of DTensors and plain tensors)
+        if red.mesh is not None:  # DTensors (beside plain copies, under tensor parallelism)
             local_g = [local(g) for g in grads]
             local_p = [local(params[i]) for i in present]  # no_grad: no detach (a DTensor dispatch each)
         else:
@@ -202,6 +208,10 @@ class GradStatsEngine:
         raw_g_norm, nonzero, dead_rows, full = gradient_stats(
             local_g, units, self.full, p, inv_scale, self._scratch, self._plans, self._horizontal
         )
+        dtensors = units is not None and red.mesh is not None
+        cut = cut_dead_rows([params[i] for i in present], local_g) if dtensors else None
+        if cut is not None:  # rows cut across ranks (tensor parallelism's Rowwise weights), summed over the cut
+            dead_rows = cut if dead_rows is None else dead_rows.to(cut.dtype) + cut
         p_norm = self.norms(local_p)
         g_norm = raw_g_norm if inv_scale is None else raw_g_norm * inv_scale
 
@@ -218,10 +228,9 @@ class GradStatsEngine:
     def _weights(
         self, red: Reduction, params: list[torch.Tensor], device: torch.device, acc: torch.dtype
     ) -> torch.Tensor | None:
-        """1/0 per tensor: whether this rank counts it (tensors whole on every rank count on the first only)."""
-        if not red.skips_whole():
-            return None
-        return torch.tensor([0.0 if id(q) in red.whole else 1.0 for q in params], dtype=acc).to(device)
+        """1/0 per tensor: whether this rank counts it (copies of a tensor count once: see ``counted``)."""
+        keep = counted(red, params)
+        return None if keep is None else torch.tensor(keep, dtype=acc).to(device)
 
     @torch.no_grad()
     def guard(
@@ -248,6 +257,7 @@ class GradStatsEngine:
         Returns:
             The pending guard, or ``None`` when no watched parameter has a gradient.
         """
+        settle_partial(layout.params)  # (DTensor gradients still Partial somewhere: summed first)
         if layout.sparse:
             grads = stat_grads(layout, layout.with_grad())
         else:
@@ -258,10 +268,12 @@ class GradStatsEngine:
             grads = [layout.params[0].new_zeros(0)]  # FSDP1, all pieces empty here: still take part
         red = resolve(grads, reduction)
         # FSDP1 only (parameters whole on every rank count once): the parameters aligned with the gradients
-        params = [p for p in layout.params if p.grad is not None] if red.whole else None
+        params = [p for p in layout.params if p.grad is not None] if red.whole or red.replicated else None
         named = tensor_norms and not layout.sparse and red.shard_group is None
         norms = foreach_norms(grads, self.norm_type) if named else None  # (global_norm's own unsharded path)
         total = self.global_norm(grads, red, params=params) if norms is None else vector_norm(norms, self.norm_type)
+        if norms is not None and red.stage_group is not None:  # (global_norm sums the stages itself)
+            total = stage_norm(total, self.norm_type, red.stage_group)
         if grad_scale is not None:
             scale = grad_scale.detach().float().reshape(())
             total, norms = total / scale, None if norms is None else norms / scale
@@ -376,7 +388,7 @@ class GradStatsEngine:
             micro = first_micro_batch_anywhere(micro, pending)
         if micro is None and not math.isfinite(total):
             micro = 0  # no micro-batch tracking (a single micro-batch): it is the one that went non-finite
-        return StepStats(
+        record = StepStats(
             step=meta.step,
             global_step=meta.global_step,
             epoch=meta.epoch,
@@ -398,3 +410,6 @@ class GradStatsEngine:
             loss=loss,
             counts_exact=exact or math.isfinite(total),
         )
+        if pending.reduction.stage_group is not None:  # pipeline: every stage's layers in one record
+            record = merge_stages(record, total_numel, self.norm_type, pending.reduction.stage_group)
+        return record

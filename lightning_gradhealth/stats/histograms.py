@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from lightning_gradhealth.model.distributed import Reduction, local, reduce_sum_max, resolve, sum_over
+from lightning_gradhealth.model.distributed import Reduction, counted, local, reduce_sum_max, resolve, sum_over
 from lightning_gradhealth.model.layout import ParamLayout
 from lightning_gradhealth.stats.kernels import accum_dtype, stat_grads
 
@@ -45,16 +45,16 @@ def layer_histograms(
     device = local(grads[0]).device
     acc = accum_dtype(device)
     sharded = red.shard_group is not None
-    # a tensor whole on every rank of the sharding group is counted on its first rank only
-    skip_whole = sharded and red.skips_whole()
+    # copies of a tensor (whole on every rank of the group, or replicated over a mesh dimension) count once
+    keep = counted(red, [layout.params[i] for i in present]) if sharded else None
     by_layer: dict[int, list[torch.Tensor]] = {}
     implicit = [0] * layout.num_layers  # zeros a sparse gradient does not store (its untouched rows)
-    for i, g in zip(present, grads, strict=True):
+    for k, (i, g) in enumerate(zip(present, grads, strict=True)):
         flat = local(g).detach().reshape(-1)
         by_layer.setdefault(layout.layer_of_param[i], [])
         if i in layout.sparse:
             implicit[layout.layer_of_param[i]] += layout.params[i].numel() - flat.numel()
-        if flat.numel() and not (skip_whole and id(layout.params[i]) in red.whole):
+        if flat.numel() and (keep is None or keep[k]):
             by_layer[layout.layer_of_param[i]].append(flat)  # an empty local shard adds nothing
     # sharded: every layer, in the same order on every rank (a rank may hold no piece of some layer)
     order = list(range(layout.num_layers)) if sharded else sorted(by_layer)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import weakref
 from typing import Any
 
-from lightning_gradhealth.model.distributed import Reduction, is_dtensor
+from lightning_gradhealth.model.distributed import Reduction, column_dims, is_dtensor
 from lightning_gradhealth.model.layout import ParamLayout
 
 __all__ = ["LayerUnits"]
@@ -39,12 +39,12 @@ class LayerUnits:
         Unknowable from the gradient a rank holds: a sparse gradient (its coalesced rows only), an FSDP1 flat shard
         (rows cut anywhere), a DTensor sharded along another dimension than 0. A DTensor's shape is the whole one.
         """
-        flat = red.shard_group is not None and bool(layout.params) and not is_dtensor(layout.params[0])  # FSDP1
+        flat = red.shard_group is not None and red.mesh is None and bool(layout.params)  # FSDP1's flat shards
 
         def make() -> tuple[int, ...]:
             rows = []
             for i, q in enumerate(layout.params):
-                cut = is_dtensor(q) and any(pl.is_shard() and pl.dim != 0 for pl in q.placements)  # type: ignore[attr-defined]
+                cut = len(column_dims(q)) > 1  # (rows cut along one mesh dimension: cut_dead_rows)
                 cut = cut or (i in layout.transposed and is_dtensor(q))  # (not read transposed: stat_grads)
                 if i in layout.sparse or cut or (flat and id(q) not in red.whole):
                     rows.append(-1)
@@ -59,7 +59,9 @@ class LayerUnits:
         """Per present parameter, whether its gradient's dead rows are counted (:meth:`rows` > 0)."""
         rows = self.rows(layout, red)
         return self._cached(  # type: ignore[no-any-return]
-            (id(layout), "mask", present, rows), layout, lambda: tuple(rows[i] > 0 for i in present)
+            (id(layout), "mask", present, rows),
+            layout,
+            lambda: tuple(rows[i] > 0 and not column_dims(layout.params[i]) for i in present),
         )
 
     def per_layer(self, layout: ParamLayout, present: tuple[int, ...], red: Reduction) -> tuple[int | None, ...]:

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from lightning_gradhealth.model.distributed import Reduction, local, resolve, sum_over
+from lightning_gradhealth.model.distributed import Reduction, counted, local, resolve, sum_over
 from lightning_gradhealth.model.layout import ParamLayout
 from lightning_gradhealth.schema.record import StepStats
 from lightning_gradhealth.stats.kernels import foreach_norms
@@ -107,6 +107,10 @@ class UpdateSize:
             theta = foreach_norms(before, 2.0).double() ** 2
             torch._foreach_sub_(before, now)  # in place: the snapshot becomes -Δ (no second copy)
             delta = foreach_norms(before, 2.0).double() ** 2
+            keep = counted(red, params) if red.shard_group is not None else None  # copies count once
+            if keep is not None:
+                weight = torch.tensor(keep, dtype=delta.dtype).to(delta.device)
+                theta, delta = theta * weight, delta * weight
             index = torch.tensor(_layer_index(layout, params), device=delta.device)
             n = layout.num_layers
             sums = torch.zeros(2 * n, dtype=delta.dtype, device=delta.device)
@@ -123,9 +127,17 @@ class UpdateSize:
             a = [x for x, _ in pairs]
             b = [y for _, y in pairs]
             red = resolve([g for p in layout.params if id(p) in grads and (g := p.grad) is not None], reduction)
-            a2, b2 = ((foreach_norms(t, 2.0).double() ** 2).sum() for t in (a, b))
+            owners = [p for p in layout.params if id(p) in grads and p.grad is not None and not p.grad.is_sparse]
+            keep = counted(red, owners)
+            w = None if keep is None or red.shard_group is None else torch.tensor(keep, dtype=torch.float64)
+
+            def sq(t: list[torch.Tensor]) -> torch.Tensor:  # (copies of a tensor count once)
+                v = foreach_norms(t, 2.0).double() ** 2
+                return (v if w is None else v * w.to(v.device)).sum()
+
+            a2, b2 = sq(a), sq(b)
             torch._foreach_add_(a, b)  # in place on the copy: a·b = (|a + b|² − |a|² − |b|²) / 2, three foreach norms
-            dot = ((foreach_norms(a, 2.0).double() ** 2).sum() - a2 - b2) / 2
+            dot = (sq(a) - a2 - b2) / 2
             vec = torch.stack([dot, a2, b2])
             if red.shard_group is not None:
                 sum_over(vec, red.shard_group)

@@ -1,0 +1,141 @@
+"""Past data parallelism, on 4 real gloo processes (tp_script.py): FSDP2 x tensor parallelism on a 2x2 mesh,
+tensor parallelism alone, HSDP, and a 2-stage pipeline x 2-way FSDP2. Every logged number (total and every layer,
+stats="full", dead units) equals an unsharded float64 reference fed the same batches; clipping by norm gives the
+reference's clipped gradients; a NaN in one rank's shard stops every rank at the same step, naming the layer."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import reference
+from torch import nn
+
+HERE = Path(__file__).parent
+ROOT = HERE.parent
+MAX_NORM = 0.05  # tp_script.MAX_NORM
+DATA = {"fsdp_tp": (0, 0, 1, 1), "tp": (0, 0, 0, 0), "hsdp": (0, 1, 2, 3), "pp": (0, 1, 0, 1)}  # data of each rank
+
+
+def _launch(mode: str, out: Path) -> list[dict]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(HERE)])}
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "tp_script.py"), str(out), mode],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,  # a hang ends here
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(4)]
+
+
+def _dead_fracs(model: nn.Module) -> dict[str, float]:
+    """Per layer (module), dead rows of its 2-D+ gradients over its rows."""
+    rows: dict[str, list[int]] = {}
+    for name, p in model.named_parameters():
+        if p.grad is not None and p.grad.ndim >= 2:
+            layer = name.rsplit(".", 1)[0]
+            dead = int((p.grad.reshape(p.grad.shape[0], -1) == 0).all(dim=1).sum())
+            have = rows.setdefault(layer, [0, 0])
+            have[0] += dead
+            have[1] += p.grad.shape[0]
+    return {layer: dead / units for layer, (dead, units) in rows.items()}
+
+
+def _check_against_reference(mode: str, out: Path, ranks: list[dict]) -> None:
+    from tp_script import batch, make_model
+
+    model = make_model()  # the unsharded twin: same initialisation, the union of the data-parallel batches
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = sorted(set(DATA[mode]))
+    for step, rec in enumerate(ranks[0]["records"]):
+        batches = [batch(d, step) for d in data]
+        x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+        nn.functional.mse_loss(model(x), y).backward()
+        grads = {n: p.grad.double() for n, p in model.named_parameters()}
+        ref = reference(grads, {n: p.detach().double() for n, p in model.named_parameters()})
+        assert rec["total_norm"] == pytest.approx(ref["total_norm"], rel=1e-5)
+        assert rec["param_norm"] == pytest.approx(ref["param_norm"], rel=1e-5)
+        assert rec["zero_frac"] == pytest.approx(ref["zero_frac"], abs=1e-12)
+        assert rec["layer_norm_ratio"] == pytest.approx(ref["layer_norm_ratio"], rel=1e-5)
+        assert rec["grad_max_abs"] == pytest.approx(ref["max_abs"], rel=1e-5)
+        assert list(rec["layers"]) == list(ref["layers"])  # every layer of the whole model, in order
+        dead = _dead_fracs(model)
+        for name, lay in rec["layers"].items():
+            r = ref["layers"][name]
+            for key in ("grad_norm", "param_norm", "ratio", "std"):
+                assert lay[key] == pytest.approx(r[key], rel=1e-5), (name, key)
+            # extremes select one float32 entry, but the sharded run computed the entries in another order (its
+            # all-reduces) than the twin: a few float32 ulps apart, more for a small entry made of cancelling terms
+            assert lay["max_abs"] == pytest.approx(r["max_abs"], rel=1e-5), name
+            assert lay["min_abs_nonzero"] == pytest.approx(r["min_abs_nonzero"], rel=1e-5, abs=1e-6 * r["max_abs"]), name
+            assert lay["zero_frac"] == pytest.approx(r["zero_frac"], abs=1e-12), name
+            assert lay["mean"] == pytest.approx(r["mean"], rel=1e-5, abs=1e-5 * r["std"]), name
+            assert lay["nan_count"] == lay["inf_count"] == 0
+            if name in dead:
+                assert lay["dead_unit_frac"] == pytest.approx(dead[name], abs=1e-12), name
+        coef = MAX_NORM / (ref["total_norm"] + 1e-6)
+        assert coef < 1  # the test clips
+        torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
+        if step == 0:  # the clipped gradients the optimizer received, on a rank of every stage
+            for r in (0, 2):
+                for name, g in torch.load(out / f"clipped_rank{r}.pt").items():
+                    torch.testing.assert_close(g.double(), model.get_parameter(name).grad.double(), rtol=1e-5,
+                                               atol=1e-7, msg=name)  # fmt: skip
+        opt.step()
+        opt.zero_grad()
+
+
+@pytest.mark.parametrize("mode", ["fsdp_tp", "tp", "hsdp", "pp"])
+def test_four_processes_equal_the_unsharded_reference_and_stop_together(tmp_path, mode):
+    ranks = _launch(mode, tmp_path)
+    for r in ranks:  # a NaN in rank 3's shard of blocks.1.w2: every rank stops at step 2 naming it
+        assert r["error"] == {"step": 2, "layers": ["blocks.1.w2"]}, mode
+        assert r["records"] == ranks[0]["records"]  # global numbers on every rank (every stage)
+    assert len(ranks[0]["records"]) == 2
+    assert all(math.isfinite(rec["total_norm"]) for rec in ranks[0]["records"])
+    _check_against_reference(mode, tmp_path, ranks)
+    if mode == "fsdp_tp":  # AGC's units are split over several mesh dimensions: refused on every rank, with why
+        assert all("clip='agc'" in r["agc"] and "several mesh dimensions" in r["agc"] for r in ranks)
+
+
+def test_lightning_model_parallel_strategy_fsdp2_x_tp_on_four_processes(tmp_path):
+    """``Trainer(strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=2))`` with the
+    parallelisation in ``configure_model``: the monitor's records, the same on every rank, equal a float64 reference
+    of the whole gradients the optimizer receives (all-gathered by DTensor itself)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(HERE)])}
+    proc = subprocess.run([sys.executable, str(HERE / "tp_lightning_script.py"), str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text())["records"] for r in range(4)]
+    assert all(r == ranks[0] for r in ranks) and len(ranks[0]) == 2
+    for step, rec in enumerate(ranks[0]):
+        batches = [torch.load(tmp_path / f"batch_rank{r}_step{step}.pt") for r in range(4)]
+        for r in (0, 2):  # tensor-parallel peers see the same batch
+            assert torch.equal(batches[r][0], batches[r + 1][0]) and torch.equal(batches[r][1], batches[r + 1][1])
+        grads, params = torch.load(tmp_path / f"full_step{step}.pt")
+        ref = reference(grads, params)
+        assert rec["total_norm"] == pytest.approx(ref["total_norm"], rel=1e-5)
+        assert rec["param_norm"] == pytest.approx(ref["param_norm"], rel=1e-5)
+        assert rec["zero_frac"] == pytest.approx(ref["zero_frac"], abs=1e-12)
+        assert list(rec["layers"]) == list(ref["layers"])
+        dead = {}
+        for name, g in grads.items():
+            if g.ndim >= 2:
+                dead[name.rsplit(".", 1)[0]] = float((g == 0).all(dim=1).sum()) / g.shape[0]
+        assert dead["model.blocks.0.w1"] > 0  # (the dead hidden unit: a ColwiseParallel row)
+        for name, (grad_norm, param_norm, zero_frac, max_abs, dead_frac) in rec["layers"].items():
+            r = ref["layers"][name]
+            assert grad_norm == pytest.approx(r["grad_norm"], rel=1e-5), name
+            assert param_norm == pytest.approx(r["param_norm"], rel=1e-5), name
+            assert zero_frac == pytest.approx(r["zero_frac"], abs=1e-12), name
+            assert max_abs == pytest.approx(r["max_abs"], rel=1e-6), name
+            if name in dead:
+                assert dead_frac == pytest.approx(dead[name], abs=1e-12), name
