@@ -37,6 +37,7 @@ from lightning_gradhealth.guard.birth import Replay, Replays, fold_loss
 from lightning_gradhealth.guard.deferred import DeferredGuard, DeferredStep, device_skip_supported, failure_note
 from lightning_gradhealth.guard.step import Failure, StepGuard, StepOutcome
 from lightning_gradhealth.model.distributed import Reduction, fsdp1_reduction
+from lightning_gradhealth.model.frozen import training_facts
 from lightning_gradhealth.model.inventory import ModelInventory, take_inventory, watch_feature_maps
 from lightning_gradhealth.model.layout import ParamLayout
 from lightning_gradhealth.model.watch import WatchChange, WatchedSet, some
@@ -47,6 +48,7 @@ from lightning_gradhealth.schema.errors import TrainingHealthError
 from lightning_gradhealth.schema.record import StepStats
 from lightning_gradhealth.stats.activations import ActivationStats
 from lightning_gradhealth.stats.engine import GradStatsEngine, NonFiniteTracker, PendingStats, StepMeta, stat_grads
+from lightning_gradhealth.stats.loss import LossTracker, largest_lr
 from lightning_gradhealth.stats.noise import batch_size_of
 from lightning_gradhealth.stats.updates import Measures
 
@@ -110,6 +112,7 @@ class GradientHealth:
         self.last_record: StepStats | None = None
         """The most recent record (on every rank), or ``None`` before the first computed step."""
         self._tracker = NonFiniteTracker()
+        self._loss = LossTracker()  # every step's loss, summed up on the device (stats/loss.py)
         self._measures = Measures(self.options)  # update size, gradient cosine, noise scale (updates.py, noise.py)
         # where a failing step's NaN was born (birth.py); a deferred guard fails a step or two late: keep three
         self._replays = Replays(self.options.replay_nonfinite, keep=1 if self.options.guard_mode == "sync" else 3)
@@ -161,7 +164,8 @@ class GradientHealth:
         names_model = self.model = frontend.model
         self.output.begin(frontend)
         self._measures.noise.watch_ddp(ddp, self.output.info)  # (DDP without accumulation: a communication hook)
-        self.guard.rank = frontend.rank
+        self.guard.rank, self.guard.frontend = frontend.rank, frontend.name
+        self._loss.reset()
         self._awaiting_clip.clear()
         self._tracker.reset()
         self._fsdp1_done = self._closed = False
@@ -251,7 +255,7 @@ class GradientHealth:
             replay=replay,
             micro_batch_size=batch_size_of(batch) if self.options.noise_scale and is_due else None,
         )
-        go = self.on_step(optimizer, ctx, known) if self.before_step(ctx.step, ctx.due) else True
+        go = self.on_step(optimizer, ctx, known) if self.before_step(ctx.step, ctx.due, loss) else True
         self.end_batch()
         self._replays.mark()  # the next step's forward comes next (a front-end's replays carry their own states)
         if self.activations is not None and due(step + 1, self.options.activation_stats_every_n_steps):
@@ -272,6 +276,7 @@ class GradientHealth:
         self.guard.resolve_clip_count()
         self.output.emit()
         if self.output.history.records_seen:
+            self._facts()
             self.output.write_report(self.watched.sparse_layers, self.inventory)
         else:
             self.output.no_report(self._due_steps, self._run_steps)
@@ -316,11 +321,14 @@ class GradientHealth:
         """Look for parameters frozen, unfrozen or replaced anywhere in the model (one pass over them)."""
         self._changed(self.watched.check(optimizers), step)
 
-    def before_step(self, step: int, due: bool) -> bool:
+    def before_step(self, step: int, due: bool, loss: torch.Tensor | float | None = None) -> bool:
         """The start of every optimizer step; returns whether anything is to be done at it.
 
-        A step that is not due, with no guard, clipping or spike detection, stops here: it runs no torch operation.
+        ``loss``: the step's training loss (unscaled), kept in a device-side running summary (one copy, no sync).
+        A step that is not due, with no guard, clipping or spike detection, stops here: it runs no other torch
+        operation.
         """
+        self._loss.observe(loss)
         self._run_steps += 1
         self._due_steps += bool(due)
         self._now = step
@@ -344,6 +352,7 @@ class GradientHealth:
         """
         if ctx.due:
             self.check_watched(optimizers, ctx.step)
+            self._loss.note_lr(ctx.step, largest_lr(optimizer))
         layout, change = self.watched.layout_for(optimizer, optimizers)
         self._changed(change, ctx.step)
         scale = getattr(ctx.scaler, "_scale", None) if ctx.scaler is not None else None
@@ -361,6 +370,7 @@ class GradientHealth:
         meta = self._launched(pending, scale, ctx)
         record = self.engine.finish(pending, meta) if ctx.due else None
         self._measures.landed(ctx.step, ctx.optimizer_idx, pending.host_extras)
+        record = self._with_loss(record, pending.host_extras)
         total = record.total_norm if record is not None else self.engine.read_guard(pending)[0]
         self.output.visuals(layout, grad_scale, meta.step, record, red)
 
@@ -430,6 +440,7 @@ class GradientHealth:
         for entry in self._deferred.take():
             total, record, values = self._deferred.read(entry)
             self._measures.landed(entry.meta.step, entry.meta.optimizer_idx, entry.pending.host_extras)
+            record = self._with_loss(record, entry.pending.host_extras)
             outcome = self.guard.decide(
                 total,
                 entry.meta,
@@ -522,7 +533,20 @@ class GradientHealth:
         self._add_extras(pending, scale, ctx.loss if ctx.due else None)
         fold_loss(pending, ctx.loss)  # (a non-finite loss fails the step: birth.py)
         pending.extras |= self._measures.extras(ctx.step, ctx.optimizer_idx)  # (the noise scale's, on due steps)
+        if ctx.due:
+            pending.extras |= self._loss.extras(ctx.step)  # (every step's loss since the last due step, reduced)
         return StepMeta(ctx.step, ctx.global_step, ctx.epoch, ctx.batch_idx, ctx.optimizer_idx)
+
+    def _with_loss(self, record: StepStats | None, host_extras: dict[str, float]) -> StepStats | None:
+        """A computed step's record with its loss summary and learning rate (stats/loss.py)."""
+        if record is None:
+            return None
+        self._loss.landed(record.step, host_extras)
+        return self._loss.apply(record)
+
+    def _facts(self) -> None:
+        """Before a report: what the loss is judged against (frozen parts, classes) and the front-end's name."""
+        self.output.history.facts = training_facts(self.model, self.output.frontend.name)
 
     def _end_step(self, go: bool) -> bool:
         self._tracker.reset()
@@ -570,6 +594,7 @@ class GradientHealth:
         self.alerts(alert, rank_zero=self.output.frontend.rank_zero)
         self._publish(record, several)
         self.output.emit()
+        self._facts()
         self.output.write_report(self.watched.sparse_layers, self.inventory)
         self.output.flush()
         self._closed = True  # (the report is written: a close() in a finally adds nothing)

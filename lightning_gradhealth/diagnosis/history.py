@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from lightning_gradhealth.schema.record import StepStats
+from lightning_gradhealth.model.frozen import TrainingFacts
+from lightning_gradhealth.schema.record import LossSummary, StepStats
 
 __all__ = ["History"]
 
@@ -43,6 +44,12 @@ class History:
         no_grad_params: Parameters that never got a gradient in any kept record.
         spikes: ``(step, z)`` of every spike reported to :meth:`add_spike`.
         records_seen: Records offered to :meth:`add`, kept or not.
+        loss_mean: Per kept record, the mean loss of every step since the previous record (a smoothed loss).
+        loss_high: Per kept record, the largest loss of those steps.
+        lr: Per kept record, the largest learning rate of its optimizer (``nan`` where unknown).
+        loss_summary: The latest loss summary (:class:`~lightning_gradhealth.schema.record.LossSummary`).
+        facts: What the loss is judged against (:class:`~lightning_gradhealth.model.frozen.TrainingFacts`), set
+            before a report.
     """
 
     max_snapshots: int = 512
@@ -69,6 +76,11 @@ class History:
     spikes: list[tuple[int, float]] = field(default_factory=list)
     activations: dict[str, list[tuple[int, float, float, float | None]]] = field(default_factory=dict)
     records_seen: int = 0
+    loss_mean: list[float] = field(default_factory=list)
+    loss_high: list[float] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)
+    loss_summary: LossSummary | None = None
+    facts: TrainingFacts | None = None
     _keep_every: int = 1
     _index: dict[str, int] = field(default_factory=dict)  # layer name -> column
 
@@ -116,6 +128,11 @@ class History:
         self.grad_cosine.append(math.nan if record.grad_cosine is None else record.grad_cosine)
         self.noise_scale.append(math.nan if record.noise_scale is None else record.noise_scale)
         self.batch_size = record.batch_size or self.batch_size
+        summary = record.loss_summary
+        self.loss_summary = summary or self.loss_summary
+        self.loss_mean.append(summary.mean if summary is not None else math.nan)
+        self.loss_high.append(summary.high if summary is not None else math.nan)
+        self.lr.append(math.nan if record.lr is None else record.lr)
         if len(self.steps) > self.max_snapshots:
             self._thin()
 
@@ -159,7 +176,7 @@ class History:
         keep = [i for i in range(len(self.steps)) if i % 2 == 0 or not math.isfinite(self.total_norm[i])]
         for name in ("steps", "total_norm", "zero_frac", "layer_norm_ratio", "layer_norm", "layer_zero_frac",
                      "layer_ratio", "layer_dead_units", "loss", "layer_update_ratio", "grad_cosine",
-                     "noise_scale"):  # fmt: skip
+                     "noise_scale", "loss_mean", "loss_high", "lr"):  # fmt: skip
             series = getattr(self, name)
             setattr(self, name, [series[i] for i in keep])
         self._keep_every *= 2
