@@ -48,7 +48,7 @@ from lightning_gradhealth.schema.errors import TrainingHealthError
 from lightning_gradhealth.schema.record import StepStats
 from lightning_gradhealth.stats.activations import ActivationStats
 from lightning_gradhealth.stats.engine import GradStatsEngine, NonFiniteTracker, PendingStats, StepMeta, stat_grads
-from lightning_gradhealth.stats.loss import LossTracker, largest_lr
+from lightning_gradhealth.stats.loss import LossTracker
 from lightning_gradhealth.stats.noise import batch_size_of
 from lightning_gradhealth.stats.updates import Measures
 
@@ -352,7 +352,7 @@ class GradientHealth:
         """
         if ctx.due:
             self.check_watched(optimizers, ctx.step)
-            self._loss.note_lr(ctx.step, largest_lr(optimizer))
+            self._loss.note_lr(ctx.step, optimizer)
         layout, change = self.watched.layout_for(optimizer, optimizers)
         self._changed(change, ctx.step)
         scale = getattr(ctx.scaler, "_scale", None) if ctx.scaler is not None else None
@@ -546,7 +546,7 @@ class GradientHealth:
 
     def _facts(self) -> None:
         """Before a report: what the loss is judged against (frozen parts, classes) and the front-end's name."""
-        self.output.history.facts = training_facts(self.model, self.output.frontend.name)
+        self.output.history.facts = training_facts(self.model, self.output.frontend.name, self._loss.optimizer)
 
     def _end_step(self, go: bool) -> bool:
         self._tracker.reset()

@@ -48,6 +48,7 @@ class History:
         loss_high: Per kept record, the largest loss of those steps.
         lr: Per kept record, the largest learning rate of its optimizer (``nan`` where unknown).
         loss_summary: The latest loss summary (:class:`~lightning_gradhealth.schema.record.LossSummary`).
+        early_norm: The run's early global norm as the guard measured it (its first steps), when known.
         facts: What the loss is judged against (:class:`~lightning_gradhealth.model.frozen.TrainingFacts`), set
             before a report.
     """
@@ -81,6 +82,7 @@ class History:
     lr: list[float] = field(default_factory=list)
     loss_summary: LossSummary | None = None
     facts: TrainingFacts | None = None
+    early_norm: float | None = None
     _keep_every: int = 1
     _index: dict[str, int] = field(default_factory=dict)  # layer name -> column
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
@@ -27,6 +27,7 @@ class TrainingFacts:
             backbone with a trained head), or only a small share trains (adapters).
         classes: Output units of the model's last ``nn.Linear`` (a classifier's classes), when it has one.
         frontend: How the tool is used (``"GradientHealthMonitor"``, ``"GradientHealth"``): fixes name it.
+        optimizer: The optimizer's class name (``"AdamW"``), when known.
     """
 
     total: int = 0
@@ -35,7 +36,7 @@ class TrainingFacts:
     intended: bool = True
     classes: int | None = None
     frontend: str | None = None
-    notes: tuple[str, ...] = field(default_factory=tuple)
+    optimizer: str | None = None
 
     @property
     def frozen_frac(self) -> float:
@@ -72,10 +73,12 @@ def _frozen_subtrees(module: nn.Module, prefix: str, out: list[str]) -> None:
         _frozen_subtrees(child, f"{prefix}.{name}" if prefix else name, out)
 
 
-def training_facts(model: nn.Module | None, frontend: str | None = None) -> TrainingFacts:
+def training_facts(
+    model: nn.Module | None, frontend: str | None = None, optimizer: str | None = None
+) -> TrainingFacts:
     """Which parts of ``model`` are frozen (and whether that reads as intended), and its classifier's classes."""
     if model is None:
-        return TrainingFacts(frontend=frontend)
+        return TrainingFacts(frontend=frontend, optimizer=optimizer)
     order = [(p.numel(), p.requires_grad) for p in model.parameters()]
     total = sum(n for n, _ in order)
     frozen = sum(n for n, trains in order if not trains)
@@ -88,4 +91,4 @@ def training_facts(model: nn.Module | None, frontend: str | None = None) -> Trai
     intended = not frozen or prefix or (total - frozen) / total < ADAPTER_SHARE or frozen == total
     last = [m for m in model.modules() if isinstance(m, nn.Linear)]
     classes = last[-1].out_features if last and last[-1].out_features >= 2 else None
-    return TrainingFacts(total, frozen, tuple(modules), intended, classes, frontend)
+    return TrainingFacts(total, frozen, tuple(modules), intended, classes, frontend, optimizer)

@@ -32,6 +32,8 @@ class Kind:
         DECAYING_TREND: The global norm decaying over the run (finding).
         NO_GRADIENT: Trainable parameters that never got a gradient (finding).
         DIVERGING: The training loss rising together with the gradient norm (alert and finding).
+        STALL: The training loss stopped improving for a reason the run shows (the learning rate at zero, frozen
+            layers, a loss at chance level), or frozen layers holding training back (finding).
     """
 
     NONFINITE: Final = "nonfinite"
@@ -47,6 +49,7 @@ class Kind:
     DECAYING_TREND: Final = "decaying_trend"
     NO_GRADIENT: Final = "no_gradient"
     DIVERGING: Final = "diverging"
+    STALL: Final = "stall"
 
 
 #: Every kind, in the order of :class:`Kind`.

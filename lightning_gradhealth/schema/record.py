@@ -81,7 +81,8 @@ class LossSummary:
     Attributes:
         steps: Steps whose loss was seen, since the run started.
         nonfinite: Of those, steps with a NaN/Inf loss.
-        first: The run's own starting level: the median of its first few finite losses (before any damage).
+        first: The run's own starting level: the median of its first few finite losses.
+        start: The run's first finite loss (before any update could do damage).
         mean: The mean finite loss of the steps since the previous computed step (a smoothed loss).
         low: The smallest finite loss of those steps.
         high: The largest finite loss of those steps.
@@ -92,6 +93,7 @@ class LossSummary:
     steps: int
     nonfinite: int
     first: float
+    start: float
     mean: float
     low: float
     high: float

@@ -66,6 +66,8 @@ class LossTracker:
         self._nonfinite = 0
         self._landed: dict[int, LossSummary] = {}
         self._lrs: dict[int, float] = {}
+        self.optimizer: str | None = None
+        """The optimizer's class name, once a computed step saw it."""
         self.last: LossSummary | None = None
         """The latest summary read back."""
 
@@ -153,6 +155,7 @@ class LossTracker:
             steps=steps,
             nonfinite=self._nonfinite,
             first=statistics.median(self._first) if self._first else math.nan,
+            start=self._first[0] if self._first else math.nan,
             mean=mean,
             low=get(f"{_PREFIX}low", math.nan) if count else math.nan,
             high=get(f"{_PREFIX}high", math.nan) if count else math.nan,
@@ -161,8 +164,10 @@ class LossTracker:
         )
         self._landed[step] = self.last
 
-    def note_lr(self, step: int, lr: float | None) -> None:
-        """The learning rate at computed step ``step`` (read from the optimizer's parameter groups)."""
+    def note_lr(self, step: int, optimizer: Any) -> None:
+        """The learning rate at computed step ``step``, read from ``optimizer``'s parameter groups (host values)."""
+        self.optimizer = type(optimizer).__name__
+        lr = largest_lr(optimizer)
         if lr is not None:
             self._lrs[step] = lr
 
