@@ -11,6 +11,7 @@ for plain PyTorch and Lightning Fabric loops.
 from __future__ import annotations
 
 import itertools
+import statistics
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -31,7 +32,7 @@ from lightning_gradhealth.core.context import (
     due,
     still_scaled,
 )
-from lightning_gradhealth.diagnosis.rules import Finding
+from lightning_gradhealth.diagnosis.rules import EARLY, Finding
 from lightning_gradhealth.diagnosis.safety import format_nonfinite_message
 from lightning_gradhealth.guard.birth import Replay, Replays, fold_loss
 from lightning_gradhealth.guard.deferred import DeferredGuard, DeferredStep, device_skip_supported, failure_note
@@ -547,6 +548,8 @@ class GradientHealth:
     def _facts(self) -> None:
         """Before a report: what the loss is judged against (frozen parts, classes) and the front-end's name."""
         self.output.history.facts = training_facts(self.model, self.output.frontend.name, self._loss.optimizer)
+        early = self.guard.early_norms  # the growth baseline, measured once (the guard's first steps)
+        self.output.history.early_norm = statistics.median(early) if len(early) == EARLY else None
 
     def _end_step(self, go: bool) -> bool:
         self._tracker.reset()

@@ -33,7 +33,8 @@ def lr_fix(lr: float | None, severe: bool) -> str:
     """
     usual = "Adam-family optimizers usually train at 1e-4 to 3e-3 (transformers at the low end), SGD at 0.01 to 0.1"
     if lr is not None and (severe or lr >= 0.05):
-        return f"lower the learning rate by 100x or more (from {lr:g} to ~{min(lr / 100, 1e-3):g}) and add a warm-up: {usual}"
+        target = min(lr / 100, 1e-3)
+        return f"lower the learning rate by 100x or more (from {lr:g} to ~{target:g}) and add a warm-up: {usual}"
     if severe:
         return f"lower the learning rate by 100x or more and add a warm-up: {usual}"
     return "lower the learning rate (3-10x) or lengthen the warm-up: the loss rises with the gradient norm"
