@@ -10,6 +10,7 @@ from lightning_gradhealth.config.thresholds import Severity, Thresholds
 from lightning_gradhealth.diagnosis.advice import for_frontend
 from lightning_gradhealth.diagnosis.fixes import fixes_for
 from lightning_gradhealth.diagnosis.grading import compared_layers, depth_decay, layer_spread, norm_growth
+from lightning_gradhealth.diagnosis.learning import loss_rising
 from lightning_gradhealth.model.inventory import ModelInventory
 from lightning_gradhealth.schema.alert import Alert
 from lightning_gradhealth.schema.kinds import Kind
@@ -192,7 +193,8 @@ def check_record(
         ratio = record.layer_norm_ratio
     msg = "the gradient norms of comparable layers span a factor of {value:.3g} (> {line:g}): gradients do not flow "
     msg += "evenly."
-    if not _decays_with_depth(record, names, inventory, th):  # (a depth pattern is vanishing, alerted per layer)
+    rising = loss_rising(record.loss_summary)  # the loss above its start: no imbalance or raise-the-lr advice
+    if not rising and not _decays_with_depth(record, names, inventory, th):  # (a depth pattern: vanishing)
         _check(out, th, "layer_norm_ratio", ratio, high=True, kind=Kind.LAYER_IMBALANCE, message=msg, **where)
     embeddings = set(sparse_layers) | (set(inventory.of_kind("embedding")) if inventory is not None else set())
     weights = set(inventory.comparable(names)) if inventory is not None else set(names)
@@ -230,7 +232,7 @@ def check_record(
         msg = "layer {layer}: grad/param ratio {value:.3g} > {line:g}: updates too large for the weights."
         _check(out, th, "grad_param_ratio_high", lay.ratio, high=True, kind=Kind.RATIO_HIGH, message=msg,
                layer=lay.name, **where)  # fmt: skip
-        if lay.grad_norm > 0:
+        if lay.grad_norm > 0 and not rising:
             msg = "layer {layer}: grad/param ratio {value:.3g} < {line:g}: gradients too small to matter."
             _check(out, th, "grad_param_ratio_low", lay.ratio, high=False, kind=Kind.RATIO_LOW, message=msg,
                    layer=lay.name, **where)  # fmt: skip

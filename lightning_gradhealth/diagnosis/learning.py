@@ -24,6 +24,7 @@ __all__ = [
     "SUSTAINED_STEPS",
     "frozen_words",
     "instability",
+    "loss_rising",
     "lr_words",
     "settle",
     "smoothed_loss",
@@ -62,6 +63,17 @@ def _sustained(flags: Sequence[bool], per_record: int) -> bool:
     """Whether the latest records are all flagged over at least :data:`SUSTAINED_STEPS` steps (two records at least)."""
     need = max(2, math.ceil(SUSTAINED_STEPS / per_record))
     return len(flags) >= need and all(flags[-need:])
+
+
+def loss_rising(summary: Any) -> bool:
+    """Whether the run's smoothed loss (a ``LossSummary``) rose above its very first loss at some point.
+
+    Once it did, the run's state is the damage of an unstable step size: advice to raise a learning rate (low
+    ratios) or to rebalance layers is wrong, and the per-step checks hold it back, as the rules do (:func:`settle`).
+    """
+    if summary is None or not (math.isfinite(summary.peak) and math.isfinite(summary.start)) or summary.start <= 0:
+        return False
+    return summary.peak >= EARLY_RISE * summary.start
 
 
 def _lr_high(facts: Any, lr: float | None) -> bool:
@@ -173,7 +185,7 @@ def stall(history: History, th: Thresholds, find: Callable[..., Any], out: list[
         return
     chance = facts.chance_loss if facts is not None else None
     seen = history.loss_summary.steps if history.loss_summary is not None else n * per_record
-    if chance is not None and flat and seen >= 50 and smooth[-1] >= 0.95 * chance:
+    if chance is not None and flat and seen >= 50 and smooth[-1] >= 0.99 * chance:
         out.append(find(
             Kind.STALL, Severity.WARNING,
             f"the loss sits at chance level ({smooth[-1]:.3g}; a uniform guess over {facts.classes} classes scores "

@@ -172,6 +172,8 @@ def _learning_rows(history: History, findings: Sequence[Finding]) -> list[tuple[
             else "; chance level unknown (no final nn.Linear with 2+ outputs)"
         )
         rows.append((f"Training loss, every step ({summary.steps} steps)", value, _of(findings, *kinds), kinds))
+    else:
+        rows.append(("Training loss, every step", "not given to the monitor", _of(findings, *kinds), kinds))
     lrs = lr_words(history)
     if lrs:
         rows.append(("Learning rate (largest group, computed steps)", lrs, _of(findings, Kind.STALL), (Kind.STALL,)))

@@ -88,6 +88,7 @@ class LossSummary:
         high: The largest finite loss of those steps.
         recent: The mean finite loss of the last quarter of those steps (the level now).
         window: How many steps those are.
+        peak: The largest :attr:`mean` of the run so far (the smoothed loss at its worst).
     """
 
     steps: int
@@ -99,6 +100,7 @@ class LossSummary:
     high: float
     recent: float
     window: int
+    peak: float = math.nan
 
 
 @dataclass(frozen=True)

@@ -61,7 +61,8 @@ class LossTracker:
         self._partial_steps = 0
         self._seen = 0  # steps observed in this run
         self._first: list[float] = []  # the run's first finite losses (host)
-        self._first_pending = 0  # how many of the window's first values are among the run's first FIRST
+        self._head: torch.Tensor | None = None  # the run's first FIRST losses, on the device
+        self._head_sent = False
         self._windows: dict[int, int] = {}  # step -> steps in its window (launched, not landed yet)
         self._nonfinite = 0
         self._landed: dict[int, LossSummary] = {}
@@ -85,6 +86,10 @@ class LossTracker:
             self._n, self._partial, self._partial_steps = 0, None, 0
         if self._n == self.capacity:
             self._fold()
+        if self._seen < FIRST:  # (the run's first losses: one more copy, on the first FIRST steps only)
+            if self._head is None or self._head.device != x.device:
+                self._head = torch.full((FIRST,), math.nan, dtype=torch.float32, device=x.device)
+            self._head[self._seen].copy_(x)
         self._buf[self._n].copy_(x)
         self._n += 1
         self._seen += 1
@@ -128,10 +133,10 @@ class LossTracker:
         if tail is not None:
             tail_reduced = self._reduce(tail)
             out[f"{_PREFIX}tail_sum"], out[f"{_PREFIX}tail_count"] = tail_reduced[1], tail_reduced[2]
-        start = self._seen - self._n - self._partial_steps  # the run's index of the window's first step
-        head = min(FIRST - start, self._n) if start < FIRST and not self._partial_steps else 0
-        for i in range(max(0, head)):
-            out[f"{_PREFIX}first{i}"] = window[i]
+        if self._head is not None and not self._head_sent:
+            self._head_sent = True
+            for i in range(min(FIRST, self._seen)):
+                out[f"{_PREFIX}first{i}"] = self._head[i]
         self._windows[step] = self._n + self._partial_steps
         self._n, self._partial, self._partial_steps = 0, None, 0
         return out
@@ -151,6 +156,7 @@ class LossTracker:
         tail_count = get(f"{_PREFIX}tail_count", 0.0)
         mean = get(f"{_PREFIX}sum", 0.0) / count if count else math.nan
         steps = window + (self.last.steps if self.last is not None else 0)
+        nan = math.nan
         self.last = LossSummary(
             steps=steps,
             nonfinite=self._nonfinite,
@@ -161,6 +167,7 @@ class LossTracker:
             high=get(f"{_PREFIX}high", math.nan) if count else math.nan,
             recent=get(f"{_PREFIX}tail_sum", 0.0) / tail_count if tail_count else mean,
             window=window,
+            peak=max((v for v in (mean, self.last.peak if self.last else math.nan) if math.isfinite(v)), default=nan),
         )
         self._landed[step] = self.last
 
