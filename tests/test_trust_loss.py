@@ -125,7 +125,11 @@ def _run(
 ) -> tuple[GradientHealth, list]:
     alerts: list = []
     health = GradientHealth(
-        model, log_every_n_steps=every, report=tmp_path is not None, report_dir=tmp_path, on_alert=alerts.append,
+        model,
+        log_every_n_steps=every,
+        report=tmp_path is not None,
+        report_dir=tmp_path,
+        on_alert=alerts.append,
         **kwargs,
     )
     for i, (x, y) in enumerate(batches):
@@ -199,8 +203,11 @@ def test_loss_summary_matches_a_float64_reference_and_never_syncs(monkeypatch: p
         start = read + 1
     first = [float(torch.tensor(v, dtype=torch.float32)) for v in values[:FIRST] if math.isfinite(v)]
     assert tracker.last.start == pytest.approx(first[0])
-    assert tracker.last.first == pytest.approx(sorted(first)[len(first) // 2] if len(first) % 2 else
-                                               (sorted(first)[len(first) // 2 - 1] + sorted(first)[len(first) // 2]) / 2)
+    assert tracker.last.first == pytest.approx(
+        sorted(first)[len(first) // 2]
+        if len(first) % 2
+        else (sorted(first)[len(first) // 2 - 1] + sorted(first)[len(first) // 2]) / 2
+    )
     assert tracker.last.nonfinite == 2
     assert max(v for v in values[30:60] if math.isfinite(v)) == 40.0  # the blow-up between reads is in the window
 

@@ -548,6 +548,7 @@ class GradientHealth:
     def _facts(self) -> None:
         """Before a report: what the loss is judged against (frozen parts, classes) and the front-end's name."""
         self.output.history.facts = training_facts(self.model, self.output.frontend.name, self._loss.optimizer)
+        self.output.history.alerts_raised = self.alerts.total
         early = self.guard.early_norms  # the growth baseline, measured once (the guard's first steps)
         self.output.history.early_norm = statistics.median(early) if len(early) == EARLY else None
 

@@ -21,7 +21,7 @@ __all__ = [
     "baseline",
     "compared_layers",
     "depth_decay",
-        "layer_spread",
+    "layer_spread",
     "layers_of",
     "median",
     "norm_growth",
@@ -116,5 +116,3 @@ def worst_of(severities: Iterable[Severity]) -> Severity:
 def rank(severity: Severity) -> int:
     """``ok`` 0, ``warning`` 1, ``critical`` 2."""
     return (Severity.OK, Severity.WARNING, Severity.CRITICAL).index(severity)
-
-

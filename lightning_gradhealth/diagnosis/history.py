@@ -48,6 +48,7 @@ class History:
         loss_high: Per kept record, the largest loss of those steps.
         lr: Per kept record, the largest learning rate of its optimizer (``nan`` where unknown).
         loss_summary: The latest loss summary (:class:`~lightning_gradhealth.schema.record.LossSummary`).
+        alerts_raised: How many alerts the run raised (set before a report).
         early_norm: The run's early global norm as the guard measured it (its first steps), when known.
         facts: What the loss is judged against (:class:`~lightning_gradhealth.model.frozen.TrainingFacts`), set
             before a report.
@@ -83,6 +84,7 @@ class History:
     loss_summary: LossSummary | None = None
     facts: TrainingFacts | None = None
     early_norm: float | None = None
+    alerts_raised: int = 0
     _keep_every: int = 1
     _index: dict[str, int] = field(default_factory=dict)  # layer name -> column
 

@@ -88,9 +88,7 @@ def _current_lr(history: History) -> float | None:
     return rates[-1] if rates else None
 
 
-def instability(
-    history: History, th: Thresholds, find: Callable[..., Any], out: list[Any], norm_growth: float
-) -> None:
+def instability(history: History, th: Thresholds, find: Callable[..., Any], out: list[Any], norm_growth: float) -> None:
     """The loss rising: from the very first updates (often before the first computed step), or lasting, late on.
 
     ``norm_growth``: the global norm's growth over its early level (the rules' exploding check computed it).
@@ -110,7 +108,7 @@ def instability(
     base = start if math.isfinite(start) and start > 0 else early
     peak = max(highs) if highs else max(smooth)
     late = smooth[-1]
-    rise_late = min(smooth[-max(2, math.ceil(SUSTAINED_STEPS / per_record)):]) / early
+    rise_late = min(smooth[-max(2, math.ceil(SUSTAINED_STEPS / per_record)) :]) / early
     lasting = _sustained([v >= th.loss_rise_warning * early for v in smooth], per_record)
     diverging_late = lasting and (not math.isfinite(norm_growth) or norm_growth >= th.loss_rise_warning)
     first_high = highs[0] if highs else smooth[0]
@@ -129,7 +127,8 @@ def instability(
         + (f" while the gradient norm grew {norm_growth:.3g}x" if math.isfinite(norm_growth) else "")
     )
     summary_text += (
-        f"; it ends at {late:.3g}" + (" — above where it started" if late >= base else "") + "." if not diverging_late
+        f"; it ends at {late:.3g}" + (" — above where it started" if late >= base else "") + "."
+        if not diverging_late
         else "."
     )
     if nonfinite:
@@ -160,7 +159,7 @@ def stall(history: History, th: Thresholds, find: Callable[..., Any], out: list[
         top = max(finite_rates)
         low = [math.isfinite(v) and v <= 1e-3 * top for v in rates]
         since = next((i for i in range(len(low)) if all(low[i:])), None)
-        if since is not None and len(rates) - since >= max(2, len(rates) // 10) and _flat(smooth[max(0, since - 1):]):
+        if since is not None and len(rates) - since >= max(2, len(rates) // 10) and _flat(smooth[max(0, since - 1) :]):
             out.append(find(
                 Kind.STALL, Severity.WARNING,
                 f"the learning rate fell to {rates[-1]:g} by step {history.steps[since]} (from {top:g}) and the loss "
@@ -239,6 +238,8 @@ def frozen_words(facts: Any) -> str:
     if facts.frozen == facts.total:
         return f"{share}: nothing trains"
     if facts.intended:
-        return f"{share}: an intended freeze (frozen layers first and trained layers after: a frozen backbone with a " \
+        return (
+            f"{share}: an intended freeze (frozen layers first and trained layers after: a frozen backbone with a "
             "trained head), not a problem"
+        )
     return f"{share}, between trained layers: likely frozen by mistake"

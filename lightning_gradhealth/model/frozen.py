@@ -73,9 +73,7 @@ def _frozen_subtrees(module: nn.Module, prefix: str, out: list[str]) -> None:
         _frozen_subtrees(child, f"{prefix}.{name}" if prefix else name, out)
 
 
-def training_facts(
-    model: nn.Module | None, frontend: str | None = None, optimizer: str | None = None
-) -> TrainingFacts:
+def training_facts(model: nn.Module | None, frontend: str | None = None, optimizer: str | None = None) -> TrainingFacts:
     """Which parts of ``model`` are frozen (and whether that reads as intended), and its classifier's classes."""
     if model is None:
         return TrainingFacts(frontend=frontend, optimizer=optimizer)

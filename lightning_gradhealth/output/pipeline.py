@@ -422,8 +422,9 @@ class Output:
                 f"{name}: no step was computed, so there is no record and no report: the run made {run_steps} "
                 f"optimizer step(s) and statistics are taken every {every} steps (steps {every - 1}, "
                 f"{2 * every - 1}, ...). Fix: log more often, e.g. "
-                f"`log_every_n_steps={max(1, min(every, run_steps) // 4)}` (on the monitor, or on the Trainer, "
-                "whose value the monitor follows)."
+                f"`log_every_n_steps={max(1, min(every, run_steps) // 4)}`"
+                + (" (on the monitor, or on the Trainer, whose value the monitor follows)." if name ==
+                   "GradientHealthMonitor" else ".")
             )
 
     # ------------------------------------------------------------------ report
@@ -444,4 +445,4 @@ class Output:
         if not self.options.report or not self.frontend.rank_zero:
             return
         path = write_report(self.report_dir(), self.history, self.findings, thresholds, inventory=inventory)
-        self.info(console_summary(self.findings, path))
+        self.info(console_summary(self.findings, path, self.history.alerts_raised))

@@ -438,10 +438,12 @@ def write_report(
     return md
 
 
-def console_summary(findings: list[Finding], path: Path | None) -> str:
-    """A few lines for the console."""
+def console_summary(findings: list[Finding], path: Path | None, alerts: int = 0) -> str:
+    """A few lines for the console (``alerts``: how many alerts the run raised, said when no finding stands)."""
     if not findings:
         head = "Gradient health: ✅ no issue detected."
+        if alerts:
+            head += f" {alerts} alert(s) were raised during the run: transient (no rule over the run confirmed them)."
     else:
         crit = sum(f.severity is Severity.CRITICAL for f in findings)
         head = f"Gradient health: {len(findings)} issue(s) ({crit} critical)."
