@@ -364,7 +364,7 @@ def test_every_documented_default_equals_the_code() -> None:
             if text == "required":
                 assert expected is None, (name, expected)  # (clip_value: required with clip='value')
                 continue
-            value = eval(text.replace("_", ""), {"Thresholds": Thresholds})  # noqa: S307 (the docs' own literals)
+            value = eval(text.replace("_", ""), {"Thresholds": Thresholds})  # (the docs' own literals)
             assert value == expected, f"docs/options.md: {name} defaults to {text}, HealthOptions to {expected!r}"
             checked += 1
     assert checked >= 30
