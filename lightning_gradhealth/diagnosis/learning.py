@@ -133,8 +133,14 @@ def instability(history: History, th: Thresholds, find: Callable[..., Any], out:
     )
     if nonfinite:
         summary_text += f" {nonfinite} step(s) had a NaN/Inf loss."
+    # a lasting rise is graded on the alert's lines (one severity per kind); a rise from the first steps, by its damage
+    if diverging_late:
+        severity = Severity.CRITICAL if nonfinite else th.grade_high("loss_rise", rise_late)
+        severity = Severity.WARNING if severity is Severity.OK else severity
+    else:
+        severity = Severity.CRITICAL if severe else Severity.WARNING
     finding = find(
-        Kind.DIVERGING, Severity.CRITICAL if severe else Severity.WARNING, summary_text,
+        Kind.DIVERGING, severity, summary_text,
         evidence={"first_loss": base, "early_loss": early, "peak_loss": peak, "late_loss": late,
                   "loss_rise": rise_late, "norm_growth": norm_growth, "nonfinite_losses": nonfinite,
                   "lr": lr, "steps_per_record": per_record},
