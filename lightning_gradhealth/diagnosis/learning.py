@@ -133,6 +133,8 @@ def instability(history: History, th: Thresholds, find: Callable[..., Any], out:
     )
     if nonfinite:
         summary_text += f" {nonfinite} step(s) had a NaN/Inf loss."
+    if _lr_high(facts, lr):
+        summary_text += f" {facts.optimizer} at lr {lr:g} is far above its usual range."
     # a lasting rise is graded on the alert's lines (one severity per kind); a rise from the first steps, by its damage
     if diverging_late:
         severity = Severity.CRITICAL if nonfinite else th.grade_high("loss_rise", rise_late)
@@ -146,7 +148,13 @@ def instability(history: History, th: Thresholds, find: Callable[..., Any], out:
                   "lr": lr, "steps_per_record": per_record},
     )  # fmt: skip
     fixes = (lr_fix(lr, severe), *(f for f in finding.fixes if not f.startswith("lower the learning rate")))
-    out.append(type(finding)(**{**vars(finding), "fixes": fixes}))
+    code = finding.code
+    if severe:  # (a tenth of a far too large learning rate is still too large)
+        code = (
+            "optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)  # SGD: lr=0.05, momentum=0.9\n"
+            "warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01, total_iters=500)"
+        )
+    out.append(type(finding)(**{**vars(finding), "fixes": fixes, "code": code}))
 
 
 def _flat(values: Sequence[float]) -> bool:
@@ -227,10 +235,16 @@ def lr_words(history: History) -> str:
     pairs = [(s, v) for s, v in zip(history.steps, history.lr, strict=False) if math.isfinite(v)]
     if not pairs:
         return ""
-    if len(pairs) > 6:
-        k = len(pairs) - 1
-        pairs = [pairs[round(i * k / 5)] for i in range(6)]
-    return ", ".join(f"{v:.3g} (step {s})" for s, v in dict.fromkeys(pairs))
+    runs: list[tuple[int, int, float]] = []  # (first step, last step, value): equal values in a row, merged
+    for s, v in pairs:
+        if runs and math.isclose(runs[-1][2], v, rel_tol=1e-9):
+            runs[-1] = (runs[-1][0], s, v)
+        else:
+            runs.append((s, s, v))
+    if len(runs) > 6:
+        k = len(runs) - 1
+        runs = [runs[round(i * k / 5)] for i in range(6)]
+    return ", ".join(f"{v:.3g} (step{f' {a}' if a == b else f's {a}-{b}'})" for a, b, v in runs)
 
 
 def frozen_words(facts: Any) -> str:

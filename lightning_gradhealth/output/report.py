@@ -66,7 +66,7 @@ def _summary(history: History, findings: Sequence[Finding], th: Thresholds) -> l
         ("Findings", value, _worst(f.severity for f in findings), tuple(dict.fromkeys(f.kind for f in findings)))
     )
 
-    kinds: tuple = (Kind.EXPLODING, Kind.RISING_TREND, Kind.DECAYING_TREND, Kind.DIVERGING)
+    kinds: tuple = (Kind.EXPLODING, Kind.RISING_TREND, Kind.DECAYING_TREND)  # (diverging: the loss's row)
     total = history.total_norm[last] if last >= 0 else math.nan
     if not math.isfinite(total):
         total_sev = Severity.CRITICAL
