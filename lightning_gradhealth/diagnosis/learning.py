@@ -76,6 +76,15 @@ def loss_rising(summary: Any) -> bool:
     return summary.peak >= EARLY_RISE * summary.start
 
 
+def _longest(flags: Sequence[bool]) -> int:
+    """The longest run of ``True`` in ``flags``."""
+    best = run = 0
+    for flag in flags:
+        run = run + 1 if flag else 0
+        best = max(best, run)
+    return best
+
+
 def _lr_high(facts: Any, lr: float | None) -> bool:
     if lr is None or facts is None or not getattr(facts, "optimizer", None):
         return False
@@ -113,11 +122,13 @@ def instability(history: History, th: Thresholds, find: Callable[..., Any], out:
     diverging_late = lasting and (not math.isfinite(norm_growth) or norm_growth >= th.loss_rise_warning)
     first_high = highs[0] if highs else smooth[0]
     early_rise = smooth[0] >= EARLY_RISE * base and first_high >= 1.1 * base
-    blowup = peak >= th.loss_rise_warning * base and len(smooth) >= 2
+    # a blow-up: the smoothed loss 2x its start over two records and SUSTAINED_STEPS steps at least (one batch, however
+    # large, is not one)
+    blowup = _longest([v >= th.loss_rise_warning * base for v in smooth]) >= max(2, SUSTAINED_STEPS / per_record)
     corroborated = blowup or nonfinite > 0 or _lr_high(facts, lr) or norm_growth >= 3
-    if not (diverging_late or (early_rise and corroborated) or (blowup and per_record >= SUSTAINED_STEPS)):
+    if not (diverging_late or (early_rise and corroborated) or blowup):
         return
-    severe = peak >= th.loss_rise_critical * base or nonfinite > 0 or late >= base or _lr_high(facts, lr)
+    severe = max(smooth) >= th.loss_rise_critical * base or nonfinite > 0 or late >= base or _lr_high(facts, lr)
     steps = history.steps
     when = f"before the first computed step (step {steps[0]})" if early_rise else f"by step {steps[-1]}"
     summary_text = (
