@@ -47,8 +47,8 @@ class Pipeline(Protocol):
     def after_backward(self) -> None:
         """After each backward pass under accumulation."""
 
-    def before_step(self, step: int, due: bool) -> bool:
-        """The start of an optimizer step; ``on_step`` follows only when it returns ``True``."""
+    def before_step(self, step: int, due: bool, loss: Any = None) -> bool:
+        """The start of an optimizer step (with its loss); ``on_step`` follows only when it returns ``True``."""
 
     def on_step(self, optimizer: Optimizer, ctx: StepContext, optimizers: Sequence[Optimizer]) -> bool:
         """Check, measure, decide and clip; returns whether the update goes ahead."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import statistics
 import weakref
 from collections.abc import Callable, Sequence
 from types import TracebackType
@@ -32,13 +33,14 @@ from lightning_gradhealth.core.context import (
     due,
 )
 from lightning_gradhealth.core.inflight import StepsInFlight
-from lightning_gradhealth.diagnosis.rules import Finding
+from lightning_gradhealth.diagnosis.rules import EARLY, Finding
 from lightning_gradhealth.diagnosis.safety import format_nonfinite_message
 from lightning_gradhealth.guard.birth import Replay, Replays
 from lightning_gradhealth.guard.deferred import DeferredStep, failure_note
 from lightning_gradhealth.guard.recovery import RecoveryGuard
 from lightning_gradhealth.guard.step import Failure, StepGuard, StepOutcome
 from lightning_gradhealth.model.distributed import Reduction, fsdp1_reduction
+from lightning_gradhealth.model.frozen import training_facts
 from lightning_gradhealth.model.inventory import ModelInventory, take_inventory, watch_feature_maps
 from lightning_gradhealth.model.layout import ParamLayout
 from lightning_gradhealth.model.watch import WatchChange, WatchedSet, some
@@ -48,6 +50,7 @@ from lightning_gradhealth.schema import metrics
 from lightning_gradhealth.schema.errors import TrainingHealthError
 from lightning_gradhealth.schema.record import StepStats
 from lightning_gradhealth.stats.engine import GradStatsEngine, NonFiniteTracker
+from lightning_gradhealth.stats.loss import LossTracker
 from lightning_gradhealth.stats.updates import Measures
 
 if TYPE_CHECKING:
@@ -119,6 +122,7 @@ class GradientHealth:
         self.last_record: StepStats | None = None
         """The most recent record (on every rank), or ``None`` before the first computed step."""
         self._tracker = NonFiniteTracker()
+        self._loss = LossTracker()  # every step's loss, summed up on the device (stats/loss.py)
         self._measures = Measures(self.options)  # update size, gradient cosine, noise scale (updates.py, noise.py)
         # where a failing step's NaN was born (birth.py); a deferred guard fails a step or two late: keep three
         self._replays = Replays(self.options.replay_nonfinite, keep=1 if self.options.guard_mode == "sync" else 3)
@@ -172,7 +176,8 @@ class GradientHealth:
             self.recovery.start(names_model)
             self.output.history.rollbacks = self.recovery.events
         self._measures.noise.watch_ddp(ddp, self.output.info)  # (DDP without accumulation: a communication hook)
-        self.guard.begin(frontend.rank)
+        self.guard.begin(frontend.rank, frontend.name)
+        self._loss.reset()
         self._inflight.awaiting_clip.clear()
         self._tracker.reset()
         self._fsdp1_done = self._closed = False
@@ -253,7 +258,7 @@ class GradientHealth:
             batch=batch, replay=replay, micro_batches=self._tracker.micro_batches > 1,
             noise_scale=bool(self.options.noise_scale),
         )  # fmt: skip
-        go = self.on_step(optimizer, ctx, known) if self.before_step(ctx.step, ctx.due) else True
+        go = self.on_step(optimizer, ctx, known) if self.before_step(ctx.step, ctx.due, loss) else True
         self.end_batch()
         self._replays.mark()  # the next step's forward comes next (a front-end's replays carry their own states)
         if self.activations is not None and due(step + 1, self.options.activation_stats_every_n_steps):
@@ -275,6 +280,7 @@ class GradientHealth:
         self.guard.resolve_clip_count()
         self.output.emit()
         if self.output.history.records_seen:
+            self._facts()
             self.output.write_report(self.watched.sparse_layers, self.inventory)
         else:
             self.output.no_report(self._due_steps, self._run_steps)
@@ -328,11 +334,14 @@ class GradientHealth:
         """Look for parameters frozen, unfrozen or replaced anywhere in the model (one pass over them)."""
         self._changed(self.watched.check(optimizers), step)
 
-    def before_step(self, step: int, due: bool) -> bool:
+    def before_step(self, step: int, due: bool, loss: torch.Tensor | float | None = None) -> bool:
         """The start of every optimizer step; returns whether anything is to be done at it.
 
-        A step that is not due, with no guard, clipping or spike detection, stops here: it runs no torch operation.
+        ``loss``: the step's training loss (unscaled), kept in a device-side running summary (one copy, no sync).
+        A step that is not due, with no guard, clipping or spike detection, stops here: it runs no other torch
+        operation.
         """
+        self._loss.observe(loss)
         self._run_steps += 1
         self._due_steps += bool(due)
         self._now = step
@@ -359,6 +368,7 @@ class GradientHealth:
         """
         if ctx.due:
             self.check_watched(optimizers, ctx.step)
+            self._loss.note_lr(ctx.step, optimizer)
         layout, change = self.watched.layout_for(optimizer, optimizers)
         self._changed(change, ctx.step)
         self._before_decide(ctx, layout)
@@ -369,7 +379,8 @@ class GradientHealth:
         red = self._reduction()
         entry = self._inflight.launch(
             optimizer, ctx, layout, deferred=deferred, reduction=red, first_bad=self._tracker.first_bad,
-            extras=self._measures.extras(ctx.step, ctx.optimizer_idx),  # (the noise scale's, on due steps)
+            extras=self._measures.extras(ctx.step, ctx.optimizer_idx)  # (the noise scale's, on due steps)
+            | (self._loss.extras(ctx.step) if ctx.due else {}),  # (every step's loss since the last due step)
         )  # fmt: skip
         if entry is None:
             self._nothing_to_watch(layout)
@@ -402,6 +413,8 @@ class GradientHealth:
         """
         total, record, values = self._inflight.read(entry)
         self._measures.landed(entry.meta.step, entry.meta.optimizer_idx, entry.pending.host_extras)
+        if entry.due:  # (a computed step's record carries the loss summary; a failing guarded step's does not)
+            record = self._with_loss(record, entry.pending.host_extras)
         outcome = self.guard.decide(
             total,
             entry.meta,
@@ -479,6 +492,20 @@ class GradientHealth:
             frontend.reduction = dataclasses.replace(frontend.reduction, stage_group=self.options.pipeline_group)
         return frontend.reduction
 
+    def _with_loss(self, record: StepStats | None, host_extras: dict[str, float]) -> StepStats | None:
+        """A computed step's record with its loss summary and learning rate (stats/loss.py)."""
+        if record is None:
+            return None
+        self._loss.landed(record.step, host_extras)
+        return self._loss.apply(record)
+
+    def _facts(self) -> None:
+        """Before a report: what the loss is judged against (frozen parts, classes) and the front-end's name."""
+        self.output.history.facts = training_facts(self.model, self.output.frontend.name, self._loss.optimizer)
+        self.output.history.alerts_raised = self.alerts.total
+        early = self.guard.early_norms  # the growth baseline, measured once (the guard's first steps)
+        self.output.history.early_norm = statistics.median(early) if len(early) == EARLY else None
+
     def _end_step(self, go: bool) -> bool:
         self._tracker.reset()
         return go
@@ -512,6 +539,7 @@ class GradientHealth:
         self.alerts(alert, rank_zero=self.output.frontend.rank_zero)
         self._publish(record, several)
         self.output.emit()
+        self._facts()
         self.output.write_report(self.watched.sparse_layers, self.inventory)
         self.output.flush()
         self._closed = True  # (the report is written: a close() in a finally adds nothing)

@@ -7,8 +7,10 @@ from collections.abc import Collection
 from typing import Any
 
 from lightning_gradhealth.config.thresholds import Severity, Thresholds
+from lightning_gradhealth.diagnosis.advice import for_frontend
 from lightning_gradhealth.diagnosis.fixes import fixes_for
-from lightning_gradhealth.diagnosis.rules import compared_layers, depth_decay, layer_spread
+from lightning_gradhealth.diagnosis.grading import compared_layers, depth_decay, layer_spread, norm_growth
+from lightning_gradhealth.diagnosis.learning import loss_rising
 from lightning_gradhealth.model.inventory import ModelInventory
 from lightning_gradhealth.schema.alert import Alert
 from lightning_gradhealth.schema.kinds import Kind
@@ -32,11 +34,12 @@ def _check(
     layer: str | None = None,
     inventory: ModelInventory | None = None,
     fix: str | None = None,
+    frontend: str | None = None,
 ) -> None:
     """Grade ``value`` against the ``<check>_warning`` / ``<check>_critical`` lines; append an alert if it fires.
 
     ``message`` is formatted with ``value``, ``line`` (the line crossed) and ``layer``; the first fix of ``kind``
-    (a :class:`~lightning_gradhealth.schema.kinds.Kind`) is appended to it.
+    (a :class:`~lightning_gradhealth.schema.kinds.Kind`), fitted to the ``frontend`` in use, is appended to it.
     """
     sev = th.grade_high(check, value) if high else th.grade_low(check, value)
     if sev is Severity.OK:
@@ -48,7 +51,7 @@ def _check(
             severity=sev,
             step=step,
             message=message.format(value=value, line=line, layer=layer)
-            + f" Fix: {fix or fixes_for(kind, inventory)[0]}.",
+            + f" Fix: {for_frontend(fix or fixes_for(kind, inventory)[0], frontend)}.",
             layer=layer,
             value=value,
             threshold=line,
@@ -67,6 +70,7 @@ def check_global_norm(
     epoch: int = 0,
     batch_idx: int = 0,
     inventory: ModelInventory | None = None,
+    frontend: str | None = None,
 ) -> list[Alert]:
     """Checks of the global gradient norm (available on every optimizer step).
 
@@ -78,6 +82,7 @@ def check_global_norm(
         epoch: For the alert.
         batch_idx: For the alert.
         inventory: What the model is made of: the fixes fit it.
+        frontend: The front-end's name (``Frontend.name``): the fixes fit it.
 
     Returns:
         Zero, one or two alerts.
@@ -85,7 +90,7 @@ def check_global_norm(
     out: list[Alert] = []
     if not math.isfinite(total_norm):
         return out
-    where = {"step": step, "epoch": epoch, "batch_idx": batch_idx, "inventory": inventory}
+    where = {"step": step, "epoch": epoch, "batch_idx": batch_idx, "inventory": inventory, "frontend": frontend}
     msg = "global gradient norm {value:.3g} > {line:g}: exploding gradients."
     _check(out, th, "total_norm_high", total_norm, high=True, kind=Kind.EXPLODING, message=msg, **where)
     if steps_seen >= th.warmup_steps:
@@ -95,7 +100,13 @@ def check_global_norm(
 
 
 def check_growth(
-    total_norm: float, loss: float | None, early_norm: float, early_loss: float | None, meta: Any, th: Thresholds
+    total_norm: float,
+    loss: float | None,
+    early_norm: float,
+    early_loss: float | None,
+    meta: Any,
+    th: Thresholds,
+    frontend: str | None = None,
 ) -> list[Alert]:
     """The global norm, and the loss, against the run's own early level (the median of its first values).
 
@@ -104,11 +115,13 @@ def check_growth(
 
     Args:
         total_norm: The step's global gradient norm.
-        loss: The step's training loss, when known (computed steps).
+        loss: The training loss, smoothed over every step since the previous computed step when known (one noisy
+            batch is not a divergence).
         early_norm: The run's early global norm.
         early_loss: The run's early loss, when known.
         meta: Where the step is (``step``, ``epoch``, ``batch_idx``).
         th: Thresholds.
+        frontend: The front-end's name: the fixes fit it.
 
     Returns:
         Zero, one or two alerts.
@@ -116,8 +129,8 @@ def check_growth(
     out: list[Alert] = []
     if not math.isfinite(total_norm) or early_norm <= 0:
         return out
-    where = {"step": meta.step, "epoch": meta.epoch, "batch_idx": meta.batch_idx}
-    growth = total_norm / early_norm
+    where = {"step": meta.step, "epoch": meta.epoch, "batch_idx": meta.batch_idx, "frontend": frontend}
+    growth = norm_growth(total_norm, early_norm)
     msg = "global gradient norm {value:.3g}x its level early in the run (> {line:g}x): the updates are unstable."
     _check(out, th, "norm_growth", growth, high=True, kind=Kind.EXPLODING, message=msg, **where,
            fix=fixes_for(Kind.DIVERGING)[0])  # fmt: skip
@@ -147,6 +160,7 @@ def check_record(
     steps_seen: int,
     sparse_layers: Collection[str] = (),
     inventory: ModelInventory | None = None,
+    frontend: str | None = None,
 ) -> list[Alert]:
     """Per-layer and ratio checks of a full record (logged steps). The global norm is checked separately.
 
@@ -161,6 +175,7 @@ def check_record(
         steps_seen: Optimizer steps seen so far.
         sparse_layers: Layers whose gradients are sparse by design (embeddings): never dead.
         inventory: What the model is made of (:func:`~lightning_gradhealth.model.inventory.take_inventory`).
+        frontend: The front-end's name: the fixes fit it.
 
     Returns:
         The alerts, global ones first, then per layer in definition order.
@@ -168,7 +183,8 @@ def check_record(
     out: list[Alert] = []
     if not record.is_finite or steps_seen < th.warmup_steps:
         return out
-    where = {"step": record.step, "epoch": record.epoch, "batch_idx": record.batch_idx, "inventory": inventory}
+    where = {"step": record.step, "epoch": record.epoch, "batch_idx": record.batch_idx, "inventory": inventory,
+             "frontend": frontend}  # fmt: skip
     names = [lay.name for lay in record.layers]
     if record.layers:
         spread = layer_spread([lay.grad_norm for lay in record.layers], compared_layers(names, inventory))
@@ -177,7 +193,8 @@ def check_record(
         ratio = record.layer_norm_ratio
     msg = "the gradient norms of comparable layers span a factor of {value:.3g} (> {line:g}): gradients do not flow "
     msg += "evenly."
-    if not _decays_with_depth(record, names, inventory, th):  # (a depth pattern is vanishing, alerted per layer)
+    rising = loss_rising(record.loss_summary)  # the loss above its start: no imbalance or raise-the-lr advice
+    if not rising and not _decays_with_depth(record, names, inventory, th):  # (a depth pattern: vanishing)
         _check(out, th, "layer_norm_ratio", ratio, high=True, kind=Kind.LAYER_IMBALANCE, message=msg, **where)
     embeddings = set(sparse_layers) | (set(inventory.of_kind("embedding")) if inventory is not None else set())
     weights = set(inventory.comparable(names)) if inventory is not None else set(names)
@@ -215,7 +232,7 @@ def check_record(
         msg = "layer {layer}: grad/param ratio {value:.3g} > {line:g}: updates too large for the weights."
         _check(out, th, "grad_param_ratio_high", lay.ratio, high=True, kind=Kind.RATIO_HIGH, message=msg,
                layer=lay.name, **where)  # fmt: skip
-        if lay.grad_norm > 0:
+        if lay.grad_norm > 0 and not rising:
             msg = "layer {layer}: grad/param ratio {value:.3g} < {line:g}: gradients too small to matter."
             _check(out, th, "grad_param_ratio_low", lay.ratio, high=False, kind=Kind.RATIO_LOW, message=msg,
                    layer=lay.name, **where)  # fmt: skip

@@ -92,11 +92,18 @@ FIXES: dict[str, tuple[str, ...]] = {
         "tanh or gated cells (nn.LSTM/nn.GRU) to a ReLU recurrence",
         "lower the learning rate",
     ),
+    Kind.STALL: (
+        "check the learning-rate schedule: print optimizer.param_groups[i]['lr'] at a few steps; a scheduler stepped "
+        "per batch with an epoch-based length (or the reverse) reaches 0 early",
+        "check what is frozen: [n for n, p in model.named_parameters() if not p.requires_grad]",
+        "a loss at chance level: check that the labels match the inputs (shuffled together, the right column) and "
+        "that gradients reach the early layers",
+    ),
 }
 
 #: kind -> code to add, when nothing is known about the model.
 CODE: dict[str, str] = {
-    Kind.NONFINITE: "GradientHealthMonitor(on_nonfinite='raise', clip='norm', max_norm=1.0)\n"
+    Kind.NONFINITE: "GradientHealthMonitor(clip='norm', max_norm=1.0)\n"
     "loss = F.cross_entropy(logits, targets, label_smoothing=0.1)",
     Kind.EXPLODING: "GradientHealthMonitor(clip='norm', max_norm=1.0)  # or Trainer(gradient_clip_val=1.0)",
     Kind.VANISHING: "def init_weights(m):\n    if isinstance(m, nn.Linear):\n"
@@ -114,6 +121,8 @@ CODE: dict[str, str] = {
     Kind.DIVERGING: "optimizer = torch.optim.AdamW(model.parameters(), lr=lr / 10)  # and a warm-up",
     Kind.RECURRENT_VANISHING: "rnn = nn.LSTM(input_size, hidden_size, batch_first=True)  # instead of nn.RNN",
     Kind.RECURRENT_EXPLODING: "GradientHealthMonitor(clip='norm', max_norm=5.0)",
+    Kind.STALL: "for name, p in model.named_parameters():\n    if not p.requires_grad:\n"
+    "        print('frozen:', name)\nprint([group['lr'] for group in optimizer.param_groups])",
 }
 
 _CLIP_CODE = "GradientHealthMonitor(clip='norm', max_norm={max_norm})"
@@ -581,3 +590,4 @@ def code_for(kind: str, inventory: ModelInventory | None = None) -> str:
     if inventory is None or kind not in _FITTED_CODE:
         return CODE.get(kind, "")
     return _FITTED_CODE[kind](_Traits.of(inventory)) or CODE.get(kind, "")
+

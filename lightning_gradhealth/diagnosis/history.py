@@ -6,14 +6,15 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from lightning_gradhealth.model.frozen import TrainingFacts
 from lightning_gradhealth.schema.metrics import LAYER_METRICS
-from lightning_gradhealth.schema.record import StepStats
+from lightning_gradhealth.schema.record import LossSummary, StepStats
 
 __all__ = ["GLOBAL_SERIES", "LAYER_SERIES", "History"]
 
 #: History series of the whole step -> the :class:`~lightning_gradhealth.schema.record.StepStats` field it keeps
-#: (``None`` kept as ``nan``). :meth:`History.add`, thinning and the report read these tables: a series is added
-#: here (and as a History field), nowhere else.
+#: (dotted: a field of a field; ``None`` kept as ``nan``). :meth:`History.add` and thinning read this table: a
+#: series is added here (and as a History field), nowhere else.
 GLOBAL_SERIES: dict[str, str] = {
     "steps": "step",
     "total_norm": "total_norm",
@@ -22,6 +23,9 @@ GLOBAL_SERIES: dict[str, str] = {
     "loss": "loss",
     "grad_cosine": "grad_cosine",
     "noise_scale": "noise_scale",
+    "loss_mean": "loss_summary.mean",
+    "loss_high": "loss_summary.high",
+    "lr": "lr",
 }
 
 #: Per-layer series (one row per kept record, one column per layer): ``History.layers[name]``, one for each per-layer
@@ -32,6 +36,14 @@ LAYER_SERIES: dict[str, str] = {m.history: m.field for m in LAYER_METRICS if m.h
 
 def _value(value: float | None) -> float:
     return math.nan if value is None else value
+
+
+def _field(record: object, path: str) -> float | None:
+    """``record``'s field at a dotted ``path`` (``None`` where a part is ``None``)."""
+    value: object = record
+    for name in path.split("."):
+        value = None if value is None else getattr(value, name)
+    return value  # type: ignore[return-value]
 
 
 @dataclass
@@ -67,6 +79,14 @@ class History:
         rollbacks: Every rollback of recovery (``recover=``), as a dict (step, to_step, trigger, reason, factor,
             skipped).
         records_seen: Records offered to :meth:`add`, kept or not.
+        loss_mean: Per kept record, the mean loss of every step since the previous record (a smoothed loss).
+        loss_high: Per kept record, the largest loss of those steps.
+        lr: Per kept record, the largest learning rate of its optimizer (``nan`` where unknown).
+        loss_summary: The latest loss summary (:class:`~lightning_gradhealth.schema.record.LossSummary`).
+        alerts_raised: How many alerts the run raised (set before a report).
+        early_norm: The run's early global norm as the guard measured it (its first steps), when known.
+        facts: What the loss is judged against (:class:`~lightning_gradhealth.model.frozen.TrainingFacts`), set
+            before a report.
     """
 
     max_snapshots: int = 512
@@ -90,6 +110,13 @@ class History:
     rollbacks: list[dict[str, Any]] = field(default_factory=list)
     activations: dict[str, list[tuple[int, float, float, float | None]]] = field(default_factory=dict)
     records_seen: int = 0
+    loss_mean: list[float] = field(default_factory=list)
+    loss_high: list[float] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)
+    loss_summary: LossSummary | None = None
+    facts: TrainingFacts | None = None
+    early_norm: float | None = None
+    alerts_raised: int = 0
     _keep_every: int = 1
     _index: dict[str, int] = field(default_factory=dict)  # layer name -> column
 
@@ -121,9 +148,10 @@ class History:
                 row[index[lay.name]] = _value(getattr(lay, field_name))
             self.layers[series].append(row)
         for series, field_name in GLOBAL_SERIES.items():
-            value = getattr(record, field_name)
+            value = _field(record, field_name)
             getattr(self, series).append(value if series == "steps" else _value(value))
         self.batch_size = record.batch_size or self.batch_size
+        self.loss_summary = record.loss_summary or self.loss_summary
         if len(self.steps) > self.max_snapshots:
             self._thin()
 

@@ -4,20 +4,36 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any
 
 from lightning_gradhealth.config.thresholds import Severity, Thresholds
+from lightning_gradhealth.diagnosis.advice import for_frontend
 from lightning_gradhealth.diagnosis.fixes import CODE, code_for, fixes_for
+from lightning_gradhealth.diagnosis.grading import (
+    EARLY,
+    baseline,
+    compared_layers,
+    depth_decay,
+    layer_spread,
+    layers_of,
+    median,
+    norm_growth,
+    series,
+    worst_of,
+)
+from lightning_gradhealth.diagnosis.grading import rank as _rank
 from lightning_gradhealth.diagnosis.history import History
-from lightning_gradhealth.diagnosis.safety import amp_overflow_finding
+from lightning_gradhealth.diagnosis.learning import instability, settle, stall
+from lightning_gradhealth.diagnosis.safety import amp_overflow_finding, nonfinite_fixes
 from lightning_gradhealth.model.inventory import ModelInventory
 from lightning_gradhealth.schema.kinds import Kind
 
 __all__ = [
     "CODE",
+    "EARLY",
     "Finding",
     "baseline",
     "compared_layers",
@@ -63,40 +79,21 @@ class Finding:
         }
 
 
-def _finder(inventory: ModelInventory | None) -> Callable[..., Finding]:
-    """Makes findings whose fixes and code fit ``inventory`` (the model's make-up; ``None``: generic fixes)."""
+def _finder(inventory: ModelInventory | None, frontend: str | None = None) -> Callable[..., Finding]:
+    """Makes findings whose fixes and code fit ``inventory`` and the front-end.
 
-    def finding(kind: str, severity: Severity, summary: str, fix_kind: str | None = None, **kw: Any) -> Finding:
-        fixes = fixes_for(fix_kind or kind, inventory)
-        return Finding(kind, severity, summary, fixes=fixes, code=code_for(kind, inventory), **kw)
+    ``inventory``: the model's make-up (``None``: generic fixes); ``frontend``: its name (a loop is never told to
+    change a ``Trainer`` argument).
+    """
+
+    def finding(
+        kind: str, severity: Severity, summary: str, fix_kind: str | None = None, fixes: Sequence[str] = (), **kw: Any
+    ) -> Finding:
+        fixes = tuple(for_frontend(fix, frontend) for fix in (fixes or fixes_for(fix_kind or kind, inventory)))
+        code = for_frontend(code_for(kind, inventory), frontend)
+        return Finding(kind, severity, summary, fixes=fixes, code=code, **kw)
 
     return finding
-
-
-def _median(values: Sequence[float]) -> float:
-    finite = [v for v in values if math.isfinite(v)]
-    return statistics.median(finite) if finite else math.nan
-
-
-def _layers_of(names: Sequence[str], inventory: ModelInventory | None, *, main_path: bool | str) -> list[int]:
-    """Indices of the layers a rule compares.
-
-    The weight matrices when the inventory knows them, else every layer: ``main_path=True`` keeps those along the
-    main path (embeddings, norms, biases, the head and shortcut projections left out), ``"blocks"`` those inside
-    the repeated blocks (like with like), ``False`` every weight matrix.
-    """
-    if inventory is None:
-        return list(range(len(names)))
-    if main_path == "blocks":
-        keep = set(inventory.blocks(names))
-    else:
-        keep = set(inventory.main_path(names) if main_path else inventory.comparable(names))
-    picked = [j for j, name in enumerate(names) if name in keep]
-    return picked if len(picked) >= 2 else list(range(len(names)))
-
-
-def _series(rows: Sequence[Sequence[float]], j: int) -> list[float]:
-    return [row[j] for row in rows if j < len(row) and math.isfinite(row[j])]
 
 
 def diagnose(
@@ -126,7 +123,7 @@ def diagnose(
     Returns:
         Findings, critical first, then in the order of the rules.
     """
-    find = _finder(inventory)
+    find = _finder(inventory, history.facts.frontend if history.facts is not None else None)
     out: list[Finding] = []
     _nonfinite(history, find, out)
     _recurrence(inventory, find, out)
@@ -140,13 +137,15 @@ def diagnose(
         return _ordered(out)
     embeddings = set(sparse_layers) | (set(inventory.of_kind("embedding")) if inventory is not None else set())
     growth = _exploding(history, th, inventory, find, out)
-    _diverging(history, th, find, out, growth)
+    instability(history, th, find, out, growth)  # (learning.py: the loss of every step)
     _flow(history, th, inventory, find, out)
     _dead(history, th, inventory, embeddings, find, out, min_snapshots)
     _ratios(history, th, inventory, find, out, min_snapshots)
     _trends(history, th, find, out, min_snapshots, exploding=any(f.kind == Kind.EXPLODING for f in out))
     _updates(history, th, inventory, find, out, min_snapshots)
-    return _ordered(out)
+    if not any(f.kind == Kind.DIVERGING for f in out):
+        stall(history, th, find, out)
+    return _ordered(settle(out))
 
 
 def _nonfinite(history: History, find: Callable[..., Finding], out: list[Finding]) -> None:
@@ -185,6 +184,7 @@ def _nonfinite(history: History, find: Callable[..., Finding], out: list[Finding
             "(no NaN/Inf entry)"
         )
         + where + "." + spread,
+        fixes=nonfinite_fixes(first_bad),  # (the exception's fixes, in its order)
         layers=layers,
         evidence={"step": first_bad.step, "nan_count": first_bad.nan_count, "inf_count": first_bad.inf_count,
                   "amp_overflow": first_bad.amp_overflow, "nonfinite_records": history.nonfinite_records,
@@ -192,18 +192,6 @@ def _nonfinite(history: History, find: Callable[..., Finding], out: list[Finding
                   "last_inf_count": last_bad.inf_count, "params_nonfinite_from": history.nonfinite_params_step,
                   "born": first_bad.nonfinite_birth},
     ))  # fmt: skip
-
-
-#: How many first values make a run's own baseline (here and in the guard's alerts).
-EARLY = 3
-
-
-def baseline(values: Sequence[float], first: int = EARLY) -> float:
-    """The run's own early level: the median of its first ``first`` finite values.
-
-    The first records, not a fraction of the run: a learning rate far too large shows within a few steps.
-    """
-    return _median([v for v in values if math.isfinite(v)][:first])
 
 
 def _exploding(
@@ -223,16 +211,17 @@ def _exploding(
     recent = history.recent()
     steps = history.steps
     finite = [v for v in history.total_norm if math.isfinite(v)]
-    total_recent = _median(history.total_norm[recent])
+    total_recent = median(history.total_norm[recent])
     latest = min(finite[-3:]) if len(finite) >= 3 else math.nan  # the last records all above it: blowing up now
-    early = baseline(history.total_norm)
-    growth = latest / early if early > 0 and math.isfinite(latest) else math.nan
+    # the guard's baseline (the run's first steps, computed once), else the first records' (a run read back)
+    early = history.early_norm if history.early_norm is not None else baseline(history.total_norm)
+    growth = norm_growth(latest, early)
     sev = max(th.grade_high("total_norm_high", total_recent), th.grade_high("total_norm_high", latest),
               th.grade_high("norm_growth", growth), key=_rank)  # fmt: skip
     if sev is Severity.OK:
         return growth
     names = history.layer_names
-    norms = [_median([row[j] for row in history.layer_norm[recent]]) for j in range(len(names))]
+    norms = [median([row[j] for row in history.layer_norm[recent]]) for j in range(len(names))]
     finite_layers = [(n, name) for n, name in zip(norms, names, strict=True) if math.isfinite(n)]
     top = tuple(name for _, name in sorted(finite_layers, reverse=True)[:3])
     grown = th.grade_high("norm_growth", growth) is not Severity.OK
@@ -252,29 +241,6 @@ def _exploding(
     return growth
 
 
-def _diverging(
-    history: History, th: Thresholds, find: Callable[..., Finding], out: list[Finding], growth: float
-) -> None:
-    """The training loss rising together with the gradient norm (the loss is read on computed steps)."""
-    losses = [v for v in history.loss if math.isfinite(v)]
-    if len(losses) < 6:
-        return
-    early, late = baseline(losses), _median(losses[-max(3, len(losses) // 8) :])
-    norm_early = baseline(history.total_norm)
-    norm_late = _median([v for v in history.total_norm if math.isfinite(v)][-max(3, len(losses) // 8) :])
-    norm_growth = norm_late / norm_early if norm_early > 0 else math.nan
-    rise = late / early if early > 0 else (math.inf if late > early else 1.0)
-    if not (rise >= th.loss_rise_warning and norm_growth >= th.loss_rise_warning):
-        return
-    severity = Severity.CRITICAL if rise >= th.loss_rise_critical else Severity.WARNING
-    out.append(find(
-        Kind.DIVERGING, severity,
-        f"training diverges: the loss rose from {early:.3g} to {late:.3g} while the gradient norm grew "
-        f"{norm_growth:.3g}x (from {norm_early:.3g} to {norm_late:.3g}).",
-        evidence={"early_loss": early, "late_loss": late, "loss_rise": rise, "norm_growth": norm_growth},
-    ))  # fmt: skip
-
-
 def _flow(
     history: History,
     th: Thresholds,
@@ -288,8 +254,8 @@ def _flow(
     """
     recent = history.recent()
     names = history.layer_names
-    path = _layers_of(names, inventory, main_path=True)
-    depth = [_median(_series(history.layer_norm[recent], j)) for j in path]
+    path = layers_of(names, inventory, main_path=True)
+    depth = [median(series(history.layer_norm[recent], j)) for j in path]
     present = [(names[j], n) for j, n in zip(path, depth, strict=True) if math.isfinite(n) and n > 0]
     if len(present) < 2:
         return
@@ -311,11 +277,11 @@ def _flow(
                       "layer_norms": dict(present)},
         ))  # fmt: skip
         return
-    blocks = _layers_of(names, inventory, main_path="blocks")
-    ratio = _median([spread for row in history.layer_norm[recent] if (spread := layer_spread(row, blocks))])
+    blocks = layers_of(names, inventory, main_path="blocks")
+    ratio = median([spread for row in history.layer_norm[recent] if (spread := layer_spread(row, blocks))])
     sev = th.grade_high("layer_norm_ratio", ratio)
     if sev is not Severity.OK:
-        norms = [(names[j], _median(_series(history.layer_norm[recent], j))) for j in blocks]
+        norms = [(names[j], median(series(history.layer_norm[recent], j))) for j in blocks]
         norms = [(name, n) for name, n in norms if math.isfinite(n)]
         out.append(find(
             Kind.LAYER_IMBALANCE, sev,
@@ -324,27 +290,6 @@ def _flow(
             layers=(min(norms, key=lambda p: p[1])[0], max(norms, key=lambda p: p[1])[0]) if norms else (),
             evidence={"median_layer_norm_ratio": ratio, "layers_compared": len(blocks)},
         ))  # fmt: skip
-
-
-def depth_decay(norms: Sequence[float]) -> tuple[float, float, float]:
-    """A depth profile's first quarter against its last: ``(early, late, early / late)`` of the median norms.
-
-    ``norms`` are finite and positive, in depth order (at least two).
-    """
-    k = max(1, len(norms) // 4)
-    early, late = _median(norms[:k]), _median(norms[-k:])
-    return early, late, early / late if late > 0 else math.inf
-
-
-def compared_layers(names: Sequence[str], inventory: ModelInventory | None) -> list[int]:
-    """Indices of the layers whose norms the layer-imbalance check compares (the repeated blocks' weights)."""
-    return _layers_of(names, inventory, main_path="blocks")
-
-
-def layer_spread(norms: Sequence[float], indices: Sequence[int]) -> float | None:
-    """Largest over smallest of ``norms[indices]`` (finite, positive); ``None`` with fewer than two such."""
-    values = [norms[j] for j in indices if j < len(norms) and math.isfinite(norms[j]) and norms[j] > 0]
-    return max(values) / min(values) if len(values) >= 2 else None
 
 
 def _dead(
@@ -368,9 +313,9 @@ def _dead(
     for j, name in enumerate(names):
         if name in embeddings or name not in units:
             continue
-        fracs = _series(history.layer_dead_units[recent], j)
+        fracs = series(history.layer_dead_units[recent], j)
         if len(fracs) >= min_snapshots:
-            norms = _series(history.layer_norm[recent], j)
+            norms = series(history.layer_norm[recent], j)
             if min(fracs) >= 1.0 and min(norms, default=0.0) > 0:
                 continue  # every weight row zero but the bias alive: its inputs are dead (upstream), not its units
             if min(fracs) > th.dead_units_warning:
@@ -378,7 +323,7 @@ def _dead(
             continue
         if inventory is not None and inventory.kind_of(name) == "conv":
             continue  # no unit statistic (FSDP1 shards): zero entries of a convolution are padding taps too
-        zeros = _series(history.layer_zero_frac[recent], j)  # no unit statistic: exact zeros, the old proxy
+        zeros = series(history.layer_zero_frac[recent], j)  # no unit statistic: exact zeros, the old proxy
         if len(zeros) >= min_snapshots and min(zeros) > th.zero_frac_warning:
             dead.append((name, statistics.mean(zeros)))
     act_dead: list[tuple[str, float]] = []
@@ -419,25 +364,26 @@ def _ratios(
     """Grad/param ratios of the weight matrices, persistently out of range."""
     recent = history.recent()
     names = history.layer_names
-    compared = _layers_of(names, inventory, main_path=False)
+    compared = layers_of(names, inventory, main_path=False)
     for kind, check, high in (
         (Kind.RATIO_HIGH, "grad_param_ratio_high", True),
         (Kind.RATIO_LOW, "grad_param_ratio_low", False),
     ):
         hits = []
         for j in compared:
-            values = _series(history.layer_ratio[recent], j)
+            values = series(history.layer_ratio[recent], j)
             if len(values) < min_snapshots:
                 continue
             m = statistics.median(values)
-            if (m > 0 or high) and (th.grade_high(check, m) if high else th.grade_low(check, m)) is not Severity.OK:
-                hits.append((names[j], m))
-        if hits:
+            grade = th.grade_high(check, m) if high else th.grade_low(check, m)
+            if (m > 0 or high) and grade is not Severity.OK:
+                hits.append((names[j], m, grade))
+        if hits:  # graded as the alerts grade them: the worst layer decides
             out.append(find(
-                kind, Severity.WARNING,
+                kind, worst_of(grade for _, _, grade in hits),
                 f"{len(hits)} layer(s) have a grad/param ratio {'above' if high else 'below'} "
                 f"{getattr(th, f'{check}_warning'):g} over the recent steps.",
-                layers=tuple(name for name, _ in hits), evidence={"median_ratio": dict(hits)},
+                layers=tuple(name for name, _, _ in hits), evidence={"median_ratio": {n: m for n, m, _ in hits}},
             ))  # fmt: skip
 
 
@@ -460,8 +406,8 @@ def _trends(
     if len(finite) < 2 * min_snapshots:
         return
     k = max(min_snapshots, len(finite) // 4)
-    early = _median([v for _, v in finite[:k]])
-    late = _median([v for _, v in finite[-k:]])
+    early = median([v for _, v in finite[:k]])
+    late = median([v for _, v in finite[-k:]])
     rising = [b >= a for (_, a), (_, b) in pairwise(finite)]
     if late / early >= 10 and sum(rising) / len(rising) >= 0.6 and not exploding:
         out.append(find(
@@ -470,7 +416,7 @@ def _trends(
             evidence={"early": early, "late": late},
         ))  # fmt: skip
     losses = [v for v in history.loss if math.isfinite(v)]
-    converged = len(losses) >= 2 * min_snapshots and _median(losses[-k:]) <= _median(losses[:k]) / 10
+    converged = len(losses) >= 2 * min_snapshots and median(losses[-k:]) <= median(losses[:k]) / 10
     if late / early <= 1e-2 and th.grade_low("total_norm_low", late) is not Severity.OK and not converged:
         out.append(find(
             Kind.DECAYING_TREND, Severity.WARNING,
@@ -494,8 +440,8 @@ def _updates(
     checks = ((Kind.RATIO_HIGH, "update_ratio_high", True), (Kind.RATIO_LOW, "update_ratio_low", False))
     for kind, check, high in checks:
         hits: list[tuple[str, float, Severity]] = []
-        for j in _layers_of(names, inventory, main_path=False):
-            values = _series(history.layer_update_ratio[recent], j)
+        for j in layers_of(names, inventory, main_path=False):
+            values = series(history.layer_update_ratio[recent], j)
             if len(values) < min_snapshots:
                 continue
             m = statistics.median(values)
@@ -505,7 +451,7 @@ def _updates(
         if hits:
             line = getattr(th, f"{check}_warning")
             out.append(find(
-                kind, _worst_of(grade for _, _, grade in hits),
+                kind, worst_of(grade for _, _, grade in hits),
                 f"{len(hits)} layer(s) move by {'more' if high else 'less'} than {line:g} of their weights per step "
                 f"(update ratio ‖Δθ‖/‖θ‖, ~1e-3 is healthy): "
                 + ("their learning rate is too high." if high else "they barely train."),
@@ -553,13 +499,7 @@ def _recurrence(inventory: ModelInventory | None, find: Callable[..., Finding], 
             ))  # fmt: skip
 
 
-def _worst_of(severities: Iterable[Severity]) -> Severity:
-    return max(severities, key=_rank)
-
-
-def _rank(severity: Severity) -> int:
-    return (Severity.OK, Severity.WARNING, Severity.CRITICAL).index(severity)
-
-
 def _ordered(findings: list[Finding]) -> list[Finding]:
-    return sorted(findings, key=lambda f: f.severity is not Severity.CRITICAL)
+    """Non-finite gradients first, then the loss's instability (its fix comes first), then critical findings."""
+    return sorted(findings, key=lambda f: (f.kind != Kind.NONFINITE, f.kind != Kind.DIVERGING,
+                                           f.severity is not Severity.CRITICAL))  # fmt: skip

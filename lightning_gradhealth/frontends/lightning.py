@@ -370,11 +370,11 @@ class GradientHealthMonitor(*_callback_bases()):  # type: ignore[misc]
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
         """Keep the loss on the device (summed over micro-batches).
 
-        It is read with the statistics on computed steps, and folded into the guard's norm on every guarded step (a
-        non-finite loss fails the step, with no extra sync).
+        Every step's loss goes into a device-side running summary (stats/loss.py), read with the statistics on
+        computed steps, and is folded into the guard's norm on every guarded step (a non-finite loss fails the step,
+        with no extra sync).
         """
-        if self._due(trainer) or self.options.on_nonfinite is not None or self.options.recovery is not None:
-            self._loss = loss.detach() if self._loss is None else self._loss + loss.detach()
+        self._loss = loss.detach() if self._loss is None else self._loss + loss.detach()
 
     def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Under accumulation, note on the device whether this micro-batch made the gradient non-finite."""
@@ -386,12 +386,12 @@ class GradientHealthMonitor(*_callback_bases()):  # type: ignore[misc]
         step, due_now = self._log_step(trainer), self._due(trainer)
         loss, self._loss = self._loss, None
         replays, self._replays = self._replays, []
-        if not self.health.before_step(step, due_now):  # the hot path: nothing to do at this step
-            self._batches.clear()
-            return
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         if loss is not None and scaler is not None and getattr(scaler, "_scale", None) is not None:
             loss = loss / scaler._scale  # the precision plugin scaled it before on_before_backward
+        if not self.health.before_step(step, due_now, loss):  # the hot path: nothing to do at this step
+            self._batches.clear()
+            return
         ctx = StepContext(
             step=step,
             due=due_now,

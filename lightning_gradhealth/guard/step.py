@@ -99,6 +99,7 @@ class StepGuard:
     def __init__(self, options: HealthOptions, rank: int = 0) -> None:
         self.options = options
         self.rank = rank
+        self.frontend: str | None = None  # the front-end's name: alerts' fixes fit it
         self.policy = NonFinitePolicy(
             options.on_nonfinite,  # type: ignore[arg-type]
             options.max_consecutive_skips,
@@ -121,9 +122,13 @@ class StepGuard:
         self._norms: deque[float] = deque(maxlen=EARLY)  # the latest ones
         self._losses: deque[float] = deque(maxlen=EARLY)
 
-    def begin(self, rank: int) -> None:
-        """A run starts on this process's global rank (which names the files of saved spike batches)."""
+    def begin(self, rank: int, frontend: str | None = None) -> None:
+        """A run starts on this process's global rank (which names the files of saved spike batches).
+
+        ``frontend``: the front-end's name (the alerts' fixes fit it).
+        """
         self.rank = rank
+        self.frontend = frontend
 
     def decide(
         self,
@@ -174,19 +179,28 @@ class StepGuard:
                     epoch=meta.epoch,
                     batch_idx=meta.batch_idx,
                     inventory=inventory,
+                    frontend=self.frontend,
                 )
-                out.alerts += self._growth(total, None if record is None else record.loss, meta, thresholds)
+                out.alerts += self._growth(total, record, meta, thresholds)
         if out.failure is not None:
             return out
         out.clip_wanted = not out.skip and self.clipper is not None and math.isfinite(total)
         if out.record is not None and thresholds is not None:
             out.alerts += check_record(
-                out.record, thresholds, steps_seen=self.steps_seen, sparse_layers=sparse_layers, inventory=inventory
+                out.record, thresholds, steps_seen=self.steps_seen, sparse_layers=sparse_layers, inventory=inventory,
+                frontend=self.frontend,
             )
         return out
 
-    def _growth(self, total: float, loss: float | None, meta: StepMeta, thresholds: Thresholds) -> list[Alert]:
-        """The norm (and the loss, on computed steps) against the run's own first values: grown far above them."""
+    def _growth(self, total: float, record: StepStats | None, meta: StepMeta, thresholds: Thresholds) -> list[Alert]:
+        """The norm (and the loss, on computed steps) against the run's own first values: grown far above them.
+
+        The loss is the mean over every step since the previous computed step, against the run's first losses
+        (stats/loss.py), when the front-end gave every step's loss; else the computed steps' own.
+        """
+        summary = record.loss_summary if record is not None else None
+        smooth = summary is not None and math.isfinite(summary.mean) and math.isfinite(summary.first)
+        loss = summary.mean if smooth else (None if record is None else record.loss)  # type: ignore[union-attr]
         for early, latest, value in ((self.early_norms, self._norms, total), (self.early_losses, self._losses, loss)):
             if value is not None and math.isfinite(value):
                 latest.append(value)
@@ -196,9 +210,11 @@ class StepGuard:
             return []
         # the median of the latest values against the median of the first: a lasting change, not a noisy step
         loss_early = statistics.median(self.early_losses) if len(self.early_losses) == EARLY else None
+        loss_early = summary.first if smooth else loss_early  # type: ignore[union-attr]
         loss_now = statistics.median(self._losses) if loss is not None and len(self._losses) == EARLY else None
         return check_growth(
-            statistics.median(self._norms), loss_now, statistics.median(self.early_norms), loss_early, meta, thresholds
+            statistics.median(self._norms), loss_now, statistics.median(self.early_norms), loss_early, meta, thresholds,
+            self.frontend,
         )
 
     def _nonfinite(self, out: StepOutcome, amp: bool) -> None:

@@ -441,8 +441,9 @@ class Output:
                 f"{name}: no step was computed, so there is no record and no report: the run made {run_steps} "
                 f"optimizer step(s) and statistics are taken every {every} steps (steps {every - 1}, "
                 f"{2 * every - 1}, ...). Fix: log more often, e.g. "
-                f"`log_every_n_steps={max(1, min(every, run_steps) // 4)}` (on the monitor, or on the Trainer, "
-                "whose value the monitor follows)."
+                f"`log_every_n_steps={max(1, min(every, run_steps) // 4)}`"
+                + (" (on the monitor, or on the Trainer, whose value the monitor follows)." if name ==
+                   "GradientHealthMonitor" else ".")
             )
 
     # ------------------------------------------------------------------ report
@@ -474,7 +475,7 @@ class Output:
             if self.history.records_seen:
                 path = write_report(directory, self.history, self.findings, thresholds, inventory=inventory,
                                     notes=notes)  # fmt: skip
-                self.info(console_summary(self.findings, path))
+                self.info(console_summary(self.findings, path, self.history.alerts_raised))
             if self.frontend.loggers and (directory / MODEL_JSON).is_file():
                 state = run_state("stopped" if stopped else "finished", self.history, self.findings, reason=stopped,
                                   sink_notes=self.sinks.notes())  # fmt: skip

@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from lightning_gradhealth.config.thresholds import Severity, Thresholds
+from lightning_gradhealth.diagnosis.grading import recent_medians
 from lightning_gradhealth.diagnosis.history import History
+from lightning_gradhealth.diagnosis.learning import frozen_words, lr_words, smoothed_loss
 from lightning_gradhealth.diagnosis.rules import Finding
 from lightning_gradhealth.output.safe_io import clean, md_code, md_text, write_bytes, write_text
 from lightning_gradhealth.schema.kinds import Kind
@@ -66,7 +68,7 @@ def _summary(history: History, findings: Sequence[Finding], th: Thresholds) -> l
         ("Findings", value, _worst(f.severity for f in findings), tuple(dict.fromkeys(f.kind for f in findings)))
     )
 
-    kinds: tuple = (Kind.EXPLODING, Kind.RISING_TREND, Kind.DECAYING_TREND, Kind.DIVERGING)
+    kinds: tuple = (Kind.EXPLODING, Kind.RISING_TREND, Kind.DECAYING_TREND)  # (diverging: the loss's row)
     total = history.total_norm[last] if last >= 0 else math.nan
     if not math.isfinite(total):
         total_sev = Severity.CRITICAL
@@ -87,6 +89,8 @@ def _summary(history: History, findings: Sequence[Finding], th: Thresholds) -> l
 
     kinds = (Kind.VANISHING, Kind.LAYER_IMBALANCE)
     spread = history.layer_norm_ratio[last] if last >= 0 and len(history.layer_names) > 1 else math.nan
+    if math.isnan(spread) and history.nonfinite_records:
+        kinds = (*kinds, Kind.NONFINITE)  # (not comparable on a non-finite record: not a healthy "n/a")
     rows.append((
         "Largest / smallest layer grad norm (last record)",
         f"{spread:.4g}" if not math.isnan(spread) else "n/a", _of(findings, *kinds), kinds,
@@ -101,13 +105,14 @@ def _summary(history: History, findings: Sequence[Finding], th: Thresholds) -> l
     ))  # fmt: skip
 
     kinds = (Kind.RATIO_HIGH, Kind.RATIO_LOW)
-    medians = [m for m in _median_ratios(history) if math.isfinite(m)]
+    medians = [m for m in recent_medians(history, "ratio") if math.isfinite(m)]
     rows.append((
         "Grad/param ratio, median over recent records (lowest – highest layer)",
         f"{min(medians):.3g} – {max(medians):.3g}" if medians else "n/a", _of(findings, *kinds), kinds,
     ))  # fmt: skip
 
     rows += _update_rows(history, findings)
+    rows += _learning_rows(history, findings)
 
     kinds = (Kind.SPIKE,)
     rows.append(("Gradient-norm spikes", str(len(history.spikes)), _of(findings, *kinds), kinds))
@@ -134,11 +139,7 @@ def _update_rows(history: History, findings: Sequence[Finding]) -> list[tuple[st
     """Update size and batch size, when they were measured (``update_ratio``, ``grad_cosine``, ``noise_scale``)."""
     rows: list[tuple[str, str, Severity, tuple]] = []
     recent = history.recent()
-    medians = []
-    for j in range(len(history.layer_names)):
-        values = [row[j] for row in history.layer_update_ratio[recent] if j < len(row) and math.isfinite(row[j])]
-        if values:
-            medians.append(statistics.median(values))
+    medians = [m for m in recent_medians(history, "update_ratio") if math.isfinite(m)]
     if medians:
         kinds = (Kind.RATIO_HIGH, Kind.RATIO_LOW)
         rows.append((
@@ -150,20 +151,43 @@ def _update_rows(history: History, findings: Sequence[Finding]) -> list[tuple[st
         rows.append(("Cosine of consecutive gradients, median over recent records",
                      f"{statistics.median(cosines):.3g}", Severity.OK, ()))  # fmt: skip
     noises = [v for v in history.noise_scale[recent] if math.isfinite(v)]  # (a noisy estimate: the recent median)
-    if noises:
+    unstable = _of(findings, Kind.DIVERGING, Kind.NONFINITE) is not Severity.OK
+    if noises:  # (an unstable run's noise scale says nothing about its batch size)
         rows.append(("Batch size against the gradient noise scale (McCandlish et al., 2018), recent median",
-                     batch_advice(statistics.median(noises), history.batch_size), Severity.OK, ()))  # fmt: skip
+                     "not judged: the run is unstable; fix the learning rate first" if unstable
+                     else batch_advice(statistics.median(noises), history.batch_size), Severity.OK, ()))  # fmt: skip
     return rows
 
 
-def _median_ratios(history: History) -> list[float]:
-    """Per layer (depth order), the median grad/param ratio over the recent records (the rules' window)."""
-    recent = history.recent()
-    out = []
-    for j in range(len(history.layer_names)):
-        values = [row[j] for row in history.layer_ratio[recent] if j < len(row) and math.isfinite(row[j])]
-        out.append(statistics.median(values) if values else math.nan)
-    return out
+def _learning_rows(history: History, findings: Sequence[Finding]) -> list[tuple[str, str, Severity, tuple]]:
+    """The training loss (every step, smoothed), the learning rate and what is frozen, when known."""
+    rows: list[tuple[str, str, Severity, tuple]] = []
+    summary, facts = history.loss_summary, history.facts
+    smooth, _ = smoothed_loss(history)
+    kinds: tuple = (Kind.DIVERGING, Kind.STALL)
+    if summary is not None and smooth:
+        value = (
+            f"{summary.start:.4g} at the first step -> {smooth[-1]:.4g} now (mean since the previous record); "
+            f"highest step {max(v for v in history.loss_high if math.isfinite(v)):.4g}"
+            if any(math.isfinite(v) for v in history.loss_high) else f"{smooth[-1]:.4g}"
+        )
+        value += f"; {summary.nonfinite} NaN/Inf step(s)" if summary.nonfinite else ""
+        chance = facts.chance_loss if facts is not None else None
+        value += (
+            f"; chance level log({facts.classes}) = {chance:.3g}" if chance is not None and facts is not None
+            else "; chance level unknown (no final nn.Linear with 2+ outputs)"
+        )
+        rows.append((f"Training loss, every step ({summary.steps} steps)", value, _of(findings, *kinds), kinds))
+    else:
+        rows.append(("Training loss, every step", "not given to the monitor", _of(findings, *kinds), kinds))
+    lrs = lr_words(history)
+    if lrs:
+        rows.append(("Learning rate (largest group, computed steps)", lrs, _of(findings, Kind.STALL), (Kind.STALL,)))
+    words = frozen_words(facts)
+    if words:
+        status = Severity.OK if facts is None or facts.intended else _of(findings, Kind.STALL)
+        rows.append(("Frozen parameters (requires_grad=False)", words, status, (Kind.STALL,)))
+    return rows
 
 
 def _kinds_by_layer(inventory: Any) -> dict[str, str]:
@@ -210,7 +234,7 @@ def layer_rows(history: History, findings: Sequence[Finding], inventory: Any = N
             worst[name] = _worst((worst.get(name, Severity.OK), f.severity))
     norms = history.layer_norm[-1] if history.layer_norm else []
     zeros = history.layer_zero_frac[-1] if history.layer_zero_frac else []
-    ratios = _median_ratios(history)
+    ratios = recent_medians(history, "ratio")
     return [
         {
             "layer": name,
@@ -262,6 +286,12 @@ def report_dict(
         "plots": [Path(p).name for p in plots],
         "thresholds": th.to_dict(),
         "warnings": list(notes),
+        "training": {
+            "loss": None if history.loss_summary is None
+            else {k: _json_number(v) if isinstance(v, float) else v for k, v in vars(history.loss_summary).items()},
+            "lr": [[s, _json_number(v)] for s, v in zip(history.steps, history.lr, strict=False)],
+            "model": None if history.facts is None else history.facts.to_dict(),
+        },
         **({"recovery": [dict(r) for r in history.rollbacks]} if history.rollbacks else {}),
     }
 
@@ -444,10 +474,12 @@ def write_report(
     return md
 
 
-def console_summary(findings: list[Finding], path: Path | None) -> str:
-    """A few lines for the console."""
+def console_summary(findings: list[Finding], path: Path | None, alerts: int = 0) -> str:
+    """A few lines for the console (``alerts``: how many alerts the run raised, said when no finding stands)."""
     if not findings:
         head = "Gradient health: ✅ no issue detected."
+        if alerts:
+            head += f" {alerts} alert(s) were raised during the run: transient (no rule over the run confirmed them)."
     else:
         crit = sum(f.severity is Severity.CRITICAL for f in findings)
         head = f"Gradient health: {len(findings)} issue(s) ({crit} critical)."

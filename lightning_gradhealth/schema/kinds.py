@@ -36,6 +36,8 @@ class Kind:
             fraction of the gradient its last ones get (finding).
         RECURRENT_EXPLODING: A recurrent layer's gradient grows through time: its first time steps get far more
             gradient than its last ones (finding).
+        STALL: The training loss stopped improving for a reason the run shows (the learning rate at zero, frozen
+            layers, a loss at chance level), or frozen layers holding training back (finding).
     """
 
     NONFINITE: Final = "nonfinite"
@@ -53,6 +55,7 @@ class Kind:
     DIVERGING: Final = "diverging"
     RECURRENT_VANISHING: Final = "recurrent_vanishing"
     RECURRENT_EXPLODING: Final = "recurrent_exploding"
+    STALL: Final = "stall"
 
 
 #: Every kind, in the order of :class:`Kind`.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-__all__ = ["LayerStats", "StepStats"]
+__all__ = ["LayerStats", "LossSummary", "StepStats"]
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,35 @@ class LayerStats:
 
 
 @dataclass(frozen=True)
+class LossSummary:
+    """Every optimizer step's training loss up to a computed step, summed up on the device with no per-step sync.
+
+    Attributes:
+        steps: Steps whose loss was seen, since the run started.
+        nonfinite: Of those, steps with a NaN/Inf loss.
+        first: The run's own starting level: the median of its first few finite losses.
+        start: The run's first finite loss (before any update could do damage).
+        mean: The mean finite loss of the steps since the previous computed step (a smoothed loss).
+        low: The smallest finite loss of those steps.
+        high: The largest finite loss of those steps.
+        recent: The mean finite loss of the last quarter of those steps (the level now).
+        window: How many steps those are.
+        peak: The largest :attr:`mean` of the run so far (the smoothed loss at its worst).
+    """
+
+    steps: int
+    nonfinite: int
+    first: float
+    start: float
+    mean: float
+    low: float
+    high: float
+    recent: float
+    window: int
+    peak: float = math.nan
+
+
+@dataclass(frozen=True)
 class StepStats:
     """Everything the monitor knows about one optimizer step, produced from one device-to-host transfer.
 
@@ -116,6 +145,9 @@ class StepStats:
             noise scale is measured.
         nonfinite_birth: On a failing step, where the replay found the NaN/Inf born
             (:mod:`~lightning_gradhealth.guard.birth`), or why it could not tell.
+        loss_summary: Every step's training loss since the run started, summed up on the device
+            (:mod:`~lightning_gradhealth.stats.loss`), read in the same transfer.
+        lr: The largest learning rate of the optimizer's parameter groups at this step.
     """
 
     step: int
@@ -143,6 +175,8 @@ class StepStats:
     noise_scale: float | None = None
     batch_size: int | None = None
     nonfinite_birth: str | None = None
+    loss_summary: LossSummary | None = None
+    lr: float | None = None
 
     @property
     def is_finite(self) -> bool:
