@@ -28,6 +28,7 @@ from lightning_gradhealth.diagnosis.grading import rank as _rank
 from lightning_gradhealth.diagnosis.history import History
 from lightning_gradhealth.diagnosis.learning import instability, settle, stall
 from lightning_gradhealth.diagnosis.safety import amp_overflow_finding, nonfinite_fixes
+from lightning_gradhealth.diagnosis.through_time import recurrence
 from lightning_gradhealth.model.inventory import ModelInventory
 from lightning_gradhealth.schema.kinds import Kind
 
@@ -126,7 +127,7 @@ def diagnose(
     find = _finder(inventory, history.facts.frontend if history.facts is not None else None)
     out: list[Finding] = []
     _nonfinite(history, find, out)
-    _recurrence(inventory, find, out)
+    recurrence(inventory, find, out)
     if history.no_grad_params:
         names = tuple(sorted(history.no_grad_params))
         out.append(find(
@@ -456,46 +457,6 @@ def _updates(
                 f"(update ratio ‖Δθ‖/‖θ‖, ~1e-3 is healthy): "
                 + ("their learning rate is too high." if high else "they barely train."),
                 layers=tuple(name for name, _, _ in hits), evidence={"median_update_ratio": {n: m for n, m, _ in hits}},
-            ))  # fmt: skip
-
-
-# ---------------------------------------------------------------------------------------------- recurrence
-#: Through time (issue 19): a recurrent layer's first quarter of time steps getting less than 1/1e3 (1/1e6) of the
-#: input gradient its last quarter gets is vanishing (critical), more than 1e2 (1e4) times as much is exploding:
-#: the exponential decay or growth of ∂L/∂h_k in t - k of Bengio et al. (1994) and Pascanu et al. (2013). Healthy
-#: runs measure 0.1 to 2 (a loss at every step, attention over the states, short sequences).
-TIME_VANISHING = (1e-3, 1e-6)
-TIME_EXPLODING = (1e2, 1e4)
-
-
-def _recurrence(inventory: ModelInventory | None, find: Callable[..., Finding], out: list[Finding]) -> None:
-    """Vanishing or exploding through time, per recurrent layer (:attr:`ModelInventory.time_profiles`).
-
-    An explosion through time in a run that went non-finite is its cause: it leads, critical.
-    """
-    if inventory is None:
-        return
-    went_nonfinite = any(f.kind == Kind.NONFINITE for f in out)
-    for name, profile in inventory.time_profiles.items():
-        ratio = profile.early_over_late()
-        if ratio is None or math.isnan(ratio):
-            continue
-        evidence = {"early_over_late": ratio, "time_steps": profile.steps, "samples": profile.samples}
-        if ratio < TIME_VANISHING[0]:
-            out.append(find(
-                Kind.RECURRENT_VANISHING, Severity.CRITICAL if ratio < TIME_VANISHING[1] else Severity.WARNING,
-                f"the gradient vanishes through time in {name}: its first time steps get {ratio:.1e} of the gradient "
-                f"its last ones get (over {profile.steps} steps): it cannot learn long-range dependencies.",
-                layers=(name,), evidence=evidence,
-            ))  # fmt: skip
-        elif ratio > TIME_EXPLODING[0]:
-            critical = ratio > TIME_EXPLODING[1] or went_nonfinite
-            out.insert(0 if critical else len(out), find(
-                Kind.RECURRENT_EXPLODING, Severity.CRITICAL if critical else Severity.WARNING,
-                f"the gradient grows through time in {name}: its first time steps get {ratio:.3g}x the gradient its "
-                f"last ones get (over {profile.steps} steps)" + (", and the run went non-finite." if went_nonfinite
-                                                                   else "."),
-                layers=(name,), evidence=evidence,
             ))  # fmt: skip
 
 

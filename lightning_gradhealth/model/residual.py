@@ -55,7 +55,14 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+#: Wrappers whose ``forward`` keeps state (FSDP1 initialises its root lazily at the first call, FSDP2 registers its
+#: hooks): never run on proxies.
+_STATEFUL_WRAPPERS = frozenset(("FullyShardedDataParallel", "FSDPModule", "DistributedDataParallel"))
+
+
 def _hooked(module: nn.Module) -> bool:
+    if any(cls.__name__ in _STATEFUL_WRAPPERS for cls in type(module).__mro__):
+        return True
     return bool(module._forward_pre_hooks or module._forward_hooks or module._backward_hooks)
 
 

@@ -17,6 +17,7 @@ from lightning_gradhealth.diagnosis.learning import frozen_words, lr_words, smoo
 from lightning_gradhealth.diagnosis.rules import Finding
 from lightning_gradhealth.output.safe_io import clean, md_code, md_text, write_bytes, write_text
 from lightning_gradhealth.schema.kinds import Kind
+from lightning_gradhealth.schema.metrics import LAYER_METRICS
 from lightning_gradhealth.stats.noise import batch_advice
 
 __all__ = [
@@ -235,6 +236,7 @@ def layer_rows(history: History, findings: Sequence[Finding], inventory: Any = N
     norms = history.layer_norm[-1] if history.layer_norm else []
     zeros = history.layer_zero_frac[-1] if history.layer_zero_frac else []
     ratios = recent_medians(history, "ratio")
+    extra = _extra_columns(history)
     return [
         {
             "layer": name,
@@ -242,10 +244,24 @@ def layer_rows(history: History, findings: Sequence[Finding], inventory: Any = N
             "last_grad_norm": norms[j] if j < len(norms) else math.nan,
             "median_ratio": ratios[j],
             "zero_frac": zeros[j] if j < len(zeros) else math.nan,
+            **{key: last[j] if j < len(last) else math.nan for key, (_, last) in extra.items()},
             "status": worst.get(name, Severity.OK),
         }
         for j, name in enumerate(history.layer_names)
     ]
+
+
+def _extra_columns(history: History) -> dict[str, tuple[str, list[float]]]:
+    """The per-layer statistics whose last value the table shows (``report=True`` in ``LAYER_METRICS``).
+
+    Returns:
+        ``{"last_<series>": (title, last row)}``.
+    """
+    return {
+        f"last_{m.history}": (m.title, rows[-1] if (rows := history.layers.get(m.history)) else [])
+        for m in LAYER_METRICS
+        if m.report and m.history is not None
+    }
 
 
 def _json_number(v: float) -> float | str | None:
@@ -278,7 +294,8 @@ def report_dict(
         "layer_table": [
             {
                 **row,
-                **{k: _json_number(row[k]) for k in ("last_grad_norm", "median_ratio", "zero_frac")},
+                **{k: _json_number(row[k]) for k in ("last_grad_norm", "median_ratio", "zero_frac",
+                                                     *_extra_columns(history))},
                 "status": row["status"].value,
             }
             for row in layer_rows(history, findings, inventory)
@@ -305,8 +322,10 @@ def _layer_table(history: History, findings: Sequence[Finding], inventory: Any) 
     if not rows:
         return []
     with_kind = inventory is not None
+    extra = _extra_columns(history)
     head = ["#", "Layer", *(["Kind"] if with_kind else []), "Last grad norm", "Median grad/param ratio (recent)",
-            "Zero fraction (last)", "Status"]  # fmt: skip
+            "Zero fraction (last)", *(f"{title} (last)".capitalize() for title, _ in extra.values()),
+            "Status"]  # fmt: skip
     lines = [
         "",
         "### Layers (depth order)",
@@ -324,7 +343,8 @@ def _layer_table(history: History, findings: Sequence[Finding], inventory: Any) 
         r = rows[i]
         status = f"{_ICON[r['status']]} {r['status'].value}"
         cells = [str(i), md_code(r["layer"]), *([md_text(r["kind"])] if with_kind else []), _num(r["last_grad_norm"]),
-                 _num(r["median_ratio"]), _num(r["zero_frac"], ".1%"), status]  # fmt: skip
+                 _num(r["median_ratio"]), _num(r["zero_frac"], ".1%"), *(_num(r[k]) for k in extra),
+                 status]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 

@@ -13,10 +13,8 @@ from lightning_gradhealth.config.thresholds import Thresholds
 from lightning_gradhealth.model.inventory import ModelInventory
 from lightning_gradhealth.output.figures import flagged_from, gradient_flow, reference_lines, render
 from lightning_gradhealth.schema.metrics import (
-    GRAD_NORM,
-    GRAD_RATIO,
-    GRAD_ZERO_FRAC,
     HISTOGRAM,
+    LAYER_METRICS,
     SUMMARY_KEYS,
     layer_key_pattern,
     metric_key,
@@ -56,8 +54,7 @@ def custom_scalars_layout(
         The layout, as ``SummaryWriter.add_custom_scalars`` takes it.
     """
     per_layer: dict[str, list[Any]] = {}
-    for title, metric in (("gradient norm", GRAD_NORM), ("grad / param ratio", GRAD_RATIO),
-                          ("zero fraction", GRAD_ZERO_FRAC)):  # fmt: skip
+    for title, metric in ((m.title, m.key) for m in LAYER_METRICS if m.chart):  # (declared once: metrics.py)
         if not layer_names:
             per_layer[f"{title}s"] = ["Multiline", [layer_key_pattern(metric)]]
             continue
