@@ -37,6 +37,8 @@ EARLY_RISE = 1.03
 #: A rise counts when it lasts this many optimizer steps (smoothed windows, or several computed steps): one noisy
 #: batch is not a divergence.
 SUSTAINED_STEPS = 8
+#: The run's first steps, where a loss rising above its first value is an instability (a warm-up overshoot).
+EARLY_STEPS = 2 * SUSTAINED_STEPS
 #: Learning rates far above the usual range of an optimizer family (a loss rising at the start is then theirs).
 _HIGH_LR = {"adaptive": 1e-2, "sgd": 1.0}
 #: Kinds whose advice (raise a learning rate, per-layer rates, a stall) is wrong while the loss diverges: they are
@@ -120,8 +122,12 @@ def instability(history: History, th: Thresholds, find: Callable[..., Any], out:
     rise_late = min(smooth[-max(2, math.ceil(SUSTAINED_STEPS / per_record)) :]) / early
     lasting = _sustained([v >= th.loss_rise_warning * early for v in smooth], per_record)
     diverging_late = lasting and (not math.isfinite(norm_growth) or norm_growth >= th.loss_rise_warning)
-    first_high = highs[0] if highs else smooth[0]
-    early_rise = smooth[0] >= EARLY_RISE * base and first_high >= 1.1 * base
+    # the run's first steps (EARLY_STEPS of them, at least the first record): a loss that rises above where it started
+    # there rose before anything could have helped it (a learning rate or warm-up too aggressive), whether the rise is
+    # seen in the first record (logged rarely) or over the first few (logged often)
+    k = max(1, sum(1 for s in history.steps if s < EARLY_STEPS)) if history.steps else 1
+    first_high = max(highs[:k]) if highs else max(smooth[:k])
+    early_rise = max(smooth[:k]) >= EARLY_RISE * base and first_high >= 1.1 * base
     # a blow-up: the smoothed loss 2x its start over two records and SUSTAINED_STEPS steps at least (one batch, however
     # large, is not one)
     blowup = _longest([v >= th.loss_rise_warning * base for v in smooth]) >= max(2, SUSTAINED_STEPS / per_record)
@@ -130,7 +136,10 @@ def instability(history: History, th: Thresholds, find: Callable[..., Any], out:
         return
     severe = max(smooth) >= th.loss_rise_critical * base or nonfinite > 0 or late >= base or _lr_high(facts, lr)
     steps = history.steps
-    when = f"before the first computed step (step {steps[0]})" if early_rise else f"by step {steps[-1]}"
+    if early_rise and smooth[0] >= EARLY_RISE * base:
+        when = f"before the first computed step (step {steps[0]})"
+    else:
+        when = f"within its first {EARLY_STEPS} steps" if early_rise else f"by step {steps[-1]}"
     summary_text = (
         f"the training loss rose from {base:.3g} (its first step, before any update) to {peak:.3g} {when}"
         if not diverging_late

@@ -461,6 +461,11 @@ def _updates(
 
 
 def _ordered(findings: list[Finding]) -> list[Finding]:
-    """Non-finite gradients first, then the loss's instability (its fix comes first), then critical findings."""
-    return sorted(findings, key=lambda f: (f.kind != Kind.NONFINITE, f.kind != Kind.DIVERGING,
+    """The findings in the order a reader should act on them.
+
+    A critical explosion through time first (the cause of the run's NaN, whose fix is clipping, not an eps where the
+    NaN surfaced), then non-finite gradients, the loss's instability (its fix comes first), critical findings.
+    """
+    return sorted(findings, key=lambda f: (not (f.kind == Kind.RECURRENT_EXPLODING and f.severity is Severity.CRITICAL),
+                                           f.kind != Kind.NONFINITE, f.kind != Kind.DIVERGING,
                                            f.severity is not Severity.CRITICAL))  # fmt: skip
