@@ -72,7 +72,7 @@ def test_the_history_keeps_one_series_per_kept_statistic() -> None:
 
 def test_the_layout_and_the_report_follow_the_table(monkeypatch) -> None:
     """Marking a statistic `chart=True, report=True` in LAYER_METRICS alone gives it TensorBoard charts and a column."""
-    from lightning_gradhealth.output import report, visuals
+    from lightning_gradhealth.output import layer_table, visuals
     from lightning_gradhealth.schema import metrics
 
     record = full_record()
@@ -80,14 +80,14 @@ def test_the_layout_and_the_report_follow_the_table(monkeypatch) -> None:
     history.add(record)
     before = visuals.custom_scalars_layout(layer_names=["0", "2"])["gradient health: per layer"]
     assert not any("dead units" in title for title in before)
-    assert "last_dead_units" not in report.layer_rows(history, [])[0]
+    assert "last_dead_units" not in layer_table.layer_rows(history, [])[0]
     marked = tuple(dataclasses.replace(m, chart=True, report=True) if m.key == metrics.GRAD_DEAD_UNITS else m
                    for m in LAYER_METRICS)
     monkeypatch.setattr(visuals, "LAYER_METRICS", marked)
-    monkeypatch.setattr(report, "LAYER_METRICS", marked)
+    monkeypatch.setattr(layer_table, "LAYER_METRICS", marked)
     after = visuals.custom_scalars_layout(layer_names=["0", "2"])["gradient health: per layer"]
     assert any(title.startswith("dead units") for title in after)
-    rows = report.layer_rows(history, [])
+    rows = layer_table.layer_rows(history, [])
     assert rows[0]["last_dead_units"] == record.layers[0].dead_unit_frac
-    table = "\n".join(report._layer_table(history, [], None))
+    table = "\n".join(layer_table.layer_table(history, [], None))
     assert "Dead units (last)" in table
