@@ -8,6 +8,7 @@ import sys
 
 import pytest
 from conftest import TinyMLP, loader, make_trainer
+from lightning.pytorch.callbacks import TQDMProgressBar
 
 from lightning_gradhealth import Alert, AlertManager, GradientHealthMonitor, Severity, Thresholds
 from lightning_gradhealth.diagnosis.checks import check_record
@@ -185,7 +186,9 @@ def test_alerts_do_not_break_the_progress_bar(monkeypatch, tmp_path):
     # every global norm is "exploding", and the window is one step: one alert per step
     th = Thresholds(total_norm_high_warning=1e-9, total_norm_high_critical=1e-8)
     monitor = GradientHealthMonitor(thresholds=th, alert_window=1, on_alert=seen.append, report=False)
-    trainer = make_trainer(tmp_path, callbacks=[monitor], max_steps=6, enable_progress_bar=True)
+    # (Lightning's default bar is Rich's when `rich` is installed, as it is with the test extras: ask for tqdm)
+    bar = TQDMProgressBar()
+    trainer = make_trainer(tmp_path, callbacks=[monitor, bar], max_steps=6, enable_progress_bar=True)
     trainer.fit(TinyMLP(), loader(n=64, batch_size=8))  # 8 batches: the bar is mid-epoch at every alert
 
     text = terminal.getvalue()
