@@ -402,18 +402,7 @@ class DeferredGuard:
                 numel = sum(layout.params[i].numel() for i in pending.present if layout.layer_of_param[i] == j)
                 layers.append(LayerStats(name=layout.layer_names[j], numel=numel, grad_norm=g, param_norm=math.nan,
                                          ratio=math.nan, zero_frac=math.nan))  # fmt: skip
-        micro = extras.get("first_nonfinite_micro_batch")
-        finite = math.isfinite(total)
-        scale = extras.get("amp_scale")
-        meta = entry.meta
-        return StepStats(
-            step=meta.step, global_step=meta.global_step, epoch=meta.epoch, batch_idx=meta.batch_idx,
-            optimizer_idx=meta.optimizer_idx, total_norm=total, param_norm=math.nan, zero_frac=math.nan,
-            nan_count=0, inf_count=0, layer_norm_ratio=math.nan, no_grad_count=0, layers=tuple(layers),
-            amp_scale=scale, amp_overflow=scale is not None and not finite,
-            first_nonfinite_micro_batch=None if finite else int(micro) if micro is not None and micro >= 0 else 0,
-            loss=extras.get("loss"), counts_exact=finite,
-        )  # fmt: skip
+        return StepStats.assemble(entry.meta, total, layers, extras, counts_exact=False)
 
     def close(self) -> None:
         """Take back the device-skip flags."""

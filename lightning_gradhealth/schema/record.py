@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 __all__ = ["LayerStats", "LossSummary", "StepStats"]
 
@@ -177,6 +179,60 @@ class StepStats:
     nonfinite_birth: str | None = None
     loss_summary: LossSummary | None = None
     lr: float | None = None
+
+    @classmethod
+    def assemble(
+        cls,
+        meta: Any,
+        total_norm: float,
+        layers: Sequence[LayerStats] = (),
+        extras: Mapping[str, float] | None = None,
+        *,
+        param_norm: float = math.nan,
+        zero_frac: float = math.nan,
+        nan_count: int = 0,
+        inf_count: int = 0,
+        layer_norm_ratio: float = math.nan,
+        no_grad_params: tuple[str, ...] = (),
+        counts_exact: bool = True,
+        **more: Any,
+    ) -> StepStats:
+        """The one place a record is built: from where the step is, what was measured and the extras that rode along.
+
+        What follows from those is derived here, the same way for a computed step (the engine), a failing step read
+        a step late (per-tensor norms only) and a step read back from logged metrics: the parameter count without a
+        gradient, the loss scale and whether it overflowed, the loss, the first non-finite micro-batch (0 on a
+        non-finite step of a single micro-batch) and the largest ``|g|``.
+
+        Args:
+            meta: Where the step is: ``step``, ``global_step``, ``epoch``, ``batch_idx``, ``optimizer_idx``.
+            total_norm: The global gradient norm.
+            layers: The per-layer statistics.
+            extras: Scalars that rode with the step (``amp_scale``, ``loss``, ``first_nonfinite_micro_batch``).
+            param_norm: The global parameter norm (NaN: not measured).
+            zero_frac: The global zero fraction (NaN: not measured).
+            nan_count: NaN gradient entries.
+            inf_count: Inf gradient entries.
+            layer_norm_ratio: Largest over smallest layer norm (NaN: not comparable).
+            no_grad_params: Watched parameters without a gradient.
+            counts_exact: Whether NaN/Inf entries were counted (a finite step's always are).
+            **more: Other fields, as they are.
+        """
+        extras = extras or {}
+        finite = math.isfinite(total_norm)
+        scale = extras.get("amp_scale")
+        micro = extras.get("first_nonfinite_micro_batch")
+        # none tracked: a single micro-batch, the one that went non-finite; negative: tracked, none seen going bad
+        first_bad = None if finite or (micro is not None and micro < 0) else (0 if micro is None else int(micro))
+        return cls(
+            step=meta.step, global_step=meta.global_step, epoch=meta.epoch, batch_idx=meta.batch_idx,
+            optimizer_idx=meta.optimizer_idx, total_norm=total_norm, param_norm=param_norm, zero_frac=zero_frac,
+            nan_count=nan_count, inf_count=inf_count, layer_norm_ratio=layer_norm_ratio,
+            no_grad_count=len(no_grad_params), no_grad_params=no_grad_params, layers=tuple(layers),
+            amp_scale=scale, amp_overflow=scale is not None and not finite, first_nonfinite_micro_batch=first_bad,
+            grad_max_abs=max((lay.max_abs for lay in layers if lay.max_abs is not None), default=None),
+            loss=extras.get("loss"), counts_exact=counts_exact or finite, **more,
+        )  # fmt: skip
 
     @property
     def is_finite(self) -> bool:

@@ -380,36 +380,18 @@ class GradStatsEngine:
         else:
             layer_norm_ratio = host.scalar("max_layer_norm") / host.scalar("min_layer_norm") if n_ratio >= 2 else 1.0
         no_grad = tuple(name for i, name in enumerate(layout.param_names) if i not in present)
-        grad_scale = extras.get("amp_scale")
-        loss = extras.get("loss")
         micro = extras.get("first_nonfinite_micro_batch")
         if not math.isfinite(total) and not pending.reduction.empty and exact:
             # each rank saw its own gradient (or shard) go bad at its own micro-batch: the first one anywhere
             micro = first_micro_batch_anywhere(micro, pending)
-        if micro is None and not math.isfinite(total):
-            micro = 0  # no micro-batch tracking (a single micro-batch): it is the one that went non-finite
-        record = StepStats(
-            step=meta.step,
-            global_step=meta.global_step,
-            epoch=meta.epoch,
-            batch_idx=meta.batch_idx,
-            optimizer_idx=meta.optimizer_idx,
-            total_norm=total,
-            param_norm=host.scalar("total_param_norm"),
-            zero_frac=(total_numel - host.scalar("total_nonzero")) / total_numel,
-            nan_count=sum(nan_l),
-            inf_count=sum(inf_l),
-            layer_norm_ratio=layer_norm_ratio,
-            no_grad_count=len(no_grad),
-            no_grad_params=no_grad,
-            layers=tuple(layers),
-            amp_scale=grad_scale,
-            amp_overflow=grad_scale is not None and not math.isfinite(total),
-            first_nonfinite_micro_batch=None if micro is None or micro < 0 else int(micro),
-            grad_max_abs=max((lay.max_abs for lay in layers if lay.max_abs is not None), default=None),
-            loss=loss,
-            counts_exact=exact or math.isfinite(total),
-        )
+        if micro is not None:
+            extras = {**extras, "first_nonfinite_micro_batch": micro}
+        zero_frac = (total_numel - host.scalar("total_nonzero")) / total_numel
+        record = StepStats.assemble(
+            meta, total, layers, extras, param_norm=host.scalar("total_param_norm"), zero_frac=zero_frac,
+            nan_count=sum(nan_l), inf_count=sum(inf_l), layer_norm_ratio=layer_norm_ratio, no_grad_params=no_grad,
+            counts_exact=exact,
+        )  # fmt: skip
         if pending.reduction.stage_group is not None:  # pipeline: every stage's layers in one record
             record = merge_stages(record, total_numel, self.norm_type, pending.reduction.stage_group)
         return record
