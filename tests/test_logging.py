@@ -258,7 +258,8 @@ def test_exactly_one_host_transfer_per_computed_step_and_nothing_on_other_steps(
             # reads every parameter's requires_grad (is the watched set the same?): host attribute reads
             assert set(step_calls) <= {"__get__"}, (step, step_calls)
     epochs = math.ceil(6 / (8 // accumulate))  # 8 batches per epoch
-    reads = [s for s, name in calls if name == "__get__" and s not in computed]
+    # (after the last step, at the end of fit, the report reads what is frozen: not a per-step cost)
+    reads = [s for s, name in calls if name == "__get__" and s not in computed and s < 6]
     assert len(reads) <= 6 * epochs  # TinyMLP has 6 parameters: one read each, once per epoch
 
 

@@ -155,13 +155,13 @@ class StepsInFlight:
         out: list[tuple[StepStats, bool]] = []
         while self.awaiting_clip:
             _, (entry, layout) = self.awaiting_clip.popitem()
-            if collectives and (norm := self._post_clip_norm(layout, reduction)) is not None:
-                self.queue.post_clip(entry, norm)
-            if entry.decided is not None:
-                record = entry.decided
-                if entry.post_clip is not None:
-                    record = replace(record, post_clip_norm=entry.post_clip.values()[0])
-                out.append((record, entry.several))
+            norm = self._post_clip_norm(layout, reduction) if collectives else None
+            if entry.decided is None:  # deferred: the norm goes to the host with the step, no sync
+                if norm is not None:
+                    self.queue.post_clip(entry, norm)
+                continue
+            record = entry.decided  # decided at once: the clipped step's second transfer, now
+            out.append((record if norm is None else replace(record, post_clip_norm=norm.item()), entry.several))
         return out
 
     def _post_clip_norm(self, layout: ParamLayout, reduction: Reduction) -> torch.Tensor | None:

@@ -216,7 +216,8 @@ class StepPipeline:
         A step that is not due, with no guard, clipping or spike detection, stops here: it runs no other torch
         operation.
         """
-        self._loss.observe(loss)
+        if due or self.options.guards_every_step:  # (with every per-step feature off: no torch op at all)
+            self._loss.observe(loss)
         self._run_steps += 1
         self._due_steps += bool(due)
         self._now = step

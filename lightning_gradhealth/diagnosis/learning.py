@@ -126,17 +126,22 @@ def instability(history: History, th: Thresholds, find: Callable[..., Any], out:
     # there rose before anything could have helped it (a learning rate or warm-up too aggressive), whether the rise is
     # seen in the first record (logged rarely) or over the first few (logged often)
     k = max(1, sum(1 for s in history.steps if s < EARLY_STEPS)) if history.steps else 1
-    first_high = max(highs[:k]) if highs else max(smooth[:k])
-    early_rise = max(smooth[:k]) >= EARLY_RISE * base and first_high >= 1.1 * base
+    first_high = highs[0] if highs else smooth[0]
+    before_first = smooth[0] >= EARLY_RISE * base and first_high >= 1.1 * base
+    window = [v for v in smooth[:k] if math.isfinite(v)]
+    window_high = max((v for v in highs[:k] if math.isfinite(v)), default=first_high)
+    in_window = bool(window) and max(window) >= EARLY_RISE * base and window_high >= 1.1 * base
     # a blow-up: the smoothed loss 2x its start over two records and SUSTAINED_STEPS steps at least (one batch, however
     # large, is not one)
     blowup = _longest([v >= th.loss_rise_warning * base for v in smooth]) >= max(2, SUSTAINED_STEPS / per_record)
-    corroborated = blowup or nonfinite > 0 or _lr_high(facts, lr) or norm_growth >= 3
-    if not (diverging_late or (early_rise and corroborated) or blowup):
+    # a NaN loss corroborates a rise seen before the first record only (later, one NaN is the nonfinite finding's)
+    strong = blowup or _lr_high(facts, lr) or norm_growth >= 3
+    early_rise = (before_first and (strong or nonfinite > 0)) or (in_window and strong)
+    if not (diverging_late or early_rise or blowup):
         return
     severe = max(smooth) >= th.loss_rise_critical * base or nonfinite > 0 or late >= base or _lr_high(facts, lr)
     steps = history.steps
-    if early_rise and smooth[0] >= EARLY_RISE * base:
+    if early_rise and before_first:
         when = f"before the first computed step (step {steps[0]})"
     else:
         when = f"within its first {EARLY_STEPS} steps" if early_rise else f"by step {steps[-1]}"

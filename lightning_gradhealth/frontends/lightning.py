@@ -374,7 +374,8 @@ class GradientHealthMonitor(*_callback_bases()):  # type: ignore[misc]
         computed steps, and is folded into the guard's norm on every guarded step (a non-finite loss fails the step,
         with no extra sync).
         """
-        self._loss = loss.detach() if self._loss is None else self._loss + loss.detach()
+        if self._due(trainer) or self.options.guards_every_step:  # (guard off: a step not logged runs no torch op)
+            self._loss = loss.detach() if self._loss is None else self._loss + loss.detach()
 
     def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Under accumulation, note on the device whether this micro-batch made the gradient non-finite."""
