@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from lightning_gradhealth.output.safe_io import UnsafePathError, clean, read_json, shown
+from lightning_gradhealth.output.safe_io import clean, read_optional_json, shown
 
 __all__ = ["MODEL_FILE_ERRORS", "read_model_file", "valid_inventory", "valid_thresholds"]
 
@@ -40,14 +40,9 @@ def read_model_file(path: Path) -> tuple[dict[str, Any] | None, str | None]:
     Raises:
         UnsafePathError: It is a link, a FIFO, a device, too large or too deep: not a file this run wrote.
     """
-    if not path.exists() and not path.is_symlink():
-        return None, None
-    try:
-        data = read_json(path)
-    except UnsafePathError:
-        raise
-    except (OSError, ValueError) as err:
-        return None, f"{shown(path)} is unreadable ({clean(str(err))})"
+    data, problem = read_optional_json(path, shown(path))
+    if problem is not None or data is None:
+        return None, problem
     if not isinstance(data, dict):
         return None, f"{shown(path)} is unreadable (not a JSON object)"
     return data, None

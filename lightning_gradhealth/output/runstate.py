@@ -18,7 +18,7 @@ from typing import Any
 
 from lightning_gradhealth.diagnosis.history import History
 from lightning_gradhealth.diagnosis.rules import Finding
-from lightning_gradhealth.output.safe_io import UnsafePathError, clean, read_json
+from lightning_gradhealth.output.safe_io import clean, read_optional_json
 
 __all__ = ["RUN_JSON", "read_run_state", "run_state", "write_run_state"]
 
@@ -77,14 +77,9 @@ def read_run_state(run_dir: str | Path) -> tuple[dict[str, Any] | None, str | No
         UnsafePathError: The file is a link, a FIFO, a device, too large or too deep.
     """
     path = Path(run_dir) / RUN_JSON
-    if not path.exists() and not path.is_symlink():
-        return None, None
-    try:
-        data = read_json(path)
-    except UnsafePathError:
-        raise
-    except (OSError, ValueError) as err:
-        return None, f"{clean(str(path))} is unreadable ({clean(str(err))})"
+    data, problem = read_optional_json(path)
+    if problem is not None or data is None:
+        return None, problem
     if not isinstance(data, dict) or data.get("status") not in _STATUSES:
         return None, f"{clean(str(path))} is not a run state this version wrote (no valid 'status')"
     reason = data.get("reason")

@@ -36,6 +36,7 @@ __all__ = [
     "md_text",
     "open_regular",
     "read_json",
+    "read_optional_json",
     "safe_dir",
     "shown",
     "write_bytes",
@@ -247,3 +248,23 @@ def _umask() -> int:
         os.umask(mask)
         _UMASK.append(mask)
     return _UMASK[0]
+
+
+def read_optional_json(path: Path, name: str | None = None) -> tuple[Any, str | None]:
+    """A JSON file a run may or may not have written.
+
+    Returns:
+        ``(value, None)``; ``(None, None)`` when it is absent; ``(None, why)`` when it cannot be read (naming it
+        ``name``, else its escaped path: one line for stderr).
+
+    Raises:
+        UnsafePathError: It is a link, a FIFO, a device, too large or too deep: not a file the run wrote.
+    """
+    if not path.exists() and not path.is_symlink():
+        return None, None
+    try:
+        return read_json(path), None
+    except UnsafePathError:
+        raise
+    except (OSError, ValueError) as err:
+        return None, f"{name or clean(str(path))} is unreadable ({clean(str(err))})"
