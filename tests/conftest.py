@@ -90,6 +90,17 @@ def _deterministic() -> Any:
     OPEN_RUNS.clear()  # (a test's unclosed loop run is not closed at the suite's exit: no stray report files)
 
 
+@pytest.fixture(autouse=True)
+def _rank_zero_logger() -> Any:
+    """Importing ``pytorch_lightning`` (the namespace tests do, in this process) points the rank-zero logger that both
+    namespaces share at its own: put it back, so later tests read Lightning's messages where Lightning logs them."""
+    from lightning_utilities.core import rank_zero
+
+    log = rank_zero.log
+    yield
+    rank_zero.log = log
+
+
 def loader(n: int = 64, batch_size: int = 8, seed: int = 0) -> DataLoader:
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 8, generator=gen)
