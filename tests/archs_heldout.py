@@ -22,6 +22,8 @@ from typing import Any
 import lightning as L
 import torch
 from archs import Arch, _loader, markov_tokens, pattern_images, teacher_regression, warmup_cosine
+from archs import _cls_loss as _cls
+from archs import _mse_loss as _mse
 from torch import nn
 from torch.nn import functional as F
 
@@ -53,16 +55,6 @@ class BareTask(L.LightningModule):
             return opt
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self.schedule)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-
-def _cls(model: nn.Module, batch: Any) -> torch.Tensor:
-    x, y = batch
-    return F.cross_entropy(model(x), y)
-
-
-def _mse(model: nn.Module, batch: Any) -> torch.Tensor:
-    x, y = batch
-    return F.mse_loss(model(x), y)
 
 
 def _adamw(lr: float, wd: float = 0.01) -> Callable[[nn.Module], torch.optim.Optimizer]:
