@@ -134,7 +134,9 @@ def _check_agc(layout: str, out: Path, ranks: list[dict]) -> None:
     seen = set()
     for r, result in enumerate(ranks):
         for name, g in torch.load(out / f"agc_{layout}_rank{r}.pt").items():
-            torch.testing.assert_close(g.double(), expected[name], rtol=1e-5, atol=1e-8, msg=f"{layout} {r} {name}")
+            # (float32 pieces: entries that are a few float32 ulps of the tensor's largest apart)
+            atol = 1e-6 * float(expected[name].abs().max())
+            torch.testing.assert_close(g.double(), expected[name], rtol=1e-5, atol=atol, msg=f"{layout} {r} {name}")
             seen.add(name)
         norm = torch.cat([t.reshape(-1) for t in expected.values()]).norm().item()
         assert result[f"agc:{layout}"]["clipped_norm"] == pytest.approx(norm, rel=1e-5), (layout, r)

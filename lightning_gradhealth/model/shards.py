@@ -88,6 +88,23 @@ def shards_of(
     """
     if reduction.shard_group is None:
         return None if reduction.stage_group is None else Shards(group=None, stage_group=reduction.stage_group)
+    key = (id(reduction), len(tensors), None if params is None else tuple(map(id, params)))
+    cached = _SHARDS.get(key)
+    if cached is not None and cached[0] is reduction and params is not None:
+        return cached[1]  # (the placements of a set of parameters' gradients do not change from step to step)
+    shards = _shards_of(tensors, reduction, params)
+    if len(_SHARDS) > 64:
+        _SHARDS.clear()
+    _SHARDS[key] = (reduction, shards)
+    return shards
+
+
+_SHARDS: dict[tuple[Any, ...], tuple[Reduction, Shards]] = {}
+
+
+def _shards_of(
+    tensors: Sequence[torch.Tensor], reduction: Reduction, params: Sequence[torch.Tensor] | None
+) -> Shards:
     stage = reduction.mesh
     if stage is None:  # FSDP1
         whole = reduction.whole if params is not None else frozenset()
