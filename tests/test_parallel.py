@@ -3,7 +3,7 @@ tensor parallelism alone, HSDP, a 2-stage pipeline x 2-way FSDP2, a 2-stage pipe
 a 4-stage pipeline of plain modules (both under the deferred guard). Every logged number (total and every layer,
 stats="full", dead units) equals an unsharded float64 reference fed the same batches; clipping by norm and AGC give
 the reference's clipped gradients; a NaN in one rank's piece stops every rank at the same step, naming the layer.
-One launch runs several cases in sequence (tp_script.CASES)."""
+One launch runs every case in sequence (tp_script.CASES); each test checks the cases of one layout family."""
 
 from __future__ import annotations
 
@@ -143,11 +143,18 @@ def _check_agc(layout: str, out: Path, ranks: list[dict]) -> None:
     assert seen == set(grads)  # every parameter, on some stage
 
 
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory) -> tuple[Path, list[dict]]:
+    """Every case of tp_script.py, in ONE launch of 4 processes (a launch costs more than all its cases)."""
+    out = tmp_path_factory.mktemp("tp")
+    return out, _launch("all", out)
+
+
 @pytest.mark.parametrize("mode", ["fsdp_tp", "tp", "hsdp", "pp"])
-def test_four_processes_equal_the_unsharded_reference_and_stop_together(tmp_path, mode):
+def test_four_processes_equal_the_unsharded_reference_and_stop_together(launched, mode):
     from tp_script import CASES
 
-    ranks = _launch(mode, tmp_path)
+    tmp_path, ranks = launched
     for case in CASES[mode]:
         kind, _, layout = case.rpartition(":")
         for r, result in enumerate(ranks):

@@ -1,6 +1,6 @@
 """Run by test_parallel.py as `python tp_script.py OUT_DIR MODE`: a plain PyTorch loop on 4 gloo processes with
-`GradientHealth`, running the cases of ``CASES[MODE]`` one after the other in the same processes (one launch), on
-layouts of the same small residual MLP:
+`GradientHealth`, running the cases of ``CASES[MODE]`` one after the other in the same processes (the test runs
+``MODE=all``: one launch), on layouts of the same small residual MLP:
 
 - ``fsdp_tp``: a 2x2 mesh ("dp", "tp"): each block's ``w1``/``w2`` Colwise/Rowwise parallel on "tp", then
   ``fully_shard`` on "dp" (torchtitan's 2-D layout: ``_StridedShard``, ``Shard`` on two dims, 1-D meshes beside);
@@ -39,6 +39,7 @@ CASES = {
     "hsdp": ("hsdp", "agc:hsdp"),
     "pp": ("pp", "pp_tp", "agc:pp_tp", "pp_plain"),
 }
+CASES["all"] = tuple(case for cases in CASES.values() for case in cases)  # (one launch for the whole test module)
 # per training case: steps, the rank whose piece turns NaN at step 2, and the monitor's options
 TRAIN = {
     "fsdp_tp": (3, 3, {"clip": "norm", "max_norm": MAX_NORM}),
