@@ -159,6 +159,12 @@ def test_four_processes_equal_the_unsharded_reference_and_stop_together(launched
         kind, _, layout = case.rpartition(":")
         for r, result in enumerate(ranks):
             assert result[case]["data"] == DATA[layout][r], case
+        if kind == "refuse":  # a gradient still Partial, or placed otherwise than its parameter: refused, saying why
+            for result in ranks:
+                partial, other = result[case]["reasons"]
+                assert "clip='agc'" in partial and "still Partial" in partial and "redistribute" in partial
+                assert "placed (Replicate(),) but its parameter (Shard(dim=0),)" in other and "redistribute" in other
+            continue
         (_check_agc if kind else _check_training)(layout, tmp_path, ranks)
 
 

@@ -14,8 +14,9 @@
 A training case (``TRAIN``) runs a few steps with the options of its layout; every rank saves its records and, at
 step 0, its clipped gradients (whole tensors). At step 2 one rank writes a NaN into its piece of
 ``blocks.1.w2.weight``: every rank must stop at that step naming the layer (one step later under the deferred
-guard). An ``agc:<layout>`` case clips one step's gradient with ``clip="agc"`` and saves it whole. The test rebuilds
-every number from an unsharded float64 reference fed the same batches.
+guard). An ``agc:<layout>`` case clips one step's gradient with ``clip="agc"`` and saves it whole; ``refuse:tp`` gives
+AGC gradients it cannot pair with their parameters' rows. The test rebuilds every number from an unsharded float64
+reference fed the same batches.
 """
 
 import json
@@ -35,7 +36,7 @@ from lightning_gradhealth import GradientHealth, TrainingHealthError
 D, H, MAX_NORM, AGC = 8, 16, 0.05, 0.5
 CASES = {
     "fsdp_tp": ("fsdp_tp", "agc:fsdp_tp"),
-    "tp": ("tp", "agc:tp"),
+    "tp": ("tp", "agc:tp", "refuse:tp"),
     "hsdp": ("hsdp", "agc:hsdp"),
     "pp": ("pp", "pp_tp", "agc:pp_tp", "pp_plain"),
 }
@@ -243,13 +244,35 @@ def agc(layout: str, rank: int, out: Path) -> dict:
     return {"clipped_norm": clipped_norm, "data": data}
 
 
+def refuse(layout: str, rank: int, out: Path) -> dict:
+    """AGC refuses, saying why, a gradient still ``Partial`` or placed otherwise than its parameter."""
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+
+    from lightning_gradhealth.guard.clipping import AGCClipper
+    from lightning_gradhealth.model.distributed import local, resolve
+    from lightning_gradhealth.model.shards import shards_of
+    from lightning_gradhealth.schema.errors import UnsupportedSetupError
+
+    mesh = _mesh((4,), ("tp",))
+    weight = distribute_tensor(torch.ones(8, 4), mesh, [Shard(0)])
+    reasons = []
+    for placement in (Partial(), Replicate()):
+        grad = DTensor.from_local(torch.ones(8, 4), mesh, [placement])
+        try:
+            shards = shards_of([grad], resolve([grad], None), [weight])
+            AGCClipper(AGC).clip([local(grad)], [local(weight)], 1.0, None, shards)
+        except UnsupportedSetupError as err:
+            reasons.append(str(err))
+    return {"reasons": reasons, "data": 0}
+
+
 def run(rank: int, out: str, mode: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=4)
     torch.set_num_threads(1)
     result = {}
     for case in CASES[mode]:
         kind, _, layout = case.rpartition(":")
-        result[case] = (agc if kind else train)(layout, rank, Path(out))
+        result[case] = {"agc": agc, "refuse": refuse, "": train}[kind](layout, rank, Path(out))
         dist.barrier()
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(result))
     dist.barrier()
