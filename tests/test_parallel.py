@@ -23,7 +23,7 @@ HERE = Path(__file__).parent
 ROOT = HERE.parent
 # the data coordinate of each rank, per layout (tensor-parallel peers and pipeline stages share a batch)
 DATA = {"fsdp_tp": (0, 0, 1, 1), "tp": (0, 0, 0, 0), "hsdp": (0, 1, 2, 3), "pp": (0, 1, 0, 1), "pp_tp": (0, 0, 0, 0),
-        "pp_plain": (0, 0, 0, 0)}  # fmt: skip
+        "pp_plain": (0, 0, 0, 0), "fsdp1": (0, 1, 2, 3)}  # fmt: skip
 
 
 def _launch(mode: str, out: Path) -> list[dict]:
@@ -164,6 +164,15 @@ def test_four_processes_equal_the_unsharded_reference_and_stop_together(launched
                 partial, other = result[case]["reasons"]
                 assert "clip='agc'" in partial and "still Partial" in partial and "redistribute" in partial
                 assert "placed (Replicate(),) but its parameter (Shard(dim=0),)" in other and "redistribute" in other
+            continue
+        if kind == "value":  # FSDP1 NO_SHARD: every rank holds whole parameters, counted once in the post-clip norm
+            from tp_script import CLIP_VALUE, make_model
+
+            model = make_model()
+            x, y = _union_batch(layout, 0)
+            nn.functional.mse_loss(model(x), y).backward()
+            norm = torch.cat([p.grad.double().clamp(-CLIP_VALUE, CLIP_VALUE).reshape(-1) for p in model.parameters()])
+            assert all(r[case]["clipped_norm"] == pytest.approx(norm.norm().item(), rel=1e-5) for r in ranks)
             continue
         (_check_agc if kind else _check_training)(layout, tmp_path, ranks)
 

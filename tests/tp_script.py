@@ -15,7 +15,7 @@ A training case (``TRAIN``) runs a few steps with the options of its layout; eve
 step 0, its clipped gradients (whole tensors). At step 2 one rank writes a NaN into its piece of
 ``blocks.1.w2.weight``: every rank must stop at that step naming the layer (one step later under the deferred
 guard). An ``agc:<layout>`` case clips one step's gradient with ``clip="agc"`` and saves it whole; ``refuse:tp`` gives
-AGC gradients it cannot pair with their parameters' rows. The test rebuilds every number from an unsharded float64
+AGC gradients it cannot pair with their parameters' rows; ``value:fsdp1`` clips by value under FSDP1 ``NO_SHARD``. The test rebuilds every number from an unsharded float64
 reference fed the same batches.
 """
 
@@ -33,11 +33,11 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 
 from lightning_gradhealth import GradientHealth, TrainingHealthError
 
-D, H, MAX_NORM, AGC = 8, 16, 0.05, 0.5
+D, H, MAX_NORM, AGC, CLIP_VALUE = 8, 16, 0.05, 0.5, 0.01
 CASES = {
     "fsdp_tp": ("fsdp_tp", "agc:fsdp_tp"),
     "tp": ("tp", "agc:tp", "refuse:tp"),
-    "hsdp": ("hsdp", "agc:hsdp"),
+    "hsdp": ("hsdp", "agc:hsdp", "value:fsdp1"),
     "pp": ("pp", "pp_tp", "agc:pp_tp", "pp_plain"),
 }
 CASES["all"] = tuple(case for cases in CASES.values() for case in cases)  # (one launch for the whole test module)
@@ -244,6 +244,19 @@ def agc(layout: str, rank: int, out: Path) -> dict:
     return {"clipped_norm": clipped_norm, "data": data}
 
 
+def value(layout: str, rank: int, out: Path) -> dict:
+    """FSDP1 leaving every parameter whole (``NO_SHARD``): ``clip="value"``'s post-clip norm counts each once."""
+    from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
+
+    model = FullyShardedDataParallel(make_model(), sharding_strategy=ShardingStrategy.NO_SHARD, use_orig_params=True,
+                                     device_id=torch.device("cpu"))  # fmt: skip
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    health = _monitor(model, {}, clip="value", clip_value=CLIP_VALUE, stats="basic")
+    forward_backward(model, *batch(rank, 0), {})
+    health.step(opt, step=0)
+    return {"clipped_norm": health.guard.counters(amp=False)["grad_health/clipped_norm"], "data": rank}
+
+
 def refuse(layout: str, rank: int, out: Path) -> dict:
     """AGC refuses, saying why, a gradient still ``Partial`` or placed otherwise than its parameter."""
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
@@ -272,7 +285,7 @@ def run(rank: int, out: str, mode: str) -> None:
     result = {}
     for case in CASES[mode]:
         kind, _, layout = case.rpartition(":")
-        result[case] = {"agc": agc, "refuse": refuse, "": train}[kind](layout, rank, Path(out))
+        result[case] = {"agc": agc, "refuse": refuse, "value": value, "": train}[kind](layout, rank, Path(out))
         dist.barrier()
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(result))
     dist.barrier()
