@@ -9,8 +9,9 @@ Run from the repository root::
 ``--census`` runs 4 CPU processes on a 2x2 ("dp", "tp") mesh: 8 residual blocks of ``Linear(64, 256)`` (ColwiseParallel)
 and ``Linear(256, 64)`` (RowwiseParallel) with a LayerNorm, under ``fully_shard`` on "dp" (FSDP2 x TP, torchtitan's
 layout), and counts every collective the monitor starts (by wrapping torch.distributed's functions) in a guarded step
-(``engine.guard``) and in a logged step with ``stats="basic"`` and ``"full"`` (``engine.compute`` + ``finish``),
-with the bytes each rank sends into it (the tensor's size; an object all-gather's pickle).
+(``engine.guard``), in a logged step with ``stats="basic"`` and ``"full"`` (``engine.compute`` + ``finish``) and in
+the clipping of ``clip="agc"`` (on top of the guarded step), with the bytes each rank sends into it (the tensor's size;
+an object all-gather's pickle).
 
 Two CPU processes (``torch.multiprocessing.spawn``, gloo backend, ``MASTER_ADDR=127.0.0.1`` and a free port)
 shard a network of 500 x ``nn.Linear(64, 64)`` with ReLU between (1,000 parameter tensors) with FSDP2's
@@ -73,7 +74,10 @@ except ImportError:  # torch < 2.6
 
 from common import linear_stack  # the overhead benchmark's network (benchmarks/ is this script's directory)
 
+from lightning_gradhealth.guard.clipping import AGCClipper
+from lightning_gradhealth.model.distributed import local, resolve
 from lightning_gradhealth.model.layout import build_layout
+from lightning_gradhealth.model.shards import shards_of
 from lightning_gradhealth.stats.engine import GradStatsEngine, StepMeta
 
 WORLD = 2
@@ -357,14 +361,24 @@ def census_worker(rank: int, port: int) -> None:
     names = ("all_reduce", "all_gather_single", "all_gather_into_tensor", "all_gather_object")
     originals = {name: getattr(dist, name) for name in names}
     rows = []
-    for label, stats in (("guarded step", None), ("logged step, basic", "basic"), ("logged step, full", "full")):
+    params = list(layout.params)
+
+    def agc() -> None:  # what the guard's clip does: the units cut across ranks put together, then clipped
+        grads = [p.grad for p in params]
+        shards = shards_of(grads, resolve(grads, None), params)
+        AGCClipper(0.01).clip([local(g) for g in grads], [local(p) for p in params], 1.0, None, shards)
+
+    steps = (("guarded step", None), ("logged step, basic", "basic"), ("logged step, full", "full"), ("clip='agc'", 0))
+    for label, stats in steps:
         engine = GradStatsEngine(stats=stats or "basic")
         engine.guard(layout)  # warm: the first call resolves the mesh once
         calls.clear()
         for name in names:
             setattr(dist, name, counting(name, originals[name]))
         try:
-            if stats is None:
+            if stats == 0:
+                agc()
+            elif stats is None:
                 engine.read_guard(engine.guard(layout))  # type: ignore[arg-type]
             else:
                 engine.finish(engine.compute(layout), StepMeta())  # type: ignore[arg-type]

@@ -5,10 +5,12 @@ scale (a fused optimizer under ``16-mixed``), thresholds are multiplied by the s
 gradients twice. Adaptive clippers never let a non-finite norm into their running state (a single NaN step
 would otherwise poison an EMA or a percentile history for the rest of the run).
 
-Sharded gradients (FSDP2, FSDP1) are clipped shard by shard with the same global numbers as an unsharded run:
-norm-based clippers scale every local shard by the coefficient of the global norm; value clipping is
-element-wise; AGC sums the partial norms of units split across ranks (one all-reduce). Value and AGC sum their
-post-clip norm and "clipped" flag over the shards (one more scalar all-reduce).
+Sharded gradients (FSDP2, FSDP1, tensor parallelism, HSDP, on any device mesh) are clipped shard by shard with
+the same global numbers as an unsharded run: norm-based clippers scale every local shard by the coefficient of the
+global norm; value clipping is element-wise; AGC sums the partial norms of units cut across ranks (one all-reduce
+per mesh dimension that cuts some unit: :mod:`~lightning_gradhealth.model.shards`). Value and AGC sum their
+post-clip norm and "clipped" flag over the shards, copies counted once (one more scalar-pair all-reduce, and one
+over the pipeline stages).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lightning_gradhealth.model.distributed import Shards, sum_over
+from lightning_gradhealth.model.distributed import sum_over
+from lightning_gradhealth.model.shards import Shards, sum_cut_units
 from lightning_gradhealth.schema.errors import UnsupportedSetupError
 from lightning_gradhealth.stats.kernels import foreach_norm_f32_or_wider
 
@@ -160,10 +163,16 @@ class ValueClipper(Clipper):
 def _sum_shards(
     post_sq: torch.Tensor, clipped: torch.Tensor, shards: Shards | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The post-clip squared norm and "any entry clipped" over every shard (one all-reduce when sharded)."""
+    """The post-clip squared norm and "any entry clipped" over every shard and every pipeline stage.
+
+    One all-reduce of the pair over the shards' group, and one over the pipeline stages' group when there is one.
+    """
     if shards is None:
         return post_sq, clipped
-    both = sum_over(torch.stack([post_sq.double(), clipped.double()]), shards.group)
+    both = torch.stack([post_sq.double(), clipped.double()])
+    for group in (shards.group, shards.stage_group):
+        if group is not None:
+            sum_over(both, group)
     return both[0], both[1] > 0
 
 
@@ -171,7 +180,8 @@ class AGCClipper(Clipper):
     """Adaptive gradient clipping (Brock et al., NFNets; timm's ``adaptive_clip_grad``), unit-wise.
 
     A unit is a slice along dimension 0 (an output unit of a Linear or Conv weight); 0-/1-D tensors are one
-    unit. Each unit's gradient is rescaled to at most ``clip_factor * max(||w_unit||, eps)``.
+    unit. Each unit's gradient is rescaled to at most ``clip_factor * max(||w_unit||, eps)``. Sharded units (rows
+    cut by tensor parallelism, 1-D tensors split by FSDP) are summed across the ranks that hold their pieces first.
     """
 
     name = "agc"
@@ -197,28 +207,14 @@ class AGCClipper(Clipper):
 
     def clip(self, grads, params, total_norm, scale=None, shards=None):  # noqa: D102, ANN001, ANN201
         grads, params = list(grads), list(params)
-        if shards is not None and shards.several:
-            raise UnsupportedSetupError(
-                "clip='agc' rescales whole units (rows) of each weight; under tensor parallelism or HSDP the gradients "
-                "are split or copied over several mesh dimensions, and AGC's unit norms are not combined across them. "
-                "Use clip='norm', 'zclip' or 'autoclip' (exact, by the global norm over every dimension), or AGC with "
-                "FSDP2 alone"
-            )
+        if shards is not None and shards.refusal is not None:
+            raise UnsupportedSetupError(shards.refusal)
         factor = self.clip_factor if scale is None else self.clip_factor * scale.detach().float().reshape(())
         p_sq = [self._unit_sq(p.detach()) for p in params]
         g_sq = [self._unit_sq(g) for g in grads]
         g_sq_here = list(g_sq)  # this rank's part of each unit, for the post-clip norm
-        if shards is not None:
-            # units split across ranks (1-D tensors, or tensors not sharded along dimension 0): sum their parts
-            split = [i for i, d in enumerate(shards.dims) if grads[i].ndim <= 1 or d != 0]
-            if split:
-                flat = sum_over(torch.cat([t.reshape(-1) for i in split for t in (p_sq[i], g_sq[i])]), shards.group)
-                pos = 0
-                for i in split:
-                    for parts in (p_sq, g_sq):
-                        k = parts[i].numel()
-                        parts[i] = flat[pos : pos + k].view_as(parts[i])
-                        pos += k
+        if shards is not None and shards.unit_groups:  # units cut across ranks: their parts summed, per cutting group
+            sum_cut_units((p_sq, g_sq), shards)
         post, any_clipped = [], []
         for g, p2, g2, here in zip(grads, p_sq, g_sq, g_sq_here, strict=True):
             max_norm = p2.sqrt().clamp(min=self.eps) * factor
@@ -227,7 +223,10 @@ class AGCClipper(Clipper):
             g.mul_(coef.to(g.dtype))
             post.append((here.double() * coef.clamp(max=1.0).double().square()).sum())
             any_clipped.append((coef < 1).any())
-        post_sq, clipped = _sum_shards(torch.stack(post).sum(), torch.stack(any_clipped).any(), shards)
+        posts = torch.stack(post)
+        if shards is not None and shards.counted is not None:  # copies of a tensor count once
+            posts = posts * torch.tensor(shards.counted, dtype=posts.dtype).to(posts.device)
+        post_sq, clipped = _sum_shards(posts.sum(), torch.stack(any_clipped).any(), shards)
         out = post_sq.sqrt()
         if scale is not None:
             out = out / scale.detach().double().reshape(())

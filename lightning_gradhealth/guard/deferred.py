@@ -34,6 +34,7 @@ from torch.optim import Optimizer
 
 from lightning_gradhealth.model.distributed import Reduction
 from lightning_gradhealth.model.layout import ParamLayout
+from lightning_gradhealth.model.stages import merge_stages
 from lightning_gradhealth.schema.record import LayerStats, StepStats
 from lightning_gradhealth.stats.engine import GradStatsEngine, PendingStats, StepMeta
 
@@ -402,7 +403,11 @@ class DeferredGuard:
                 numel = sum(layout.params[i].numel() for i in pending.present if layout.layer_of_param[i] == j)
                 layers.append(LayerStats(name=layout.layer_names[j], numel=numel, grad_norm=g, param_norm=math.nan,
                                          ratio=math.nan, zero_frac=math.nan))  # fmt: skip
-        return StepStats.assemble(entry.meta, total, layers, extras, counts_exact=False)
+        record = StepStats.assemble(entry.meta, total, layers, extras, counts_exact=False)
+        if pending.reduction.stage_group is not None:  # pipeline: every stage's layers, named on every rank
+            numel = sum(lay.numel for lay in layers)
+            record = merge_stages(record, numel, p, pending.reduction.stage_group)
+        return record
 
     def close(self) -> None:
         """Take back the device-skip flags."""

@@ -25,9 +25,10 @@ from lightning_gradhealth.diagnosis.rules import EARLY
 from lightning_gradhealth.diagnosis.safety import NonFinitePolicy, nonfinite_fixes
 from lightning_gradhealth.guard.clipping import AutoClipper, ZClipper, make_clipper
 from lightning_gradhealth.guard.spikes import SpikeDetector
-from lightning_gradhealth.model.distributed import Reduction, local, resolve, shards_of
+from lightning_gradhealth.model.distributed import Reduction, local, resolve
 from lightning_gradhealth.model.inventory import ModelInventory
 from lightning_gradhealth.model.layout import ParamLayout
+from lightning_gradhealth.model.shards import shards_of
 from lightning_gradhealth.schema import metrics
 from lightning_gradhealth.schema.alert import Alert
 from lightning_gradhealth.schema.kinds import Kind
@@ -309,7 +310,7 @@ class StepGuard:
         assert self.clipper is not None
         present = [p for p in layout.params if p.grad is not None]
         grads: list[torch.Tensor] = [p.grad for p in present]  # type: ignore[misc]
-        shards = shards_of(grads, resolve(grads, reduction))
+        shards = shards_of(grads, resolve(grads, reduction), present)
         # sharded gradients are clipped shard by shard (in place, through the local views) with global numbers
         outcome = self.clipper.clip([local(g) for g in grads], [local(p) for p in present], total, grad_scale, shards)
         if outcome.clipped:

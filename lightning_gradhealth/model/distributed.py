@@ -35,7 +35,6 @@ from lightning_gradhealth.schema.errors import UnsupportedSetupError
 
 __all__ = [
     "Reduction",
-    "Shards",
     "check_sharding",
     "column_dims",
     "counted",
@@ -49,7 +48,6 @@ __all__ = [
     "reduce_sum_max",
     "resolve",
     "settle_partial",
-    "shards_of",
     "sum_over",
 ]
 
@@ -299,24 +297,6 @@ def _copies_agree(plain: Sequence[torch.Tensor], group: Any) -> bool:
     return bool((spread <= 1e-6 * rows.abs().amax(0) + 1e-30).all())
 
 
-@dataclass(frozen=True)
-class Shards:
-    """How a list of (local) tensors is split across ranks, for operations that need whole units (AGC).
-
-    Attributes:
-        group: The sharding process group.
-        dims: For each tensor, the dimension along which it is split across ``group``.
-        counted: For each tensor, whether this rank counts it in sums over ``group`` (``None``: all).
-        several: DTensors split or copied over several mesh dimensions (tensor parallelism, HSDP): their units
-            cannot be put together with one sum over ``group`` (AGC refuses them).
-    """
-
-    group: Any
-    dims: tuple[int, ...]
-    counted: tuple[bool, ...] | None = None
-    several: bool = False
-
-
 def check_sharding(names: Sequence[str], params: Sequence[torch.Tensor]) -> None:
     """Refuse, before training, a set of watched parameters whose gradients could not be combined.
 
@@ -336,26 +316,6 @@ def check_sharding(names: Sequence[str], params: Sequence[torch.Tensor]) -> None
         if not any(m is q.device_mesh for m in meshes):  # type: ignore[attr-defined]
             meshes.append(q.device_mesh)  # type: ignore[attr-defined]
     _stage_mesh(meshes)
-
-
-def shards_of(tensors: Sequence[torch.Tensor], reduction: Reduction) -> Shards | None:
-    """How ``tensors`` are split over ``reduction.shard_group`` (``None`` when they are whole on every rank).
-
-    DTensors: the dimension of their ``Shard`` placement. Plain tensors under a shard group (FSDP1's flat shards)
-    are flattened pieces of the original tensors: dimension 0 of a 1-D view.
-
-    """
-    if reduction.shard_group is None:
-        return None
-    dims, several = [], reduction.replicated
-    for t in tensors:
-        if is_dtensor(t):
-            shards = [pl for pl in t.placements if is_split(pl)]  # type: ignore[attr-defined]
-            several = several or len(shards) > 1
-            dims.append(int(shards[0].dim) if shards else 0)
-        else:
-            dims.append(0)
-    return Shards(group=reduction.shard_group, dims=tuple(dims), counted=counted(reduction, tensors), several=several)
 
 
 def sum_over(tensor: torch.Tensor, group: Any) -> torch.Tensor:
