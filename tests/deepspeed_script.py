@@ -1,4 +1,4 @@
-"""Run by test_distributed.py as `python deepspeed_script.py OUT_DIR STAGE` (needs deepspeed): one CPU process.
+"""Run by test_distributed.py as `python deepspeed_script.py OUT_DIR STAGES` (e.g. ``0,1,2,3``, one fit each) (needs deepspeed): one CPU process.
 
 Lightning's DeepSpeedStrategy refuses the CPU; the subclass below only skips that check and passes a device rank,
 as found by trying it (DeepSpeed 0.19, Lightning 2.6). ZeRO >= 1 must be refused at setup with a clear message;
@@ -56,9 +56,8 @@ def no_op_builds() -> None:
     deepspeed.ops.__compatible_ops__ = dict.fromkeys(ALL_OPS, False)  # (read by build_shm_op before any build)
 
 
-if __name__ == "__main__":
-    no_op_builds()
-    out, stage = Path(sys.argv[1]), int(sys.argv[2])
+def fit(out: Path, stage: int) -> dict:
+    """One fit under ZeRO ``stage``: the global norm it logged, or the refusal's message."""
     monitor = GradientHealthMonitor(log_every_n_steps=1)
     trainer = Trainer(
         accelerator="cpu",
@@ -78,7 +77,14 @@ if __name__ == "__main__":
         result["total_norm"] = monitor.last_record.total_norm if monitor.last_record else None
     except ValueError as err:
         result["refused"] = str(err)
-    (out / "rank0.json").write_text(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    no_op_builds()
+    out = Path(sys.argv[1])
+    results = {stage: fit(out, int(stage)) for stage in sys.argv[2].split(",")}  # (one process: one import)
+    (out / "rank0.json").write_text(json.dumps(results))
     (out / "rank1.json").write_text("{}")
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
