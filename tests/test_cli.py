@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import os
@@ -19,9 +21,18 @@ from lightning_gradhealth.cli.report import OFFLINE_DIR
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_demo_trains_both_nets_and_writes_tensorboard_logs(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path), "--steps", "30", "--log-every-n-steps", "5"]) == 0
-    out = capsys.readouterr().out
+@pytest.fixture(scope="module")
+def demo_logs(tmp_path_factory):
+    """One short demo run (30 steps, logged every 5) and what it printed, read by the tests below."""
+    tmp_path = tmp_path_factory.mktemp("demo")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["demo", "--out", str(tmp_path), "--steps", "30", "--log-every-n-steps", "5"]) == 0
+    return tmp_path, printed.getvalue()
+
+
+def test_demo_trains_both_nets_and_writes_tensorboard_logs(demo_logs):
+    tmp_path, out = demo_logs
     assert "deep_sigmoid" in out and "residual_relu" in out
     # the broken net's diagnosis beside the healthy net's clean report
     assert "diagnosis: [critical] vanishing" in out and "diagnosis: healthy, no issue detected" in out
@@ -64,9 +75,8 @@ def test_examples_run(script, expected, tmp_path):
     assert expected in proc.stdout
 
 
-def test_report_from_event_files(tmp_path, capsys):
-    logs = tmp_path / "logs"
-    assert main(["demo", "--out", str(logs), "--steps", "30", "--log-every-n-steps", "5"]) == 0
+def test_report_from_event_files(demo_logs, tmp_path, capsys):
+    logs = demo_logs[0]
     out = tmp_path / "out"
     assert main(["report", str(logs), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
