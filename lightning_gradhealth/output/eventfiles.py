@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Sequence
-from itertools import compress
 from pathlib import Path
 from typing import cast
 
@@ -41,7 +40,6 @@ MAX_SCANNED = 200_000
 #: Steps held back while their scalars may still come in other events (Lightning's logger writes one per key).
 _PENDING_STEPS = 8
 _MAX_TAGS = 200_000  # tags whose stripped, escaped key is remembered
-_MAX_PLANS = 8  # orders of a step's tags whose keys are remembered
 
 
 def find_runs(logdir: str | Path) -> list[Path]:
@@ -122,7 +120,7 @@ class _Fold:
         self.previous_spikes = 0.0
         self.late = 0  # values of steps already folded (a resumed run's overlap): left out
         self.keys: dict[str, str] = {}  # tag -> key without the prefix, escaped ("": another run's tag)
-        self.plans: dict[tuple[str, ...], tuple[list[str], list[bool] | None]] = {}  # a step's tags -> their keys
+        self.plain: set[str] = set()  # tags that are their own key (no prefix, nothing escaped)
 
     def key(self, tag: str) -> str:
         """``tag`` without the run's prefix, escaped (:func:`clean`); computed once per tag."""
@@ -132,24 +130,15 @@ class _Fold:
             key = clean(tag[len(head) :]) if tag.startswith(head) else ""
             if len(self.keys) < _MAX_TAGS:
                 self.keys[tag] = key
+                if key == tag:
+                    self.plain.add(tag)
         return key
 
     def metrics(self, tags: dict[str, float]) -> dict[str, float]:
-        """``{key: value}`` of one step's ``{tag: value}``, another run's tags left out.
-
-        The keys are found once per order of tags (a run logs the same tags on every step).
-        """
-        order = tuple(tags)
-        plan = self.plans.get(order)
-        if plan is None:
-            keys = [self.key(tag) for tag in order]
-            plan = (keys, None if all(keys) else [bool(key) for key in keys])
-            if len(self.plans) >= _MAX_PLANS:
-                self.plans.clear()
-            self.plans[order] = plan
-        keys, wanted = plan
-        pairs = zip(keys, tags.values(), strict=True)
-        return dict(pairs if wanted is None else compress(pairs, wanted))
+        """``{key: value}`` of one step's ``{tag: value}``, another run's tags left out (``tags``: all are keys)."""
+        if self.plain.issuperset(tags):
+            return tags
+        return {key: v for tag, v in tags.items() if (key := self.key(tag))}
 
     def add(self, step: int, tags: Sequence[str], numbers: Sequence[float]) -> None:
         if self.last_step is not None and step <= self.last_step:
@@ -171,13 +160,13 @@ class _Fold:
         head = self.head
         if head + TOTAL_NORM not in tags:
             return
-        metrics = self.metrics(tags)
-        total = metrics[TOTAL_NORM]
+        # (a key of printable text is one tag's only: head + key; so these are the values metrics_to_record reads)
+        total = tags[head + TOTAL_NORM]
         if math.isfinite(total) and not self.history.keeps_next():  # thinned out: its layers are never read
-            self.history.add(_thinned(step, total, metrics.get(PARAM_NORM, math.nan)))
+            self.history.add(_thinned(step, total, tags.get(head + PARAM_NORM, math.nan)))
         else:
-            self.history.add(metrics_to_record(metrics, step))
-        spikes = metrics.get(SPIKES, self.previous_spikes)
+            self.history.add(metrics_to_record(self.metrics(tags), step))
+        spikes = tags.get(head + SPIKES, self.previous_spikes)
         if spikes > self.previous_spikes:
             self.history.add_spike(step, math.nan)
         self.previous_spikes = spikes
