@@ -165,6 +165,7 @@ def test_directories_are_checked_when_given(kwargs, name):
         GradientHealth(nn.Linear(2, 2), **kwargs)
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # (TensorBoard's writer thread)
 def test_a_full_disk_under_a_trainer_ends_the_fit_with_one_warning_naming_the_logger(tmp_path):
     """ulimit -f on the Trainer's TensorBoard event file (writes fail with EFBIG, as on a full disk): the module's own
     `self.log` writes and the monitor's go to that file. The fit runs all its steps, the guard on each; one warning
@@ -196,6 +197,6 @@ def test_a_full_disk_under_a_trainer_ends_the_fit_with_one_warning_naming_the_lo
     assert len(said) == 1, said
     assert f"TensorBoardLogger at {tmp_path / 'tb'}" in said[0] and "File too large" in said[0], said[0]
     report = json.loads((tmp_path / "report" / "gradient_health_report.json").read_text())
-    (note,) = [w for w in report["warnings"] if w.startswith(f"Logging to {tmp_path / 'tb'} failed from step")]
+    (note,) = [w for w in report["warnings"] if w.startswith(f"Logging to {tmp_path / 'tb'}")]
     assert 0 < int(re.search(r"from step (\d+)", note)[1]) < steps and "File too large" in note
     assert len(list((tmp_path / "tb").glob("events.out.tfevents.*"))) == 1  # stopped: no new event file was begun
