@@ -45,14 +45,18 @@ def write_run(run: Path, layers: int, steps: int) -> int:
 
 
 def report(package_root: Path, run: Path, out: Path) -> tuple[int, float, float, float, str]:
-    """``gradhealth report`` of ``run`` with the package under ``package_root``: exit code, wall and CPU seconds, peak
-    RSS in MB, and the end of stderr."""
+    """``gradhealth report`` of ``run`` with the package under ``package_root``.
+
+    Returns:
+        The exit code, wall and CPU seconds, peak RSS in MB, and the end of stderr.
+    """
     env = {**os.environ, "PYTHONPATH": str(package_root)}
     with tempfile.TemporaryFile() as err:
         start = time.perf_counter()
         command = [sys.executable, "-m", "lightning_gradhealth.cli.main", "report", str(run), "--out", str(out),
                    "--format", "json"]  # fmt: skip
-        proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        # (run from the package's root: `python -m` puts the working directory first on the path)
+        proc = subprocess.Popen(command, env=env, cwd=package_root, stdout=subprocess.DEVNULL, stderr=err)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
         proc.returncode = os.waitstatus_to_exitcode(status)
