@@ -5,6 +5,10 @@ The files are read as untrusted input (what ``gradhealth report`` may be given):
 (:mod:`~lightning_gradhealth.output.safe_io`), and folded into the same bounded :class:`History` the live run keeps, so
 memory does not grow with the number of steps. Names (tags) are escaped as they are read
 (:func:`~lightning_gradhealth.output.safe_io.clean`): none can carry a line break or a control character further.
+
+Plain scalar events are taken apart from their bytes (:mod:`~lightning_gradhealth.output.eventdecode`), others with
+protobuf. A step is rebuilt into a full record only when the history keeps it (:meth:`History.keeps_next`): one it
+would thin out is offered with its global norms alone, which is all the history reads of it.
 """
 
 from __future__ import annotations
@@ -186,7 +190,8 @@ def history_from_events(
     """Rebuild the history of a run made with :class:`GradientHealthMonitor` from its event files, streaming.
 
     Each step with a global gradient norm becomes a record
-    (:func:`~lightning_gradhealth.schema.metrics.metrics_to_record`), and each rise of the spike counter a spike. The
+    (:func:`~lightning_gradhealth.schema.metrics.metrics_to_record`; without its layers when the history thins it
+    out), and each rise of the spike counter a spike. The
     files are read in name order (a resumed run's steps that come again are read once). Memory is bounded: the
     history thins itself out as the live run's does.
 
