@@ -200,3 +200,45 @@ def test_a_full_disk_under_a_trainer_ends_the_fit_with_one_warning_naming_the_lo
     (note,) = [w for w in report["warnings"] if w.startswith(f"Logging to {tmp_path / 'tb'}")]
     assert 0 < int(re.search(r"from step (\d+)", note)[1]) < steps and "File too large" in note
     assert len(list((tmp_path / "tb").glob("events.out.tfevents.*"))) == 1  # stopped: no new event file was begun
+
+
+class Flaky:
+    """A framework logger whose writes fail as asked (Lightning's TensorBoard logger wraps the OSError)."""
+
+    log_dir = "/mnt/flaky/run"
+
+    def __init__(self, error: BaseException | None = None) -> None:
+        self.error, self.calls = error, []
+
+    def log_metrics(self, metrics, step=None):
+        self.calls.append(("log_metrics", step))
+        if self.error is not None:
+            raise ValueError("you tried to log ...") from self.error
+
+    def save(self):
+        self.calls.append(("save", None))
+
+
+def test_guarded_logger_methods_stop_on_oserror_only_and_survive_pickling_and_a_second_fit():
+    import pickle
+
+    from lightning_gradhealth.output.sinks import SinkFailures, guard_loggers
+
+    said: list[str] = []
+    full, broken = Flaky(OSError(errno.ENOSPC, "No space left on device")), Flaky(KeyError("a bug"))
+    failures = SinkFailures(said.append)
+    guard_loggers([full, broken], failures, lambda: 7)
+    full.log_metrics({"a": 1.0}, step=7)
+    full.log_metrics({"a": 1.0}, step=8)
+    full.save()
+    assert full.calls == [("log_metrics", 7)] and failures.stopped(full)  # stopped: nothing more reaches it
+    assert len(said) == 1 and "Flaky at /mnt/flaky/run failed at step 7 in the Trainer's log_metrics" in said[0]
+    assert "No space left on device" in said[0]
+    with pytest.raises(ValueError, match="you tried to log"):  # not a write failure: the error goes through
+        broken.log_metrics({"a": 1.0})
+    assert not failures.stopped(broken)
+    again = SinkFailures(said.append)  # a second fit: the same loggers, a new run's failures
+    guard_loggers([full, broken], again, lambda: 9)
+    assert again.stopped(full) and not again.stopped(broken) and len(said) == 1
+    copy = pickle.loads(pickle.dumps(full))  # (a logger sent to another process: its own methods, unguarded)
+    assert copy.log_metrics.__func__ is Flaky.log_metrics and copy.log_metrics.__self__ is copy
