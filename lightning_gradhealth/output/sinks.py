@@ -194,8 +194,6 @@ class _Guarded:
     Pickled (a logger sent to another process), it is the method itself: the guard belongs to one run.
     """
 
-    _gradhealth_guarded = True
-
     def __init__(self, guard: _LoggerGuard, logger: Any, name: str, method: Callable[..., Any]) -> None:
         self.guard, self.logger, self.name, self.method = guard, logger, name, method
         functools.update_wrapper(self, method)
@@ -331,8 +329,10 @@ def _write_one_event(logger: Any, metrics: Mapping[str, float], step: int) -> bo
     if TensorBoardLogger is None or type(logger).log_metrics is not TensorBoardLogger.log_metrics:
         return False  # not Lightning's TensorBoard logger, or a subclass with its own log_metrics
     own = vars(logger).get("log_metrics")
-    if own is not None and not getattr(own, "_gradhealth_guarded", False):
-        return False  # log_metrics replaced on the instance (a wrapper, a mock; guard_loggers' is the same one)
+    if isinstance(own, _Guarded):  # (guard_loggers' wrapper: what counts is what it wraps)
+        own = None if getattr(own.method, "__func__", None) is type(logger).log_metrics else own.method
+    if own is not None:
+        return False  # log_metrics replaced on the instance (a wrapper, a mock)
     prefix = getattr(logger, "_prefix", None)
     join = getattr(logger, "LOGGER_JOIN_CHAR", None)
     if not isinstance(prefix, str) or not isinstance(join, str):
