@@ -1,12 +1,19 @@
 """How `gradhealth report` scales: a synthetic run of LAYERS layers x STEPS steps (4 per-layer scalars and the global
-ones, one event per step, as the monitor writes them), then the command's wall time and peak memory.
+ones, one event per step, as the monitor writes them), then the command's wall time, CPU time and peak memory.
 
-    python benchmarks/report_scale.py [LAYERS] [STEPS]    (defaults: 1000 2000, ~240 MB of events)
+    python benchmarks/report_scale.py [LAYERS] [STEPS] [--baseline DIR]    (defaults: 1000 2000, 290 MiB of events)
+
+With ``--baseline DIR`` (a checkout of another version, e.g. the main branch), the same run is also reported by that
+version's package, in turn with this one, so that both figures come from the same machine under the same load.
+Each command's CPU time and peak RSS are its own (``os.wait4``).
+
+Measured (docs/report.md): 1000 x 2000 (290 MiB), on a shared 2-core machine under load 4-7: before (4a45c06)
+47.4-48.2 s CPU, 72-94 s wall, 409 MB; now 18.7-20.7 s CPU, 28-39 s wall, 411 MB.
 """
 
 from __future__ import annotations
 
-import resource
+import os
 import struct
 import subprocess
 import sys
@@ -18,6 +25,8 @@ from tensorboard.compat.proto.event_pb2 import Event
 from tensorboard.compat.proto.summary_pb2 import Summary
 
 from lightning_gradhealth.output.tfrecord import _masked_crcs, masked_crc32c
+
+HERE = Path(__file__).resolve().parents[1]
 
 
 def write_run(run: Path, layers: int, steps: int) -> int:
@@ -38,17 +47,41 @@ def write_run(run: Path, layers: int, steps: int) -> int:
         return fh.tell()
 
 
+def report(package_root: Path, run: Path, out: Path) -> tuple[int, float, float, float, str]:
+    """``gradhealth report`` of ``run`` with the package under ``package_root``.
+
+    Returns:
+        The exit code, wall and CPU seconds, peak RSS in MB, and the end of stderr.
+    """
+    env = {**os.environ, "PYTHONPATH": str(package_root)}
+    with tempfile.TemporaryFile() as err:
+        start = time.perf_counter()
+        command = [sys.executable, "-m", "lightning_gradhealth.cli.main", "report", str(run), "--out", str(out),
+                   "--format", "json"]  # fmt: skip
+        # (run from the package's root: `python -m` puts the working directory first on the path)
+        proc = subprocess.Popen(command, env=env, cwd=package_root, stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        err.seek(0)
+        tail = err.read().decode(errors="replace")[-2000:]
+    return proc.returncode, wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, tail
+
+
 if __name__ == "__main__":
-    layers, steps = (int(a) for a in [*sys.argv[1:], "1000", "2000"][:2]) if len(sys.argv) > 1 else (1000, 2000)
+    args = sys.argv[1:]
+    baseline = None
+    if "--baseline" in args:
+        at = args.index("--baseline")
+        baseline = Path(args[at + 1]).resolve()
+        del args[at : at + 2]
+    layers, steps = (int(a) for a in [*args, "1000", "2000"][:2]) if args else (1000, 2000)
+    versions = [("this version", HERE)] + ([(f"baseline {baseline}", baseline)] if baseline else [])
     with tempfile.TemporaryDirectory() as tmp:
         size = write_run(Path(tmp) / "run", layers, steps)
-        start = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "lightning_gradhealth.cli.main", "report", str(Path(tmp) / "run"),
-                               "--format", "json"], capture_output=True, text=True)  # fmt: skip
-        wall = time.perf_counter() - start
-        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-        print(f"{layers} layers x {steps} steps, {size / 2**20:.0f} MB of events: exit {proc.returncode}, "
-              f"{wall:.1f} s wall, {usage.ru_utime + usage.ru_stime:.1f} s CPU, "
-              f"peak RSS {usage.ru_maxrss / 1024:.0f} MB")
-        if proc.returncode:
-            print(proc.stderr[-2000:])
+        print(f"{layers} layers x {steps} steps, {size / 2**20:.0f} MB of events ({size:,} bytes):")
+        for name, root in versions:
+            code, wall, cpu, rss, tail = report(root, Path(tmp) / "run", Path(tmp) / f"out-{len(name)}")
+            print(f"  {name}: exit {code}, {wall:.1f} s wall, {cpu:.1f} s CPU, peak RSS {rss:.0f} MB", flush=True)
+            if code:
+                print(tail)

@@ -218,3 +218,94 @@ def test_reading_streams_across_chunks_with_bounded_history_and_shows_progress(t
     assert main(["report", str(run)]) == 0
     err = capsys.readouterr().err
     assert "gradhealth report: reading" in err and "100%" in err
+
+
+def _same_scalars(fast, slow) -> bool:
+    """Two ``(step, tags, values)`` alike, NaNs included (compared as float32 bit patterns up to NaN payloads)."""
+    if fast is None or slow is None:
+        return fast is None and slow is None
+    same_values = all(a == b or (a != a and b != b) for a, b in zip(fast[2], slow[2], strict=True))
+    return fast[0] == slow[0] and list(fast[1]) == list(slow[1]) and same_values
+
+
+def test_the_fast_event_decoder_agrees_with_protobuf_on_every_event_it_accepts():
+    """Plain scalar events are read from their bytes (a template per summary length); every other shape, and every
+    corruption of a plain one, is either read the same as protobuf reads it or left to protobuf."""
+    import random
+
+    from lightning_gradhealth.output.eventdecode import GENERIC, ScalarDecoder
+    from lightning_gradhealth.output.eventfiles import _scalars
+
+    rng = random.Random(0)
+    tags = [f"grad_norm/l{i}" for i in range(40)] + ["grad_health/total_norm", "é/ünïcode"]
+    specials = [float("nan"), float("inf"), -float("inf"), -0.0, 1e-40, 3.4e38, 0.1]
+
+    def plain(step: int, tag_list: list[str] = tags) -> bytes:
+        values = [Summary.Value(tag=t, simple_value=rng.choice([rng.random(), *specials])) for t in tag_list]
+        return Event(wall_time=1.5 + step, step=step, summary=Summary(value=values)).SerializeToString()
+
+    decoder = ScalarDecoder()
+    accepted = 0
+    events = [plain(s) for s in (0, 1, 2, -5, 2**62, 7)]  # step 0 is not written at all; a negative one is 10 bytes
+    events += [plain(3, [t.replace("l1", "m1") for t in tags])]  # same length as the template, other tags
+    events += [plain(4, tags[:3])]  # a small summary (no template)
+    for data in events:
+        got = decoder.decode(data)
+        assert got is not GENERIC and _same_scalars(got, _scalars(data, Event)), data[:40]
+    tensor = Summary.Value(tag="t")
+    tensor.metadata.plugin_data.plugin_name = "scalars"
+    tensor.tensor.dtype = 1
+    tensor.tensor.float_val.append(2.5)
+    others = [
+        plain(5, ["", *tags[:2]]),  # an empty tag is not written at all
+        Event(wall_time=1.0, file_version="brain.Event:2").SerializeToString(),
+        Event(step=3, summary=Summary(value=[tensor])).SerializeToString(),
+        plain(8, tags[:2]) + plain(9, tags[:2]),  # an event given twice: protobuf merges them
+        b"\x2a\x05" + b"\x0a\x03\x0a\x01\xff",  # a tag that is not UTF-8
+    ]
+    for data in others:
+        assert decoder.decode(data) is GENERIC
+    # every corruption of a plain event (its checksum would hold: a crafted file) reads the same or goes to protobuf
+    base = [plain(10), plain(11, tags[:4])]
+    for trial in range(3000):
+        data = bytearray(base[trial % 2])
+        for _ in range(rng.choice((1, 1, 2, 3))):
+            data[rng.randrange(len(data))] = rng.choice((rng.randrange(256), 0x0A, 0x15, 0x80, 0x00))
+        got = decoder.decode(bytes(data))
+        if got is not GENERIC:
+            accepted += 1
+            assert _same_scalars(got, _scalars(bytes(data), Event)), (trial, bytes(data))
+    assert accepted > 300  # (the fast path is exercised, not only refused)
+
+
+def test_the_history_read_back_is_the_one_every_step_decoded_in_full_gives(tmp_path):
+    """The reader decodes in full only the steps the bounded history keeps: the history is the same as folding every
+    step's record (NaN steps, spikes, a layer that joins late, the thinning of 1,300 steps included)."""
+    from lightning_gradhealth.diagnosis.history import History
+    from lightning_gradhealth.output.eventfiles import history_from_events
+    from lightning_gradhealth.schema.metrics import metrics_to_record
+
+    run = tmp_path / "run"
+    run.mkdir()
+    reference, spikes = History(), 0.0
+    out = bytearray(_record(Event(wall_time=1.0, file_version="brain.Event:2").SerializeToString()))
+    for step in range(1300):
+        metrics = {"grad_health/total_norm": float("nan") if step in (5, 600, 1001) else 1.0 + step % 13,
+                   "grad_health/param_norm": 2.0, "grad_health/spikes": float(step // 400)}  # fmt: skip
+        for i in range(12 if step < 700 else 13):
+            metrics |= {f"grad_norm/l{i}": 0.1 * i + step * 1e-3, f"grad_ratio/l{i}": 1e-3,
+                        f"grad_zero_frac/l{i}": 0.5 if i == 3 else 0.0}  # fmt: skip
+        if step == 600:
+            metrics["grad_nan/l2"] = 4.0
+        values = [Summary.Value(tag=k, simple_value=v) for k, v in metrics.items()]
+        out += _record(Event(wall_time=1.0, step=step, summary=Summary(value=values)).SerializeToString())
+        metrics = {k: values[j].simple_value for j, k in enumerate(metrics)}  # (as float32, as written)
+        reference.add(metrics_to_record(metrics, step))
+        if metrics["grad_health/spikes"] > spikes:
+            reference.add_spike(step, float("nan"))
+        spikes = metrics["grad_health/spikes"]
+    (run / "events.out.tfevents.1.host").write_bytes(bytes(out))
+    history = history_from_events(run)
+    assert history.records_seen == 1300 and len(history.steps) < 600 and history.layer_names[-1] == "l12"
+    for name in vars(reference):
+        assert repr(getattr(history, name)) == repr(getattr(reference, name)), name

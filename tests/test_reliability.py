@@ -19,6 +19,7 @@ from lightning_gradhealth import GradientHealth
 from lightning_gradhealth.output.eventfiles import history_from_events
 
 ROOT = Path(__file__).resolve().parents[1]
+FSIZE_LIMIT = 24_000  # bytes: more than any report file, less than the event file of the full-disk fit
 
 SCRIPT = """
 import sys, torch
@@ -162,3 +163,82 @@ def test_close_closes_the_event_files_it_opened(tmp_path):
 def test_directories_are_checked_when_given(kwargs, name):
     with pytest.raises(ValueError, match=f"`{name}` must be a directory that exists or can be created"):
         GradientHealth(nn.Linear(2, 2), **kwargs)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # (TensorBoard's writer thread)
+def test_a_full_disk_under_a_trainer_ends_the_fit_with_one_warning_naming_the_logger(tmp_path):
+    """ulimit -f on the Trainer's TensorBoard event file (writes fail with EFBIG, as on a full disk): the module's own
+    `self.log` writes and the monitor's go to that file. The fit runs all its steps, the guard on each; one warning
+    names the logger, its directory and the error; the report says from which step."""
+    import re
+    import resource
+    import signal
+    import warnings
+
+    from conftest import TinyMLP, loader, make_trainer
+
+    from lightning_gradhealth import GradientHealthMonitor
+
+    steps = 60
+    monitor = GradientHealthMonitor(report_dir=tmp_path / "report", figure_every_n_steps=None)
+    trainer = make_trainer(tmp_path / "tb", max_steps=steps, callbacks=[monitor])
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (FSIZE_LIMIT, hard))  # (the soft limit only: put back below)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(TinyMLP(), loader(n=64))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+    assert trainer.global_step == steps and monitor.health.guard.steps_seen == steps
+    said = [str(w.message) for w in caught if "failed at step" in str(w.message)]
+    assert len(said) == 1, said
+    assert f"TensorBoardLogger at {tmp_path / 'tb'}" in said[0] and "File too large" in said[0], said[0]
+    report = json.loads((tmp_path / "report" / "gradient_health_report.json").read_text())
+    (note,) = [w for w in report["warnings"] if w.startswith(f"Logging to {tmp_path / 'tb'}")]
+    assert 0 < int(re.search(r"from step (\d+)", note)[1]) < steps and "File too large" in note
+    assert len(list((tmp_path / "tb").glob("events.out.tfevents.*"))) == 1  # stopped: no new event file was begun
+
+
+class Flaky:
+    """A framework logger whose writes fail as asked (Lightning's TensorBoard logger wraps the OSError)."""
+
+    log_dir = "/mnt/flaky/run"
+
+    def __init__(self, error: BaseException | None = None) -> None:
+        self.error, self.calls = error, []
+
+    def log_metrics(self, metrics, step=None):
+        self.calls.append(("log_metrics", step))
+        if self.error is not None:
+            raise ValueError("you tried to log ...") from self.error
+
+    def save(self):
+        self.calls.append(("save", None))
+
+
+def test_guarded_logger_methods_stop_on_oserror_only_and_survive_pickling_and_a_second_fit():
+    import pickle
+
+    from lightning_gradhealth.output.sinks import SinkFailures, guard_loggers
+
+    said: list[str] = []
+    full, broken = Flaky(OSError(errno.ENOSPC, "No space left on device")), Flaky(KeyError("a bug"))
+    failures = SinkFailures(said.append)
+    guard_loggers([full, broken], failures, lambda: 7)
+    full.log_metrics({"a": 1.0}, step=7)
+    full.log_metrics({"a": 1.0}, step=8)
+    full.save()
+    assert full.calls == [("log_metrics", 7)] and failures.stopped(full)  # stopped: nothing more reaches it
+    assert len(said) == 1 and "Flaky at /mnt/flaky/run failed at step 7 in the Trainer's log_metrics" in said[0]
+    assert "No space left on device" in said[0]
+    with pytest.raises(ValueError, match="you tried to log"):  # not a write failure: the error goes through
+        broken.log_metrics({"a": 1.0})
+    assert not failures.stopped(broken)
+    again = SinkFailures(said.append)  # a second fit: the same loggers, a new run's failures
+    guard_loggers([full, broken], again, lambda: 9)
+    assert again.stopped(full) and not again.stopped(broken) and len(said) == 1
+    copy = pickle.loads(pickle.dumps(full))  # (a logger sent to another process: its own methods, unguarded)
+    assert copy.log_metrics.__func__ is Flaky.log_metrics and copy.log_metrics.__self__ is copy

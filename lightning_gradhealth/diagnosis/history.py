@@ -155,6 +155,13 @@ class History:
         if len(self.steps) > self.max_snapshots:
             self._thin()
 
+    def keeps_next(self) -> bool:
+        """Whether the next finite record offered to :meth:`add` is kept.
+
+        One that is not is only counted (its norms are read, its layers never: a reader may offer it without them).
+        """
+        return self.records_seen % self._keep_every == 0
+
     def _merge_layers(self, names: list[str]) -> None:
         """Add layers that join mid-run (e.g. unfrozen) at their place in definition order ("depth")."""
         # a linear merge of two lists in definition order: the known layers and this record's

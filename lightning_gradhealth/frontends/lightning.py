@@ -28,6 +28,7 @@ from lightning_gradhealth.diagnosis.rules import Finding
 from lightning_gradhealth.guard.birth import rng_state
 from lightning_gradhealth.model.distributed import Reduction
 from lightning_gradhealth.output.pipeline import Frontend
+from lightning_gradhealth.output.sinks import guard_loggers
 from lightning_gradhealth.schema.alert import Alert
 from lightning_gradhealth.schema.errors import UnsupportedSetupError
 from lightning_gradhealth.schema.record import StepStats
@@ -328,6 +329,8 @@ class GradientHealthMonitor(*_callback_bases()):  # type: ignore[misc]
         """Start watching the (wrapped) model: check what is watched; find the sparse-by-design layers."""
         ddp = getattr(trainer.strategy, "model", None)  # (the DDP wrapper, once the strategy set up: noise.py)
         self.health.attach(self._frontend(trainer, pl_module), trainer.optimizers, ddp=ddp)
+        # the Trainer's own writes to its loggers fail as the monitor's do: one warning, training goes on (sinks.py)
+        guard_loggers(trainer.loggers, self.health.output.sinks, lambda: self._log_step(trainer))
         if self.health.recovery is not None:  # what a rollback restores besides the model and optimizers
             schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
             self.health.recovery.bind(schedulers, getattr(trainer.precision_plugin, "scaler", None))

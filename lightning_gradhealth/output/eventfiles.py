@@ -5,20 +5,27 @@ The files are read as untrusted input (what ``gradhealth report`` may be given):
 (:mod:`~lightning_gradhealth.output.safe_io`), and folded into the same bounded :class:`History` the live run keeps, so
 memory does not grow with the number of steps. Names (tags) are escaped as they are read
 (:func:`~lightning_gradhealth.output.safe_io.clean`): none can carry a line break or a control character further.
+
+Plain scalar events are taken apart from their bytes (:mod:`~lightning_gradhealth.output.eventdecode`), others with
+protobuf. A step is rebuilt into a full record only when the history keeps it (:meth:`History.keeps_next`): one it
+would thin out is offered with its global norms alone, which is all the history reads of it.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import cast
 
 from lightning_gradhealth.diagnosis.history import History
+from lightning_gradhealth.output.eventdecode import GENERIC, ScalarDecoder
 from lightning_gradhealth.output.safe_io import clean, open_regular, shown
 from lightning_gradhealth.output.tfrecord import RecordProblem, iter_records
 from lightning_gradhealth.schema.errors import GradientHealthError
-from lightning_gradhealth.schema.metrics import SPIKES, TOTAL_NORM, metrics_to_record
+from lightning_gradhealth.schema.metrics import PARAM_NORM, SPIKES, TOTAL_NORM, metrics_to_record
+from lightning_gradhealth.schema.record import StepStats
 
 __all__ = [
     "EVENTS_PREFIX",
@@ -72,15 +79,18 @@ def event_files(run_dir: str | Path) -> list[Path]:
         return sorted(Path(run_dir) / e.name for e in entries if e.name.startswith(EVENTS_PREFIX))
 
 
-def _scalars(data: bytes, event_cls: type) -> tuple[int, list[tuple[str, float]]] | None:
-    """The step and the scalar values of one serialized ``Event`` (``None``: not one with scalars, or undecodable)."""
+def _scalars(data: bytes, event_cls: type) -> tuple[int, list[str], list[float]] | None:
+    """The step, tags and scalar values of one serialized ``Event`` (``None``: not one with scalars, or undecodable).
+
+    The generic decoder (protobuf's classes), for the events :class:`ScalarDecoder` leaves to it.
+    """
     try:
         event = event_cls.FromString(data)
     except Exception:  # (protobuf's DecodeError: a record whose checksum holds but whose content is no Event)
         return None
     if not event.HasField("summary"):
         return None
-    values = []
+    tags, values = [], []
     for value in event.summary.value:
         kind = value.WhichOneof("value")
         if kind == "simple_value":
@@ -89,8 +99,18 @@ def _scalars(data: bytes, event_cls: type) -> tuple[int, list[tuple[str, float]]
             number = (value.tensor.float_val or value.tensor.double_val)[0]
         else:
             continue
-        values.append((value.tag, float(number)))
-    return (event.step, values) if values else None
+        tags.append(value.tag)
+        values.append(float(number))
+    return (event.step, tags, values) if values else None
+
+
+def _thinned(step: int, total_norm: float, param_norm: float) -> StepStats:
+    """The record of a finite step the history only counts (it reads its norms, never its layers)."""
+    return StepStats(
+        step=step, global_step=step, epoch=0, batch_idx=0, optimizer_idx=0, total_norm=total_norm,
+        param_norm=param_norm, zero_frac=math.nan, nan_count=0, inf_count=0, layer_norm_ratio=1.0, no_grad_count=0,
+        layers=(),
+    )  # fmt: skip
 
 
 class _Fold:
@@ -104,6 +124,7 @@ class _Fold:
         self.previous_spikes = 0.0
         self.late = 0  # values of steps already folded (a resumed run's overlap): left out
         self.keys: dict[str, str] = {}  # tag -> key without the prefix, escaped ("": another run's tag)
+        self.plain: set[str] = set()  # tags that are their own key (no prefix, nothing escaped)
 
     def key(self, tag: str) -> str:
         """``tag`` without the run's prefix, escaped (:func:`clean`); computed once per tag."""
@@ -113,15 +134,21 @@ class _Fold:
             key = clean(tag[len(head) :]) if tag.startswith(head) else ""
             if len(self.keys) < _MAX_TAGS:
                 self.keys[tag] = key
+                if key == tag:
+                    self.plain.add(tag)
         return key
 
-    def add(self, step: int, values: list[tuple[str, float]]) -> None:
+    def metrics(self, tags: dict[str, float]) -> dict[str, float]:
+        """``{key: value}`` of one step's ``{tag: value}``, another run's tags left out (``tags``: all are keys)."""
+        if self.plain.issuperset(tags):
+            return tags
+        return {key: v for tag, v in tags.items() if (key := self.key(tag))}
+
+    def add(self, step: int, tags: Sequence[str], numbers: Sequence[float]) -> None:
         if self.last_step is not None and step <= self.last_step:
             self.late += 1
             return
-        bucket = self.pending.setdefault(step, {})
-        for tag, number in values:
-            bucket[tag] = number
+        self.pending.setdefault(step, {}).update(zip(tags, numbers, strict=True))
         while len(self.pending) > _PENDING_STEPS:
             self.flush_one()
 
@@ -137,9 +164,13 @@ class _Fold:
         head = self.head
         if head + TOTAL_NORM not in tags:
             return
-        metrics = {key: v for tag, v in tags.items() if (key := self.key(tag))}
-        self.history.add(metrics_to_record(metrics, step))
-        spikes = metrics.get(SPIKES, self.previous_spikes)
+        # (a key of printable text is one tag's only: head + key; so these are the values metrics_to_record reads)
+        total = tags[head + TOTAL_NORM]
+        if math.isfinite(total) and not self.history.keeps_next():  # thinned out: its layers are never read
+            self.history.add(_thinned(step, total, tags.get(head + PARAM_NORM, math.nan)))
+        else:
+            self.history.add(metrics_to_record(self.metrics(tags), step))
+        spikes = tags.get(head + SPIKES, self.previous_spikes)
         if spikes > self.previous_spikes:
             self.history.add_spike(step, math.nan)
         self.previous_spikes = spikes
@@ -159,7 +190,8 @@ def history_from_events(
     """Rebuild the history of a run made with :class:`GradientHealthMonitor` from its event files, streaming.
 
     Each step with a global gradient norm becomes a record
-    (:func:`~lightning_gradhealth.schema.metrics.metrics_to_record`), and each rise of the spike counter a spike. The
+    (:func:`~lightning_gradhealth.schema.metrics.metrics_to_record`; without its layers when the history thins it
+    out), and each rise of the spike counter a spike. The
     files are read in name order (a resumed run's steps that come again are read once). Memory is bounded: the
     history thins itself out as the live run's does.
 
@@ -178,6 +210,7 @@ def history_from_events(
     from tensorboard.compat.proto.event_pb2 import Event
 
     fold = _Fold()
+    decoder = ScalarDecoder()
     done = [0]
     for path in event_files(run_dir):
         fh, size = open_regular(path, MAX_EVENT_FILE_BYTES)
@@ -185,9 +218,11 @@ def history_from_events(
         counter = [0]
         with fh:
             for data in iter_records(fh, size, found, counter):
-                got = _scalars(data, Event)
+                got = decoder.decode(data)
+                if got is GENERIC:
+                    got = _scalars(data, Event)
                 if got is not None:
-                    fold.add(*got)
+                    fold.add(*cast("tuple[int, Sequence[str], Sequence[float]]", got))
                 if progress is not None and counter[0]:
                     done[0] += counter[0]
                     counter[0] = 0

@@ -17,9 +17,10 @@ import time.
 
 from __future__ import annotations
 
+import functools
 import numbers
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -29,11 +30,13 @@ from tensorboard.compat.proto.summary_pb2 import Summary
 from lightning_gradhealth.schema.metrics import GRADIENT_FLOW, HISTOGRAM, metric_key
 
 __all__ = [
+    "GUARDED_METHODS",
     "MEDIA_SUPPORT",
     "DirectoryLogger",
     "LoggerKind",
     "Media",
     "SinkFailures",
+    "guard_loggers",
     "logger_kind",
     "write_metrics",
 ]
@@ -120,6 +123,7 @@ class SinkFailures:
     Monitoring must never take a run down: a write that raises :class:`OSError` (also when TensorBoard's writer
     thread raises it on the next write) gives one warning naming the logger's directory and the error; the logger
     gets nothing more from the monitor, and the training and the guard go on. The report lists them (:meth:`notes`).
+    Under a Trainer the framework's own writes to its loggers are guarded the same way (:func:`guard_loggers`).
 
     Args:
         warn: Shows the warning.
@@ -133,6 +137,10 @@ class SinkFailures:
         """The loggers that have not failed."""
         return [lg for lg in loggers if id(lg) not in self.failed]
 
+    def stopped(self, logger: Any) -> bool:
+        """Whether ``logger`` failed (and gets nothing more)."""
+        return id(logger) in self.failed
+
     def call(self, logger: Any, step: int, action: Any) -> None:
         """Run ``action()`` for ``logger``; on an ``OSError``, stop that logger and say so once."""
         if id(logger) in self.failed:
@@ -142,8 +150,8 @@ class SinkFailures:
         except OSError as err:
             self.fail(logger, step, err)
 
-    def fail(self, logger: Any, step: int, err: BaseException) -> None:
-        """Mark ``logger`` failed at ``step`` with ``err`` and warn once."""
+    def fail(self, logger: Any, step: int, err: BaseException, via: str | None = None) -> None:
+        """Mark ``logger`` failed at ``step`` with ``err`` and warn once (``via``: the framework's failed write)."""
         where = str(getattr(logger, "log_dir", None) or type(logger).__name__)
         error = f"{type(err).__name__}: {err}"
         self.failed[id(logger)] = (where, step, error)
@@ -156,14 +164,105 @@ class SinkFailures:
                 pass
         if self.warn is not None:
             self.warn(
-                f"gradient health: writing to {type(logger).__name__} at {where} failed at step {step} ({error}); "
-                "nothing more is written there. Training and the guard go on; the report names the failure."
+                f"gradient health: writing to {type(logger).__name__} at {where} failed at step {step} "
+                f"{f'in {via} ' if via else ''}({error}); nothing more is written there"
+                f"{' by the monitor or the Trainer' if via else ''}. Training and the guard go on; the report names "
+                "the failure."
             )
 
     def notes(self) -> list[str]:
         """One line per failed logger, for the report."""
         return [f"Logging to {where} failed from step {step} on ({error}): its metrics stop there."
                 for where, step, error in self.failed.values()]  # fmt: skip
+
+
+#: The write methods of a framework's logger that :func:`guard_loggers` wraps (those a logger lacks are left out).
+GUARDED_METHODS = ("log_metrics", "log_hyperparams", "log_graph", "save", "finalize")
+
+
+class _LoggerGuard:
+    """What the guarded methods of one logger share: the failures of the current run, and its step."""
+
+    def __init__(self, failures: SinkFailures, step: Callable[[], int]) -> None:
+        self.failures = failures
+        self.step = step
+
+
+class _Guarded:
+    """One write method of a logger that does nothing once the logger failed, and stops it on an ``OSError``.
+
+    Pickled (a logger sent to another process), it is the method itself: the guard belongs to one run.
+    """
+
+    def __init__(self, guard: _LoggerGuard, logger: Any, name: str, method: Callable[..., Any]) -> None:
+        self.guard, self.logger, self.name, self.method = guard, logger, name, method
+        functools.update_wrapper(self, method)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        failures = self.guard.failures
+        if failures.stopped(self.logger):
+            return None
+        try:
+            return self.method(*args, **kwargs)
+        except Exception as err:
+            cause = _os_error(err)
+            if cause is None:
+                raise
+            try:
+                step = int(self.guard.step())
+            except Exception:
+                step = -1
+            failures.fail(self.logger, step, cause, via=f"the Trainer's {self.name}")
+            return None
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_same, (self.method,))
+
+
+def _same(method: Any) -> Any:
+    return method
+
+
+def _os_error(err: BaseException) -> OSError | None:
+    """``err``, or the error it was raised from, if that is an ``OSError``.
+
+    (Lightning's ``TensorBoardLogger.log_metrics`` raises a ``ValueError`` from the writer's ``OSError``.)
+    """
+    seen = 0
+    current: BaseException | None = err
+    while current is not None and seen < 8:
+        if isinstance(current, OSError):
+            return current
+        current, seen = current.__cause__, seen + 1
+    return None
+
+
+def guard_loggers(loggers: Iterable[Any], failures: SinkFailures, step: Callable[[], int]) -> None:
+    """Guard the framework's own writes to ``loggers`` as the monitor's are (a full disk never stops training).
+
+    Each logger's :data:`GUARDED_METHODS` are wrapped on the instance: an ``OSError`` raised by one (or an error
+    raised from one, as Lightning's ``TensorBoardLogger.log_metrics`` does) marks the logger failed in ``failures``
+    at ``step()``, with one warning, and returns; afterwards every guarded call does nothing. ``failures`` is shared
+    with the monitor's own writes, so a logger that failed either way gets nothing more from either. A logger
+    already guarded (a second fit) is bound to the new ``failures``, keeping its failure.
+    """
+    for logger in loggers:
+        own = getattr(logger, "__dict__", {})
+        wrapped = [m for name in GUARDED_METHODS if isinstance(m := own.get(name), _Guarded)]
+        if wrapped:
+            guard = wrapped[0].guard
+            if guard.failures.stopped(logger) and not failures.stopped(logger):
+                failures.failed[id(logger)] = guard.failures.failed[id(logger)]
+            guard.failures, guard.step = failures, step
+            continue
+        guard = _LoggerGuard(failures, step)
+        for name in GUARDED_METHODS:
+            method = getattr(logger, name, None)
+            if callable(method):
+                try:
+                    setattr(logger, name, _Guarded(guard, logger, name, method))
+                except AttributeError:  # (a logger with __slots__ or read-only methods: left as it is)
+                    break
 
 
 def write_metrics(
@@ -229,7 +328,10 @@ def _write_one_event(logger: Any, metrics: Mapping[str, float], step: int) -> bo
     TensorBoardLogger = _fabric_tensorboard_logger(logger)
     if TensorBoardLogger is None or type(logger).log_metrics is not TensorBoardLogger.log_metrics:
         return False  # not Lightning's TensorBoard logger, or a subclass with its own log_metrics
-    if "log_metrics" in vars(logger):
+    own = vars(logger).get("log_metrics")
+    if isinstance(own, _Guarded):  # (guard_loggers' wrapper: what counts is what it wraps)
+        own = None if getattr(own.method, "__func__", None) is type(logger).log_metrics else own.method
+    if own is not None:
         return False  # log_metrics replaced on the instance (a wrapper, a mock)
     prefix = getattr(logger, "_prefix", None)
     join = getattr(logger, "LOGGER_JOIN_CHAR", None)

@@ -7,12 +7,14 @@ builds keys with :func:`metric_key` and reads them with :func:`parse_key` or :fu
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import itertools
 import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from lightning_gradhealth.schema.record import LayerStats, StepStats
 
@@ -343,39 +345,96 @@ def metrics_to_record(metrics: Mapping[str, float], step: int, optimizer_idx: in
     Raises:
         KeyError: ``metrics`` has no :data:`TOTAL_NORM` for this optimizer.
     """
-    summary: dict[str, float] = {}
-    layers: dict[str, dict[str, float]] = {}
-    for key, value in metrics.items():
+    summary, layers = _reading(tuple(metrics), optimizer_idx)
+    if TOTAL_NORM not in summary:
+        raise KeyError(f"no {metric_key(TOTAL_NORM, None, optimizer_idx)!r} among the metrics of step {step}")
+    values = list(metrics.values())
+    got = {metric: values[i] for metric, i in summary.items()}
+    stats: list[Any] = [None] * sum(len(at) for at, _ in layers)
+    for at, columns in layers:  # (each group of layers read alike: one column per LayerStats field)
+        made = map(LayerStats, *(_column(kind, data, values) for kind, data in columns))
+        if len(layers) == 1:
+            stats = list(made)
+        else:
+            for position, layer in zip(at, made, strict=True):
+                stats[position] = layer
+    return StepStats(
+        step=step, global_step=step, epoch=0, batch_idx=0, optimizer_idx=optimizer_idx or 0,
+        total_norm=got[TOTAL_NORM], param_norm=got.get(PARAM_NORM, math.nan),
+        zero_frac=got.get(ZERO_FRAC, math.nan), nan_count=int(got.get(NAN_COUNT, 0)),
+        inf_count=int(got.get(INF_COUNT, 0)), layer_norm_ratio=got.get(LAYER_NORM_RATIO, 1.0),
+        no_grad_count=int(got.get(NO_GRAD_COUNT, 0)), layers=tuple(stats),
+        post_clip_norm=got.get(POST_CLIP_NORM), amp_scale=got.get(AMP_SCALE), loss=got.get(LOSS),
+        grad_cosine=got.get(GRAD_COSINE), noise_scale=got.get(NOISE_SCALE),
+    )  # fmt: skip
+
+
+_LAYER_PREFIXES = frozenset(m.key for m in LAYER_METRICS)
+_FULL = tuple(m.key for m in LAYER_METRICS if m.when == "full")
+#: What a layer read back holds where nothing is logged: numel 1, NaN parameter norm, ratio and zero fraction, and
+#: LayerStats' own defaults.
+_UNLOGGED: dict[str, Any] = {
+    **{f.name: f.default for f in dataclasses.fields(LayerStats) if f.default is not dataclasses.MISSING},
+    "numel": 1, "param_norm": math.nan, "ratio": math.nan, "zero_frac": math.nan,
+}  # fmt: skip
+#: One column of a group of layers: ``("name", names)``, ``("same", value)``, ``("float", indices)`` or
+#: ``("int", indices)`` (the values at those indices, as integers).
+_Column = tuple[str, Any]
+
+
+def _column(kind: str, data: Any, values: list[float]) -> Any:
+    """The values of one LayerStats field for a group of layers (an iterable, one per layer)."""
+    if kind == "same":
+        return itertools.repeat(data)
+    if kind == "name":
+        return data
+    column = [values[i] for i in data]
+    return column if kind == "float" else [int(v) for v in column]
+
+
+@functools.lru_cache(maxsize=16)  # (a run logs the same keys in the same order on every step)
+def _reading(
+    keys: tuple[str, ...], optimizer_idx: int | None
+) -> tuple[dict[str, int], list[tuple[tuple[int, ...], tuple[_Column, ...]]]]:
+    """How :func:`metrics_to_record` reads a step's values, in the order of ``keys``, worked out once per ``keys``.
+
+    Returns:
+        ``{summary metric: index}``, and the layers with a :data:`GRAD_NORM` key (numbered in order of first
+        appearance) in groups of layers that logged the same statistics: their numbers and one column per
+        :class:`~lightning_gradhealth.schema.record.LayerStats` field (those of ``stats="full"`` only when all were
+        logged; counts as integers). A later key taken apart the same way as an earlier one wins, as in a dict.
+    """
+    summary: dict[str, int] = {}
+    layers: dict[str, dict[str, int]] = {}
+    for i, key in enumerate(keys):
         parsed = parse_key(key)
         if parsed is None or parsed.optimizer_idx != optimizer_idx:
             continue
         if parsed.layer is None:
-            summary[parsed.metric] = value
-        elif parsed.metric in _GRAD_PREFIXES and parsed.metric != HISTOGRAM:
-            layers.setdefault(parsed.layer, {})[parsed.metric] = value
-    if TOTAL_NORM not in summary:
-        raise KeyError(f"no {metric_key(TOTAL_NORM, None, optimizer_idx)!r} among the metrics of step {step}")
-
-    full = [m.key for m in LAYER_METRICS if m.when == "full"]
-    stats = tuple(_layer_from_metrics(name, values, full) for name, values in layers.items() if GRAD_NORM in values)
-    return StepStats(
-        step=step, global_step=step, epoch=0, batch_idx=0, optimizer_idx=optimizer_idx or 0,
-        total_norm=summary[TOTAL_NORM], param_norm=summary.get(PARAM_NORM, math.nan),
-        zero_frac=summary.get(ZERO_FRAC, math.nan), nan_count=int(summary.get(NAN_COUNT, 0)),
-        inf_count=int(summary.get(INF_COUNT, 0)), layer_norm_ratio=summary.get(LAYER_NORM_RATIO, 1.0),
-        no_grad_count=int(summary.get(NO_GRAD_COUNT, 0)), layers=stats,
-        post_clip_norm=summary.get(POST_CLIP_NORM), amp_scale=summary.get(AMP_SCALE), loss=summary.get(LOSS),
-        grad_cosine=summary.get(GRAD_COSINE), noise_scale=summary.get(NOISE_SCALE),
-    )  # fmt: skip
-
-
-def _layer_from_metrics(name: str, values: dict[str, float], full: list[str]) -> LayerStats:
-    """A layer's record from its logged keys (the statistics of ``stats="full"`` only when all were logged)."""
-    fields: dict[str, float | int] = {"ratio": math.nan, "zero_frac": math.nan}
-    for m in LAYER_METRICS:
-        if m.key in values and (m.when != "full" or all(key in values for key in full)):
-            fields[m.field] = int(values[m.key]) if m.when == "nonzero" else values[m.key]
-    return LayerStats(name=name, numel=1, param_norm=math.nan, **fields)  # type: ignore[arg-type]
+            summary[parsed.metric] = i
+        elif parsed.metric in _LAYER_PREFIXES:
+            layers.setdefault(parsed.layer, {})[parsed.metric] = i
+    groups: dict[tuple[str, ...], list[tuple[int, str, dict[str, int]]]] = {}
+    named = [(name, found) for name, found in layers.items() if GRAD_NORM in found]
+    for at, (name, found) in enumerate(named):
+        full = all(key in found for key in _FULL)
+        read = tuple(m.key for m in LAYER_METRICS if m.key in found and (m.when != "full" or full))
+        groups.setdefault(read, []).append((at, name, found))
+    plans = []
+    for read, members in groups.items():
+        logged = {m.field: m for m in LAYER_METRICS if m.key in read}
+        columns: list[_Column] = []
+        for f in dataclasses.fields(LayerStats):
+            if f.name == "name":
+                columns.append(("name", tuple(name for _, name, _ in members)))
+            elif f.name in logged:
+                m = logged[f.name]
+                where = tuple(found[m.key] for _, _, found in members)
+                columns.append(("int" if m.when == "nonzero" else "float", where))
+            else:
+                columns.append(("same", _UNLOGGED[f.name]))
+        plans.append((tuple(at for at, _, _ in members), tuple(columns)))
+    return summary, plans
 
 
 def activation_metrics(stats: dict[str, tuple[float, float, float | None]]) -> dict[str, float]:
