@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 import warnings
 from collections.abc import Callable, Sequence
@@ -81,9 +82,18 @@ class TinyMLP(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
+# One CPU thread per process, for this process and every process a test starts (inherited through the
+# environment): the models here are tiny, so a second intra-op thread buys nothing, and on a 2-core machine running
+# 2- and 4-process runs (or two test workers) OpenMP's threads wait on each other spinning, which multiplies CPU time.
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic() -> Any:
     torch.manual_seed(0)
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)  # (a test that raised it, e.g. the demo's two threads, does not slow the next)
     yield
     from lightning_gradhealth.core.at_exit import OPEN_RUNS
 
