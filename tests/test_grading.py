@@ -32,7 +32,8 @@ def _record(
     """A record of layers ``l0..`` in depth order with gradient norms ``norms`` (parameter norm ``param`` each)."""
     layers = tuple(
         LayerStats(name=f"l{j}", numel=640, grad_norm=g, param_norm=param, ratio=g / param,
-                   zero_frac=0.0 if zero is None else zero[j], units=units,
+                   zero_frac=0.0 if zero is None else zero[j],
+                   units=units[j] if isinstance(units, list) else units,
                    dead_unit_frac=None if units is None else (0.0 if dead is None else dead[j]))
         for j, g in enumerate(norms)
     )  # fmt: skip
@@ -65,10 +66,13 @@ CASES = {  # name: (record, the run's early global norm or None, the kinds the s
                   {Kind.LAYER_IMBALANCE: W}),
     "imbalance_critical": (_record([1.0, 2e4, 1.0, 1.0, 2.0, 1.0, 1.0, 1.0], total=10.0, param=1e3), None,
                            {Kind.LAYER_IMBALANCE: C}),
-    "dead_one_layer": (_record(HEALTHY, units=64, dead=[0.0, 0.3, 0.0, 0.0]), None, {Kind.DEAD: W}),
-    "dead_critical": (_record(HEALTHY, units=64, dead=[0.6, 0.3, 0.0, 0.0]), None, {Kind.DEAD: C}),
+    "dead_units": (_record(HEALTHY, units=64, dead=[0.3, 0.3, 0.3, 0.0]), None, {Kind.DEAD: W}),
+    "dead_critical": (_record(HEALTHY, units=64, dead=[0.6, 0.6, 0.6, 0.3]), None, {Kind.DEAD: C}),
+    "dead_weighted_by_units": (_record(HEALTHY, units=[200, 10, 10, 10], dead=[0.3, 0.0, 0.0, 0.0]), None,
+                               {Kind.DEAD: W}),
+    "one_dead_layer_of_many_units": (_record(HEALTHY, units=64, dead=[0.0, 0.6, 0.0, 0.0]), None, {}),
     "dead_inputs_not_units": (_record(HEALTHY, units=64, dead=[0.0, 1.0, 0.0, 0.0]), None, {}),
-    "zero_entries": (_record(HEALTHY, zero=[0.0, 0.7, 0.0, 0.0]), None, {Kind.DEAD: W}),
+    "zero_entries": (_record(HEALTHY, zero=[0.7, 0.7, 0.7, 0.0]), None, {Kind.DEAD: W}),
     "ratio_high": (_record(HEALTHY, param=5e-3), None, {Kind.RATIO_HIGH: W}),
     "ratio_high_critical": (_record(HEALTHY, param=5e-5), None, {Kind.RATIO_HIGH: C}),
     "ratio_low": (_record([2e-5, 2e-5, 2e-5, 2e-5], total=1.0, param=1e2), None, {Kind.RATIO_LOW: W}),
@@ -112,7 +116,7 @@ def test_a_run_of_identical_records_is_found_as_its_every_step_is_alerted(name):
 
 def test_a_line_moved_on_one_side_shows():
     """The property can fail: a finding graded on other lines than the step's disagrees with it."""
-    record, early, _ = CASES["dead_one_layer"]
+    record, early, _ = CASES["dead_units"]
     assert _found(record, early, Thresholds(dead_units_warning=0.4)) == {}
     assert _alerted(record, early, Thresholds()) == {Kind.DEAD: W}
 
@@ -120,7 +124,7 @@ def test_a_line_moved_on_one_side_shows():
 def test_a_state_must_last_through_the_window_to_be_found():
     """Persistence is the window's reduction: dead units in every other record alert on those steps, find nothing."""
     th = Thresholds()
-    live, dying = _record(HEALTHY, units=64), _record(HEALTHY, units=64, dead=[0.0, 0.6, 0.0, 0.0])
+    live, dying = _record(HEALTHY, units=64), _record(HEALTHY, units=64, dead=[0.0, 0.9, 0.9, 0.6])
     assert _alerted(dying, None, th) == {Kind.DEAD: C} and _alerted(live, None, th) == {}
     history = History()
     for step in range(N):
@@ -129,4 +133,5 @@ def test_a_state_must_last_through_the_window_to_be_found():
     for step in range(N, 2 * N):  # dead from now on: in every recent record
         history.add(replace(dying, step=step, global_step=step))
     (finding,) = [f for f in diagnose(history, th) if f.kind == Kind.DEAD]
-    assert finding.severity is C and finding.layers == ("l1",) and finding.evidence["dead_unit_frac"] == {"l1": 0.6}
+    assert finding.severity is C and finding.layers == ("l1", "l2", "l3")
+    assert finding.evidence["dead_unit_frac"] == {"l1": 0.9, "l2": 0.9, "l3": 0.6}

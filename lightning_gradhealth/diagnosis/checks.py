@@ -44,9 +44,9 @@ MESSAGES = {
     "gradients do not flow evenly.",
     DEPTH_DECAY: "gradients vanish toward the input: the first layers get {value:.1e} of the last layers' gradient "
     "(< {line:g}).",
-    "dead_units": "{value:.0%} of the units (output rows or channels) {layer}get an exactly-zero gradient "
-    "(> {line:.0%}): dead units.",
-    "zero_frac": "{value:.0%} of gradient entries {layer}are exactly zero (> {line:.0%}): many dead units.",
+    "dead_units": "{value:.0%} of the units (output rows or channels) get an exactly-zero gradient (> {line:.0%}): "
+    "dead units.",
+    "zero_frac": "{value:.0%} of gradient entries are exactly zero (> {line:.0%}): many dead units.",
     "layer_norm_low": "layer {layer}: gradient norm {value:.3g} < {line:g}: vanishing gradient in this layer.",
     "grad_param_ratio_high": "layer {layer}: grad/param ratio {value:.3g} > {line:g}: updates too large for the "
     "weights.",
@@ -60,23 +60,20 @@ def _alert(
     where: dict[str, Any],
     *,
     message: str | None = None,
-    phrase: str | None = None,
     fix: str | None = None,
 ) -> Alert:
     """``hit`` as an alert of ``kind``: its message (:data:`MESSAGES`) and the first fix of the kind (or ``fix``).
 
     ``where``: ``step``, ``epoch``, ``batch_idx``, and the ``inventory`` and ``frontend`` the fix is fitted to.
-    ``phrase``: the layers in words, for an alert about the whole model (``layer=None``).
     """
-    layer = hit.layer if phrase is None else phrase
-    text = (message or MESSAGES[hit.check]).format(value=hit.value, line=hit.line, layer=layer)
+    text = (message or MESSAGES[hit.check]).format(value=hit.value, line=hit.line, layer=hit.layer)
     first = fix or fixes_for(kind, where["inventory"])[0]
     return Alert(
         kind=kind,
         severity=hit.severity,
         step=where["step"],
         message=f"{text} Fix: {for_frontend(first, where['frontend'])}.",
-        layer=hit.layer if phrase is None else None,
+        layer=hit.layer,
         value=hit.value,
         threshold=hit.line,
         epoch=where["epoch"],
@@ -170,14 +167,6 @@ def check_growth(
     return out
 
 
-def _layer_phrase(hits: list[Hit]) -> str:
-    """``"of layer a "`` or ``"of 3 layers (a … c) "``: the layers a dead-unit alert is about."""
-    names = [h.layer for h in hits if h.layer is not None]
-    if not names:
-        return ""
-    return f"of layer {names[0]} " if len(names) == 1 else f"of {len(names)} layers ({names[0]} … {names[-1]}) "
-
-
 def check_record(
     record: StepStats,
     th: Thresholds,
@@ -214,8 +203,8 @@ def check_record(
     out: list[Alert] = []
     if not rising and (spread := imbalance(window, th)) is not None:
         out.append(_alert(spread.worst, Kind.LAYER_IMBALANCE, where))
-    if (units := dead(window, th)) is not None:  # one alert for the step, at its worst layer
-        out.append(_alert(units.worst, Kind.DEAD, where, phrase=_layer_phrase(list(units.hits))))
+    if (units := dead(window, th)) is not None:
+        out.append(_alert(units.worst, Kind.DEAD, where))
     layered: list[Alert] = []
     if (low := vanishing(window, th)) is not None:
         layers = [_alert(hit, Kind.VANISHING, where) for hit in low.of("layer_norm_low")]

@@ -75,6 +75,8 @@ class Window:
         loss: The smoothed training loss of the records a rise must last over (the rise is their minimum).
         early_loss: The run's early loss.
         steps: The steps of the records.
+        sizes: Per layer, its units and gradient entries (``None`` where unknown): its weight in the model's dead
+            fraction.
         inventory: What the model is made of (``None``: every layer is compared).
         sparse: Layers whose gradients are sparse by design (embeddings): never dead.
         min_records: How many values a per-layer series needs to be judged (1 for a record).
@@ -94,6 +96,7 @@ class Window:
     loss: tuple[float, ...] = ()
     early_loss: float = math.nan
     steps: tuple[int, ...] = ()
+    sizes: tuple[tuple[int | None, int | None], ...] = ()
     inventory: ModelInventory | None = None
     sparse: frozenset[str] = frozenset()
     min_records: int = 1
@@ -104,7 +107,7 @@ class Window:
     ) -> Window:
         """The per-layer values of one record (its global norm is graded on every step, by the caller)."""
         lays = record.layers
-        units = tuple(lay.dead_unit_frac if lay.units and lay.dead_unit_frac is not None else math.nan for lay in lays)
+        units = tuple(math.nan if lay.dead_unit_frac is None else lay.dead_unit_frac for lay in lays)
         return cls(
             names=tuple(lay.name for lay in lays),
             norm=(tuple(lay.grad_norm for lay in lays),),
@@ -114,6 +117,7 @@ class Window:
             spread=(record.layer_norm_ratio,),
             total_zero_frac=(record.zero_frac,),
             steps=(record.step,),
+            sizes=tuple((lay.units, lay.numel) for lay in lays),
             inventory=inventory,
             sparse=sparse,
         )
@@ -164,6 +168,7 @@ class Window:
             early_norm=early,
             growth=norm_growth(latest, early),
             steps=tuple(history.steps[recent]),
+            sizes=tuple(history.sizes.get(name, (None, None)) for name in history.layer_names),
             inventory=inventory,
             sparse=sparse,
             min_records=min_records,
@@ -340,41 +345,71 @@ def imbalance(w: Window, th: Thresholds) -> Verdict | None:
                    evidence={"median_layer_norm_ratio": value, "layers_compared": len(blocks)})  # fmt: skip
 
 
-def dead(w: Window, th: Thresholds) -> Verdict | None:
-    """Dead units: a layer whose output rows or channels get an exactly-zero gradient in every record of the window.
+def _sizes(w: Window, j: int) -> tuple[float, float]:
+    """Layer ``j``'s weight in the model's dead fraction: its units and its entries (1 where unknown)."""
+    units, numel = w.sizes[j] if j < len(w.sizes) else (None, None)
+    return float(units or 1), float(numel or 1)
 
-    Per weight matrix (embeddings and sparse layers left out): its dead-unit fraction, above ``dead_units_warning``
-    in every record (its mean graded); where no unit statistic is known (FSDP1 shards), its exactly-zero entries on
-    ``zero_frac`` (convolutions left out: padding taps are zeros). A layer whose every row is zero while its bias
-    lives has dead inputs (upstream), not dead units. A window without layers: the global zero fraction.
+
+def _dead_rows(w: Window, candidates: list[int]) -> tuple[str, list[float]]:
+    """Per record, the model's dead fraction: over the units where a unit statistic is known, else over the entries.
+
+    Units: a candidate's dead-unit fraction weighted by its units (a layer whose every row is zero while its bias
+    lives has dead inputs, upstream, not dead units). Without a unit statistic (FSDP1 shards), the exactly-zero
+    entries of the candidates that are no convolution (padding taps are zeros) weighted by their entries; without
+    layers, the record's own zero fraction.
+    """
+    inv = w.inventory
+    by_units: list[float] = []
+    by_entries: list[float] = []
+    for i in range(len(w.norm)):
+        row, norms = w.dead_units[i], w.norm[i]
+        alive = [j for j in candidates
+                 if j < len(row) and math.isfinite(row[j]) and not (row[j] >= 1.0 and norms[j] > 0)]  # fmt: skip
+        if alive:
+            total = sum(_sizes(w, j)[0] for j in alive)
+            by_units.append(sum(row[j] * _sizes(w, j)[0] for j in alive) / total)
+            continue
+        dense = [j for j in candidates if (inv is None or inv.kind_of(w.names[j]) != "conv")
+                 and math.isfinite(w.zero_frac[i][j])]  # fmt: skip
+        total = sum(_sizes(w, j)[1] for j in dense)
+        by_entries.append(sum(w.zero_frac[i][j] * _sizes(w, j)[1] for j in dense) / total if total else 0.0)
+    if by_units:
+        return "dead_units", by_units
+    if w.names:
+        return "zero_frac", by_entries
+    return "zero_frac", [v for v in w.total_zero_frac if math.isfinite(v)]
+
+
+def dead(w: Window, th: Thresholds) -> Verdict | None:
+    """Dead units: output rows or channels whose whole gradient is exactly zero, in every record of the window.
+
+    Line: ``dead_units`` on the model's dead-unit fraction (:func:`_dead_rows`: the weight matrices but embeddings and
+    sparse layers, weighted by their units), or ``zero_frac`` on its exactly-zero entries where no unit statistic is
+    known; the smallest over the window (a state that lasts). The layers named: each above the line in every record.
     """
     inv = w.inventory
     embeddings = set(w.sparse) | (set(inv.of_kind("embedding")) if inv is not None else set())
-    units = set(inv.comparable(w.names) if inv is not None else w.names)
-    hits: list[Hit | None] = []
-    for j, name in enumerate(w.names):
-        if name in embeddings or name not in units:
+    weights = set(inv.comparable(w.names) if inv is not None else w.names)
+    candidates = [j for j, name in enumerate(w.names) if name in weights and name not in embeddings]
+    check, rows = _dead_rows(w, candidates)
+    if not rows or len(rows) < min(w.min_records, max(len(w.norm), len(w.total_zero_frac))):
+        return None
+    hit = _hit(th, check, min(rows), high=True)
+    if hit is None:
+        return None
+    line = getattr(th, f"{check}_warning")
+    named: dict[str, float] = {}
+    for j in candidates:
+        values = w.column(w.dead_units if check == "dead_units" else w.zero_frac, j)
+        if len(values) < w.min_records or min(values) <= line:
             continue
-        fracs = w.column(w.dead_units, j)
-        check, values = "dead_units", fracs
-        if len(fracs) < w.min_records:
-            if inv is not None and inv.kind_of(name) == "conv":
-                continue  # no unit statistic: zero entries of a convolution are padding taps too
-            check, values = "zero_frac", w.column(w.zero_frac, j)
-            if len(values) < w.min_records:
-                continue
-        elif min(fracs) >= 1.0 and min(w.column(w.norm, j), default=0.0) > 0:
-            continue  # every weight row zero but the bias alive: its inputs are dead (upstream), not its units
-        if min(values) > getattr(th, f"{check}_warning"):
-            hits.append(_hit(th, check, statistics.mean(values), high=True, layer=name))
-    if not w.names and w.total_zero_frac:
-        zeros = [v for v in w.total_zero_frac if math.isfinite(v)]
-        if len(zeros) >= min(w.min_records, len(w.total_zero_frac)) and zeros:
-            hits.append(_hit(th, "zero_frac", min(zeros), high=True))
-    kept = [h for h in hits if h is not None]
-    fracs = {h.layer: h.value for h in kept if h.layer is not None}  # (the zero-entry proxy's too)
-    evidence: dict[str, Any] = {"dead_unit_frac": fracs} if fracs else {"zero_frac": kept[0].value} if kept else {}
-    return _verdict(Kind.DEAD, kept, layers=tuple(fracs), evidence=evidence)
+        if check == "dead_units" and min(values) >= 1.0 and min(w.column(w.norm, j), default=0.0) > 0:
+            continue  # dead inputs (upstream), not dead units
+        if check == "zero_frac" and inv is not None and inv.kind_of(w.names[j]) == "conv":
+            continue
+        named[w.names[j]] = statistics.mean(values)
+    return Verdict(Kind.DEAD, (hit,), layers=tuple(named), evidence={"dead_unit_frac": named, check: hit.value})
 
 
 def ratio(w: Window, th: Thresholds, *, high: bool) -> Verdict | None:

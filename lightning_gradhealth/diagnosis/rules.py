@@ -286,14 +286,16 @@ def _dead(
     verdict = dead(w, th)
     if verdict is None:
         return
-    units = verdict.of("dead_units")
-    if units or verdict.layers:
-        what = "of their units (output rows or channels) with an exactly-zero gradient" if units else (
-            "of their gradient entries exactly zero")  # fmt: skip
-        line = th.dead_units_warning if units else th.zero_frac_warning
-        text = f"{len(verdict.layers)} layer(s) have more than {line:.0%} {what} in every recent step: dead units."
-    else:
-        text = f"{verdict.value:.0%} of gradient entries are exactly zero in every recent step: many dead units."
+    units = verdict.worst.check == "dead_units"
+    line = th.dead_units_warning if units else th.zero_frac_warning
+    what = "of their units (output rows or channels) with an exactly-zero gradient" if units else (
+        "of their gradient entries exactly zero")  # fmt: skip
+    text = (
+        f"{len(verdict.layers)} layer(s) have more than {line:.0%} {what} in every recent step: dead units."
+        if verdict.layers
+        else f"{verdict.value:.0%} of the {'units' if units else 'gradient entries'} get an exactly-zero gradient in "
+        "every recent step: dead units."
+    )
     out.append(find(Kind.DEAD, verdict.severity, text, layers=verdict.layers, evidence=verdict.evidence))
 
 
