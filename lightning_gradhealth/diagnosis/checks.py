@@ -1,4 +1,9 @@
-"""Threshold checks: a record (or a bare global norm) in, alerts out. Pure functions, no state."""
+"""Threshold checks: a record (or a bare global norm) in, alerts out. Pure functions, no state.
+
+Every kind is graded by its one function of :mod:`~lightning_gradhealth.diagnosis.graded`, on a window of this one
+record, the same function the end-of-run rules call on the recent records: here each line crossed becomes an alert
+(a message and the kind's first fix).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,18 @@ from typing import Any
 from lightning_gradhealth.config.thresholds import Severity, Thresholds
 from lightning_gradhealth.diagnosis.advice import for_frontend
 from lightning_gradhealth.diagnosis.fixes import fixes_for
-from lightning_gradhealth.diagnosis.grading import compared_layers, depth_decay, layer_spread, norm_growth
+from lightning_gradhealth.diagnosis.graded import (
+    DEPTH_DECAY,
+    Hit,
+    Verdict,
+    Window,
+    dead,
+    diverging,
+    exploding,
+    imbalance,
+    ratio,
+    vanishing,
+)
 from lightning_gradhealth.diagnosis.learning import loss_rising
 from lightning_gradhealth.model.inventory import ModelInventory
 from lightning_gradhealth.schema.alert import Alert
@@ -18,46 +34,50 @@ from lightning_gradhealth.schema.record import StepStats
 
 __all__ = ["check_global_norm", "check_growth", "check_record"]
 
+#: Each line's alert message, formatted with the ``value``, the ``line`` crossed and the ``layer``.
+MESSAGES = {
+    "total_norm_high": "global gradient norm {value:.3g} > {line:g}: exploding gradients.",
+    "total_norm_low": "global gradient norm {value:.3g} < {line:g}: vanishing gradients, little or no learning.",
+    "norm_growth": "global gradient norm {value:.3g}x its level early in the run (> {line:g}x): the updates are "
+    "unstable.",
+    "layer_norm_ratio": "the gradient norms of comparable layers span a factor of {value:.3g} (> {line:g}): "
+    "gradients do not flow evenly.",
+    DEPTH_DECAY: "gradients vanish toward the input: the first layers get {value:.1e} of the last layers' gradient "
+    "(< {line:g}).",
+    "dead_units": "{value:.0%} of the units (output rows or channels) get an exactly-zero gradient (> {line:.0%}): "
+    "dead units.",
+    "zero_frac": "{value:.0%} of gradient entries are exactly zero (> {line:.0%}): many dead units.",
+    "layer_norm_low": "layer {layer}: gradient norm {value:.3g} < {line:g}: vanishing gradient in this layer.",
+    "grad_param_ratio_high": "layer {layer}: grad/param ratio {value:.3g} > {line:g}: updates too large for the "
+    "weights.",
+    "grad_param_ratio_low": "layer {layer}: grad/param ratio {value:.3g} < {line:g}: gradients too small to matter.",
+}
 
-def _check(
-    out: list[Alert],
-    th: Thresholds,
-    check: str,
-    value: float,
-    *,
-    high: bool,
+
+def _alert(
+    hit: Hit,
     kind: str,
-    message: str,
-    step: int,
-    epoch: int,
-    batch_idx: int,
-    layer: str | None = None,
-    inventory: ModelInventory | None = None,
+    where: dict[str, Any],
+    *,
+    message: str | None = None,
     fix: str | None = None,
-    frontend: str | None = None,
-) -> None:
-    """Grade ``value`` against the ``<check>_warning`` / ``<check>_critical`` lines; append an alert if it fires.
+) -> Alert:
+    """``hit`` as an alert of ``kind``: its message (:data:`MESSAGES`) and the first fix of the kind (or ``fix``).
 
-    ``message`` is formatted with ``value``, ``line`` (the line crossed) and ``layer``; the first fix of ``kind``
-    (a :class:`~lightning_gradhealth.schema.kinds.Kind`), fitted to the ``frontend`` in use, is appended to it.
+    ``where``: ``step``, ``epoch``, ``batch_idx``, and the ``inventory`` and ``frontend`` the fix is fitted to.
     """
-    sev = th.grade_high(check, value) if high else th.grade_low(check, value)
-    if sev is Severity.OK:
-        return
-    line = getattr(th, f"{check}_{sev.value}")
-    out.append(
-        Alert(
-            kind=kind,
-            severity=sev,
-            step=step,
-            message=message.format(value=value, line=line, layer=layer)
-            + f" Fix: {for_frontend(fix or fixes_for(kind, inventory)[0], frontend)}.",
-            layer=layer,
-            value=value,
-            threshold=line,
-            epoch=epoch,
-            batch_idx=batch_idx,
-        )
+    text = (message or MESSAGES[hit.check]).format(value=hit.value, line=hit.line, layer=hit.layer)
+    first = fix or fixes_for(kind, where["inventory"])[0]
+    return Alert(
+        kind=kind,
+        severity=hit.severity,
+        step=where["step"],
+        message=f"{text} Fix: {for_frontend(first, where['frontend'])}.",
+        layer=hit.layer,
+        value=hit.value,
+        threshold=hit.line,
+        epoch=where["epoch"],
+        batch_idx=where["batch_idx"],
     )
 
 
@@ -87,16 +107,21 @@ def check_global_norm(
     Returns:
         Zero, one or two alerts.
     """
-    out: list[Alert] = []
     if not math.isfinite(total_norm):
-        return out
+        return []
     where = {"step": step, "epoch": epoch, "batch_idx": batch_idx, "inventory": inventory, "frontend": frontend}
-    msg = "global gradient norm {value:.3g} > {line:g}: exploding gradients."
-    _check(out, th, "total_norm_high", total_norm, high=True, kind=Kind.EXPLODING, message=msg, **where)
+    window = Window.of_norms(total_norm)
+    out = [_alert(hit, Kind.EXPLODING, where) for hit in _hits(exploding(window, th), "total_norm_high")]
     if steps_seen >= th.warmup_steps:
-        msg = "global gradient norm {value:.3g} < {line:g}: vanishing gradients, little or no learning."
-        _check(out, th, "total_norm_low", total_norm, high=False, kind=Kind.VANISHING, message=msg, **where)
+        out += [_alert(hit, Kind.VANISHING, where) for hit in _hits(vanishing(window, th), "total_norm_low")]
     return out
+
+
+def _hits(verdict: Verdict | None, *checks: str) -> list[Hit]:
+    """The hits of ``checks`` in ``verdict`` (every hit without ``checks``)."""
+    if verdict is None:
+        return []
+    return verdict.of(*checks) if checks else list(verdict.hits)
 
 
 def check_growth(
@@ -126,31 +151,20 @@ def check_growth(
     Returns:
         Zero, one or two alerts.
     """
-    out: list[Alert] = []
     if not math.isfinite(total_norm) or early_norm <= 0:
-        return out
-    where = {"step": meta.step, "epoch": meta.epoch, "batch_idx": meta.batch_idx, "frontend": frontend}
-    growth = norm_growth(total_norm, early_norm)
-    msg = "global gradient norm {value:.3g}x its level early in the run (> {line:g}x): the updates are unstable."
-    _check(out, th, "norm_growth", growth, high=True, kind=Kind.EXPLODING, message=msg, **where,
-           fix=fixes_for(Kind.DIVERGING)[0])  # fmt: skip
-    if loss is None or early_loss is None or not math.isfinite(loss) or early_loss <= 0:
-        return out
-    rise = loss / early_loss
-    if growth >= th.loss_rise_warning:
-        msg = (
-            f"training diverges: the loss is {{value:.3g}}x its early level (> {{line:g}}x, {early_loss:.3g} -> "
-            f"{loss:.3g}) and the gradient norm {growth:.3g}x."
-        )
-        _check(out, th, "loss_rise", rise, high=True, kind=Kind.DIVERGING, message=msg, **where)
+        return []
+    where = {"step": meta.step, "epoch": meta.epoch, "batch_idx": meta.batch_idx, "inventory": None,
+             "frontend": frontend}  # fmt: skip
+    known = loss is not None and early_loss is not None and math.isfinite(loss) and early_loss > 0
+    window = Window.of_norms(total_norm, early_norm, loss if known else None, early_loss if known else None)
+    grown = fixes_for(Kind.DIVERGING)[0]
+    out = [_alert(hit, Kind.EXPLODING, where, fix=grown) for hit in _hits(exploding(window, th), "norm_growth")]
+    message = (
+        f"training diverges: the loss is {{value:.3g}}x its early level (> {{line:g}}x, {early_loss or 0:.3g} -> "
+        f"{loss or 0:.3g}) and the gradient norm {window.growth:.3g}x."
+    )
+    out += [_alert(hit, Kind.DIVERGING, where, message=message) for hit in _hits(diverging(window, th), "loss_rise")]
     return out
-
-
-def _decays_with_depth(record: StepStats, names: list[str], inventory: ModelInventory | None, th: Thresholds) -> bool:
-    """Whether the main path's first quarter gets less than 1/``layer_norm_ratio_warning`` of its last quarter."""
-    path = set(inventory.main_path(names)) if inventory is not None else set(names)
-    norms = [lay.grad_norm for lay in record.layers if lay.name in path and lay.grad_norm > 0]
-    return len(norms) >= 2 and depth_decay(norms)[2] < 1.0 / th.layer_norm_ratio_warning
 
 
 def check_record(
@@ -180,60 +194,26 @@ def check_record(
     Returns:
         The alerts, global ones first, then per layer in definition order.
     """
-    out: list[Alert] = []
     if not record.is_finite or steps_seen < th.warmup_steps:
-        return out
+        return []
     where = {"step": record.step, "epoch": record.epoch, "batch_idx": record.batch_idx, "inventory": inventory,
              "frontend": frontend}  # fmt: skip
-    names = [lay.name for lay in record.layers]
-    if record.layers:
-        spread = layer_spread([lay.grad_norm for lay in record.layers], compared_layers(names, inventory))
-        ratio = record.layer_norm_ratio if spread is None else spread
-    else:
-        ratio = record.layer_norm_ratio
-    msg = "the gradient norms of comparable layers span a factor of {value:.3g} (> {line:g}): gradients do not flow "
-    msg += "evenly."
+    window = Window.of_record(record, inventory, frozenset(sparse_layers))
     rising = loss_rising(record.loss_summary)  # the loss above its start: no imbalance or raise-the-lr advice
-    if not rising and not _decays_with_depth(record, names, inventory, th):  # (a depth pattern: vanishing)
-        _check(out, th, "layer_norm_ratio", ratio, high=True, kind=Kind.LAYER_IMBALANCE, message=msg, **where)
-    embeddings = set(sparse_layers) | (set(inventory.of_kind("embedding")) if inventory is not None else set())
-    weights = set(inventory.comparable(names)) if inventory is not None else set(names)
-    candidates = [lay for lay in record.layers if lay.name in weights and lay.name not in embeddings]
-    with_units = [
-        lay
-        for lay in candidates
-        if lay.units
-        and lay.dead_unit_frac is not None
-        and not (lay.dead_unit_frac >= 1.0 and lay.grad_norm > 0)  # zero inputs (dead upstream), live bias
-    ]
-    if with_units:
-        units = sum(lay.units for lay in with_units)  # type: ignore[misc]
-        dead = sum(lay.dead_unit_frac * lay.units for lay in with_units) / units  # type: ignore[operator]
-        msg = "{value:.0%} of the units (output rows or channels) get an exactly-zero gradient (> {line:.0%}): dead "
-        msg += "units."
-        _check(out, th, "dead_units", dead, high=True, kind=Kind.DEAD, message=msg, **where)
-    elif record.layers:  # no unit statistic: exact zero entries (convolutions left out: padding taps are zeros)
-        dense = [lay for lay in candidates if inventory is None or inventory.kind_of(lay.name) != "conv"]
-        numel = sum(lay.numel for lay in dense)
-        zero_frac = sum(lay.zero_frac * lay.numel for lay in dense) / numel if numel else 0.0
-        msg = "{value:.0%} of gradient entries are exactly zero (> {line:.0%}): many dead units."
-        _check(out, th, "zero_frac", zero_frac, high=True, kind=Kind.DEAD, message=msg, **where)
-    else:
-        msg = "{value:.0%} of gradient entries are exactly zero (> {line:.0%}): many dead units."
-        _check(out, th, "zero_frac", record.zero_frac, high=True, kind=Kind.DEAD, message=msg, **where)
-    path = set(inventory.main_path(names)) if inventory is not None else set(names)
-    for lay in record.layers:
-        if lay.name in path and lay.grad_norm > 0:  # (exactly zero: dead units or no gradient, not vanishing)
-            msg = "layer {layer}: gradient norm {value:.3g} < {line:g}: vanishing gradient in this layer."
-            _check(out, th, "layer_norm_low", lay.grad_norm, high=False, kind=Kind.VANISHING, message=msg,
-                   layer=lay.name, **where)  # fmt: skip
-        if lay.param_norm <= 0 or lay.name not in weights:
-            continue
-        msg = "layer {layer}: grad/param ratio {value:.3g} > {line:g}: updates too large for the weights."
-        _check(out, th, "grad_param_ratio_high", lay.ratio, high=True, kind=Kind.RATIO_HIGH, message=msg,
-               layer=lay.name, **where)  # fmt: skip
-        if lay.grad_norm > 0 and not rising:
-            msg = "layer {layer}: grad/param ratio {value:.3g} < {line:g}: gradients too small to matter."
-            _check(out, th, "grad_param_ratio_low", lay.ratio, high=False, kind=Kind.RATIO_LOW, message=msg,
-                   layer=lay.name, **where)  # fmt: skip
-    return out
+    out: list[Alert] = []
+    if not rising and (spread := imbalance(window, th)) is not None:
+        out.append(_alert(spread.worst, Kind.LAYER_IMBALANCE, where))
+    if (units := dead(window, th)) is not None:
+        out.append(_alert(units.worst, Kind.DEAD, where))
+    layered: list[Alert] = []
+    if (low := vanishing(window, th)) is not None:
+        layers = [_alert(hit, Kind.VANISHING, where) for hit in low.of("layer_norm_low")]
+        told = Severity.worst(a.severity for a in layers)
+        if told.rank < low.severity.rank:  # the depth profile is worse than any layer's own line: say it too
+            out += [_alert(hit, Kind.VANISHING, where) for hit in low.of(DEPTH_DECAY)]
+        layered += layers
+    layered += [_alert(hit, Kind.RATIO_HIGH, where) for hit in _hits(ratio(window, th, high=True))]
+    if not rising:
+        layered += [_alert(hit, Kind.RATIO_LOW, where) for hit in _hits(ratio(window, th, high=False))]
+    depth = {name: j for j, name in enumerate(window.names)}
+    return out + sorted(layered, key=lambda a: depth.get(a.layer, -1))  # stable: per layer, in the kinds' order

@@ -85,6 +85,8 @@ class History:
         loss_summary: The latest loss summary (:class:`~lightning_gradhealth.schema.record.LossSummary`).
         alerts_raised: How many alerts the run raised (set before a report).
         early_norm: The run's early global norm as the guard measured it (its first steps), when known.
+        sizes: Per layer, its units and gradient entries in the latest record that had it (``units`` ``None``
+            where not known): how much each layer weighs in the dead-unit fraction of the whole model.
         facts: What the loss is judged against (:class:`~lightning_gradhealth.model.frozen.TrainingFacts`), set
             before a report.
     """
@@ -116,6 +118,7 @@ class History:
     loss_summary: LossSummary | None = None
     facts: TrainingFacts | None = None
     early_norm: float | None = None
+    sizes: dict[str, tuple[int | None, int]] = field(default_factory=dict)  # layer -> (units, numel), latest
     alerts_raised: int = 0
     _keep_every: int = 1
     _index: dict[str, int] = field(default_factory=dict)  # layer name -> column
@@ -150,6 +153,7 @@ class History:
         for series, field_name in GLOBAL_SERIES.items():
             value = _field(record, field_name)
             getattr(self, series).append(value if series == "steps" else _value(value))
+        self.sizes.update({lay.name: (lay.units, lay.numel) for lay in record.layers})
         self.batch_size = record.batch_size or self.batch_size
         self.loss_summary = record.loss_summary or self.loss_summary
         if len(self.steps) > self.max_snapshots:

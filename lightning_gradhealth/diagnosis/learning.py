@@ -16,6 +16,7 @@ from typing import Any
 
 from lightning_gradhealth.config.thresholds import Severity, Thresholds
 from lightning_gradhealth.diagnosis.advice import lr_fix
+from lightning_gradhealth.diagnosis.graded import Window, diverging
 from lightning_gradhealth.diagnosis.history import History
 from lightning_gradhealth.schema.kinds import Kind
 
@@ -59,12 +60,6 @@ def smoothed_loss(history: History) -> tuple[list[float], int]:
     if means and summary is not None:
         return means, max(1, summary.steps // max(1, history.records_seen))
     return [v for v in history.loss if math.isfinite(v)], 1
-
-
-def _sustained(flags: Sequence[bool], per_record: int) -> bool:
-    """Whether the latest records are all flagged over at least :data:`SUSTAINED_STEPS` steps (two records at least)."""
-    need = max(2, math.ceil(SUSTAINED_STEPS / per_record))
-    return len(flags) >= need and all(flags[-need:])
 
 
 def loss_rising(summary: Any) -> bool:
@@ -119,9 +114,12 @@ def instability(history: History, th: Thresholds, find: Callable[..., Any], out:
     base = start if math.isfinite(start) and start > 0 else early
     peak = max(highs) if highs else max(smooth)
     late = smooth[-1]
-    rise_late = min(smooth[-max(2, math.ceil(SUSTAINED_STEPS / per_record)) :]) / early
-    lasting = _sustained([v >= th.loss_rise_warning * early for v in smooth], per_record)
-    diverging_late = lasting and (not math.isfinite(norm_growth) or norm_growth >= th.loss_rise_warning)
+    need = max(2, math.ceil(SUSTAINED_STEPS / per_record))  # a lasting rise: SUSTAINED_STEPS steps, two records
+    rise_late = min(smooth[-need:]) / early
+    # graded as the per-step alert grades it (graded.py): the smallest of the latest losses over the early level
+    lasting = diverging(Window(loss=tuple(smooth[-need:]) if len(smooth) >= need else (), early_loss=early,
+                               growth=norm_growth), th)  # fmt: skip
+    diverging_late = lasting is not None
     # the run's first steps (EARLY_STEPS of them, at least the first record): a loss that rises above where it started
     # there rose before anything could have helped it (a learning rate or warm-up too aggressive), whether the rise is
     # seen in the first record (logged rarely) or over the first few (logged often)
@@ -161,9 +159,8 @@ def instability(history: History, th: Thresholds, find: Callable[..., Any], out:
     if _lr_high(facts, lr):
         summary_text += f" {facts.optimizer} at lr {lr:g} is far above its usual range."
     # a lasting rise is graded on the alert's lines (one severity per kind); a rise from the first steps, by its damage
-    if diverging_late:
-        severity = Severity.CRITICAL if nonfinite else th.grade_high("loss_rise", rise_late)
-        severity = Severity.WARNING if severity is Severity.OK else severity
+    if lasting is not None:
+        severity = Severity.CRITICAL if nonfinite else lasting.severity
     else:
         severity = Severity.CRITICAL if severe else Severity.WARNING
     finding = find(

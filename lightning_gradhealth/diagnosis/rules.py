@@ -12,19 +12,17 @@ from typing import Any
 from lightning_gradhealth.config.thresholds import Severity, Thresholds
 from lightning_gradhealth.diagnosis.advice import for_frontend
 from lightning_gradhealth.diagnosis.fixes import CODE, code_for, fixes_for
+from lightning_gradhealth.diagnosis.graded import DEPTH_DECAY, Window, dead, exploding, imbalance, ratio, vanishing
 from lightning_gradhealth.diagnosis.grading import (
     EARLY,
     baseline,
     compared_layers,
-    depth_decay,
     layer_spread,
     layers_of,
     median,
-    norm_growth,
     series,
     worst_of,
 )
-from lightning_gradhealth.diagnosis.grading import rank as _rank
 from lightning_gradhealth.diagnosis.history import History
 from lightning_gradhealth.diagnosis.learning import instability, settle, stall
 from lightning_gradhealth.diagnosis.safety import amp_overflow_finding, nonfinite_fixes
@@ -136,12 +134,12 @@ def diagnose(
         ))  # fmt: skip
     if len(history.steps) < min_snapshots:
         return _ordered(out)
-    embeddings = set(sparse_layers) | (set(inventory.of_kind("embedding")) if inventory is not None else set())
-    growth = _exploding(history, th, inventory, find, out)
-    instability(history, th, find, out, growth)  # (learning.py: the loss of every step)
-    _flow(history, th, inventory, find, out)
-    _dead(history, th, inventory, embeddings, find, out, min_snapshots)
-    _ratios(history, th, inventory, find, out, min_snapshots)
+    window = Window.of_history(history, inventory, frozenset(sparse_layers), min_snapshots)
+    _exploding(window, th, find, out)
+    instability(history, th, find, out, window.growth)  # (learning.py: the loss of every step)
+    _flow(window, th, find, out)
+    _dead(history, window, th, find, out)
+    _ratios(window, th, find, out)
     _trends(history, th, find, out, min_snapshots, exploding=any(f.kind == Kind.EXPLODING for f in out))
     _updates(history, th, inventory, find, out, min_snapshots)
     if not any(f.kind == Kind.DIVERGING for f in out):
@@ -195,138 +193,73 @@ def _nonfinite(history: History, find: Callable[..., Finding], out: list[Finding
     ))  # fmt: skip
 
 
-def _exploding(
-    history: History,
-    th: Thresholds,
-    inventory: ModelInventory | None,
-    find: Callable[..., Finding],
-    out: list[Finding],
-) -> float:
+def _exploding(w: Window, th: Thresholds, find: Callable[..., Finding], out: list[Finding]) -> None:
     """Large norms now (the recent median, or the latest records all over a line), or grown far above the run's.
 
-    The run's own early level is its baseline (:func:`baseline`).
-
-    Returns:
-        The growth of the latest records over the early baseline.
+    Graded by :func:`~lightning_gradhealth.diagnosis.graded.exploding`; the run's own early level is its baseline.
     """
-    recent = history.recent()
-    steps = history.steps
-    finite = [v for v in history.total_norm if math.isfinite(v)]
-    total_recent = median(history.total_norm[recent])
-    latest = min(finite[-3:]) if len(finite) >= 3 else math.nan  # the last records all above it: blowing up now
-    # the guard's baseline (the run's first steps, computed once), else the first records' (a run read back)
-    early = history.early_norm if history.early_norm is not None else baseline(history.total_norm)
-    growth = norm_growth(latest, early)
-    sev = max(th.grade_high("total_norm_high", total_recent), th.grade_high("total_norm_high", latest),
-              th.grade_high("norm_growth", growth), key=_rank)  # fmt: skip
-    if sev is Severity.OK:
-        return growth
-    names = history.layer_names
-    norms = [median([row[j] for row in history.layer_norm[recent]]) for j in range(len(names))]
-    finite_layers = [(n, name) for n, name in zip(norms, names, strict=True) if math.isfinite(n)]
-    top = tuple(name for _, name in sorted(finite_layers, reverse=True)[:3])
-    grown = th.grade_high("norm_growth", growth) is not Severity.OK
-    value = max(v for v in (total_recent, latest) if math.isfinite(v)) if finite else math.nan
+    verdict = exploding(w, th)
+    if verdict is None:
+        return
+    ev = verdict.evidence
+    grown = bool(verdict.of("norm_growth"))
     summary = (
-        f"the global gradient norm is {value:.3g} over the latest steps"
-        + (f", {growth:.3g}x its level early in the run ({early:.3g}): the updates are unstable" if grown else "")
+        f"the global gradient norm is {ev['value']:.3g} over the latest steps"
+        + (f", {w.growth:.3g}x its level early in the run ({w.early_norm:.3g}): the updates are unstable"
+           if grown else "")
         + "."
-    )
+    )  # fmt: skip
     out.append(find(
-        Kind.EXPLODING, sev, summary,
+        Kind.EXPLODING, verdict.severity, summary,
         fix_kind=Kind.DIVERGING if grown else None,  # grown from a healthy start: the learning rate first
-        layers=tuple(n for n in names if n in top),
-        evidence={"median_total_norm": total_recent, "latest_total_norm": latest, "early_total_norm": early,
-                  "growth": growth, "steps": [steps[recent.start], steps[-1]], "largest_layers": list(top)},
+        layers=verdict.layers,
+        evidence={"median_total_norm": ev["median_total_norm"], "latest_total_norm": ev["latest_total_norm"],
+                  "early_total_norm": ev["early_total_norm"], "growth": ev["growth"],
+                  "steps": [w.steps[0], w.steps[-1]], "largest_layers": ev["largest_layers"]},
     ))  # fmt: skip
-    return growth
 
 
-def _flow(
-    history: History,
-    th: Thresholds,
-    inventory: ModelInventory | None,
-    find: Callable[..., Finding],
-    out: list[Finding],
-) -> None:
-    """Vanishing (a depth profile decaying toward the input, or tiny layers) and layer imbalance.
+def _flow(w: Window, th: Thresholds, find: Callable[..., Finding], out: list[Finding]) -> None:
+    """Vanishing (a depth profile decaying toward the input, tiny layers, a tiny global norm) and layer imbalance.
 
-    Both read the weight matrices along the main path.
+    Graded by :func:`~lightning_gradhealth.diagnosis.graded.vanishing` and
+    :func:`~lightning_gradhealth.diagnosis.graded.imbalance` (which leaves a depth decay to vanishing).
     """
-    recent = history.recent()
-    names = history.layer_names
-    path = layers_of(names, inventory, main_path=True)
-    depth = [median(series(history.layer_norm[recent], j)) for j in path]
-    present = [(names[j], n) for j, n in zip(path, depth, strict=True) if math.isfinite(n) and n > 0]
-    if len(present) < 2:
-        return
-    early, late, decay = depth_decay([n for _, n in present])
-    tiny = [name for name, n in present if th.grade_low("layer_norm_low", n) is not Severity.OK]
-    if decay < 1.0 / th.layer_norm_ratio_warning or tiny:
-        critical = decay < 1.0 / th.layer_norm_ratio_critical or any(
-            th.grade_low("layer_norm_low", n) is Severity.CRITICAL for _, n in present
-        )
-        affected = tuple(name for name, n in present if n < late / th.layer_norm_ratio_warning) or tuple(tiny)
-        toward_input = decay < 1.0 / th.layer_norm_ratio_warning
+    low = vanishing(w, th)
+    if low is not None:
+        ev = low.evidence
+        decay = low.of(DEPTH_DECAY)
+        tiny = low.of("layer_norm_low")
+        if decay:
+            text = f"gradients vanish toward the input: the first layers get {ev['early_over_late']:.1e} of the last "
+            text += "layers' gradient" + (f"; {len(tiny)} layer(s) below {th.layer_norm_low_warning:g}" if tiny else "")
+        elif tiny:
+            text = f"{len(tiny)} layer(s) get almost no gradient"
+        else:
+            text = f"the global gradient norm is {ev['median_total_norm']:.3g} over the recent steps (< "
+            text += f"{th.total_norm_low_warning:g}): little or no learning"
+        evidence = {k: ev[k] for k in ("early_over_late", "early_norm", "late_norm", "layer_norms") if k in ev}
+        if low.of("total_norm_low"):
+            evidence["median_total_norm"] = ev["median_total_norm"]
+        out.append(find(Kind.VANISHING, low.severity, text + ".", layers=low.layers, evidence=evidence))
+    spread = imbalance(w, th)
+    if spread is not None:
         out.append(find(
-            Kind.VANISHING, Severity.CRITICAL if critical else Severity.WARNING,
-            (f"gradients vanish toward the input: the first layers get {decay:.1e} of the last layers' gradient"
-             if toward_input else f"{len(tiny)} layer(s) get almost no gradient")
-            + (f"; {len(tiny)} layer(s) below {th.layer_norm_low_warning:g}" if tiny and toward_input else "") + ".",
-            layers=affected,
-            evidence={"early_over_late": decay, "early_norm": early, "late_norm": late,
-                      "layer_norms": dict(present)},
-        ))  # fmt: skip
-        return
-    blocks = layers_of(names, inventory, main_path="blocks")
-    ratio = median([spread for row in history.layer_norm[recent] if (spread := layer_spread(row, blocks))])
-    sev = th.grade_high("layer_norm_ratio", ratio)
-    if sev is not Severity.OK:
-        norms = [(names[j], median(series(history.layer_norm[recent], j))) for j in blocks]
-        norms = [(name, n) for name, n in norms if math.isfinite(n)]
-        out.append(find(
-            Kind.LAYER_IMBALANCE, sev,
+            Kind.LAYER_IMBALANCE, spread.severity,
             f"the gradient norms of comparable layers (the weight matrices of the repeated blocks) span a factor of "
-            f"{ratio:.3g}.",
-            layers=(min(norms, key=lambda p: p[1])[0], max(norms, key=lambda p: p[1])[0]) if norms else (),
-            evidence={"median_layer_norm_ratio": ratio, "layers_compared": len(blocks)},
+            f"{spread.value:.3g}.",
+            layers=spread.layers, evidence=spread.evidence,
         ))  # fmt: skip
 
 
 def _dead(
-    history: History,
-    th: Thresholds,
-    inventory: ModelInventory | None,
-    embeddings: set[str],
-    find: Callable[..., Finding],
-    out: list[Finding],
-    min_snapshots: int,
+    history: History, w: Window, th: Thresholds, find: Callable[..., Finding], out: list[Finding]
 ) -> None:
     """Dead units: output rows or channels whose whole gradient is zero in every recent record.
 
-    Structure (padding taps, masked positions, unused embedding rows) leaves units alive. Sampled activation
-    statistics count too.
+    Graded by :func:`~lightning_gradhealth.diagnosis.graded.dead`. Structure (padding taps, masked positions, unused
+    embedding rows) leaves units alive. Sampled activation statistics count too.
     """
-    recent = history.recent()
-    names = history.layer_names
-    units = inventory.comparable(names) if inventory is not None else names
-    dead: list[tuple[str, float]] = []
-    for j, name in enumerate(names):
-        if name in embeddings or name not in units:
-            continue
-        fracs = series(history.layer_dead_units[recent], j)
-        if len(fracs) >= min_snapshots:
-            norms = series(history.layer_norm[recent], j)
-            if min(fracs) >= 1.0 and min(norms, default=0.0) > 0:
-                continue  # every weight row zero but the bias alive: its inputs are dead (upstream), not its units
-            if min(fracs) > th.dead_units_warning:
-                dead.append((name, statistics.mean(fracs)))
-            continue
-        if inventory is not None and inventory.kind_of(name) == "conv":
-            continue  # no unit statistic (FSDP1 shards): zero entries of a convolution are padding taps too
-        zeros = series(history.layer_zero_frac[recent], j)  # no unit statistic: exact zeros, the old proxy
-        if len(zeros) >= min_snapshots and min(zeros) > th.zero_frac_warning:
-            dead.append((name, statistics.mean(zeros)))
     act_dead: list[tuple[str, float]] = []
     saturated: list[tuple[str, float]] = []
     for name, samples in history.activations.items():
@@ -343,8 +276,6 @@ def _dead(
          "for whole batches: dead units.", "dead_unit_frac"),
         (Kind.SATURATION, saturated, "saturation", "{n} sigmoid/tanh module(s) keep more than {line:.0%} of their "
          "outputs saturated: their gradients vanish.", "saturated_frac"),
-        (Kind.DEAD, dead, "dead_units", "{n} layer(s) have more than {line:.0%} of their units (output rows or "
-         "channels) with an exactly-zero gradient in every recent step: dead units.", "dead_unit_frac"),
     ):  # fmt: skip
         if hits:  # every hit is above the warning line; the worst one decides the severity
             out.append(find(
@@ -352,39 +283,35 @@ def _dead(
                 template.format(n=len(hits), line=getattr(th, f"{check}_warning")),
                 layers=tuple(name for name, _ in hits), evidence={key: dict(hits)},
             ))  # fmt: skip
+    verdict = dead(w, th)
+    if verdict is None:
+        return
+    units = verdict.worst.check == "dead_units"
+    line = th.dead_units_warning if units else th.zero_frac_warning
+    what = "of their units (output rows or channels) with an exactly-zero gradient" if units else (
+        "of their gradient entries exactly zero")  # fmt: skip
+    text = (
+        f"{len(verdict.layers)} layer(s) have more than {line:.0%} {what} in every recent step: dead units."
+        if verdict.layers
+        else f"{verdict.value:.0%} of the {'units' if units else 'gradient entries'} get an exactly-zero gradient in "
+        "every recent step: dead units."
+    )
+    out.append(find(Kind.DEAD, verdict.severity, text, layers=verdict.layers, evidence=verdict.evidence))
 
 
-def _ratios(
-    history: History,
-    th: Thresholds,
-    inventory: ModelInventory | None,
-    find: Callable[..., Finding],
-    out: list[Finding],
-    min_snapshots: int,
-) -> None:
-    """Grad/param ratios of the weight matrices, persistently out of range."""
-    recent = history.recent()
-    names = history.layer_names
-    compared = layers_of(names, inventory, main_path=False)
-    for kind, check, high in (
-        (Kind.RATIO_HIGH, "grad_param_ratio_high", True),
-        (Kind.RATIO_LOW, "grad_param_ratio_low", False),
-    ):
-        hits = []
-        for j in compared:
-            values = series(history.layer_ratio[recent], j)
-            if len(values) < min_snapshots:
-                continue
-            m = statistics.median(values)
-            grade = th.grade_high(check, m) if high else th.grade_low(check, m)
-            if (m > 0 or high) and grade is not Severity.OK:
-                hits.append((names[j], m, grade))
-        if hits:  # graded as the alerts grade them: the worst layer decides
+def _ratios(w: Window, th: Thresholds, find: Callable[..., Finding], out: list[Finding]) -> None:
+    """Grad/param ratios of the weight matrices, persistently out of range.
+
+    Graded by :func:`~lightning_gradhealth.diagnosis.graded.ratio`: the worst layer decides.
+    """
+    for high, check in ((True, "grad_param_ratio_high"), (False, "grad_param_ratio_low")):
+        verdict = ratio(w, th, high=high)
+        if verdict is not None:
             out.append(find(
-                kind, worst_of(grade for _, _, grade in hits),
-                f"{len(hits)} layer(s) have a grad/param ratio {'above' if high else 'below'} "
+                verdict.kind, verdict.severity,
+                f"{len(verdict.hits)} layer(s) have a grad/param ratio {'above' if high else 'below'} "
                 f"{getattr(th, f'{check}_warning'):g} over the recent steps.",
-                layers=tuple(name for name, _, _ in hits), evidence={"median_ratio": {n: m for n, m, _ in hits}},
+                layers=verdict.layers, evidence=verdict.evidence,
             ))  # fmt: skip
 
 
