@@ -38,7 +38,7 @@ from lightning_gradhealth import GradientHealth, TrainingHealthError
 D, H, MAX_NORM, AGC, CLIP_VALUE = 8, 16, 0.05, 0.5, 0.01
 CASES = {
     "fsdp_tp": ("fsdp_tp", "agc:fsdp_tp", "deferred:fsdp_tp"),
-    "tp": ("tp", "agc:tp", "refuse:tp"),
+    "tp": ("tp", "agc:tp", "refuse:tp", "deferred:tp"),
     "hsdp": ("hsdp", "agc:hsdp", "value:fsdp1", "deferred:fsdp", "deferred:hsdp"),
     "pp": ("pp", "pp_tp", "agc:pp_tp", "pp_plain", "deferred:pp"),
 }
@@ -224,6 +224,8 @@ def train(layout: str, rank: int, out: Path, plan: tuple | None = None) -> dict:
             health.step(opt, step=step)
         except TrainingHealthError as err:
             error = {"step": err.context["step"], "layers": err.context["layers"], "at": step}
+            if plan is not None:  # the failure record's layers (named from the norms copied with the step)
+                error["norms"] = {lay.name: lay.grad_norm for lay in err.context["record"].layers}
             break
         record = health.last_record  # (a deferred guard reads a step late)
         if record is not None and record.step not in records:
