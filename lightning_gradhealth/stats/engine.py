@@ -147,12 +147,13 @@ class GradStatsEngine:
         norms = norms.to(accum_dtype(norms.device))
         if math.isinf(p):
             _, reduced = reduce_sum_max(norms.new_zeros(0), norms.amax().reshape(1), red.shard_group)
-            return reduced.reshape(())  # type: ignore[union-attr]
-        powered = norms.pow(p)
-        if params is not None and len(params) == len(norms):  # tensors whole on every rank count once
-            weight = self._weights(red, list(params), powered.device, powered.dtype)
-            powered = powered if weight is None else powered * weight
-        total = sum_over(powered.sum().reshape(1), red.shard_group).pow(1.0 / p).reshape(())
+            total = reduced.reshape(())  # type: ignore[union-attr]
+        else:
+            powered = norms.pow(p)
+            if params is not None and len(params) == len(norms):  # tensors whole on every rank count once
+                weight = self._weights(red, list(params), powered.device, powered.dtype)
+                powered = powered if weight is None else powered * weight
+            total = sum_over(powered.sum().reshape(1), red.shard_group).pow(1.0 / p).reshape(())
         return total if red.stage_group is None else stage_norm(total, p, red.stage_group)  # pipeline stages
 
     @torch.no_grad()
@@ -167,13 +168,9 @@ class GradStatsEngine:
         device = pending.packed.device
         local_norms = torch.tensor(list(norms), dtype=accum_dtype(device), device=device)
         p = self.norm_type
-        if math.isinf(p):
-            world = torch.distributed.get_world_size(red.shard_group)
-            gathered = local_norms.new_empty(world * local_norms.numel())
-            torch.distributed.all_gather_into_tensor(gathered, local_norms, group=red.shard_group)
-            rows = gathered.view(world, -1)
-            whole = torch.where(rows.isnan().any(0), math.nan, rows.amax(0))  # (gloo's MAX drops NaN)
-            return [float(v) for v in whole.tolist()]
+        if math.isinf(p):  # (an all-gather and a local maximum: NaN propagates, unlike gloo's MAX)
+            _, whole = reduce_sum_max(local_norms.new_zeros(0), local_norms, red.shard_group)
+            return [float(v) for v in whole.tolist()]  # type: ignore[union-attr]
         powered = local_norms.pow(p)
         weight = self._weights(red, [pending.layout.params[i] for i in pending.present], device, powered.dtype)
         powered = powered if weight is None else powered * weight
