@@ -16,9 +16,10 @@ A training case (``TRAIN``) runs a few steps with the options of its layout; eve
 step 0, its clipped gradients (whole tensors). At step 2 one rank writes a NaN into its piece of
 ``blocks.1.w2.weight``: every rank must stop at that step naming the layer (one step later under the deferred
 guard). A ``deferred:<layout>`` case does the same under ``guard_mode="deferred"`` with nothing logged: the failing
-step is guarded only and read one step late, when its sharded gradients are gone (``deferred:pp`` with the inf norm). An ``agc:<layout>`` case clips one step's gradient with ``clip="agc"`` and saves it whole; ``refuse:tp`` gives
-AGC gradients it cannot pair with their parameters' rows; ``value:fsdp1`` clips by value under FSDP1 ``NO_SHARD``. The test rebuilds every number from an unsharded float64
-reference fed the same batches.
+step is guarded only and read one step late, when its sharded gradients are gone (``deferred:pp`` with the inf
+norm). An ``agc:<layout>`` case clips one step's gradient with ``clip="agc"`` and saves it whole; ``refuse:tp`` gives
+AGC gradients it cannot pair with their parameters' rows; ``value:fsdp1`` clips by value under FSDP1 ``NO_SHARD``.
+The test rebuilds every number from an unsharded float64 reference fed the same batches.
 """
 
 import json
