@@ -290,7 +290,8 @@ class GradStatsEngine:
             grads = stat_grads(layout, layout.with_grad())
         else:
             grads = [g for p in layout.params if (g := p.grad) is not None]  # one pass
-        if not grads:
+        placeholder = not grads
+        if placeholder:
             if reduction is None or reduction.shard_group is None:
                 return None
             grads = [layout.params[0].new_zeros(0)]  # FSDP1, all pieces empty here: still take part
@@ -298,7 +299,8 @@ class GradStatsEngine:
         # FSDP1 only (parameters whole on every rank count once): the parameters aligned with the gradients
         params = [p for p in layout.params if p.grad is not None] if red.whole or red.replicated else None
         # named: plain tensors, or DTensors (the same parameters on every rank of the group; FSDP1's are not)
-        named = tensor_norms and not layout.sparse and (red.shard_group is None or red.mesh is not None)
+        dense = not (layout.sparse or placeholder)
+        named = tensor_norms and dense and (red.shard_group is None or red.mesh is not None)
         norms = None
         if not named:
             total = self.global_norm(grads, red, params=params)
