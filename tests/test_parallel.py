@@ -23,7 +23,7 @@ HERE = Path(__file__).parent
 ROOT = HERE.parent
 # the data coordinate of each rank, per layout (tensor-parallel peers and pipeline stages share a batch)
 DATA = {"fsdp_tp": (0, 0, 1, 1), "tp": (0, 0, 0, 0), "hsdp": (0, 1, 2, 3), "pp": (0, 1, 0, 1), "pp_tp": (0, 0, 0, 0),
-        "pp_plain": (0, 0, 0, 0), "fsdp1": (0, 1, 2, 3), "fsdp": (0, 1, 2, 3)}  # fmt: skip
+        "pp_plain": (0, 0, 0, 0), "fsdp1": (0, 1, 2, 3)}  # fmt: skip
 
 
 def _launch(mode: str, out: Path) -> list[dict]:

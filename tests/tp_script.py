@@ -5,7 +5,6 @@
 - ``fsdp_tp``: a 2x2 mesh ("dp", "tp"): each block's ``w1``/``w2`` Colwise/Rowwise parallel on "tp", then
   ``fully_shard`` on "dp" (torchtitan's 2-D layout: ``_StridedShard``, ``Shard`` on two dims, 1-D meshes beside);
 - ``tp``: tensor parallelism alone on 4 ranks (the other modules stay plain tensors, copies on every rank);
-- ``fsdp``: ``fully_shard`` on 4 ranks (a 1-D mesh);
 - ``hsdp``: a 2x2 mesh ("replicate", "shard") under ``fully_shard`` (``Replicate`` x ``Shard``);
 - ``pp``: a 2x2 mesh ("pp", "dp"): stage 0 holds ``inp`` and ``blocks.0``, stage 1 ``blocks.1`` and ``out``, each
   stage under ``fully_shard`` on "dp", activations sent between stages by hand; ``pipeline_group`` is "pp";
@@ -39,8 +38,8 @@ from lightning_gradhealth import GradientHealth, TrainingHealthError
 D, H, MAX_NORM, AGC, CLIP_VALUE = 8, 16, 0.05, 0.5, 0.01
 CASES = {
     "fsdp_tp": ("fsdp_tp", "agc:fsdp_tp", "deferred:fsdp_tp"),
-    "tp": ("tp", "agc:tp", "refuse:tp", "deferred:tp"),
-    "hsdp": ("hsdp", "agc:hsdp", "value:fsdp1", "deferred:fsdp", "deferred:hsdp"),
+    "tp": ("tp", "agc:tp", "refuse:tp"),
+    "hsdp": ("hsdp", "agc:hsdp", "value:fsdp1", "deferred:hsdp"),
     "pp": ("pp", "pp_tp", "agc:pp_tp", "pp_plain", "deferred:pp"),
 }
 CASES["all"] = tuple(case for cases in CASES.values() for case in cases)  # (one launch for the whole test module)
@@ -132,12 +131,6 @@ def setup(layout: str, rank: int):
     elif layout == "tp":
         _tp(model, _mesh((4,), ("tp",)))
         data = 0
-    elif layout == "fsdp":
-        mesh = _mesh((4,), ("dp",))
-        for block in model.blocks.values():
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        data = rank
     elif layout == "hsdp":
         mesh = _mesh((2, 2), ("replicate", "shard"))
         for block in model.blocks.values():
