@@ -92,6 +92,34 @@ def _check_training(layout: str, out: Path, ranks: list[dict]) -> None:
         opt.zero_grad()
 
 
+def _check_deferred(case: str, layout: str, ranks: list[dict]) -> None:
+    """Guarded only, read a step late: every rank stops at the failing step naming the layer, and the failure
+    record's other layers hold the twin's norms (the shards' norms combined, copies counted once)."""
+    from tp_script import make_model
+
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(3):
+        opt.zero_grad()
+        x, y = _union_batch(layout, step)
+        nn.functional.mse_loss(model(x), y).backward()
+        if step < 2:
+            opt.step()
+    grads = {n: p.grad.double() for n, p in model.named_parameters()}
+    ref = reference(grads, {n: p.detach().double() for n, p in model.named_parameters()})["layers"]
+    for result in ranks:
+        assert result[case]["records"] == [], case  # nothing logged: the failing step was guarded only
+        error = result[case]["error"]
+        assert {k: error[k] for k in ("step", "layers", "at")} == {"step": 2, "layers": ["blocks.1.w2"], "at": 3}
+        assert list(error["norms"]) == list(ref), case  # every layer of the whole model (every stage), in order
+        for name, norm in error["norms"].items():
+            if name == "blocks.1.w2":
+                assert math.isnan(norm), case
+            else:
+                key = "max_abs" if layout == "pp" else "grad_norm"  # (deferred:pp: norm_type=inf)
+                assert norm == pytest.approx(ref[name][key], rel=1e-5), (case, name)
+
+
 def _check_record(rec: dict, ref: dict, dead: dict[str, float]) -> None:
     assert math.isfinite(rec["total_norm"])
     assert rec["total_norm"] == pytest.approx(ref["total_norm"], rel=1e-5)
@@ -173,6 +201,9 @@ def test_four_processes_equal_the_unsharded_reference_and_stop_together(launched
             nn.functional.mse_loss(model(x), y).backward()
             norm = torch.cat([p.grad.double().clamp(-CLIP_VALUE, CLIP_VALUE).reshape(-1) for p in model.parameters()])
             assert all(r[case]["clipped_norm"] == pytest.approx(norm.norm().item(), rel=1e-5) for r in ranks)
+            continue
+        if kind == "deferred":
+            _check_deferred(case, layout, ranks)
             continue
         (_check_agc if kind else _check_training)(layout, tmp_path, ranks)
 

@@ -14,9 +14,11 @@
 A training case (``TRAIN``) runs a few steps with the options of its layout; every rank saves its records and, at
 step 0, its clipped gradients (whole tensors). At step 2 one rank writes a NaN into its piece of
 ``blocks.1.w2.weight``: every rank must stop at that step naming the layer (one step later under the deferred
-guard). An ``agc:<layout>`` case clips one step's gradient with ``clip="agc"`` and saves it whole; ``refuse:tp`` gives
-AGC gradients it cannot pair with their parameters' rows; ``value:fsdp1`` clips by value under FSDP1 ``NO_SHARD``. The test rebuilds every number from an unsharded float64
-reference fed the same batches.
+guard). A ``deferred:<layout>`` case does the same under ``guard_mode="deferred"`` with nothing logged: the failing
+step is guarded only and read one step late, when its sharded gradients are gone (``deferred:pp`` with the inf
+norm). An ``agc:<layout>`` case clips one step's gradient with ``clip="agc"`` and saves it whole; ``refuse:tp`` gives
+AGC gradients it cannot pair with their parameters' rows; ``value:fsdp1`` clips by value under FSDP1 ``NO_SHARD``.
+The test rebuilds every number from an unsharded float64 reference fed the same batches.
 """
 
 import json
@@ -35,10 +37,10 @@ from lightning_gradhealth import GradientHealth, TrainingHealthError
 
 D, H, MAX_NORM, AGC, CLIP_VALUE = 8, 16, 0.05, 0.5, 0.01
 CASES = {
-    "fsdp_tp": ("fsdp_tp", "agc:fsdp_tp"),
+    "fsdp_tp": ("fsdp_tp", "agc:fsdp_tp", "deferred:fsdp_tp"),
     "tp": ("tp", "agc:tp", "refuse:tp"),
-    "hsdp": ("hsdp", "agc:hsdp", "value:fsdp1"),
-    "pp": ("pp", "pp_tp", "agc:pp_tp", "pp_plain"),
+    "hsdp": ("hsdp", "agc:hsdp", "value:fsdp1", "deferred:hsdp"),
+    "pp": ("pp", "pp_tp", "agc:pp_tp", "pp_plain", "deferred:pp"),
 }
 CASES["all"] = tuple(case for cases in CASES.values() for case in cases)  # (one launch for the whole test module)
 # per training case: steps, the rank whose piece turns NaN at step 2, and the monitor's options
@@ -50,6 +52,8 @@ TRAIN = {
     "pp_tp": (4, 3, {"guard_mode": "deferred"}),  # computed failing step (read at step 3)
     "pp_plain": (4, 2, {"guard_mode": "deferred", "log_every_n_steps": 2}),  # guarded (not computed) failing step
 }
+# a ``deferred:<layout>`` case: sharded (DTensor) gradients, the deferred guard, the failing step guarded only
+DEFERRED = (4, 3, {"guard_mode": "deferred", "log_every_n_steps": 100})
 
 
 class Block(nn.Module):
@@ -198,9 +202,9 @@ def _monitor(model: Net, extra: dict, **options) -> GradientHealth:
     return GradientHealth(model, **options)
 
 
-def train(layout: str, rank: int, out: Path) -> dict:
+def train(layout: str, rank: int, out: Path, plan: tuple | None = None) -> dict:
     """A few steps; the records (every rank), the clipped gradients of step 0, and where the run stopped."""
-    steps, bad_rank, options = TRAIN[layout]
+    steps, bad_rank, options = TRAIN[layout] if plan is None else plan
     model, data, extra = setup(layout, rank)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     health = _monitor(model, extra, **options)
@@ -214,6 +218,8 @@ def train(layout: str, rank: int, out: Path) -> dict:
             health.step(opt, step=step)
         except TrainingHealthError as err:
             error = {"step": err.context["step"], "layers": err.context["layers"], "at": step}
+            if plan is not None:  # the failure record's layers (named from the norms copied with the step)
+                error["norms"] = {lay.name: lay.grad_norm for lay in err.context["record"].layers}
             break
         record = health.last_record  # (a deferred guard reads a step late)
         if record is not None and record.step not in records:
@@ -279,13 +285,21 @@ def refuse(layout: str, rank: int, out: Path) -> dict:
     return {"reasons": reasons, "data": 0}
 
 
+def deferred(layout: str, rank: int, out: Path) -> dict:
+    """A guarded-only step whose sharded gradient turns NaN on one rank, read a step late (no layer is logged)."""
+    steps, bad_rank, options = DEFERRED
+    if layout == "pp":  # the inf norm: the largest |g| of each stage, maxed over the shards and the stages
+        options = {**options, "norm_type": float("inf")}
+    return train(layout, rank, out, (steps, bad_rank, options))
+
+
 def run(rank: int, out: str, mode: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=4)
     torch.set_num_threads(1)
     result = {}
     for case in CASES[mode]:
         kind, _, layout = case.rpartition(":")
-        result[case] = {"agc": agc, "refuse": refuse, "value": value, "": train}[kind](layout, rank, Path(out))
+        result[case] = {"agc": agc, "refuse": refuse, "value": value, "deferred": deferred, "": train}[kind](layout, rank, Path(out))
         dist.barrier()
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(result))
     dist.barrier()

@@ -303,8 +303,8 @@ class DeferredGuard:
         """The guard's global norm, with the per-tensor norms it is made of when they name layers.
 
         Returns:
-            ``(pending, tensor_norms)``: ``tensor_norms`` is whether the pack holds ``tensor_norms`` (unsharded,
-            dense gradients: a non-finite step then names its layers).
+            ``(pending, tensor_norms)``: ``tensor_norms`` is whether the pack holds ``tensor_norms`` (dense
+            gradients, plain or DTensors: a non-finite step then names its layers).
         """
         pending = self.engine.guard(layout, grad_scale, reduction, tensor_norms=True)
         return pending, pending is not None and any(name == "tensor_norms" for name, _ in pending.schema)
@@ -394,8 +394,11 @@ class DeferredGuard:
         layers: list[LayerStats] = []
         if entry.tensor_norms:
             start = _offset(pending, "tensor_norms")
+            norms = values[start : start + len(pending.present)]
+            if pending.reduction.shard_group is not None:  # DTensors: the local shards' norms, combined now
+                norms = self.engine.shard_tensor_norms(pending, norms)
             per_layer: dict[int, list[float]] = {}
-            for i, norm in zip(pending.present, values[start : start + len(pending.present)], strict=True):
+            for i, norm in zip(pending.present, norms, strict=True):
                 per_layer.setdefault(layout.layer_of_param[i], []).append(norm)
             for j in sorted(per_layer):
                 norms = per_layer[j]

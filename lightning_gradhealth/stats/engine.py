@@ -137,17 +137,44 @@ class GradStatsEngine:
         if red.shard_group is None:  # the hot path of every guarded step: no per-tensor Python work
             total = vector_norm(foreach_norms(tensors, p), p)
             return total if red.stage_group is None else stage_norm(total, p, red.stage_group)
-        norms = foreach_norms([local(t) for t in tensors], p)
+        return self._sharded_total(foreach_norms([local(t) for t in tensors], p), red, params)
+
+    def _sharded_total(
+        self, norms: torch.Tensor, red: Reduction, params: Sequence[torch.Tensor] | None
+    ) -> torch.Tensor:
+        """The global norm from the local shards' per-tensor ``norms``: one collective over the sharding group."""
+        p = self.norm_type
         norms = norms.to(accum_dtype(norms.device))
         if math.isinf(p):
             _, reduced = reduce_sum_max(norms.new_zeros(0), norms.amax().reshape(1), red.shard_group)
-            return reduced.reshape(())  # type: ignore[union-attr]
-        powered = norms.pow(p)
-        if params is not None and len(params) == len(tensors):  # tensors whole on every rank count once
-            weight = self._weights(red, list(params), powered.device, powered.dtype)
-            powered = powered if weight is None else powered * weight
-        total = sum_over(powered.sum().reshape(1), red.shard_group).pow(1.0 / p).reshape(())
+            total = reduced.reshape(())  # type: ignore[union-attr]
+        else:
+            powered = norms.pow(p)
+            if params is not None and len(params) == len(norms):  # tensors whole on every rank count once
+                weight = self._weights(red, list(params), powered.device, powered.dtype)
+                powered = powered if weight is None else powered * weight
+            total = sum_over(powered.sum().reshape(1), red.shard_group).pow(1.0 / p).reshape(())
         return total if red.stage_group is None else stage_norm(total, p, red.stage_group)  # pipeline stages
+
+    @torch.no_grad()
+    def shard_tensor_norms(self, pending: PendingStats, norms: Sequence[float]) -> list[float]:
+        """The whole tensors' norms from the local shards' ``norms`` a guard copied (a failing step only: rare).
+
+        One collective over the sharding group (a sum of powered norms; an all-gather and maximum for ``inf``);
+        copies of a tensor (``Replicate`` placements, plain tensors beside DTensors) count once. NaN and Inf
+        propagate, so every rank names the layers whose gradient went non-finite on any rank.
+        """
+        red = pending.reduction
+        device = pending.packed.device
+        local_norms = torch.tensor(list(norms), dtype=accum_dtype(device), device=device)
+        p = self.norm_type
+        if math.isinf(p):  # (an all-gather and a local maximum: NaN propagates, unlike gloo's MAX)
+            _, whole = reduce_sum_max(local_norms.new_zeros(0), local_norms, red.shard_group)
+            return [float(v) for v in whole.tolist()]  # type: ignore[union-attr]
+        powered = local_norms.pow(p)
+        weight = self._weights(red, [pending.layout.params[i] for i in pending.present], device, powered.dtype)
+        powered = powered if weight is None else powered * weight
+        return [float(v) for v in sum_over(powered, red.shard_group).pow(1.0 / p).tolist()]
 
     @torch.no_grad()
     def compute(
@@ -251,8 +278,9 @@ class GradStatsEngine:
             layout: The parameters to look at.
             grad_scale: Loss scale still contained in the gradients, divided out of the norm.
             reduction: Process groups to combine over.
-            tensor_norms: Also send the per-tensor norms the global one is made of (unsharded dense gradients
-                only: a step read later names its non-finite layers from them; ``present`` is then set).
+            tensor_norms: Also send the per-tensor norms the global one is made of (dense gradients, plain or
+                DTensors: a step read later names its non-finite layers from them; ``present`` is then set).
+                DTensors send their local shards' norms (no collective more; see :meth:`shard_tensor_norms`).
 
         Returns:
             The pending guard, or ``None`` when no watched parameter has a gradient.
@@ -262,18 +290,28 @@ class GradStatsEngine:
             grads = stat_grads(layout, layout.with_grad())
         else:
             grads = [g for p in layout.params if (g := p.grad) is not None]  # one pass
-        if not grads:
+        placeholder = not grads
+        if placeholder:
             if reduction is None or reduction.shard_group is None:
                 return None
             grads = [layout.params[0].new_zeros(0)]  # FSDP1, all pieces empty here: still take part
         red = resolve(grads, reduction)
         # FSDP1 only (parameters whole on every rank count once): the parameters aligned with the gradients
         params = [p for p in layout.params if p.grad is not None] if red.whole or red.replicated else None
-        named = tensor_norms and not layout.sparse and red.shard_group is None
-        norms = foreach_norms(grads, self.norm_type) if named else None  # (global_norm's own unsharded path)
-        total = self.global_norm(grads, red, params=params) if norms is None else vector_norm(norms, self.norm_type)
-        if norms is not None and red.stage_group is not None:  # (global_norm sums the stages itself)
-            total = stage_norm(total, self.norm_type, red.stage_group)
+        # named: plain tensors, or DTensors (the same parameters on every rank of the group; FSDP1's are not)
+        dense = not (layout.sparse or placeholder)
+        named = tensor_norms and dense and (red.shard_group is None or red.mesh is not None)
+        norms = None
+        if not named:
+            total = self.global_norm(grads, red, params=params)
+        elif red.shard_group is None:  # (global_norm's own unsharded path)
+            norms = foreach_norms(grads, self.norm_type)
+            total = vector_norm(norms, self.norm_type)
+            if red.stage_group is not None:
+                total = stage_norm(total, self.norm_type, red.stage_group)
+        else:  # the local shards' norms, sent as they are: combined over the group on a failing step only
+            norms = foreach_norms([local(t) for t in grads], self.norm_type)
+            total = self._sharded_total(norms, red, params)
         if grad_scale is not None:
             scale = grad_scale.detach().float().reshape(())
             total, norms = total / scale, None if norms is None else norms / scale
