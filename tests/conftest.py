@@ -278,6 +278,6 @@ def run_example(name: str, cwd: Any) -> Any:
 
     script = Path(__file__).resolve().parents[1] / "examples" / name
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, str(script)], cwd=cwd, capture_output=True, text=True, timeout=120, env=env)
+    proc = subprocess.run([sys.executable, str(script)], cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc

@@ -29,7 +29,7 @@ def _run(out: Path, mode: str) -> tuple[subprocess.CompletedProcess[str], dict, 
         env=env,
         capture_output=True,
         text=True,
-        timeout=90,  # a rank left hanging in a collective ends here
+        timeout=600,  # a rank left hanging in a collective ends here
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc, json.loads((out / "rank0.json").read_text()), json.loads((out / "rank1.json").read_text())

@@ -101,7 +101,7 @@ def test_device_or_fifo_as_model_file_or_event_file_exits_2(tmp_path, target):
             os.mkfifo(run / which)
         else:
             (run / which).symlink_to(target)
-        proc = _cli(str(run), cwd=tmp_path, timeout=60)  # a hang or an endless read would end here
+        proc = _cli(str(run), cwd=tmp_path, timeout=300)  # a hang or an endless read would end here
         assert proc.returncode == 2, (which, proc.stdout, proc.stderr)
         line = _one_line_error(proc.stderr)
         assert which in line and ("not a regular file" in line or "symbolic link" in line), line

@@ -33,7 +33,7 @@ def _launch(mode: str, out: Path) -> list[dict]:
         env=env,
         capture_output=True,
         text=True,
-        timeout=240,  # a hang ends here
+        timeout=600,  # a hang ends here
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(4)]

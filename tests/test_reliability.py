@@ -52,7 +52,7 @@ print("loop done")
 def _script(tmp_path: Path, mode: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     return subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "run"), mode], capture_output=True,
-                          text=True, timeout=240, env=env, cwd=tmp_path)  # fmt: skip
+                          text=True, timeout=600, env=env, cwd=tmp_path)  # fmt: skip
 
 
 def test_a_forgotten_close_under_the_deferred_guard_keeps_every_step_and_reports_a_nan_at_the_last(tmp_path):
@@ -136,7 +136,7 @@ def test_a_file_size_limit_on_the_event_file_does_not_stop_training(tmp_path):
     code = code.replace("range(5)", "range(40)").replace('loop()  # close() is never called', "loop(); health.close()")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run"), "ok"], capture_output=True, text=True,
-                          timeout=240, env=env, cwd=tmp_path)  # fmt: skip
+                          timeout=600, env=env, cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 0 and "loop done" in proc.stdout, proc.stderr[-3000:]
     assert proc.stderr.count("failed at step") == 1, proc.stderr[-3000:]
     assert "File too large" in proc.stderr
