@@ -1,12 +1,11 @@
 """Recommended fixes and code to add, by problem kind, fitted to the model when its inventory is known.
 
-:data:`FIXES` and :data:`CODE` (:mod:`~lightning_gradhealth.diagnosis.remedies`) are the defaults (from the
-literature cited in ``docs/diagnosis.md``):
-what to recommend when nothing is known about the model. :func:`fixes_for` and :func:`code_for` fit them to a
-:class:`~lightning_gradhealth.model.inventory.ModelInventory`: a model is never told to add what it already has (a GELU
-transformer is not told to use GELU, a ResNet is not told to add residual connections and normalisation; it is
-told something useful instead), and the code matches its layers (initialisation code covers its convolutions, with
-the nonlinearity of its activation).
+:data:`FIXES` and :data:`CODE` (:mod:`~lightning_gradhealth.diagnosis.remedies`, from the literature cited in
+``docs/diagnosis.md``) are what to recommend when nothing is known about the model. :func:`fixes_for` and
+:func:`code_for` fit them to a :class:`~lightning_gradhealth.model.inventory.ModelInventory`: a model is never told to
+add what it already has (a GELU transformer is not told to use GELU, a ResNet is not told to add residual connections
+and normalisation; it is told something useful instead), and the code matches its layers (initialisation code covers
+its convolutions, with the nonlinearity of its activation).
 """
 
 from __future__ import annotations
@@ -308,14 +307,6 @@ def _spike(t: _Traits) -> list[str]:
     return out
 
 
-def _rising(t: _Traits) -> list[str]:
-    return [t.clip, *FIXES[Kind.RISING_TREND][1:]]
-
-
-def _decaying(t: _Traits) -> list[str]:
-    return [FIXES[Kind.DECAYING_TREND][0], *_vanishing(t)[:2]]
-
-
 def _diverging(t: _Traits) -> list[str]:
     out = [FIXES[Kind.DIVERGING][0], t.clip, FIXES[Kind.DIVERGING][2]]
     if t.transformer:
@@ -351,11 +342,24 @@ _FITTED: dict[str, Callable[[_Traits], list[str]]] = {
     Kind.NONFINITE: _nonfinite,
     Kind.LAYER_IMBALANCE: _layer_imbalance,
     Kind.SPIKE: _spike,
-    Kind.RISING_TREND: _rising,
-    Kind.DECAYING_TREND: _decaying,
+    Kind.RISING_TREND: lambda t: [t.clip, *FIXES[Kind.RISING_TREND][1:]],
+    Kind.DECAYING_TREND: lambda t: [FIXES[Kind.DECAYING_TREND][0], *_vanishing(t)[:2]],
     Kind.DIVERGING: _diverging,
     Kind.RATIO_LOW: _ratio_low,
 }
+
+
+_TRAITS: dict[int, tuple[ModelInventory, _Traits]] = {}  # (by identity: an inventory is frozen)
+
+
+def _traits(inventory: ModelInventory) -> _Traits:
+    """:meth:`_Traits.of` ``inventory``, read once per inventory (not once per alert: 1,000 layers, 1,000 alerts)."""
+    cached = _TRAITS.get(id(inventory))
+    if cached is None or cached[0] is not inventory:
+        if len(_TRAITS) >= 8:
+            _TRAITS.clear()
+        cached = _TRAITS[id(inventory)] = (inventory, _Traits.of(inventory))
+    return cached[1]
 
 
 def fixes_for(kind: str, inventory: ModelInventory | None = None) -> tuple[str, ...]:
@@ -375,7 +379,7 @@ def fixes_for(kind: str, inventory: ModelInventory | None = None) -> tuple[str, 
     defaults = FIXES[kind]
     if inventory is None or kind not in _FITTED:
         return defaults
-    fitted = tuple(dict.fromkeys(_FITTED[kind](_Traits.of(inventory))))
+    fitted = tuple(dict.fromkeys(_FITTED[kind](_traits(inventory))))
     return fitted or defaults
 
 
@@ -487,5 +491,5 @@ def code_for(kind: str, inventory: ModelInventory | None = None) -> str:
     """
     if inventory is None or kind not in _FITTED_CODE:
         return CODE.get(kind, "")
-    return _FITTED_CODE[kind](_Traits.of(inventory)) or CODE.get(kind, "")
+    return _FITTED_CODE[kind](_traits(inventory)) or CODE.get(kind, "")
 

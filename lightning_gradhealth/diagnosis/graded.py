@@ -408,7 +408,7 @@ def dead(w: Window, th: Thresholds) -> Verdict | None:
             continue  # dead inputs (upstream), not dead units
         if check == "zero_frac" and inv is not None and inv.kind_of(w.names[j]) == "conv":
             continue
-        named[w.names[j]] = statistics.mean(values)
+        named[w.names[j]] = math.fsum(values) / len(values)  # (statistics.mean: exact fractions, 20 µs a call)
     return Verdict(Kind.DEAD, (hit,), layers=tuple(named), evidence={"dead_unit_frac": named, check: hit.value})
 
 
