@@ -21,7 +21,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from archs import Arch, _loader, markov_tokens, pattern_images, teacher_regression, warmup_cosine
+from archs import Arch, Task, _loader, markov_tokens, pattern_images, teacher_regression, warmup_cosine
 from archs import _cls_loss as _cls
 from archs import _mse_loss as _mse
 from torch import nn
@@ -30,31 +30,13 @@ from torch.nn import functional as F
 __all__ = ["CALIBRATION", "CONFIRMATION", "HELDOUT", "HeldOut", "run_fp16_loop"]
 
 
-class BareTask(L.LightningModule):
-    """A LightningModule *without* ``forward``: ``training_step`` calls ``self.model`` (a common style)."""
+class BareTask(Task):
+    """A LightningModule *without* ``forward``: ``training_step`` calls ``self.model`` (a common style).
 
-    def __init__(
-        self,
-        model: nn.Module,
-        loss: Callable[[nn.Module, Any], torch.Tensor],
-        optimizer: Callable[[nn.Module], torch.optim.Optimizer],
-        schedule: Callable[[int], float] | None = None,
-    ) -> None:
-        super().__init__()
-        self.model = model
-        self.loss_fn = loss
-        self.make_optimizer = optimizer
-        self.schedule = schedule
+    :class:`archs.Task` with the ``forward`` it adds taken away (LightningModule's own, unimplemented, is back).
+    """
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return self.loss_fn(self.model, batch)
-
-    def configure_optimizers(self) -> Any:
-        opt = self.make_optimizer(self.model)
-        if self.schedule is None:
-            return opt
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, self.schedule)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+    forward = L.LightningModule.forward
 
 
 def _adamw(lr: float, wd: float = 0.01) -> Callable[[nn.Module], torch.optim.Optimizer]:
